@@ -9,7 +9,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError
 
-__all__ = ["LeNet300", "LeNet5"]
+__all__ = ["LeNet5", "LeNet300"]
 
 
 class LeNet300(nn.Module):

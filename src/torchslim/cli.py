@@ -1,0 +1,187 @@
+"""`torchslim` command line: a thin shell over `torchslim.workflows` and `torchslim.measure`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from torchslim.data import dataset_names
+from torchslim.errors import SlimError
+from torchslim.models import model_names
+
+__all__ = ["main"]
+
+EPILOG_MODELS = "models: " + ", ".join(model_names())
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (defaults: the model's tuned settings)")
+    group.add_argument("--epochs", type=int, help="passes over the training split")
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "rmsprop"])
+    group.add_argument("--lr", type=float, help="peak learning rate")
+    group.add_argument("--momentum", type=float)
+    group.add_argument("--nesterov", action="store_true", default=None)
+    group.add_argument("--weight-decay", type=float, help="L2 penalty")
+    group.add_argument("--l1", type=float, help="L1 penalty on weights")
+    group.add_argument("--dropout", type=float, help="rate of the model's dropout layers")
+    group.add_argument("--schedule",
+                       choices=["constant", "step", "multistep", "exponential", "cosine"])
+    group.add_argument("--step-epochs", type=int, help="epochs between decays (step)")
+    group.add_argument("--milestones", type=int, nargs="+", help="decay epochs (multistep)")
+    group.add_argument("--gamma", type=float, help="decay factor (step, multistep, exponential)")
+    group.add_argument("--warmup-epochs", type=float, help="linear LR warm-up length")
+    group.add_argument("--grad-clip", type=float, help="max global gradient norm")
+    group.add_argument("--early-stopping", type=int, dest="early_stopping_patience",
+                       metavar="PATIENCE", help="stop after PATIENCE epochs without val gain")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoints/last.ckpt if it exists")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--threads", type=int, help="intra-op threads for latency (default: all)")
+
+
+TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay",
+              "l1", "dropout", "schedule", "step_epochs", "milestones", "gamma", "warmup_epochs",
+              "grad_clip", "early_stopping_patience", "seed", "device")
+
+
+def _train_config(args: argparse.Namespace, model: str) -> Any:
+    from torchslim.workflows import train_config_for
+
+    values = {key: getattr(args, key) for key in TRAIN_KEYS}
+    if values["milestones"] is not None:
+        values["milestones"] = tuple(values["milestones"])
+    return train_config_for(model, **values)
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    from torchslim.report import format_table
+
+    print(format_table(report["rows"]))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from torchslim.workflows import train_model
+
+    config = _train_config(args, args.model)
+    report = train_model(args.model, dataset=args.dataset, out=args.out, config=config,
+                         pretrained=args.pretrained, resume=args.resume,
+                         progress=not args.no_progress, threads=args.threads)
+    _print_table(report)
+    print(f"\ntest accuracy {100 * report['test_accuracy']:.2f}%  ->  {args.out}/model.slim, "
+          f"{args.out}/report.json, {args.out}/report.md")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.model, args.dataset, args.pretrained = "lenet300", "mnist", False
+    print("torchslim demo: training LeNet-300-100 on MNIST (55k train / 5k val / 10k test)")
+    return cmd_train(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from torchslim.data import load_dataset
+    from torchslim.workflows import load_model_or_artifact, measure_model
+
+    model, path = load_model_or_artifact(args.model)
+    data = load_dataset(args.dataset) if args.dataset else None
+    result = measure_model(model, path=path, data=data, split=args.split,
+                           batch_size=args.batch_size, timing=False)
+    result["model"] = args.model
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        for key, value in result.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from torchslim.measure import measure_latency
+    from torchslim.models import example_inputs, spec_of
+    from torchslim.workflows import load_model_or_artifact
+
+    model, _ = load_model_or_artifact(args.model)
+    inputs = example_inputs(spec_of(model), args.batch)
+    latency = measure_latency(model, inputs, threads=args.threads, warmup=args.warmup,
+                              repeats=args.repeats)
+    result = {"model": args.model, **latency.to_dict()}
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        print(f"{args.model}: batch {latency.batch_size}, {latency.threads} threads, "
+              f"median {latency.median_ms:.3f} ms, p90 {latency.p90_ms:.3f} ms, "
+              f"{latency.throughput:,.0f} samples/s over {latency.repeats} runs")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchslim", description="Make trained PyTorch models smaller and faster.",
+        epilog=EPILOG_MODELS + "; datasets: " + ", ".join(dataset_names()))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="train LeNet-300-100 on MNIST and print the table",
+                               description="Train LeNet-300-100 on real MNIST, measure it before "
+                               "and after, and write model.slim + a report folder.")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    _add_train_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    train = commands.add_parser("train", help="train a registered model on a dataset",
+                                description="Train a model; writes OUT/model.slim, "
+                                "OUT/report.json (test_accuracy, ...), report.md and plots.",
+                                epilog=EPILOG_MODELS)
+    train.add_argument("--model", required=True, choices=model_names(), metavar="NAME")
+    train.add_argument("--dataset", choices=dataset_names(),
+                       help="default: the model's own dataset")
+    train.add_argument("--pretrained", action="store_true", help="start from shipped weights")
+    train.add_argument("--out", required=True, help="output folder")
+    _add_train_options(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="accuracy, params, bytes and FLOPs of a model",
+        description="Measure an artifact (or a registered model's shipped weights).")
+    evaluate.add_argument("model", metavar="ARTIFACT", help="a .slim file or a model name")
+    evaluate.add_argument("--dataset", choices=dataset_names(), help="dataset for accuracy")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--batch-size", type=int, default=500)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    bench = commands.add_parser("bench", help="latency and throughput of a model",
+                                description="Time the forward pass on the model's own input "
+                                "shape: warm-up, repeated runs, median and p90.")
+    bench.add_argument("model", metavar="ARTIFACT", help="a .slim file or a model name")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--threads", type=int, help="intra-op threads (default: all)")
+    bench.add_argument("--warmup", type=int, default=10)
+    bench.add_argument("--repeats", type=int, default=50)
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `torchslim` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+        return code
+    except SlimError as exc:
+        print(f"torchslim: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""What a compression result is judged by: accuracy, parameters, bytes, latency, FLOPs.
+
+Latency is measured the way benchmarks should be: a fixed thread count (recorded), warm-up runs,
+then repeated timed runs summarised by median and p90. FLOPs come from
+`torch.utils.flop_counter`, so they follow the real shapes of the (possibly pruned) model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from torchslim.errors import ConfigError
+
+__all__ = [
+    "Latency",
+    "compare",
+    "count_flops",
+    "count_params",
+    "evaluate",
+    "file_bytes",
+    "measure_latency",
+    "num_threads",
+]
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+             topk: tuple[int, ...] = (1,), device: str | torch.device = "cpu") -> dict[str, float]:
+    """Mean cross-entropy loss and top-k accuracy (fractions) of a classifier.
+
+    Returns keys `loss`, `accuracy` (top-1) and `top{k}` for every other k, plus `samples`.
+    The model's train/eval mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    total, loss_sum = 0, 0.0
+    correct = dict.fromkeys(topk, 0)
+    with torch.inference_mode():
+        for inputs, labels in batches:
+            inputs, labels = inputs.to(device), labels.to(device)
+            logits = model(inputs)
+            loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            ranked = logits.topk(max(topk), dim=1).indices  # (B, max_k)
+            hits = ranked.eq(labels.unsqueeze(1))  # (B, max_k)
+            for k in topk:
+                correct[k] += int(hits[:, :k].any(dim=1).sum())
+            total += int(labels.shape[0])
+    model.train(was_training)
+    if total == 0:
+        raise ConfigError("evaluate() got no batches: the loader is empty")
+    result: dict[str, float] = {"loss": loss_sum / total, "samples": float(total)}
+    for k in topk:
+        result["accuracy" if k == 1 else f"top{k}"] = correct[k] / total
+    return result
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, non-zero) parameter counts; shared parameters are counted once."""
+    params = list(model.parameters())  # nn.Module.parameters() already de-duplicates
+    total = sum(p.numel() for p in params)
+    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in params)
+    return total, nonzero
+
+
+def file_bytes(path: str | Path) -> int:
+    """Size of a file on disk in bytes."""
+    return os.path.getsize(path)
+
+
+def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
+    """FLOPs of one forward pass on `inputs` (a multiply-add counts 2); MACs = FLOPs / 2."""
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(inputs)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with `threads` intra-op threads (None: leave as is); yields the count."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency of one forward pass over repeated runs."""
+
+    batch_size: int
+    threads: int
+    repeats: int
+    median_ms: float
+    p90_ms: float
+    throughput: float  # samples per second, from the median
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_latency(model: nn.Module, inputs: torch.Tensor, *, threads: int | None = None,
+                    warmup: int = 5, repeats: int = 30, min_seconds: float = 0.0) -> Latency:
+    """Time `model(inputs)`: warm-up runs first, then at least `repeats` timed runs.
+
+    Args:
+        model: the module to time (run in eval mode, without autograd).
+        inputs: one batch; its first dimension is the batch size.
+        threads: intra-op threads for the measurement (default: current setting).
+        warmup: untimed runs before timing (allocations, caches, lazy init).
+        repeats: timed runs; more are added until `min_seconds` have passed.
+        min_seconds: lower bound on the total timed duration, for very fast models.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    was_training = model.training
+    model.eval()
+    samples: list[float] = []
+    with num_threads(threads) as used, torch.inference_mode():
+        for _ in range(warmup):
+            model(inputs)
+        start = time.perf_counter()
+        while len(samples) < repeats or time.perf_counter() - start < min_seconds:
+            tick = time.perf_counter()
+            model(inputs)
+            samples.append(time.perf_counter() - tick)
+    model.train(was_training)
+    ordered = sorted(samples)
+    median = statistics.median(ordered)
+    p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+    batch = int(inputs.shape[0])
+    return Latency(batch_size=batch, threads=used, repeats=len(samples), median_ms=median * 1e3,
+                   p90_ms=p90 * 1e3, throughput=batch / median)
+
+
+def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Ratios `before / after` for sizes and times (bigger is better), and accuracy change.
+
+    Keys present in both are compared: `accuracy` gives `accuracy_delta` (after - before, in
+    fraction points) and `accuracy_retention` (after / before); `params`, `nonzero_params`,
+    `bytes`, `flops` and `median_ms` give `<key>_ratio` = before / after.
+
+    Example:
+        >>> compare({"accuracy": 0.98, "bytes": 1000}, {"accuracy": 0.97, "bytes": 250})
+        {'accuracy_delta': -0.01, 'accuracy_retention': 0.9898, 'bytes_ratio': 4.0}
+    """
+    result: dict[str, float] = {}
+    if "accuracy" in before and "accuracy" in after:
+        result["accuracy_delta"] = round(after["accuracy"] - before["accuracy"], 6)
+        result["accuracy_retention"] = round(after["accuracy"] / before["accuracy"], 4)
+    for key in ("params", "nonzero_params", "bytes", "flops", "median_ms"):
+        if key in before and key in after and after[key]:
+            result[f"{key}_ratio"] = round(before[key] / after[key], 4)
+    return result

@@ -1,0 +1,130 @@
+"""Pickle-free, checksummed, atomically written files: safetensors + a JSON document.
+
+Both model artifacts and training checkpoints are one safetensors file whose header metadata
+holds a JSON document and a SHA-256 over that document and every tensor (name, dtype, shape,
+bytes). Loading never unpickles anything, and any truncation or altered byte is an
+`ArtifactError` that says what is wrong instead of a crash deep inside a reader.
+
+Nested Python state (optimizer and scheduler `state_dict`s, RNG states) goes through
+`flatten_state`/`unflatten_state`: tensors move to the tensor table, the rest becomes JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from torchslim.errors import ArtifactError
+
+__all__ = ["flatten_state", "read_checked", "unflatten_state", "write_atomic", "write_checked"]
+
+_DOC_KEY = "torchslim"
+_SUM_KEY = "sha256"
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s") -> Any:
+    """Move every tensor of a nested structure into `tensors`; return a JSON-able skeleton."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: flatten_state(v, tensors, f"{prefix}.{k}")
+                                 for k, v in obj.items()}}
+        return {"__pairs__": [[flatten_state(k, tensors, f"{prefix}.k{i}"),
+                               flatten_state(v, tensors, f"{prefix}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {prefix!r} without pickle; "
+                    "convert it to tensors, numbers, strings, lists or dicts")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `flatten_state`."""
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+        if "__pairs__" in obj:
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors)
+                    for k, v in obj["__pairs__"]}
+        return {k: unflatten_state(v, tensors) for k, v in obj["__dict__"].items()}
+    return obj
+
+
+def _checksum(document: str, tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(document.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    """Call `write(tmp_path)` then rename onto `path`, so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_checked(path: Path | str, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> None:
+    """Write tensors + a JSON document + their checksum, atomically."""
+    # Cloned so tied (storage-sharing) tensors are stored apart, as safetensors requires.
+    tensors = {name: t.detach().cpu().clone().contiguous() for name, t in tensors.items()}
+    text = json.dumps(document, sort_keys=True)
+    metadata = {_DOC_KEY: text, _SUM_KEY: _checksum(text, tensors)}
+    write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_checked(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by `write_checked`, verifying its checksum.
+
+    Raises:
+        ArtifactError: missing, truncated, altered, or not a torchslim file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist (or is not a file); check the path")
+    try:
+        with safe_open(str(path), framework="pt") as reader:
+            metadata = reader.metadata() or {}
+            tensors = {name: reader.get_tensor(name) for name in reader.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{path} is not a readable torchslim file: it is truncated, "
+                            f"altered or of another format ({exc}); re-create it") from exc
+    if _DOC_KEY not in metadata or _SUM_KEY not in metadata:
+        raise ArtifactError(f"{path} is a safetensors file but not a torchslim file (no "
+                            "torchslim metadata); save it with torchslim.save")
+    if _checksum(metadata[_DOC_KEY], tensors) != metadata[_SUM_KEY]:
+        raise ArtifactError(f"{path} failed its checksum: its contents were altered or "
+                            "damaged after it was written; re-create it")
+    try:
+        document = json.loads(metadata[_DOC_KEY])
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} holds malformed JSON metadata ({exc})") from exc
+    return tensors, document

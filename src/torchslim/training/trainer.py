@@ -1,0 +1,254 @@
+"""The one trainer every technique fine-tunes with.
+
+Techniques plug in through `Callback`s and a `Loss`; the trainer owns the loop, the optimizer,
+the LR schedule, regularisation, early stopping, progress display, and per-epoch checkpoints
+from which a killed run resumes to the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from torchslim.data import TensorLoader
+from torchslim.errors import ConfigError
+from torchslim.measure import evaluate
+from torchslim.training.callbacks import Callback, CrossEntropy, Loss
+from torchslim.training.checkpoint import (
+    capture_rng,
+    read_checkpoint,
+    restore_rng,
+    write_checkpoint,
+)
+from torchslim.training.config import TrainConfig
+from torchslim.training.optim import build_optimizer, build_scheduler
+
+__all__ = ["CHECKPOINT_NAME", "EpochRecord", "Trainer"]
+
+CHECKPOINT_NAME = "last.ckpt"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """Metrics of one epoch (losses are means, accuracies fractions)."""
+
+    epoch: int
+    train_loss: float
+    train_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    lr: float
+    seconds: float
+    samples_per_second: float
+
+
+class Trainer:
+    """Train `model` on `train_loader` as `config` says.
+
+    Args:
+        model: the module to train, in place.
+        train_loader: batches of (inputs, labels); a `TensorLoader` is re-shuffled per epoch.
+        config: hyper-parameters (see `TrainConfig`).
+        val_loader: validation batches, for the curves and early stopping.
+        loss: the objective (default: cross-entropy on labels).
+        callbacks: hooks run in order at each event.
+        checkpoint_dir: where `last.ckpt` is written after every epoch.
+        progress: show a progress bar.
+
+    Example:
+        >>> from torchslim.data import load_dataset, TensorLoader
+        >>> from torchslim.models import create_model
+        >>> from torchslim.training import make_train_config
+        >>> data = load_dataset("digits")
+        >>> model = create_model("lenet300", input_shape=(1, 8, 8), pretrained=False)
+        >>> trainer = Trainer(model, TensorLoader(data.train, batch_size=64, shuffle=True),
+        ...                   config=make_train_config(epochs=3, lr=0.1), progress=False)
+        >>> history = trainer.fit()
+        >>> history[-1].train_accuracy > 0.8
+        True
+    """
+
+    def __init__(self, model: nn.Module, train_loader: TensorLoader, *, config: TrainConfig,
+                 val_loader: TensorLoader | None = None, loss: Loss | None = None,
+                 callbacks: Sequence[Callback] = (), checkpoint_dir: str | Path | None = None,
+                 progress: bool = True) -> None:
+        if len(train_loader) == 0:
+            raise ConfigError("the training loader yields no batches; check the dataset and "
+                              "batch_size (drop_last with fewer samples than a batch?)")
+        if config.early_stopping_patience is not None and val_loader is None:
+            raise ConfigError("early_stopping_patience needs a val_loader (the validation split)")
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {config.device!r} asked for, but CUDA is not available; "
+                              "use device='cpu'")
+        self.model = model.to(self.device)
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.config = config
+        self.loss = loss or CrossEntropy()
+        self.callbacks = list(callbacks)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.progress = progress
+        self._set_dropout(config.dropout)
+        self.optimizer = build_optimizer(model.parameters(), config)
+        self.scheduler = build_scheduler(self.optimizer, config, len(train_loader))
+        self.history: list[EpochRecord] = []
+        self.step = 0
+        self.start_epoch = 0
+        self.best_accuracy = -1.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stale_epochs = 0
+
+    def _set_dropout(self, rate: float | None) -> None:
+        if rate is None:
+            return
+        dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
+        if not dropouts and rate > 0:
+            raise ConfigError(f"dropout={rate} asked for, but {type(self.model).__name__} has "
+                              "no nn.Dropout layer; add one to the model or drop the option")
+        for module in dropouts:
+            module.p = rate
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir else None
+
+    def fit(self, *, resume: bool = False) -> list[EpochRecord]:
+        """Run the remaining epochs; with `resume`, continue from the last checkpoint if any."""
+        if resume and self.checkpoint_path and self.checkpoint_path.is_file():
+            self._load_checkpoint(self.checkpoint_path)
+            log.info("resumed from %s at epoch %d", self.checkpoint_path, self.start_epoch)
+        else:
+            torch.manual_seed(self.config.seed)
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
+        for epoch in range(self.start_epoch, self.config.epochs):
+            record = self._run_epoch(epoch)
+            self.history.append(record)
+            stop = self._update_early_stopping(record)
+            for callback in self.callbacks:
+                callback.on_epoch_end(self, record)
+            self.start_epoch = epoch + 1
+            if self.checkpoint_path:
+                self._save_checkpoint(self.checkpoint_path)
+            if stop:
+                log.info("early stop after epoch %d (no val gain in %d epochs)", epoch,
+                         self.stale_epochs)
+                break
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        for callback in self.callbacks:
+            callback.on_fit_end(self)
+        return self.history
+
+    def _regularised(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.config.l1 == 0:
+            return loss
+        penalty = sum(p.abs().sum() for p in self.model.parameters() if p.dim() > 1)
+        return loss + self.config.l1 * penalty
+
+    def _train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        outputs = self.model(inputs)
+        loss = self.loss(outputs, labels, inputs)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._regularised(loss).backward()
+        for callback in self.callbacks:
+            callback.on_before_optimizer_step(self, self.step)
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        for callback in self.callbacks:
+            callback.on_after_optimizer_step(self, self.step)
+        correct = int((outputs.detach().argmax(dim=1) == labels).sum())
+        return float(loss.detach()), correct
+
+    def _run_epoch(self, epoch: int) -> EpochRecord:
+        self.train_loader.set_epoch(epoch)
+        for callback in self.callbacks:
+            callback.on_epoch_start(self, epoch)
+        self.model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        start = time.perf_counter()
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.config.epochs}",
+                   disable=None if self.progress else True,  # None: only on a terminal
+                   leave=False, unit="batch", mininterval=0.5)
+        for inputs, labels in bar:
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            loss, hits = self._train_step(inputs, labels)
+            batch = int(labels.shape[0])
+            loss_sum, correct, seen = loss_sum + loss * batch, correct + hits, seen + batch
+            for callback in self.callbacks:
+                callback.on_step(self, self.step, loss)
+            self.step += 1
+            if self.step % 50 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
+                                refresh=False)
+        seconds = time.perf_counter() - start
+        val = evaluate(self.model, self.val_loader, device=self.device) if self.val_loader else None
+        return EpochRecord(
+            epoch=epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen,
+            val_loss=val["loss"] if val else None, val_accuracy=val["accuracy"] if val else None,
+            lr=float(self.optimizer.param_groups[0]["lr"]), seconds=seconds,
+            samples_per_second=seen / seconds)
+
+    def _update_early_stopping(self, record: EpochRecord) -> bool:
+        if self.config.early_stopping_patience is None or record.val_accuracy is None:
+            return False
+        if record.val_accuracy > self.best_accuracy:
+            self.best_accuracy = record.val_accuracy
+            self.best_state = copy.deepcopy(self.model.state_dict())
+            self.stale_epochs = 0
+            return False
+        self.stale_epochs += 1
+        return self.stale_epochs >= self.config.early_stopping_patience
+
+    def _save_checkpoint(self, path: Path) -> None:
+        write_checkpoint(path, {
+            "config": self.config.to_dict(),
+            "epoch": self.start_epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "history": [asdict(r) for r in self.history],
+            "early_stopping": {"best_accuracy": self.best_accuracy, "best_state": self.best_state,
+                               "stale_epochs": self.stale_epochs},
+            "callbacks": [c.state_dict() for c in self.callbacks],
+        })
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = read_checkpoint(path)
+        if state["config"] != self.config.to_dict():
+            changed = sorted(k for k, v in self.config.to_dict().items()
+                             if state["config"].get(k) != v)
+            raise ConfigError(f"checkpoint {path} was written with a different training config "
+                              f"(changed: {', '.join(changed)}); rerun with the same options or "
+                              "without --resume")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        stopping = state["early_stopping"]
+        self.best_accuracy = float(stopping["best_accuracy"])
+        self.best_state, self.stale_epochs = stopping["best_state"], int(stopping["stale_epochs"])
+        for callback, callback_state in zip(self.callbacks, state["callbacks"], strict=False):
+            callback.load_state_dict(callback_state)
+
+    def state_summary(self) -> dict[str, Any]:
+        """Where training stands: epochs done, steps, best validation accuracy."""
+        return {"epochs_done": self.start_epoch, "steps": self.step,
+                "best_val_accuracy": self.best_accuracy if self.best_state is not None else None}

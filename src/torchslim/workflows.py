@@ -1,0 +1,115 @@
+"""The jobs behind the CLI, as plain functions: train a model, measure one, run the demo.
+
+The CLI only parses arguments and prints; everything it does is callable from Python here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim import artifact
+from torchslim.data import Dataset, TensorLoader, load_dataset
+from torchslim.errors import ConfigError
+from torchslim.measure import count_flops, count_params, evaluate, file_bytes, measure_latency
+from torchslim.models import create_model, example_inputs, get_entry, model_names, spec_of
+from torchslim.report import write_report
+from torchslim.training import TrainConfig, Trainer, make_train_config
+
+__all__ = ["load_model_or_artifact", "measure_model", "train_model"]
+
+
+def load_model_or_artifact(source: str) -> tuple[nn.Module, Path | None]:
+    """A model from an artifact path or a registered name (with its shipped weights, if any)."""
+    if source in model_names():
+        return create_model(source), None
+    path = Path(source)
+    if path.exists():
+        return artifact.load(path), path
+    raise ConfigError(f"{source!r} is neither an artifact file nor a registered model; known "
+                      f"models: {', '.join(model_names())}")
+
+
+def artifact_bytes(model: nn.Module, path: Path | None) -> int:
+    """Bytes on disk of the model's artifact (written to a temp folder if it has none yet)."""
+    if path is not None:
+        return file_bytes(path)
+    with tempfile.TemporaryDirectory() as folder:
+        return file_bytes(artifact.save(model, Path(folder) / "model.slim"))
+
+
+def measure_model(model: nn.Module, *, path: Path | None = None, data: Dataset | None = None,
+                  split: str = "test", batch_size: int = 256, latency_batch: int = 256,
+                  threads: int | None = None, timing: bool = True) -> dict[str, Any]:
+    """Accuracy (if data is given), params, bytes, FLOPs per sample and latency of a model."""
+    spec = spec_of(model)
+    total, nonzero = count_params(model)
+    result: dict[str, Any] = {
+        "params": total, "nonzero_params": nonzero, "bytes": artifact_bytes(model, path),
+        "flops": count_flops(model, example_inputs(spec, 1)),
+    }
+    if data is not None:
+        if tuple(data.input_shape) != tuple(spec.input_shape):
+            raise ConfigError(f"dataset {data.name!r} has inputs {data.input_shape}, the model "
+                              f"expects {spec.input_shape}; pick a matching dataset or model")
+        metrics = evaluate(model, TensorLoader(data.split(split), batch_size=batch_size),
+                           topk=(1, 5) if data.num_classes > 5 else (1,))
+        result.update(accuracy=metrics["accuracy"], loss=metrics["loss"], split=split,
+                      dataset=data.name, samples=int(metrics["samples"]))
+    if timing:
+        single = measure_latency(model, example_inputs(spec, 1), threads=threads)
+        batched = measure_latency(model, example_inputs(spec, latency_batch), threads=threads)
+        result.update(latency_b1_ms=single.median_ms, latency_batch_ms=batched.median_ms,
+                      latency_batch=latency_batch, throughput=batched.throughput,
+                      threads=batched.threads)
+    return result
+
+
+def train_config_for(model_name: str, **overrides: Any) -> TrainConfig:
+    """The model's tuned defaults, with the given options (None = keep default) on top."""
+    defaults = asdict(get_entry(model_name).train_defaults)
+    return make_train_config(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def train_model(model_name: str, *, dataset: str | None, out: str | Path, config: TrainConfig,
+                pretrained: bool = False, resume: bool = False, progress: bool = True,
+                threads: int | None = None) -> dict[str, Any]:
+    """Train a registered model, save `out/model.slim`, write the report; returns the report."""
+    entry = get_entry(model_name)
+    dataset = dataset or entry.default_dataset
+    if dataset is None:
+        raise ConfigError(f"model {model_name!r} has no default dataset; pass --dataset")
+    out = Path(out)
+    data = load_dataset(dataset, seed=config.seed)
+    torch.manual_seed(config.seed)
+    model = create_model(model_name, pretrained=pretrained, input_shape=data.input_shape,
+                         num_classes=data.num_classes)
+    # The untrained model, measured like the result so the table compares like with like.
+    initial = measure_model(model, data=data, split="test", threads=threads)
+    trainer = Trainer(model, TensorLoader(data.train, batch_size=config.batch_size, shuffle=True,
+                                          seed=config.seed),
+                      val_loader=TensorLoader(data.val, batch_size=1000), config=config,
+                      checkpoint_dir=out / "checkpoints", progress=progress)
+    history = trainer.fit(resume=resume)
+    model_path = artifact.save(model, out / "model.slim", metadata={
+        "dataset": dataset, "train_config": config.to_dict(), "epochs_trained": trainer.start_epoch})
+    final = measure_model(model, path=model_path, data=data, split="test", threads=threads)
+    val = evaluate(model, TensorLoader(data.val, batch_size=1000))
+    report = {
+        "model": model_name, "dataset": dataset, "seed": config.seed, "config": config.to_dict(),
+        "test_accuracy": final["accuracy"], "val_accuracy": val["accuracy"],
+        "initial_test_accuracy": initial["accuracy"], "metrics": final,
+        "train_samples_per_second": sorted(r.samples_per_second for r in history)[len(history) // 2]
+        if history else None,
+        "history": [asdict(r) for r in trainer.history], "artifact": str(model_path),
+    }
+    rows = [{"name": f"{model_name} before training", **initial},
+            {"name": f"{model_name} trained ({trainer.start_epoch} epochs)", **final}]
+    write_report(out, report, title=f"torchslim train: {model_name} on {dataset}", rows=rows)
+    report["rows"] = rows
+    return report

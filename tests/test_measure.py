@@ -1,0 +1,61 @@
+import pytest
+import torch
+from torch import nn
+
+from torchslim.errors import ConfigError
+from torchslim.measure import (
+    compare,
+    count_flops,
+    count_params,
+    evaluate,
+    measure_latency,
+    num_threads,
+)
+
+
+class Oracle(nn.Module):
+    """Returns one-hot logits of labels hidden in the input's first column."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(x[:, 0].long(), 5).float() * 10
+
+
+def test_evaluate_reports_top1_topk_and_loss() -> None:
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    inputs = torch.stack([labels.float(), torch.zeros(6)], dim=1)
+    perfect = evaluate(Oracle(), [(inputs, labels)], topk=(1, 2))
+    assert perfect["accuracy"] == 1.0 and perfect["top2"] == 1.0 and perfect["loss"] < 1e-3
+    shifted = evaluate(Oracle(), [(inputs, (labels + 1) % 5)], topk=(1, 5))
+    assert shifted["accuracy"] == 0.0 and shifted["top5"] == 1.0
+    with pytest.raises(ConfigError, match="no batches"):
+        evaluate(Oracle(), [])
+
+
+def test_params_count_nonzero_after_zeroing() -> None:
+    layer = nn.Linear(10, 4)
+    with torch.no_grad():
+        layer.weight[:2] = 0
+    assert count_params(layer) == (44, 24)
+
+
+def test_flops_of_a_linear_layer_are_two_per_multiply_add() -> None:
+    assert count_flops(nn.Linear(32, 8), torch.randn(5, 32)) == 2 * 5 * 32 * 8
+
+
+def test_latency_summary_is_consistent_and_threads_are_restored() -> None:
+    before = torch.get_num_threads()
+    latency = measure_latency(nn.Linear(64, 64), torch.randn(16, 64), threads=1, warmup=2,
+                              repeats=7)
+    assert latency.threads == 1 and latency.repeats == 7 and latency.batch_size == 16
+    assert 0 < latency.median_ms <= latency.p90_ms
+    assert latency.throughput == pytest.approx(16 / (latency.median_ms / 1e3))
+    assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="threads"), num_threads(0):
+        pass
+
+
+def test_compare_gives_ratios_before_over_after() -> None:
+    result = compare({"accuracy": 0.9, "params": 100, "median_ms": 4.0, "flops": 10},
+                     {"accuracy": 0.9, "params": 25, "median_ms": 2.0, "flops": 10})
+    assert result == {"accuracy_delta": 0.0, "accuracy_retention": 1.0, "params_ratio": 4.0,
+                      "flops_ratio": 1.0, "median_ms_ratio": 2.0}
