@@ -1,2 +1,13 @@
-"""torchslim: make trained PyTorch models smaller and faster while keeping their accuracy."""
+"""torchslim: make trained PyTorch models smaller and faster while keeping their accuracy.
+
+The public surface: `save`/`load` for `.slim` artifacts, and the subpackages `models`, `data`,
+`training`, `measure`, `report` and `errors`.
+"""
+
 __version__ = "0.1.0"
+
+from torchslim import data, errors, measure, models, report, training  # noqa: E402
+from torchslim.artifact import load, save  # noqa: E402
+
+__all__ = ["__version__", "data", "errors", "load", "measure", "models", "report", "save",
+           "training"]
