@@ -6,8 +6,8 @@ The public surface: `save`/`load` for `.slim` artifacts, and the subpackages `mo
 
 __version__ = "0.1.0"
 
-from torchslim import data, errors, measure, models, report, training  # noqa: E402
-from torchslim.artifact import load, save  # noqa: E402
+from torchslim import data, errors, measure, models, report, training
+from torchslim.artifact import load, save
 
 __all__ = ["__version__", "data", "errors", "load", "measure", "models", "report", "save",
            "training"]

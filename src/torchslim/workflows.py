@@ -16,7 +16,14 @@ from torch import nn
 from torchslim import artifact
 from torchslim.data import Dataset, TensorLoader, load_dataset
 from torchslim.errors import ConfigError
-from torchslim.measure import count_flops, count_params, evaluate, file_bytes, measure_latency
+from torchslim.measure import (
+    compare,
+    count_flops,
+    count_params,
+    evaluate,
+    file_bytes,
+    measure_latency,
+)
 from torchslim.models import create_model, example_inputs, get_entry, model_names, spec_of
 from torchslim.report import write_report
 from torchslim.training import TrainConfig, Trainer, make_train_config
@@ -96,6 +103,7 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
                       val_loader=TensorLoader(data.val, batch_size=1000), config=config,
                       checkpoint_dir=out / "checkpoints", progress=progress)
     history = trainer.fit(resume=resume)
+    model.cpu()  # measured where it will be deployed; training may have run on a GPU
     model_path = artifact.save(model, out / "model.slim", metadata={
         "dataset": dataset, "train_config": config.to_dict(), "epochs_trained": trainer.start_epoch})
     final = measure_model(model, path=model_path, data=data, split="test", threads=threads)
@@ -104,6 +112,7 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
         "model": model_name, "dataset": dataset, "seed": config.seed, "config": config.to_dict(),
         "test_accuracy": final["accuracy"], "val_accuracy": val["accuracy"],
         "initial_test_accuracy": initial["accuracy"], "metrics": final,
+        "comparison": compare(initial, final),
         "train_samples_per_second": sorted(r.samples_per_second for r in history)[len(history) // 2]
         if history else None,
         "history": [asdict(r) for r in trainer.history], "artifact": str(model_path),

@@ -7,12 +7,13 @@ valid range, and so the same names work from the CLI, from YAML and from Python.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-from torchslim.errors import ConfigError
+from torchslim.config import to_jsonable, validated
+from torchslim.errors import ConfigError  # noqa: F401  (doctest)
 
 __all__ = ["OptimizerName", "ScheduleName", "TrainConfig", "make_train_config"]
 
@@ -32,6 +33,7 @@ class ScheduleName(StrEnum):
     COSINE = "cosine"
 
 
+@validated
 @dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
 class TrainConfig:
     """Hyper-parameters of one training run.
@@ -77,11 +79,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
 
+    what: ClassVar[str] = "training config"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (enums as their names)."""
-        return {name: (value.value if isinstance(value, StrEnum)
-                       else list(value) if isinstance(value, tuple) else value)
-                for name, value in self.__dict__.items()}
+        return {name: to_jsonable(value) for name, value in self.__dict__.items()}
 
 
 def make_train_config(**values: Any) -> TrainConfig:
@@ -92,14 +94,6 @@ def make_train_config(**values: Any) -> TrainConfig:
         ...     make_train_config(lr=-1, optimizer="sgdd")
         ... except ConfigError as exc:
         ...     print(exc)  # doctest: +ELLIPSIS
-        invalid training config: lr: Input should be greater than 0 (got -1); optimizer: ... (got 'sgdd')
+        invalid training config: lr: Input should be greater than 0 (got -1); optimizer: ... (got 'sgdd')...
     """
-    try:
-        return TrainConfig(**values)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} (got {err['input']!r})"
-            for err in exc.errors())
-        raise ConfigError(f"invalid training config: {problems}") from None
-    except TypeError as exc:
-        raise ConfigError(f"invalid training config: {exc}") from None
+    return TrainConfig(**values)

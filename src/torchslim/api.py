@@ -1,0 +1,69 @@
+"""The one verb: `apply_(model, config)` runs a technique in place; `finalize_` bakes it in.
+
+Techniques leave reversible parametrizations (masks, shared-weight codebooks) on the layers they
+touch so that fine-tuning keeps their constraint; `finalize_` turns them into plain tensors.
+A handler that fails leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from torchslim.registry import handler_for
+from torchslim.select import Select
+
+__all__ = ["apply_", "finalize_", "parametrized_layers"]
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
+           calibration: Batches | None = None) -> dict[str, Any]:
+    """Apply a technique to `model` in place and return what changed, per layer.
+
+    Args:
+        model: the module to change.
+        config: a technique config, e.g. `WeightPruning(sparsity=0.9)`.
+        targets: the layers to touch (default: the technique's own default selection).
+        calibration: batches for criteria that look at data (Taylor, activations, k-means).
+
+    Raises:
+        ConfigError, SelectionError: bad options or a selection matching no layer; the model
+            is left unchanged.
+    """
+    handler = handler_for(config)
+    snapshot = copy.deepcopy(model)
+    try:
+        return handler(model, config, targets=targets or Select(), calibration=calibration)
+    except BaseException:
+        model.__dict__.clear()
+        model.__dict__.update(snapshot.__dict__)
+        model.__class__ = snapshot.__class__
+        raise
+
+
+def parametrized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers carrying a torchslim parametrization on their weight."""
+    return [(name, m) for name, m in model.named_modules()
+            if parametrize.is_parametrized(m, "weight")]
+
+
+def finalize_(model: nn.Module) -> nn.Module:
+    """Replace every parametrized weight by its current value: masks -> zeros, codebooks -> values.
+
+    Example:
+        >>> from torchslim.pruning import WeightPruning
+        >>> layer = nn.Sequential(nn.Linear(4, 4))
+        >>> _ = apply_(layer, WeightPruning(sparsity=0.5))
+        >>> int((finalize_(layer)[0].weight == 0).sum())
+        8
+    """
+    for _, module in parametrized_layers(model):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model

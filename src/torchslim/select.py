@@ -1,0 +1,87 @@
+"""`Select`: which layers a technique touches, by name, glob pattern and type.
+
+A rule that matches nothing is an error (`SelectionError`) rather than a silent no-op: a typo in a
+layer name must not produce an uncompressed model that looks compressed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from torchslim.errors import ConfigError, SelectionError
+
+__all__ = ["LAYER_TYPES", "Select"]
+
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Embedding": nn.Embedding,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Select:
+    """Layers chosen by exact `names`, glob `patterns` (`blocks.*.conv1`) and `types` (by name).
+
+    With no `names` or `patterns`, every layer of the given `types` is chosen (default types:
+    Linear and Conv). `exclude` holds names or patterns removed from the result.
+
+    Example:
+        >>> from torchslim.models import create_model
+        >>> model = create_model("lenet5", pretrained=False)
+        >>> [name for name, _ in Select(types=("Linear",), exclude=("fc2",)).resolve(model)]
+        ['fc1']
+    """
+
+    names: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+    types: tuple[str, ...] = ("Linear", "Conv1d", "Conv2d")
+    exclude: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Select:
+        """Build from a recipe mapping; unknown keys list the valid ones."""
+        data = data or {}
+        valid = {"names", "patterns", "types", "exclude"}
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ConfigError(f"unknown selector key(s) {unknown}; valid keys: {sorted(valid)}")
+        return cls(**{key: tuple(value) for key, value in data.items()})
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"names": list(self.names), "patterns": list(self.patterns),
+                "types": list(self.types), "exclude": list(self.exclude)}
+
+    def resolve(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The matching `(name, module)` pairs in model order.
+
+        Raises:
+            ConfigError: an unknown type name.
+            SelectionError: a name or pattern matching no layer, or an empty result.
+        """
+        unknown = [t for t in self.types if t not in LAYER_TYPES]
+        if unknown:
+            raise ConfigError(f"unknown layer type(s) {unknown}; known: {sorted(LAYER_TYPES)}")
+        kinds = tuple(LAYER_TYPES[t] for t in self.types)
+        layers = {name: module for name, module in model.named_modules()
+                  if name and isinstance(module, kinds)}
+        problems = [f"name {n!r}" for n in self.names if n not in layers]
+        problems += [f"pattern {p!r}" for p in self.patterns
+                     if not fnmatch.filter(layers, p)]
+        if problems:
+            raise SelectionError(f"{', '.join(problems)} matched no {'/'.join(self.types)} layer; "
+                                 f"layers are: {', '.join(layers) or 'none'}")
+        chosen = [name for name in layers
+                  if (not self.names and not self.patterns) or name in self.names
+                  or any(fnmatch.fnmatch(name, p) for p in self.patterns)]
+        chosen = [name for name in chosen
+                  if not any(name == e or fnmatch.fnmatch(name, e) for e in self.exclude)]
+        if not chosen:
+            raise SelectionError(f"the selection {self.to_dict()} matched no layer of "
+                                 f"{type(model).__name__}; layers are: {', '.join(layers) or 'none'}")
+        return [(name, layers[name]) for name in chosen]
