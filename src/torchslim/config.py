@@ -39,7 +39,7 @@ def _describe(cls: type, exc: ValidationError, what: str) -> str:
         f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err['input']!r})"
         if err["loc"] else err["msg"].removeprefix("Value error, ")
         for err in exc.errors())
-    valid = sorted(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    valid = sorted(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type,unused-ignore]
     return f"invalid {what}: {problems}; valid keys: {', '.join(valid)}"
 
 
@@ -57,7 +57,7 @@ def validated(cls: type[T]) -> type[T]:
         except TypeError as exc:
             raise ConfigError(f"invalid {what}: {exc}") from None
 
-    cls.__init__ = __init__  # type: ignore[misc]
+    setattr(cls, "__init__", __init__)  # noqa: B010 - wrap the generated __init__
     return cls
 
 

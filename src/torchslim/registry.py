@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-
 from torchslim.errors import ConfigError
 
-__all__ = ["Handler", "handler_for", "register_technique", "technique_kinds", "technique_config"]
+__all__ = ["Handler", "handler_for", "register_technique", "technique_config", "technique_kinds"]
 
 Handler = Callable[..., dict[str, Any]]
 

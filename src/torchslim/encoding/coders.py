@@ -117,7 +117,7 @@ def decode_symbols(data: bytes, *, coder_name: str, bits: int, count: int) -> np
         ArtifactError: unknown coder name, or a stream that is truncated, altered or decodes to
             the wrong number of symbols or to symbols wider than `bits`.
     """
-    if coder_name not in {c.value for c in _CONCRETE}:
+    if coder_name not in tuple(c.value for c in _CONCRETE):
         raise ArtifactError(f"unknown stream coder {coder_name!r} in the metadata; valid: "
                             f"{', '.join(c.value for c in _CONCRETE)}; the file is corrupt or newer")
     coder = Coder(coder_name)

@@ -17,11 +17,11 @@ from typing import Any
 from torchslim.encoding.sparse_index import MAX_INDEX_BITS
 from torchslim.errors import ArtifactError
 
-__all__ = ["FORMAT", "MAX_CODEBOOK", "Layout", "TensorMeta", "code_bits_for"]
+__all__ = ["FORMAT", "MAX_CODEBOOK", "MAX_ELEMENTS", "Layout", "TensorMeta", "code_bits_for"]
 
 FORMAT = 1
 MAX_CODEBOOK = 1 << 16
-_MAX_ELEMENTS = 1 << 31  # per tensor; bounds the one allocation the streams cannot bound
+MAX_ELEMENTS = 1 << 31  # per tensor; bounds the one allocation the streams cannot bound
 _MAX_RANK = 32
 
 
@@ -110,8 +110,8 @@ class TensorMeta:
                 or any(type(d) is not int or d < 0 for d in shape):
             raise _fail("shape", f"must be a list of at most {_MAX_RANK} non-negative ints, got {shape!r}")
         size = math.prod(shape)
-        if size > _MAX_ELEMENTS:
-            raise _fail("shape", f"describes {size} elements, beyond the limit of {_MAX_ELEMENTS}")
+        if size > MAX_ELEMENTS:
+            raise _fail("shape", f"describes {size} elements, beyond the limit of {MAX_ELEMENTS}")
         layout = meta.get("layout")
         if layout not in (Layout.SPARSE.value, Layout.DENSE.value):
             raise _fail("layout", f"must be 'sparse' or 'dense', got {layout!r}")
@@ -129,7 +129,8 @@ class TensorMeta:
             codebook_size = _int(meta, "codebook_size", 1, MAX_CODEBOOK)
             code_bits = code_bits_for(codebook_size, layout)
             _int(meta, "code_bits", code_bits, code_bits)
-        for field, value in (("index_bits", index_bits), ("index_count", index_count), ("code_bits", code_bits)):
+        unused = (("index_bits", index_bits), ("index_count", index_count), ("code_bits", code_bits))
+        for field, value in unused:
             if value is None and meta.get(field) is not None:
                 raise _fail(field, f"must be null for this layout and codebook, got {meta.get(field)!r}")
         partial = cls(shape=shape, nnz=nnz, layout=layout, index_bits=index_bits, index_count=index_count,

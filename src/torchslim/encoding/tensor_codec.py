@@ -20,13 +20,15 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from torchslim.encoding.codebook import check_codebook, codes_for
 from torchslim.encoding.coders import Coder, decode_symbols, encode_symbols, parse_coder
-from torchslim.encoding.meta import MAX_CODEBOOK, Layout, TensorMeta, code_bits_for
+from torchslim.encoding.meta import MAX_ELEMENTS, Layout, TensorMeta, code_bits_for
 from torchslim.encoding.sparse_index import (
     MAX_INDEX_BITS,
     best_index_bits,
@@ -63,31 +65,11 @@ def _check_weight(weight: np.ndarray) -> np.ndarray:
         kind = weight.dtype if isinstance(weight, np.ndarray) else type(weight).__name__
         raise ConfigError(f"encode_tensor needs a float32 numpy array, got {kind}; pass "
                           "tensor.detach().cpu().numpy().astype(np.float32)")
-    if weight.size > 1 << 31:
-        raise ConfigError(f"encode_tensor handles at most 2**31 elements, got {weight.size}; split the tensor")
+    if weight.size > MAX_ELEMENTS:
+        raise ConfigError(f"encode_tensor handles at most {MAX_ELEMENTS} elements, got {weight.size}; "
+                          "split the tensor")
     flat = weight.reshape(-1)  # (N,)
     return np.where(flat != 0, flat, np.float32(0))  # -0.0 -> +0.0, bits otherwise kept
-
-
-def _check_codebook(codebook: np.ndarray) -> np.ndarray:
-    book = np.asarray(codebook)
-    if book.ndim != 1 or not 1 <= book.size <= MAX_CODEBOOK or not np.issubdtype(book.dtype, np.floating):
-        raise ConfigError(f"codebook must be a 1-D float array of 1..{MAX_CODEBOOK} entries, got dtype "
-                          f"{book.dtype} and shape {book.shape}")
-    return book.astype(np.float32)
-
-
-def _codes_for(values: np.ndarray, book: np.ndarray) -> np.ndarray:
-    """Index of each value in `book` (first match) -> (nnz,) int64; every value must be in it."""
-    order = np.argsort(book, kind="stable")  # (k,)
-    slot = np.searchsorted(book[order], values).clip(max=book.size - 1)  # (nnz,)
-    missing = book[order][slot] != values  # (nnz,)
-    if missing.any():
-        examples = ", ".join(f"{v:g}" for v in values[missing][:3])
-        raise ConfigError(f"{int(missing.sum())} of {values.size} non-zero weights are not codebook entries "
-                          f"(e.g. {examples}); cluster the tensor first so that every non-zero weight "
-                          f"equals one of the {book.size} codebook values")
-    return order[slot].astype(np.int64)
 
 
 def _sparse_index(mask: np.ndarray, index_bits: int | None, coder: Coder) -> tuple[int, int, bytes, str]:
@@ -128,3 +110,96 @@ def _layout(flat: np.ndarray, mask: np.ndarray, codes: np.ndarray | None, book: 
                       codebook_size=None if book is None else book.size, code_bits=code_bits,
                       coders=coders, stream_bytes={name: len(data) for name, data in streams.items()})
     return meta, streams
+
+
+def encode_tensor(weight: np.ndarray, *, codebook: np.ndarray | None, index_bits: int | None = None,
+                  coder: str = "auto", layout: str = "auto") -> EncodedTensor:
+    """Encode a float32 tensor of any shape; `decode_tensor` gives its exact bits back.
+
+    Args:
+        weight: the (pruned) tensor; its zeros are the pruned weights.
+        codebook: the shared weights (k,) when the tensor is clustered, else None to store
+            the non-zeros as raw float32. Cast to float32.
+        index_bits: width of a gap in the sparse index, 1..16; None picks the smallest.
+        coder: a `Coder` name for the index and code streams; "auto" keeps the smallest.
+        layout: a `Layout` name; "auto" keeps the smaller of sparse and dense.
+
+    Raises:
+        ConfigError: a non-float32 weight, a bad codebook, a non-zero weight missing from the
+            codebook, index_bits outside 1..16, or an unknown coder or layout.
+    """
+    choice = parse_coder(coder)
+    if layout not in {item.value for item in Layout}:
+        raise ConfigError(f"unknown layout {layout!r}; valid: {', '.join(item.value for item in Layout)}")
+    is_int = isinstance(index_bits, int | np.integer) and not isinstance(index_bits, bool)
+    if index_bits is not None and (not is_int or not 1 <= index_bits <= MAX_INDEX_BITS):
+        raise ConfigError(f"index_bits must be an int in 1..{MAX_INDEX_BITS} or None, got {index_bits!r}")
+    flat = _check_weight(weight)  # (N,)
+    mask = flat != 0  # (N,)
+    book = None if codebook is None else check_codebook(codebook)  # (k,)
+    codes = None if book is None else codes_for(flat[mask], book)  # (nnz,)
+    wanted = [Layout(layout)] if layout != Layout.AUTO else [Layout.SPARSE, Layout.DENSE]
+    bits = None if index_bits is None else int(index_bits)
+    options = [_layout(flat, mask, codes, book, item, bits, choice) for item in wanted]
+    meta, streams = min(options, key=lambda option: sum(option[0].stream_bytes.values()))
+    return EncodedTensor(meta=replace(meta, shape=tuple(weight.shape)).to_dict(), streams=streams)
+
+
+def _stream(spec: TensorMeta, streams: Any, name: str) -> bytes:
+    data = streams.get(name) if isinstance(streams, Mapping) else None
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ArtifactError(f"encoded tensor lacks its {name!r} stream (got {type(data).__name__}); "
+                            "the file is incomplete, re-encode the tensor")
+    data = bytes(data)
+    if len(data) != spec.stream_bytes[name]:
+        raise ArtifactError(f"encoded tensor stream {name!r} holds {len(data)} bytes but its metadata "
+                            f"says {spec.stream_bytes[name]}: it is truncated or altered; re-encode it")
+    return data
+
+
+def _values(spec: TensorMeta, streams: Any, count: int) -> np.ndarray:
+    """The stored non-zeros (sparse, count = nnz) or elements (dense, count = N) -> (count,)."""
+    if spec.codebook_size is None:
+        data = _stream(spec, streams, "values")
+        if len(data) != 4 * count:
+            raise ArtifactError(f"'values' stream holds {len(data)} bytes, not 4 x {count}; re-encode it")
+        return np.frombuffer(data, dtype="<f4").astype(np.float32)
+    book_bytes = _stream(spec, streams, "codebook")
+    if len(book_bytes) != 4 * spec.codebook_size:
+        raise ArtifactError(f"'codebook' stream holds {len(book_bytes)} bytes, not 4 x "
+                            f"{spec.codebook_size}; re-encode it")
+    book = np.frombuffer(book_bytes, dtype="<f4").astype(np.float32)  # (k,)
+    codes = decode_symbols(_stream(spec, streams, "codes"), coder_name=spec.coders["codes"],
+                           bits=code_bits_for(spec.codebook_size, spec.layout), count=count)  # (count,)
+    if spec.layout is Layout.DENSE:
+        book = np.concatenate([np.zeros(1, np.float32), book])  # (k + 1,) symbol 0 is a zero
+    if codes.size and codes.max() >= book.size:
+        raise ArtifactError(f"'codes' stream refers to codebook entry {int(codes.max())} of {book.size}; "
+                            "it is corrupt, re-encode the tensor")
+    return book[codes]
+
+
+def decode_tensor(meta: dict[str, Any], streams: dict[str, bytes]) -> np.ndarray:
+    """Rebuild the exact float32 tensor from `encode_tensor`'s metadata and streams.
+
+    Raises:
+        ArtifactError: malformed metadata, a missing, truncated or altered stream.
+    """
+    spec = TensorMeta.from_dict(meta)
+    if spec.layout is Layout.DENSE:
+        flat = _values(spec, streams, spec.size)  # (N,)
+        if int(np.count_nonzero(flat)) != spec.nnz:
+            raise ArtifactError(f"decoded tensor has {int(np.count_nonzero(flat))} non-zeros where the "
+                                f"metadata says {spec.nnz}; it is corrupt, re-encode the tensor")
+        return flat.reshape(spec.shape)
+    index_bits, entries = spec.index_bits or 0, spec.index_count or 0  # both set when sparse
+    gaps = decode_symbols(_stream(spec, streams, "index"), coder_name=spec.coders["index"],
+                          bits=index_bits, count=entries)  # (entries,)
+    positions = positions_from_gaps(gaps, index_bits=index_bits, size=spec.size)  # (nnz',)
+    if positions.size != spec.nnz:
+        raise ArtifactError(f"index stream holds {positions.size} non-zeros where the metadata says "
+                            f"{spec.nnz}; it is corrupt, re-encode the tensor")
+    values = _values(spec, streams, spec.nnz)  # (nnz,)
+    flat = np.zeros(spec.size, dtype=np.float32)  # (N,)
+    flat[positions] = values
+    return flat.reshape(spec.shape)

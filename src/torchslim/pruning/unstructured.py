@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError
+from torchslim.parametrized import original_weight, weight_of, weight_parametrizations
 from torchslim.pruning import masks as M
 from torchslim.registry import register_technique
 from torchslim.select import Select
@@ -78,6 +79,8 @@ class WeightPruning(TechniqueConfig):
 class Mask(nn.Module):
     """Parametrization `weight * mask`: gradients of pruned weights are zero."""
 
+    mask: torch.Tensor
+
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("mask", mask.to(torch.bool))
@@ -87,9 +90,7 @@ class Mask(nn.Module):
 
 
 def _existing_mask(module: nn.Module) -> Mask | None:
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    found = [p for p in module.parametrizations["weight"] if isinstance(p, Mask)]
+    found = [p for p in weight_parametrizations(module) if isinstance(p, Mask)]
     return found[0] if found else None
 
 
@@ -99,12 +100,12 @@ def set_mask_(module: nn.Module, keep: torch.Tensor) -> None:
     if current is not None:
         current.mask.logical_and_(keep.to(current.mask.device))
     else:
-        parametrize.register_parametrization(module, "weight", Mask(keep.to(module.weight.device)))
+        parametrize.register_parametrization(module, "weight", Mask(keep.to(weight_of(module).device)))
 
 
 def sparsity_of(module: nn.Module) -> float:
     """Fraction of exact zeros in the (effective) weight."""
-    weight = module.weight.detach()
+    weight = weight_of(module).detach()
     return float((weight == 0).sum()) / weight.numel()
 
 
@@ -135,9 +136,9 @@ def _calibration_statistics(model: nn.Module, layers: list[tuple[str, nn.Module]
             if criterion is Criterion.TAYLOR:
                 loss.backward()
                 for name, module in layers:
-                    grad = module.weight.grad if not parametrize.is_parametrized(module, "weight") \
-                        else module.parametrizations["weight"].original.grad
-                    stats[name] = stats.get(name, 0) + grad.detach().abs()
+                    grad = original_weight(module).grad
+                    if grad is not None:
+                        stats[name] = stats.get(name, 0) + grad.detach().abs()
     finally:
         for handle in handles:
             handle.remove()
@@ -154,7 +155,7 @@ def _scores(config: WeightPruning, layers: list[tuple[str, nn.Module]],
             stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     scores = {}
     for index, (name, module) in enumerate(layers):
-        weight = module.weight.detach()
+        weight = weight_of(module).detach()
         match config.criterion:
             case Criterion.MAGNITUDE:
                 score = M.magnitude_scores(weight)
@@ -180,8 +181,9 @@ def prune_weights_(model: nn.Module, config: WeightPruning, *, targets: Select,
         raise ConfigError(f"per_layer names {unknown} are not among the selected layers "
                           f"{[n for n, _ in layers]}")
     if config.threshold is not None or config.std_multiple is not None:
-        keeps = {name: M.mask_by_threshold(m.weight, config.threshold if config.threshold is not None
-                                           else M.std_threshold(m.weight, config.std_multiple or 0))
+        keeps = {name: M.mask_by_threshold(weight_of(m), config.threshold
+                                           if config.threshold is not None
+                                           else M.std_threshold(weight_of(m), config.std_multiple or 0))
                  for name, m in layers}
     else:
         stats: dict[str, torch.Tensor] = {}
