@@ -3,29 +3,124 @@
 An artifact records which registered architecture to rebuild (`ModelSpec`) and every tensor of
 its state_dict; `load` rebuilds the architecture and fills it in, so loading a file from
 anywhere never runs code from that file.
+
+Version 0 stores every tensor dense. Version 1 (`save(..., encode=Encoding())`) is the Deep
+Compression file: each weight matrix/kernel is stored as its sparse index plus codebook indices
+(or raw values), entropy coded by `torchslim.encoding`, in one byte payload whose layout the
+JSON spec describes; other tensors (biases, norms) are stored raw. Both load bit-exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from torchslim import __version__
+from torchslim.encoding import decode_tensor, encode_tensor
 from torchslim.errors import ArtifactError, ConfigError
 from torchslim.models import ModelSpec, build_model, spec_of
 from torchslim.safefile import read_checked, write_checked
 
-__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "load", "read_metadata", "save"]
+__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "Encoding", "load", "read_metadata", "save"]
 
 ARTIFACT_FORMAT = "torchslim.artifact"
-ARTIFACT_VERSION = 0
+ARTIFACT_VERSION = 0  # dense tensors
+ENCODED_VERSION = 1  # Deep Compression payload
+READABLE_VERSIONS = (ARTIFACT_VERSION, ENCODED_VERSION)
+PAYLOAD = "payload"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Encoding:
+    """How `save` codes weight tensors: the entropy coder and the sparse-index width.
+
+    Attributes:
+        coder: raw | huffman | zstd | ans | auto (smallest per stream).
+        index_bits: gap width of the sparse index (None: the best per tensor).
+        max_codebook: tensors with at most this many distinct non-zeros are stored as a codebook
+            plus indices; others store their non-zeros as float32.
+    """
+
+    coder: str = "auto"
+    index_bits: int | None = None
+    max_codebook: int = 256
+
+
+def _codebook(weight: np.ndarray, limit: int) -> np.ndarray | None:
+    values = np.unique(weight[weight != 0])
+    return values if 0 < values.size <= limit else None
+
+
+def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
+                  ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """All tensors into one uint8 payload (1-D) and a JSON layout of it."""
+    chunks: list[bytes] = []
+    layout: dict[str, Any] = {}
+    offset = 0
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.dtype == torch.float32 and tensor.dim() >= 2:
+            array = tensor.numpy()
+            encoded = encode_tensor(array, codebook=_codebook(array, encoding.max_codebook),
+                                    index_bits=encoding.index_bits, coder=encoding.coder)
+            spans = {}
+            for stream, data in encoded.streams.items():
+                spans[stream] = [offset, len(data)]
+                chunks.append(data)
+                offset += len(data)
+            layout[name] = {"meta": encoded.meta, "streams": spans}
+        else:
+            data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+            layout[name] = {"dtype": str(tensor.dtype).removeprefix("torch."),
+                            "shape": list(tensor.shape), "span": [offset, len(data)]}
+            chunks.append(data)
+            offset += len(data)
+    payload = torch.frombuffer(bytearray(b"".join(chunks)) or bytearray(1), dtype=torch.uint8)
+    return payload[:offset].clone(), layout
+
+
+def _slice(payload: bytes, span: Any, path: Path, name: str) -> bytes:
+    if (not isinstance(span, list) or len(span) != 2 or not all(type(v) is int for v in span)
+            or span[0] < 0 or span[1] < 0 or span[0] + span[1] > len(payload)):
+        raise ArtifactError(f"{path}: tensor {name!r} points outside the payload ({span!r}); "
+                            "the file is corrupt")
+    return payload[span[0]:span[0] + span[1]]
+
+
+def _decode_state(payload: torch.Tensor, layout: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(layout, dict):
+        raise ArtifactError(f"{path}: the tensor layout is missing or malformed; the file is corrupt")
+    data = payload.numpy().tobytes()
+    state: dict[str, torch.Tensor] = {}
+    for name, entry in layout.items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(f"{path}: entry of tensor {name!r} is malformed")
+        if "meta" in entry:
+            streams = entry.get("streams")
+            if not isinstance(streams, dict):
+                raise ArtifactError(f"{path}: tensor {name!r} has no stream table")
+            array = decode_tensor(entry["meta"], {s: _slice(data, span, path, name)
+                                                  for s, span in streams.items()})
+            state[name] = torch.from_numpy(array.copy())
+            continue
+        try:
+            dtype = getattr(torch, str(entry["dtype"]))
+            raw = bytearray(_slice(data, entry["span"], path, name))
+            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            state[name] = tensor.reshape([int(d) for d in entry["shape"]]).clone()
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"{path}: tensor {name!r} cannot be rebuilt ({exc}); the file "
+                                "is corrupt") from exc
+    return state
 
 
 def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
-         metadata: dict[str, Any] | None = None) -> Path:
+         metadata: dict[str, Any] | None = None, encoding: Encoding | None = None) -> Path:
     """Write `model` to `path` atomically; returns the path.
 
     Args:
@@ -33,6 +128,7 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
         path: destination file, conventionally `*.slim`.
         spec: the architecture to record; default: the one attached to the model.
         metadata: JSON-able facts to keep with the weights (training config, metrics, ...).
+        encoding: write the compressed (version 1) file with these options; default: dense.
 
     Example:
         >>> import tempfile, torchslim.models as models
@@ -44,15 +140,19 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
         True
     """
     spec = spec or spec_of(model)
-    document = {
+    document: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
-        "version": ARTIFACT_VERSION,
+        "version": ARTIFACT_VERSION if encoding is None else ENCODED_VERSION,
         "model": spec.to_dict(),
         "torchslim_version": __version__,
         "torch_version": torch.__version__,
         "metadata": metadata or {},
     }
-    write_checked(Path(path), dict(model.state_dict()), document)
+    tensors = dict(model.state_dict())
+    if encoding is not None:
+        payload, document["tensors"] = _encode_state(tensors, encoding)
+        tensors = {PAYLOAD: payload}
+    write_checked(Path(path), tensors, document)
     return Path(path)
 
 
@@ -67,10 +167,14 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if document.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path} is a torchslim file but not a model artifact "
                             f"(format {document.get('format')!r}); pass a .slim model file")
-    if document.get("version") != ARTIFACT_VERSION:
+    if document.get("version") not in READABLE_VERSIONS:
         raise ArtifactError(f"{path} has artifact version {document.get('version')!r}; this "
-                            f"torchslim ({__version__}) reads version {ARTIFACT_VERSION}: upgrade "
-                            "torchslim or re-save the model")
+                            f"torchslim ({__version__}) reads versions {list(READABLE_VERSIONS)}: "
+                            "upgrade torchslim or re-save the model")
+    if document["version"] == ENCODED_VERSION:
+        if set(tensors) != {PAYLOAD}:
+            raise ArtifactError(f"{path} is an encoded artifact without its payload; it is corrupt")
+        tensors = _decode_state(tensors[PAYLOAD], document.get("tensors"), path)
     return tensors, document
 
 

@@ -96,7 +96,7 @@ def write_checked(path: Path | str, tensors: dict[str, torch.Tensor], document: 
     """Write tensors + a JSON document + their checksum, atomically."""
     # Cloned so tied (storage-sharing) tensors are stored apart, as safetensors requires.
     tensors = {name: t.detach().cpu().clone().contiguous() for name, t in tensors.items()}
-    text = json.dumps(document, sort_keys=True)
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"))
     metadata = {_DOC_KEY: text, _SUM_KEY: _checksum(text, tensors)}
     write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 

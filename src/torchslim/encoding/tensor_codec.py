@@ -39,7 +39,7 @@ from torchslim.errors import ArtifactError, ConfigError
 
 __all__ = ["EncodedTensor", "decode_tensor", "encode_tensor", "stream_bytes"]
 
-_EXTRA_INDEX_BITS = 3  # entropy coders often prefer a few more index bits than fixed width does
+_SEARCH_BELOW, _SEARCH_ABOVE = 2, 3  # index_bits tried around the fixed-width optimum (entropy coders)
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,11 @@ def _sparse_index(mask: np.ndarray, index_bits: int | None, coder: Coder) -> tup
     if index_bits is not None:
         candidates = [index_bits]
     else:
-        best = best_index_bits(mask)
-        last = best if coder is Coder.RAW else min(MAX_INDEX_BITS, best + _EXTRA_INDEX_BITS)
-        candidates = list(range(best, last + 1))
+        best = best_index_bits(mask)  # exact for fixed width; entropy coders may prefer a neighbour
+        search = coder is not Coder.RAW
+        first = max(1, best - _SEARCH_BELOW) if search else best
+        last = min(MAX_INDEX_BITS, best + _SEARCH_ABOVE) if search else best
+        candidates = list(range(first, last + 1))
     options = []
     for bits in candidates:
         gaps, _ = encode_gaps(mask, index_bits=bits)  # (entries,)
@@ -120,7 +122,9 @@ def encode_tensor(weight: np.ndarray, *, codebook: np.ndarray | None, index_bits
         weight: the (pruned) tensor; its zeros are the pruned weights.
         codebook: the shared weights (k,) when the tensor is clustered, else None to store
             the non-zeros as raw float32. Cast to float32.
-        index_bits: width of a gap in the sparse index, 1..16; None picks the smallest.
+        index_bits: width of a gap in the sparse index, 1..16; None picks the width giving the
+            smallest index stream. Only the sparse layout has an index (meta "index_bits" is
+            null when the dense layout wins).
         coder: a `Coder` name for the index and code streams; "auto" keeps the smallest.
         layout: a `Layout` name; "auto" keeps the smaller of sparse and dense.
 
@@ -146,6 +150,7 @@ def encode_tensor(weight: np.ndarray, *, codebook: np.ndarray | None, index_bits
 
 
 def _stream(spec: TensorMeta, streams: Any, name: str) -> bytes:
+    """Stream `name`, checked against the length the metadata recorded (catches truncation)."""
     data = streams.get(name) if isinstance(streams, Mapping) else None
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ArtifactError(f"encoded tensor lacks its {name!r} stream (got {type(data).__name__}); "

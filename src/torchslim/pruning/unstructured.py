@@ -86,7 +86,9 @@ class Mask(nn.Module):
         self.register_buffer("mask", mask.to(torch.bool))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight * self.mask
+        # where(), not weight * mask: pruned entries become +0.0, never -0.0, so the encoded
+        # artifact (which stores zeros as +0.0) reproduces them bit for bit.
+        return torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype))
 
 
 def _existing_mask(module: nn.Module) -> Mask | None:

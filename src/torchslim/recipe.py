@@ -1,0 +1,179 @@
+"""Recipes: a versioned YAML list of stages, validated before anything runs.
+
+```yaml
+version: 1
+model: lenet300          # registered name; `--model ARTIFACT` on the CLI overrides it
+dataset: mnist
+baseline: {epochs: 12}   # train the baseline first (TrainConfig options), unless given one
+stages:
+  - prune: {per_layer: {fc1: 0.92, fc2: 0.91, fc3: 0.74}}
+  - fine_tune: {epochs: 8, lr: 0.01}
+  - cluster: {bits: 6}
+  - fine_tune: {epochs: 3, lr: 0.001}
+  - encode: {coder: auto}
+```
+Unknown keys, unknown stage names and bad values fail on load, listing what is valid; each
+stage's `targets:` is a `Select` mapping resolved against the model before the first stage runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from torchslim.clustering import WeightSharing
+from torchslim.config import TechniqueConfig, build_config, validated
+from torchslim.errors import ConfigError
+from torchslim.pruning import WeightPruning
+from torchslim.select import Select
+from torchslim.training import TrainConfig
+
+__all__ = ["RECIPE_VERSION", "EncodeStage", "FineTune", "GradualPrune", "IterativePrune", "Recipe",
+           "Stage", "load_recipe", "parse_recipe"]
+
+RECIPE_VERSION = 1
+
+
+@validated
+@pydantic_dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class EncodeStage(TechniqueConfig):
+    """Write the compressed artifact: sparse indices + codebook indices, entropy coded."""
+
+    kind = "encode"
+    coder: str = "auto"
+    index_bits: int | None = Field(default=None, ge=1, le=16)
+
+
+@validated
+@pydantic_dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class GradualPrune(TechniqueConfig):
+    """Train while the sparsity ramps up cubically to `sparsity` (Zhu & Gupta 2017)."""
+
+    kind = "gradual_prune"
+    sparsity: float = Field(ge=0, lt=1)
+    per_layer: dict[str, float] = Field(default_factory=dict)
+    start_epoch: float = Field(default=0.0, ge=0)
+    end_fraction: float = Field(default=0.7, gt=0, le=1)
+    every: int = Field(default=50, ge=1)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+@validated
+@pydantic_dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class IterativePrune(TechniqueConfig):
+    """`rounds` cycles of magnitude pruning then fine-tuning up to `sparsity` (Han 2015)."""
+
+    kind = "iterative_prune"
+    sparsity: float = Field(ge=0, lt=1)
+    per_layer: dict[str, float] = Field(default_factory=dict)
+    rounds: int = Field(default=3, ge=1)
+    rewind: bool = False
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FineTune(TechniqueConfig):
+    """Train with every pruned weight kept at zero and every shared weight kept shared."""
+
+    kind = "fine_tune"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+STAGE_TYPES: dict[str, type] = {cls.kind: cls for cls in (
+    WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One recipe step: its config, and the layers it touches."""
+
+    config: Any
+    targets: Select
+
+    @property
+    def kind(self) -> str:
+        return str(self.config.kind)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe; `digest` identifies it for resuming."""
+
+    model: str | None
+    dataset: str | None
+    seed: int
+    baseline: TrainConfig | None
+    stages: tuple[Stage, ...]
+    source: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.source, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stage(index: int, item: Any) -> Stage:
+    if not isinstance(item, dict) or len(item) != 1:
+        raise ConfigError(f"stage {index} must be a mapping with one key (the stage name), got "
+                          f"{item!r}; stage names: {', '.join(sorted(STAGE_TYPES))}")
+    (kind, options), = item.items()
+    if kind not in STAGE_TYPES:
+        raise ConfigError(f"stage {index}: unknown stage {kind!r}; valid stages: "
+                          f"{', '.join(sorted(STAGE_TYPES))}")
+    options = dict(options or {})
+    targets = Select.from_dict(options.pop("targets", None))
+    try:
+        if kind == "fine_tune":
+            config: Any = FineTune(train=build_config(TrainConfig, options))
+        else:
+            config = build_config(STAGE_TYPES[kind], options)
+    except ConfigError as exc:
+        raise ConfigError(f"stage {index} ({kind}): {exc}") from None
+    return Stage(config=config, targets=targets)
+
+
+def parse_recipe(data: Any) -> Recipe:
+    """Validate a recipe mapping (as read from YAML)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a recipe is a mapping with 'version' and 'stages', got {type(data).__name__}")
+    valid = {"version", "name", "description", "model", "dataset", "seed", "baseline", "stages"}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise ConfigError(f"unknown recipe key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
+    if data.get("version") != RECIPE_VERSION:
+        raise ConfigError(f"recipe version {data.get('version')!r} is not supported; this "
+                          f"torchslim reads version {RECIPE_VERSION} (add `version: 1`)")
+    stages = data.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise ConfigError("a recipe needs a non-empty 'stages' list")
+    seed = int(data.get("seed", 0))
+    baseline = None
+    if data.get("baseline") is not None:
+        try:
+            baseline = build_config(TrainConfig, {"seed": seed, **dict(data["baseline"])})
+        except ConfigError as exc:
+            raise ConfigError(f"baseline: {exc}") from None
+    parsed = tuple(_stage(i, item) for i, item in enumerate(stages))
+    encodes = [i for i, s in enumerate(parsed) if s.kind == "encode"]
+    if encodes and encodes != [len(parsed) - 1]:
+        raise ConfigError("'encode' must be the last stage, and appear once")
+    return Recipe(model=data.get("model"), dataset=data.get("dataset"), seed=seed,
+                  baseline=baseline, stages=parsed, source=data)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist; see examples/recipes/ for examples")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+    return parse_recipe(data)
