@@ -80,9 +80,60 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.model, args.dataset, args.pretrained = "lenet300", "mnist", False
-    print("torchslim demo: training LeNet-300-100 on MNIST (55k train / 5k val / 10k test)")
-    return cmd_train(args)
+    from importlib.resources import files
+
+    print("torchslim demo: Deep Compression of LeNet-300-100 on MNIST: train the baseline, "
+          "prune, fine-tune, share weights, fine-tune, entropy-code")
+    args.recipe = str(files("torchslim.recipes") / "lenet300_deep_compression.yaml")
+    args.model = None
+    return cmd_compress(args)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from torchslim.compress import CompressionRun
+    from torchslim.recipe import load_recipe
+
+    run = CompressionRun(load_recipe(args.recipe), args.out, model_source=args.model,
+                         resume=args.resume, progress=not args.no_progress)
+    report = run.run()
+    _print_table(report)
+    ratios = report["comparison"]
+    print(f"\n{ratios.get('bytes_ratio', 0):.1f}x smaller on disk than the dense fp32 baseline, "
+          f"test accuracy {100 * report['final']['test_accuracy']:.2f}% (baseline "
+          f"{100 * report['baseline']['test_accuracy']:.2f}%), {report['seconds']:.0f} s  ->  "
+          f"{args.out}/model.slim, {args.out}/report.md")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from torchslim.inspect import inspect_artifact
+
+    result = inspect_artifact(args.artifact)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
+    print(f"{args.artifact}: {result['model']}, format version {result['version']}, "
+          f"{result['bytes']:,} bytes")
+    print("| tensor | shape | sparsity | bits | layout | coders | bytes by stream | total |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in result["tensors"]:
+        streams = ", ".join(f"{k} {v:,}" for k, v in row["streams"].items())
+        print(f"| {row['name']} | {'x'.join(map(str, row['shape']))} | {100 * row['sparsity']:.1f}% "
+              f"| {row['bits'] or '–'} | {row['layout']} | {row['coders'] or '–'} | {streams} "
+              f"| {row['bytes']:,} |")
+    print(f"header (JSON spec, checksum, safetensors framing): {result['header_bytes']:,} bytes")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from torchslim.sensitivity_job import run_sensitivity
+
+    result = run_sensitivity(args.model, dataset=args.dataset, out=args.out,
+                             sparsities=tuple(args.sparsities), max_drop=args.max_drop,
+                             progress=not args.no_progress)
+    print(result["table"])
+    print(f"\nper-layer sparsities for a drop <= {args.max_drop}: {result['suggested']}")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -128,12 +179,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="train LeNet-300-100 on MNIST and print the table",
-                               description="Train LeNet-300-100 on real MNIST, measure it before "
-                               "and after, and write model.slim + a report folder.")
+    demo = commands.add_parser("demo", help="Deep Compression of LeNet-300-100 on MNIST",
+                               description="Train LeNet-300-100 on real MNIST, run the built-in "
+                               "Deep Compression recipe, print the before/after table and write "
+                               "model.slim + a report folder.")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    _add_train_options(demo)
+    demo.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=cmd_demo)
+
+    compress = commands.add_parser(
+        "compress", help="run a compression recipe (YAML)",
+        description="Run the stages of a recipe (prune, fine_tune, cluster, encode, ...), "
+        "checkpointing each; writes OUT/model.slim and OUT/report.json/.md.")
+    compress.add_argument("recipe", help="a recipe file, e.g. examples/recipes/*.yaml")
+    compress.add_argument("--model", help="artifact or registered name to compress instead of "
+                          "the recipe's model (skips baseline training)")
+    compress.add_argument("--out", required=True, help="output folder")
+    compress.add_argument("--resume", action="store_true",
+                          help="continue a killed run: finished stages are reused")
+    compress.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    compress.set_defaults(func=cmd_compress)
+
+    inspect = commands.add_parser("inspect", help="per-layer sparsity, bits and bytes of a file",
+                                  description="Show how an artifact stores each tensor.")
+    inspect.add_argument("artifact", help="a .slim file")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(func=cmd_inspect)
+
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-layer accuracy vs sparsity (validation split)",
+        description="Prune one layer at a time by magnitude and measure validation accuracy; "
+        "writes OUT/sensitivity.json, .md and .png.")
+    sensitivity.add_argument("--model", required=True, help="artifact or registered name")
+    sensitivity.add_argument("--dataset", choices=dataset_names())
+    sensitivity.add_argument("--sparsities", type=float, nargs="+",
+                             default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
+    sensitivity.add_argument("--max-drop", type=float, default=0.005,
+                             help="accuracy budget (fraction) for the suggested sparsities")
+    sensitivity.add_argument("--out", required=True)
+    sensitivity.add_argument("--no-progress", action="store_true")
+    sensitivity.set_defaults(func=cmd_sensitivity)
 
     train = commands.add_parser("train", help="train a registered model on a dataset",
                                 description="Train a model; writes OUT/model.slim, "

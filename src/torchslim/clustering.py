@@ -25,7 +25,14 @@ from torchslim.parametrized import original_weight, weight_of
 from torchslim.registry import register_technique
 from torchslim.select import Select
 
-__all__ = ["CentroidInit", "SharedWeights", "WeightSharing", "kmeans_codebook", "share_weights_"]
+__all__ = [
+    "CentroidInit",
+    "SharedWeights",
+    "WeightSharing",
+    "keep_shared_",
+    "kmeans_codebook",
+    "share_weights_",
+]
 
 
 class CentroidInit(StrEnum):
@@ -133,6 +140,23 @@ def share_weights_(model: nn.Module, config: WeightSharing, *, targets: Select,
         original_weight(module).requires_grad_(False)
         summary[name] = {"bits": bits, "centroids": len(codebook)}
     return {"clusters": summary}
+
+
+def keep_shared_(module: nn.Module) -> int:
+    """Re-attach `SharedWeights` to a weight that already holds few distinct values.
+
+    Used to resume fine-tuning of a clustered layer from a plain (finalized) checkpoint: the
+    codebook is the distinct non-zero values and the indices point into it, so the weight is
+    unchanged to the bit. Returns the codebook size.
+    """
+    weight = weight_of(module).detach()
+    keep = weight != 0
+    codebook, index_of_kept = torch.unique(weight[keep], return_inverse=True)
+    index = torch.zeros(weight.shape, dtype=torch.int64, device=weight.device)
+    index[keep] = index_of_kept
+    parametrize.register_parametrization(module, "weight", SharedWeights(codebook, index, keep))
+    original_weight(module).requires_grad_(False)
+    return int(codebook.numel())
 
 
 register_technique(WeightSharing, share_weights_)

@@ -1,0 +1,290 @@
+"""Run a recipe: baseline, then each stage, each checkpointed so a killed run resumes.
+
+Between stages the model is always plain (masks and codebooks baked into the weights) and a
+small constraint table says which layers are sparse or shared. A stage that trains re-attaches
+those constraints first (zeros stay zero, shared weights stay shared), so every stage
+checkpoint is an ordinary `.slim` file and resuming never depends on in-memory state.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim import artifact
+from torchslim.api import apply_, finalize_
+from torchslim.clustering import keep_shared_
+from torchslim.data import Dataset, TensorLoader, load_dataset
+from torchslim.errors import ConfigError
+from torchslim.models import create_model, get_entry, spec_of
+from torchslim.pruning import GradualPruning, WeightPruning
+from torchslim.pruning.schedules import iterative_sparsities, rewind_
+from torchslim.pruning.unstructured import set_mask_
+from torchslim.recipe import EncodeStage, FineTune, GradualPrune, IterativePrune, Recipe, Stage
+from torchslim.training import TrainConfig, Trainer
+
+__all__ = ["CompressionRun", "constrain_"]
+
+log = logging.getLogger(__name__)
+Constraints = dict[str, str]  # layer name -> "sparse" | "shared"
+
+
+def constrain_(model: nn.Module, constraints: Constraints) -> None:
+    """Re-attach masks (sparse layers) and codebooks (shared layers) to a plain model."""
+    modules = dict(model.named_modules())
+    for name, kind in constraints.items():
+        module = modules[name]
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        if kind == "shared":
+            keep_shared_(module)
+        else:
+            set_mask_(module, weight.detach() != 0)
+
+
+class CompressionRun:
+    """One recipe applied to one model, writing into `out`.
+
+    Args:
+        recipe: the validated recipe.
+        out: output folder (stage checkpoints in `out/stages/`).
+        model_source: an artifact path or registered name overriding the recipe's model.
+        resume: reuse stage checkpoints (and in-stage training checkpoints) found in `out`.
+        progress: show progress bars.
+    """
+
+    def __init__(self, recipe: Recipe, out: str | Path, *, model_source: str | None = None,
+                 resume: bool = False, progress: bool = True) -> None:
+        self.recipe, self.out, self.progress = recipe, Path(out), progress
+        self.model_source = model_source
+        self.stages_dir = self.out / "stages"
+        self._check_lock(resume)
+        name = model_source if model_source and not Path(model_source).exists() else recipe.model
+        dataset = recipe.dataset or (get_entry(name).default_dataset if name else None)
+        if dataset is None:
+            raise ConfigError("the recipe names no dataset and the model has no default; add "
+                              "`dataset:` to the recipe")
+        self.data: Dataset = load_dataset(dataset, seed=recipe.seed)
+        self.timings: dict[str, float] = {}
+
+    def _check_lock(self, resume: bool) -> None:
+        lock = self.out / "recipe.lock"
+        if resume and lock.is_file() and lock.read_text().strip() != self.recipe.digest:
+            raise ConfigError(f"{self.out} holds a run of a different recipe; use another --out "
+                              "or drop --resume to start over")
+        if not resume and self.stages_dir.exists():
+            shutil.rmtree(self.stages_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock.write_text(self.recipe.digest + "\n")
+
+    # ----------------------------------------------------------------- model and training
+    def baseline(self) -> nn.Module:
+        """The model to compress: given artifact/name, or the recipe's model (trained if asked)."""
+        if self.model_source:
+            from torchslim.workflows import load_model_or_artifact
+
+            return load_model_or_artifact(self.model_source)[0]
+        if self.recipe.model is None:
+            raise ConfigError("the recipe names no model; add `model:` or pass --model")
+        if self.recipe.baseline is None:
+            return create_model(self.recipe.model)
+        path = self.stages_dir / "00-baseline.slim"
+        if path.is_file():
+            return artifact.load(path)
+        torch.manual_seed(self.recipe.seed)
+        model = create_model(self.recipe.model, pretrained=False,
+                             input_shape=self.data.input_shape, num_classes=self.data.num_classes)
+        self.train(model, self.recipe.baseline, self.stages_dir / "00-baseline-ckpt")
+        artifact.save(model, path, metadata={"stage": "baseline", "constraints": {}})
+        return model
+
+    def train(self, model: nn.Module, config: TrainConfig, checkpoint_dir: Path,
+              callbacks: tuple[Any, ...] = ()) -> None:
+        trainer = Trainer(model, TensorLoader(self.data.train, batch_size=config.batch_size,
+                                              shuffle=True, seed=config.seed),
+                          val_loader=TensorLoader(self.data.val, batch_size=1000), config=config,
+                          callbacks=callbacks, checkpoint_dir=checkpoint_dir,
+                          progress=self.progress)
+        trainer.fit(resume=True)
+        model.cpu()
+
+    def calibration(self, batches: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Training-split batches for data-driven criteria (never validation or test)."""
+        loader = TensorLoader(self.data.train, batch_size=128, shuffle=True, seed=self.recipe.seed)
+        return [batch for _, batch in zip(range(batches), loader, strict=False)]
+
+    # ----------------------------------------------------------------------- stages
+    def _prune(self, model: nn.Module, stage: Stage, constraints: Constraints) -> dict[str, Any]:
+        config: WeightPruning = stage.config
+        result = apply_(model, config, targets=stage.targets,
+                        calibration=self.calibration(config.calibration_batches))
+        finalize_(model)
+        for name in result["sparsity"]:
+            constraints.setdefault(name, "sparse")
+        return result
+
+    def _fine_tune(self, model: nn.Module, config: TrainConfig, constraints: Constraints,
+                   checkpoint_dir: Path, callbacks: tuple[Any, ...] = ()) -> None:
+        constrain_(model, constraints)
+        self.train(model, config, checkpoint_dir, callbacks)
+        finalize_(model)
+
+    def _gradual(self, model: nn.Module, stage: Stage, constraints: Constraints,
+                 checkpoint_dir: Path) -> dict[str, Any]:
+        config: GradualPrune = stage.config
+        train = TrainConfig(**{"seed": self.recipe.seed, **config.train})
+        steps = -(-len(self.data.train) // train.batch_size)  # per epoch
+        start = round(config.start_epoch * steps)
+        end = max(start + 1, round(config.end_fraction * train.epochs * steps))
+        pruning = WeightPruning(sparsity=config.sparsity, per_layer=config.per_layer)
+        callback = GradualPruning(pruning, targets=stage.targets, start=start, end=end,
+                                  every=config.every)
+        self._fine_tune(model, train, constraints, checkpoint_dir, (callback,))
+        names = [name for name, _ in stage.targets.resolve(model)]
+        for name in names:
+            constraints.setdefault(name, "sparse")
+        return {"start_step": start, "end_step": end}
+
+    def _iterative(self, model: nn.Module, stage: Stage, constraints: Constraints,
+                   checkpoint_dir: Path) -> dict[str, Any]:
+        config: IterativePrune = stage.config
+        train = TrainConfig(**{"seed": self.recipe.seed, **config.train})
+        initial = None
+        if config.rewind:
+            torch.manual_seed(self.recipe.seed)  # the baseline's own initialisation
+            initial = create_model(spec_of(model).name, pretrained=False,
+                                   input_shape=spec_of(model).input_shape,
+                                   num_classes=spec_of(model).num_classes).state_dict()
+        rounds = iterative_sparsities(config.sparsity, config.rounds)
+        for index, sparsity in enumerate(rounds):
+            share = (index + 1) / config.rounds
+            per_layer = {n: 1 - (1 - s) ** share for n, s in config.per_layer.items()}
+            self._prune(model, Stage(WeightPruning(sparsity=sparsity, per_layer=per_layer),
+                                     stage.targets), constraints)
+            if initial is not None:
+                constrain_(model, constraints)
+                rewind_(model, initial)
+                finalize_(model)
+            self._fine_tune(model, train, constraints, checkpoint_dir / f"round{index}")
+        return {"round_sparsities": [round(s, 4) for s in rounds]}
+
+    def run_stage(self, index: int, stage: Stage, model: nn.Module,
+                  constraints: Constraints) -> dict[str, Any]:
+        checkpoint_dir = self.stages_dir / f"{index:02d}-{stage.kind}-ckpt"
+        config = stage.config
+        if stage.kind == "prune":
+            return self._prune(model, stage, constraints)
+        if isinstance(config, FineTune):
+            self._fine_tune(model, replace(config.train), constraints, checkpoint_dir)
+            return {}
+        if stage.kind == "cluster":
+            result = apply_(model, config, targets=stage.targets)
+            finalize_(model)
+            constraints.update(dict.fromkeys(result["clusters"], "shared"))
+            return result
+        if isinstance(config, GradualPrune):
+            return self._gradual(model, stage, constraints, checkpoint_dir)
+        if isinstance(config, IterativePrune):
+            return self._iterative(model, stage, constraints, checkpoint_dir)
+        if isinstance(config, EncodeStage):
+            return {"coder": config.coder}
+        raise ConfigError(f"no runner for stage {stage.kind!r}")  # pragma: no cover
+
+    # ------------------------------------------------------------------ measure, run
+    def measure(self, label: str, model: nn.Module, *, timing: bool,
+                encoding: artifact.Encoding) -> dict[str, Any]:
+        """Validation/test accuracy, counts, FLOPs, dense and encoded bytes of one model."""
+        import tempfile
+
+        from torchslim.measure import evaluate
+        from torchslim.workflows import measure_model
+
+        row = measure_model(model, data=self.data, split="test", timing=timing)
+        row["test_accuracy"] = row["accuracy"]
+        row["val_accuracy"] = evaluate(model, TensorLoader(self.data.val, batch_size=1000))["accuracy"]
+        row["dense_bytes"] = row["bytes"]
+        with tempfile.TemporaryDirectory() as folder:
+            path = artifact.save(model, Path(folder) / "m.slim", encoding=encoding)
+            row["bytes"] = path.stat().st_size
+        return {"name": label, **row}
+
+    def run(self) -> dict[str, Any]:
+        """Run every stage (resuming finished ones), write model.slim and the report."""
+        from torchslim.measure import compare
+        from torchslim.report import write_report
+
+        started = time.perf_counter()
+        last = self.recipe.stages[-1].config
+        encoding = artifact.Encoding(coder=last.coder, index_bits=last.index_bits) \
+            if isinstance(last, EncodeStage) else artifact.Encoding()
+        model = self.baseline()
+        for stage in self.recipe.stages:  # a selection matching nothing fails before any work
+            stage.targets.resolve(model)
+        rows = [self.measure("baseline", model, timing=True, encoding=encoding)]
+        constraints: Constraints = {}
+        summaries = []
+        for index, stage in enumerate(self.recipe.stages, start=1):
+            path = self.stages_dir / f"{index:02d}-{stage.kind}.slim"
+            tick = time.perf_counter()
+            if path.is_file():
+                model = artifact.load(path)
+                saved = artifact.read_metadata(path)["metadata"]
+                constraints, summary = dict(saved["constraints"]), saved["summary"]
+                log.info("stage %d (%s) restored from %s", index, stage.kind, path)
+            else:
+                summary = self.run_stage(index, stage, model, constraints)
+                artifact.save(model, path, metadata={"stage": stage.kind, "summary": summary,
+                                                     "constraints": constraints})
+            summaries.append({"stage": stage.kind, "seconds": time.perf_counter() - tick,
+                              **summary})
+            rows.append(self.measure(f"{index}. {stage.kind}", model,
+                                     timing=index == len(self.recipe.stages), encoding=encoding))
+        final = artifact.save(model, self.out / "model.slim",
+                              encoding=encoding if isinstance(last, EncodeStage) else None,
+                              metadata={"recipe_digest": self.recipe.digest,
+                                        "dataset": self.data.name})
+        rows[-1]["bytes"] = final.stat().st_size
+        report = {
+            "recipe": self.recipe.source, "recipe_digest": self.recipe.digest,
+            "model": spec_of(model).name, "dataset": self.data.name, "seed": self.recipe.seed,
+            "test_accuracy": rows[-1]["test_accuracy"], "val_accuracy": rows[-1]["val_accuracy"],
+            "baseline": rows[0], "final": rows[-1], "stages": summaries,
+            "comparison": compare({**rows[0], "bytes": rows[0]["dense_bytes"]}, rows[-1]),
+            "seconds": time.perf_counter() - started, "artifact": str(final),
+        }
+        write_report(self.out, report, title=f"torchslim compress: {report['model']} on "
+                     f"{self.data.name}", rows=rows)
+        plot_frontier(rows, self.out / "accuracy_vs_size.png")
+        return report
+
+
+def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Test accuracy vs bytes on disk, one point per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from torchslim.safefile import write_atomic
+
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    sizes = [r["bytes"] / 1024 for r in rows]
+    accuracies = [100 * r["test_accuracy"] for r in rows]
+    axis.plot(sizes, accuracies, marker="o")
+    for row, x, y in zip(rows, sizes, accuracies, strict=True):
+        axis.annotate(row["name"], (x, y), fontsize=8, textcoords="offset points", xytext=(4, 4))
+    axis.set_xscale("log")
+    axis.set_xlabel("artifact size (KiB, log scale)")
+    axis.set_ylabel("test accuracy (%)")
+    axis.grid(alpha=0.3)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path

@@ -1,0 +1,57 @@
+"""`torchslim sensitivity`: the per-layer scan on a model's validation split, with its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torchslim.data import TensorLoader, load_dataset
+from torchslim.errors import ConfigError
+from torchslim.models import spec_of
+from torchslim.pruning import plot_sensitivity, scan_sensitivity, sparsities_for_drop
+from torchslim.report import environment
+from torchslim.safefile import write_atomic
+
+__all__ = ["run_sensitivity", "sensitivity_table"]
+
+
+def sensitivity_table(scan: dict[str, Any]) -> str:
+    """Markdown: one row per layer, validation accuracy at each sparsity."""
+    header = "| layer | " + " | ".join(f"{100 * s:g}%" for s in scan["sparsities"]) + " |"
+    lines = [f"unpruned validation accuracy: {100 * scan['baseline']:.2f}%", "", header,
+             "|---|" + "---|" * len(scan["sparsities"])]
+    for name, accuracies in scan["layers"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * a:.2f}" for a in accuracies) + " |")
+    return "\n".join(lines)
+
+
+def run_sensitivity(source: str, *, dataset: str | None, out: str | Path,
+                    sparsities: tuple[float, ...], max_drop: float,
+                    progress: bool = True) -> dict[str, Any]:
+    """Scan `source` (artifact or registered name) and write sensitivity.{json,md,png}."""
+    from torchslim.models import get_entry
+    from torchslim.workflows import load_model_or_artifact
+
+    model, _ = load_model_or_artifact(source)
+    spec = spec_of(model)
+    dataset = dataset or get_entry(spec.name).default_dataset
+    if dataset is None:
+        raise ConfigError(f"model {spec.name!r} has no default dataset; pass --dataset")
+    data = load_dataset(dataset)
+    scan = scan_sensitivity(model, TensorLoader(data.val, batch_size=1000),
+                            sparsities=sparsities, progress=progress)
+    suggested = sparsities_for_drop(scan, max_drop)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**scan, "suggested": suggested, "max_drop": max_drop, "model": source,
+              "dataset": dataset, "split": "val", "environment": environment()}
+    text = json.dumps(result, indent=2, sort_keys=True)
+    write_atomic(out / "sensitivity.json", lambda tmp: tmp.write_text(text + "\n"))
+    table = sensitivity_table(scan)
+    write_atomic(out / "sensitivity.md", lambda tmp: tmp.write_text(
+        f"# Sensitivity of {source} on {dataset} (validation split)\n\n{table}\n\n"
+        f"Suggested per-layer sparsities (drop <= {max_drop}): `{json.dumps(suggested)}`\n\n"
+        "![sensitivity](sensitivity.png)\n"))
+    plot_sensitivity(scan, out / "sensitivity.png")
+    return {**result, "table": table}
