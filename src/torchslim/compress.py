@@ -262,7 +262,7 @@ class CompressionRun:
         write_report(self.out, report, title=f"torchslim compress: {report['model']} on "
                      f"{self.data.name}", rows=rows)
         plot_frontier(rows, self.out / "accuracy_vs_size.png")
-        return report
+        return {**report, "rows": rows}
 
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -35,7 +35,8 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
                 shape = meta["shape"]
                 count = int(torch.tensor(shape).prod()) if shape else 1
                 streams = dict(meta["stream_bytes"])
-                bits = meta.get("code_bits") or 32
+                book = meta.get("codebook_size")  # bits per weight: log2 of the codebook size
+                bits = max(1, (int(book) - 1).bit_length()) if book else 32
                 coders = ", ".join(f"{k}:{v}" for k, v in meta["coders"].items())
                 sparsity = 1 - meta["nnz"] / max(1, count)
                 layout = meta["layout"]

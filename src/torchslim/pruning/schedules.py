@@ -72,10 +72,13 @@ class GradualPruning(Callback):
     def on_after_optimizer_step(self, trainer: Trainer, step: int) -> None:
         if step < self.start or ((step - self.start) % self.every and step != self.end):
             return
-        target = cubic_sparsity(step, final=self.config.sparsity or 0.0, start=self.start,
-                                end=self.end)
+        final = self.config.sparsity or 0.0
+        target = cubic_sparsity(step, final=final, start=self.start, end=self.end)
         if target > self.current:
-            apply_(trainer.model, replace(self.config, sparsity=target), targets=self.targets)
+            # per-layer finals follow the same ramp, scaled to their own end point
+            per_layer = {name: value * target / final for name, value in self.config.per_layer.items()}
+            apply_(trainer.model, replace(self.config, sparsity=target, per_layer=per_layer),
+                   targets=self.targets)
             self.current = target
 
     def state_dict(self) -> dict[str, Any]:
