@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from torchslim import artifact
 from torchslim.errors import ArtifactError, ConfigError
@@ -40,3 +42,62 @@ def test_wrong_version_is_refused_with_the_fix(tmp_path: Path) -> None:
     write_checked(path, {}, {"format": artifact.ARTIFACT_FORMAT, "version": 99, "model": {}})
     with pytest.raises(ArtifactError, match="version 99"):
         artifact.load(path)
+
+
+def _compressed_lenet(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
+    from torchslim.api import apply_, finalize_
+    from torchslim.clustering import WeightSharing
+    from torchslim.pruning import WeightPruning
+
+    model = create_model("lenet300", pretrained=False, input_shape=(1, 8, 8))
+    apply_(model, WeightPruning(sparsity=0.9))
+    apply_(model, WeightSharing(bits=4))
+    finalize_(model)
+    return model, artifact.save(model, tmp_path / "c.slim", encoding=artifact.Encoding())
+
+
+@pytest.mark.parametrize("coder", ["raw", "huffman", "zstd", "ans", "auto"])
+def test_encoded_artifact_is_bit_exact_and_small(tmp_path: Path, coder: str) -> None:
+    model, _ = _compressed_lenet(tmp_path)
+    dense = artifact.save(model, tmp_path / "dense.slim")
+    path = artifact.save(model, tmp_path / f"{coder}.slim", encoding=artifact.Encoding(coder=coder))
+    loaded = artifact.load(path).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor.view(torch.uint8), loaded[name].view(torch.uint8)), name
+    assert path.stat().st_size * 8 < dense.stat().st_size
+
+
+def test_newer_encoded_version_is_refused(tmp_path: Path) -> None:
+    from torchslim.safefile import read_checked, write_checked
+
+    _, path = _compressed_lenet(tmp_path)
+    tensors, document = read_checked(path)
+    write_checked(path, tensors, {**document, "version": 7})
+    with pytest.raises(ArtifactError, match="version 7"):
+        artifact.load(path)
+
+
+_CORRUPT_SOURCE: dict[str, bytes] = {}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_loader_on_corrupted_bytes_only_raises_artifact_error(tmp_path: Path, data) -> None:
+    if "file" not in _CORRUPT_SOURCE:
+        _, path = _compressed_lenet(tmp_path)
+        _CORRUPT_SOURCE["file"] = path.read_bytes()
+    original = bytearray(_CORRUPT_SOURCE["file"])
+    mode = data.draw(st.sampled_from(["flip", "truncate", "splice"]))
+    if mode == "truncate":
+        corrupted = original[:data.draw(st.integers(0, len(original) - 1))]
+    else:
+        corrupted = original
+        for _ in range(data.draw(st.integers(1, 8))):
+            at = data.draw(st.integers(0, len(original) - 1))
+            corrupted[at] = data.draw(st.integers(0, 255)) if mode == "splice" else corrupted[at] ^ 0xFF
+    target = tmp_path / "bad.slim"
+    target.write_bytes(bytes(corrupted))
+    try:
+        artifact.load(target)
+    except ArtifactError:
+        pass

@@ -1,13 +1,42 @@
 """torchslim: make trained PyTorch models smaller and faster while keeping their accuracy.
 
-The public surface: `save`/`load` for `.slim` artifacts, and the subpackages `models`, `data`,
-`training`, `measure`, `report` and `errors`.
+The public surface: `apply_`/`finalize_` (run a technique in place / bake it in),
+`save`/`load` for `.slim` artifacts, and the subpackages `models`, `data`, `training`,
+`pruning`, `clustering`, `measure`, `report` and `errors`.
 """
 
 __version__ = "0.1.0"
 
-from torchslim import data, errors, measure, models, report, training
-from torchslim.artifact import load, save
+from torchslim import (
+    artifact,
+    clustering,
+    data,
+    errors,
+    measure,
+    models,
+    pruning,
+    report,
+    training,
+)
+from torchslim.api import apply_, finalize_
+from torchslim.artifact import Encoding, load, save
+from torchslim.select import Select
 
-__all__ = ["__version__", "data", "errors", "load", "measure", "models", "report", "save",
-           "training"]
+__all__ = [
+    "Encoding",
+    "Select",
+    "__version__",
+    "apply_",
+    "artifact",
+    "clustering",
+    "data",
+    "errors",
+    "finalize_",
+    "load",
+    "measure",
+    "models",
+    "pruning",
+    "report",
+    "save",
+    "training",
+]
