@@ -93,3 +93,15 @@ def test_a_selector_matching_nothing_fails_before_any_work(tmp_path: Path) -> No
     with pytest.raises(SelectionError, match="'fc9' matched no"):
         CompressionRun(recipe, tmp_path / "o", progress=False).run()
     assert not (tmp_path / "o" / "model.slim").exists()
+
+
+def test_sensitivity_cli_writes_table_plot_and_suggestions(run: Path, capsys) -> None:
+    out = run / "sens"
+    assert main(["sensitivity", "--model", str(run / "out" / "stages" / "00-baseline.slim"),
+                 "--dataset", "digits", "--sparsities", "0.5", "0.95", "--max-drop", "0.5",
+                 "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "sensitivity.json").read_text())
+    assert result["split"] == "val" and set(result["layers"]) == {"fc1", "fc2", "fc3"}
+    assert result["suggested"] == {"fc1": 0.95, "fc2": 0.95, "fc3": 0.95}
+    assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| fc1 |" in capsys.readouterr().out
