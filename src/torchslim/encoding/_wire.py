@@ -92,3 +92,19 @@ def read_alphabet(reader: Reader, limit: int) -> np.ndarray:
     if values and values[-1] >= 1 << 63:
         raise reader.fail("a symbol exceeds 63 bits")
     return np.array(values, dtype=np.int64)
+
+
+def symbol_table(symbols: np.ndarray, coder: str) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """Validate a symbol array for an entropy coder; return (inverse, counts, header).
+
+    `inverse` maps each symbol (flattened) to its rank in the sorted alphabet, `counts` is the
+    frequency of each alphabet entry, and `header` (count + alphabet) starts the coded stream.
+
+    Raises:
+        ValueError: a negative or non-integer symbol.
+    """
+    flat = np.asarray(symbols).reshape(-1)  # (n,)
+    if flat.size and (not np.issubdtype(flat.dtype, np.integer) or int(flat.min()) < 0):
+        raise ValueError(f"{coder} symbols must be non-negative integers, got dtype {flat.dtype}")
+    alphabet, inverse, counts = np.unique(flat.astype(np.int64), return_inverse=True, return_counts=True)
+    return inverse.reshape(-1), counts, write_varint(flat.size) + write_alphabet(alphabet)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import constriction
 import numpy as np
 
-from torchslim.encoding._wire import Reader, read_alphabet, write_alphabet, write_varint
+from torchslim.encoding._wire import Reader, read_alphabet, symbol_table, write_varint
 from torchslim.errors import ArtifactError
 
 __all__ = ["ans_decode", "ans_encode"]
@@ -38,12 +38,8 @@ def ans_encode(symbols: np.ndarray) -> bytes:
     Raises:
         ValueError: a negative or non-integer symbol.
     """
-    flat = np.asarray(symbols).reshape(-1)  # (n,)
-    if flat.size and (not np.issubdtype(flat.dtype, np.integer) or int(flat.min()) < 0):
-        raise ValueError(f"ANS symbols must be non-negative integers, got dtype {flat.dtype}")
-    alphabet, inverse, counts = np.unique(flat.astype(np.int64), return_inverse=True, return_counts=True)
-    header = write_varint(flat.size) + write_alphabet(alphabet)
-    if alphabet.size < 2:
+    inverse, counts, header = symbol_table(symbols, "ANS")
+    if counts.size < 2:
         return header  # zero or one symbol: the count says it all
     header += b"".join(write_varint(int(c)) for c in counts)
     coder = constriction.stream.stack.AnsCoder()

@@ -22,7 +22,7 @@ import heapq
 
 import numpy as np
 
-from torchslim.encoding._wire import Reader, read_alphabet, write_alphabet, write_varint
+from torchslim.encoding._wire import Reader, read_alphabet, symbol_table
 from torchslim.encoding.bitpack import pack_bits, packed_size, unpack_bits
 from torchslim.errors import ArtifactError
 
@@ -71,12 +71,8 @@ def huffman_encode(symbols: np.ndarray) -> bytes:
     Raises:
         ValueError: a negative or non-integer symbol.
     """
-    flat = np.asarray(symbols).reshape(-1)  # (n,)
-    if flat.size and (not np.issubdtype(flat.dtype, np.integer) or int(flat.min()) < 0):
-        raise ValueError(f"Huffman symbols must be non-negative integers, got dtype {flat.dtype}")
-    alphabet, inverse, counts = np.unique(flat.astype(np.int64), return_inverse=True, return_counts=True)
-    header = write_varint(flat.size) + write_alphabet(alphabet)
-    if alphabet.size < 2:
+    inverse, counts, header = symbol_table(symbols, "Huffman")
+    if counts.size < 2:
         return header  # zero or one symbol: the count says it all
     lengths = _code_lengths(counts)  # (m,)
     if int(lengths.max()) > _MAX_LENGTH:
