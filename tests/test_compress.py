@@ -105,3 +105,12 @@ def test_sensitivity_cli_writes_table_plot_and_suggestions(run: Path, capsys) ->
     assert result["suggested"] == {"fc1": 0.95, "fc2": 0.95, "fc3": 0.95}
     assert (out / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     assert "| fc1 |" in capsys.readouterr().out
+
+
+def test_an_untrained_model_without_baseline_is_refused(tmp_path: Path) -> None:
+    from torchslim.compress import CompressionRun
+    from torchslim.errors import ConfigError
+
+    recipe = parse_recipe({key: value for key, value in RECIPE.items() if key != "baseline"})
+    with pytest.raises(ConfigError, match="add a `baseline:` block"):
+        CompressionRun(recipe, tmp_path / "o", progress=False).run()

@@ -94,6 +94,9 @@ class CompressionRun:
         if self.recipe.model is None:
             raise ConfigError("the recipe names no model; add `model:` or pass --model")
         if self.recipe.baseline is None:
+            if get_entry(self.recipe.model).load_pretrained is None:
+                raise ConfigError(f"model {self.recipe.model!r} ships no trained weights; add a "
+                                  "`baseline:` block to the recipe or pass --model ARTIFACT")
             return create_model(self.recipe.model)
         path = self.stages_dir / "00-baseline.slim"
         if path.is_file():
