@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-foundation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="model names to run (default: all)")
+    parser.add_argument("--epochs", type=int, help="override the tuned epochs (throughput checks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -35,7 +36,8 @@ def main() -> None:
         if args.only and model_name not in args.only:
             continue
         report = train_model(model_name, dataset=dataset, out=Path(args.out) / model_name,
-                             config=train_config_for(model_name), progress=False)
+                             config=train_config_for(model_name, epochs=args.epochs),
+                             progress=False)
         rows.append({"model": model_name, "dataset": dataset, "epochs": report["config"]["epochs"],
                      "test_accuracy": report["test_accuracy"], "val_accuracy": report["val_accuracy"],
                      "target": TARGETS[model_name], "params": report["metrics"]["params"],
