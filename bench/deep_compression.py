@@ -80,7 +80,7 @@ def bench(name: str, out: Path) -> list[dict[str, Any]]:
     print("| stage | bytes on disk | ratio vs dense file | ratio vs fp32 weights | test error |")
     print("|---|---|---|---|---|")
     for label, size, err in rows:
-        error = f"{100 * err:.2f}%" if err is not None else "(same weights as the last row's)"
+        error = f"{100 * err:.2f}%" if err is not None else "– (same sparsity per layer, one-shot)"
         print(f"| {label} | {size:,} | {dense / size:.1f}x | {paper_dense / size:.1f}x | {error} |")
     layer_text = ", ".join(f"{n} {100 * (1 - s):.1f}% kept" for n, s in sparsity.items())
     print(f"\nweights kept per layer: {layer_text}")
