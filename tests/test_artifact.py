@@ -1,3 +1,4 @@
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,5 @@ def test_loader_on_corrupted_bytes_only_raises_artifact_error(tmp_path: Path, da
             corrupted[at] = data.draw(st.integers(0, 255)) if mode == "splice" else corrupted[at] ^ 0xFF
     target = tmp_path / "bad.slim"
     target.write_bytes(bytes(corrupted))
-    try:
+    with contextlib.suppress(ArtifactError):  # anything else fails the test
         artifact.load(target)
-    except ArtifactError:
-        pass
