@@ -23,7 +23,7 @@ from torchslim.api import apply_, finalize_
 from torchslim.clustering import keep_shared_
 from torchslim.data import Dataset, TensorLoader, load_dataset
 from torchslim.errors import ConfigError
-from torchslim.models import create_model, get_entry, spec_of
+from torchslim.models import create_model, dataset_for, get_entry, spec_of
 from torchslim.pruning import GradualPruning, WeightPruning
 from torchslim.pruning.schedules import iterative_sparsities, rewind_
 from torchslim.pruning.unstructured import set_mask_
@@ -67,12 +67,7 @@ class CompressionRun:
         self.stages_dir = self.out / "stages"
         self._check_lock(resume)
         name = model_source if model_source and not Path(model_source).exists() else recipe.model
-        dataset = recipe.dataset or (get_entry(name).default_dataset if name else None)
-        if dataset is None:
-            raise ConfigError("the recipe names no dataset and the model has no default; add "
-                              "`dataset:` to the recipe")
-        self.data: Dataset = load_dataset(dataset, seed=recipe.seed)
-        self.timings: dict[str, float] = {}
+        self.data: Dataset = load_dataset(dataset_for(name, recipe.dataset), seed=recipe.seed)
 
     def _check_lock(self, resume: bool) -> None:
         lock = self.out / "recipe.lock"
@@ -270,14 +265,9 @@ class CompressionRun:
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path:
     """Test accuracy vs bytes on disk, one point per stage."""
-    import matplotlib
+    from torchslim.report import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from torchslim.safefile import write_atomic
-
-    fig, axis = plt.subplots(figsize=(7, 4.5))
+    fig, axis = new_figure()
     sizes = [r["bytes"] / 1024 for r in rows]
     accuracies = [100 * r["test_accuracy"] for r in rows]
     axis.plot(sizes, accuracies, marker="o")
@@ -287,7 +277,4 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path:
     axis.set_xlabel("artifact size (KiB, log scale)")
     axis.set_ylabel("test accuracy (%)")
     axis.grid(alpha=0.3)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -18,7 +18,14 @@ import torch
 from torchslim import __version__
 from torchslim.safefile import write_atomic
 
-__all__ = ["environment", "format_table", "plot_training_curves", "write_report"]
+__all__ = [
+    "environment",
+    "format_table",
+    "new_figure",
+    "plot_training_curves",
+    "save_figure",
+    "write_report",
+]
 
 TABLE_COLUMNS = (
     ("accuracy", "accuracy", lambda v: f"{100 * v:.2f}%"),
@@ -71,15 +78,30 @@ def format_table(rows: Sequence[dict[str, Any]], *, label: str = "model") -> str
     return "\n".join(lines)
 
 
-def plot_training_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Loss and accuracy per epoch (train and validation) as a PNG."""
+def new_figure(columns: int = 1, *, size: tuple[float, float] = (7, 4.5)) -> tuple[Any, Any]:
+    """A headless (Agg) matplotlib figure and its axes; matplotlib is imported only here."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt.subplots(1, columns, figsize=size)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write `fig` as a PNG atomically and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def plot_training_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Loss and accuracy per epoch (train and validation) as a PNG."""
     epochs = [r["epoch"] + 1 for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = new_figure(2, size=(10, 4))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], label="train")
     ax_acc.plot(epochs, [r["train_accuracy"] for r in history], label="train")
     if any(r.get("val_loss") is not None for r in history):
@@ -90,10 +112,7 @@ def plot_training_curves(history: Sequence[dict[str, Any]], path: Path) -> Path:
         axis.set_ylabel(name)
         axis.grid(alpha=0.3)
         axis.legend()
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(out_dir: str | Path, report: dict[str, Any], *, title: str,

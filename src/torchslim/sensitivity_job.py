@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from torchslim.data import TensorLoader, load_dataset
-from torchslim.errors import ConfigError
-from torchslim.models import spec_of
+from torchslim.models import dataset_for, spec_of
 from torchslim.pruning import plot_sensitivity, scan_sensitivity, sparsities_for_drop
 from torchslim.report import environment
 from torchslim.safefile import write_atomic
@@ -30,14 +29,10 @@ def run_sensitivity(source: str, *, dataset: str | None, out: str | Path,
                     sparsities: tuple[float, ...], max_drop: float,
                     progress: bool = True) -> dict[str, Any]:
     """Scan `source` (artifact or registered name) and write sensitivity.{json,md,png}."""
-    from torchslim.models import get_entry
     from torchslim.workflows import load_model_or_artifact
 
     model, _ = load_model_or_artifact(source)
-    spec = spec_of(model)
-    dataset = dataset or get_entry(spec.name).default_dataset
-    if dataset is None:
-        raise ConfigError(f"model {spec.name!r} has no default dataset; pass --dataset")
+    dataset = dataset_for(spec_of(model).name, dataset)
     data = load_dataset(dataset)
     scan = scan_sensitivity(model, TensorLoader(data.val, batch_size=1000),
                             sparsities=sparsities, progress=progress)

@@ -24,7 +24,14 @@ from torchslim.measure import (
     file_bytes,
     measure_latency,
 )
-from torchslim.models import create_model, example_inputs, get_entry, model_names, spec_of
+from torchslim.models import (
+    create_model,
+    dataset_for,
+    example_inputs,
+    get_entry,
+    model_names,
+    spec_of,
+)
 from torchslim.report import write_report
 from torchslim.training import TrainConfig, Trainer, make_train_config
 
@@ -87,10 +94,7 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
                 pretrained: bool = False, resume: bool = False, progress: bool = True,
                 threads: int | None = None) -> dict[str, Any]:
     """Train a registered model, save `out/model.slim`, write the report; returns the report."""
-    entry = get_entry(model_name)
-    dataset = dataset or entry.default_dataset
-    if dataset is None:
-        raise ConfigError(f"model {model_name!r} has no default dataset; pass --dataset")
+    dataset = dataset_for(model_name, dataset)
     out = Path(out)
     data = load_dataset(dataset, seed=config.seed)
     torch.manual_seed(config.seed)

@@ -21,6 +21,7 @@ __all__ = [
     "TrainDefaults",
     "build_model",
     "create_model",
+    "dataset_for",
     "example_inputs",
     "get_entry",
     "model_names",
@@ -110,6 +111,19 @@ def get_entry(name: str) -> ModelEntry:
     except KeyError:
         raise ConfigError(
             f"unknown model {name!r}; known models: {', '.join(model_names())}") from None
+
+
+def dataset_for(model_name: str | None, dataset: str | None) -> str:
+    """`dataset` if given, else the model's default dataset.
+
+    Raises:
+        ConfigError: neither is known.
+    """
+    chosen = dataset or (get_entry(model_name).default_dataset if model_name else None)
+    if chosen is None:
+        raise ConfigError(f"model {model_name!r} has no default dataset; pass --dataset "
+                          "(or `dataset:` in a recipe)")
+    return chosen
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

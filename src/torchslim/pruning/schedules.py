@@ -18,7 +18,7 @@ from torchslim.api import apply_
 from torchslim.errors import ConfigError
 from torchslim.parametrized import original_weight, weight_of, weight_parametrizations
 from torchslim.pruning.masks import check_sparsity
-from torchslim.pruning.unstructured import WeightPruning, set_mask_
+from torchslim.pruning.unstructured import WeightPruning, prune_weights_, set_mask_
 from torchslim.select import Select
 from torchslim.training.callbacks import Callback
 
@@ -77,8 +77,10 @@ class GradualPruning(Callback):
         if target > self.current:
             # per-layer finals follow the same ramp, scaled to their own end point
             per_layer = {name: value * target / final for name, value in self.config.per_layer.items()}
-            apply_(trainer.model, replace(self.config, sparsity=target, per_layer=per_layer),
-                   targets=self.targets)
+            # The handler, not apply_: targets were resolved in on_fit_start, and apply_'s
+            # rollback snapshot would deep-copy the model at every pruning step.
+            prune_weights_(trainer.model, replace(self.config, sparsity=target, per_layer=per_layer),
+                           targets=self.targets)
             self.current = target
 
     def state_dict(self) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
 from torchslim.pruning.masks import check_sparsity
 from torchslim.pruning.unstructured import WeightPruning
-from torchslim.safefile import write_atomic
 from torchslim.select import Select
 
 __all__ = ["DEFAULT_GRID", "plot_sensitivity", "scan_sensitivity", "sparsities_for_drop"]
@@ -72,12 +71,9 @@ def sparsities_for_drop(scan: dict[str, Any], max_drop: float) -> dict[str, floa
 
 def plot_sensitivity(scan: dict[str, Any], path: Path) -> Path:
     """Accuracy vs sparsity, one line per layer, as a PNG."""
-    import matplotlib
+    from torchslim.report import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(7, 4.5))
+    fig, axis = new_figure()
     for name, accuracies in scan["layers"].items():
         axis.plot(scan["sparsities"], [100 * a for a in accuracies], marker="o", label=name)
     axis.axhline(100 * scan["baseline"], color="grey", linestyle="--", label="unpruned")
@@ -85,7 +81,4 @@ def plot_sensitivity(scan: dict[str, Any], path: Path) -> Path:
     axis.set_ylabel("validation accuracy (%)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
