@@ -2,7 +2,7 @@
 
 The public surface: `apply_`/`finalize_` (run a technique in place / bake it in),
 `save`/`load` for `.slim` artifacts, and the subpackages `models`, `data`, `training`,
-`pruning`, `clustering`, `measure`, `report` and `errors`.
+`pruning`, `clustering`, `lowrank`, `distillation`, `measure`, `report` and `errors`.
 """
 
 __version__ = "0.1.0"
@@ -12,6 +12,7 @@ from torchslim import (
     clustering,
     data,
     errors,
+    lowrank,
     measure,
     models,
     pruning,
@@ -33,6 +34,7 @@ __all__ = [
     "errors",
     "finalize_",
     "load",
+    "lowrank",
     "measure",
     "models",
     "pruning",

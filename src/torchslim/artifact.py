@@ -1,8 +1,9 @@
 """Save and load models as `.slim` artifacts: safetensors + a JSON spec, no pickle on load.
 
-An artifact records which registered architecture to rebuild (`ModelSpec`) and every tensor of
-its state_dict; `load` rebuilds the architecture and fills it in, so loading a file from
-anywhere never runs code from that file.
+An artifact records which registered architecture to rebuild (`ModelSpec`), the structural
+edits made to it (factorized or decomposed layers, as JSON; see `torchslim.structure`) and every
+tensor of its state_dict; `load` rebuilds the architecture, replays the edits and fills it in,
+so loading a file from anywhere never runs code from that file.
 
 Version 0 stores every tensor dense. Version 1 (`save(..., encode=Encoding())`) is the Deep
 Compression file: each weight matrix/kernel is stored as its sparse index plus codebook indices
@@ -27,6 +28,7 @@ from torchslim.encoding import decode_tensor, encode_tensor
 from torchslim.errors import ArtifactError, ConfigError
 from torchslim.models import ModelSpec, build_model, spec_of
 from torchslim.safefile import read_checked, write_checked
+from torchslim.structure import edits_of, replay_edits_
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "Encoding", "load", "read_metadata", "save"]
 
@@ -166,6 +168,9 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
         "torch_version": torch.__version__,
         "metadata": metadata or {},
     }
+    edits = edits_of(model)
+    if edits:  # layers changed in shape (factorized, decomposed): replayed by `load`
+        document["edits"] = edits
     tensors = dict(model.state_dict())
     if encoding is not None:
         payload, document["payload"] = _encode_state(tensors, encoding)
@@ -206,7 +211,8 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     Args:
         path: a file written by `save`.
         model: an already built module to fill instead of rebuilding from the recorded spec
-            (for architectures that are not registered).
+            (for architectures that are not registered), as it was before compression: the
+            recorded structural edits are replayed on it.
 
     Raises:
         ArtifactError: the file is missing, truncated, altered, of another version, or its
@@ -220,6 +226,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
         except (ConfigError, KeyError) as exc:
             raise ArtifactError(f"{path} names an architecture this torchslim cannot build "
                                 f"({exc}); pass model= with the architecture") from exc
+    replay_edits_(model, document.get("edits", []), source=str(path))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))

@@ -105,6 +105,66 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def factorize_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe a `torchslim factorize` call stands for (written to OUT/recipe.yaml)."""
+    from torchslim.models import spec_of
+    from torchslim.workflows import load_model_or_artifact, train_config_for
+
+    targets = {key: value for key, value in (("patterns", args.targets),
+                                              ("exclude", args.exclude)) if value}
+    stages: list[dict[str, Any]] = []
+    linear = {key: value for key, value in (("param_ratio", args.linear_param_ratio),
+                                            ("energy", args.linear_energy),
+                                            ("rank", args.linear_rank)) if value is not None}
+    conv = {key: value for key, value in (("param_ratio", args.conv_param_ratio),
+                                          ("energy", args.conv_energy),
+                                          ("rank", args.conv_rank)) if value is not None}
+    if not linear and not conv and args.conv_method is None:
+        linear = {"param_ratio": 0.5}
+    if linear:
+        stages.append({"low_rank": {**linear, "targets": {**targets, "types": ["Linear"]}}})
+    if conv or args.conv_method is not None:
+        method = args.conv_method or "tucker"
+        if method != "depthwise" and not conv:
+            conv = {"param_ratio": 0.5}
+        stages.append({"decompose_conv": {"method": method, **conv,
+                                          "targets": {**targets, "types": ["Conv2d"]}}})
+    if args.epochs > 0:
+        name = spec_of(load_model_or_artifact(args.model)[0]).name
+        defaults = train_config_for(name)
+        train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10,
+                                 seed=args.seed).to_dict()
+        if not args.no_distill:
+            train["distill"] = {"teacher": "original", "temperature": args.temperature,
+                                "alpha": args.alpha}
+        stages.append({"fine_tune": train})
+    return {"version": 1, "dataset": args.dataset, "seed": args.seed, "stages": stages}
+
+
+def cmd_factorize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from torchslim.compress import CompressionRun
+    from torchslim.recipe import parse_recipe
+
+    data = factorize_recipe(args)
+    recipe = parse_recipe(data)
+    run = CompressionRun(recipe, args.out, model_source=args.model, resume=args.resume,
+                         progress=not args.no_progress)
+    (Path(args.out) / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    report = run.run()
+    _print_table(report)
+    ratios = report["comparison"]
+    print(f"\n{ratios.get('params_ratio', 0):.2f}x fewer parameters, "
+          f"{ratios.get('flops_ratio', 0):.2f}x fewer FLOPs, test accuracy "
+          f"{100 * report['final']['test_accuracy']:.2f}% (before "
+          f"{100 * report['baseline']['test_accuracy']:.2f}%)  ->  {args.out}/model.slim, "
+          f"{args.out}/report.md, {args.out}/recipe.yaml")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from torchslim.inspect import inspect_artifact
 
@@ -200,6 +260,39 @@ def build_parser() -> argparse.ArgumentParser:
                           help="continue a killed run: finished stages are reused")
     compress.add_argument("--no-progress", action="store_true", help="hide progress bars")
     compress.set_defaults(func=cmd_compress)
+
+    factorize = commands.add_parser(
+        "factorize", help="low-rank Linear layers / decompose convs, then distil",
+        description="Split Linear layers by truncated SVD and/or decompose k x k convs "
+        "(Tucker-2, spatial separable, depthwise separable), then fine-tune with distillation "
+        "from the original model; writes OUT/model.slim, OUT/report.md and OUT/recipe.yaml. "
+        "Default: Linear layers at half their weights.")
+    factorize.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="a .slim file or a model name")
+    factorize.add_argument("--out", required=True, help="output folder")
+    factorize.add_argument("--dataset", choices=dataset_names(), help="default: the model's own")
+    lin = factorize.add_argument_group("Linear layers (give one)")
+    lin.add_argument("--linear-param-ratio", type=float, metavar="R",
+                     help="keep at most this fraction of each layer's weights, in (0, 1)")
+    lin.add_argument("--linear-energy", type=float, metavar="E",
+                     help="smallest rank keeping this fraction of sum(sigma^2), in (0, 1]")
+    lin.add_argument("--linear-rank", type=int, metavar="N", help="the same rank everywhere")
+    cv = factorize.add_argument_group("convolutions (give --conv-method and one of the others)")
+    cv.add_argument("--conv-method", choices=["tucker", "spatial", "depthwise"])
+    cv.add_argument("--conv-param-ratio", type=float, metavar="R")
+    cv.add_argument("--conv-energy", type=float, metavar="E")
+    cv.add_argument("--conv-rank", type=int, metavar="N")
+    factorize.add_argument("--targets", nargs="+", metavar="PATTERN", help="layer name patterns")
+    factorize.add_argument("--exclude", nargs="+", metavar="PATTERN", help="layers to leave")
+    tune = factorize.add_argument_group("fine-tuning")
+    tune.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs (0: none)")
+    tune.add_argument("--lr", type=float, help="default: a tenth of the model's training LR")
+    tune.add_argument("--no-distill", action="store_true", help="fine-tune on labels only")
+    tune.add_argument("--temperature", type=float, default=4.0)
+    tune.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label loss")
+    tune.add_argument("--seed", type=int, default=0)
+    factorize.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
+    factorize.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    factorize.set_defaults(func=cmd_factorize)
 
     inspect = commands.add_parser("inspect", help="per-layer sparsity, bits and bytes of a file",
                                   description="Show how an artifact stores each tensor.")

@@ -8,6 +8,7 @@ checkpoint is an ordinary `.slim` file and resuming never depends on in-memory s
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import time
@@ -27,8 +28,17 @@ from torchslim.models import create_model, dataset_for, get_entry, spec_of
 from torchslim.pruning import GradualPruning, WeightPruning
 from torchslim.pruning.schedules import iterative_sparsities, rewind_
 from torchslim.pruning.unstructured import set_mask_
-from torchslim.recipe import EncodeStage, FineTune, GradualPrune, IterativePrune, Recipe, Stage
-from torchslim.training import TrainConfig, Trainer
+from torchslim.distillation import Distill, DistillationLoss
+from torchslim.recipe import (
+    STRUCTURAL_STAGES,
+    EncodeStage,
+    FineTune,
+    GradualPrune,
+    IterativePrune,
+    Recipe,
+    Stage,
+)
+from torchslim.training import Loss, TrainConfig, Trainer
 
 __all__ = ["CompressionRun", "constrain_"]
 
@@ -68,6 +78,7 @@ class CompressionRun:
         self._check_lock(resume)
         name = model_source if model_source and not Path(model_source).exists() else recipe.model
         self.data: Dataset = load_dataset(dataset_for(name, recipe.dataset), seed=recipe.seed)
+        self.original: nn.Module | None = None  # the model before stage 1: `teacher: original`
 
     def _check_lock(self, resume: bool) -> None:
         lock = self.out / "recipe.lock"
@@ -104,11 +115,11 @@ class CompressionRun:
         return model
 
     def train(self, model: nn.Module, config: TrainConfig, checkpoint_dir: Path,
-              callbacks: tuple[Any, ...] = ()) -> None:
+              callbacks: tuple[Any, ...] = (), loss: Loss | None = None) -> None:
         trainer = Trainer(model, TensorLoader(self.data.train, batch_size=config.batch_size,
                                               shuffle=True, seed=config.seed),
                           val_loader=TensorLoader(self.data.val, batch_size=1000), config=config,
-                          callbacks=callbacks, checkpoint_dir=checkpoint_dir,
+                          loss=loss, callbacks=callbacks, checkpoint_dir=checkpoint_dir,
                           progress=self.progress)
         trainer.fit(resume=True)
         model.cpu()
@@ -129,10 +140,23 @@ class CompressionRun:
         return result
 
     def _fine_tune(self, model: nn.Module, config: TrainConfig, constraints: Constraints,
-                   checkpoint_dir: Path, callbacks: tuple[Any, ...] = ()) -> None:
+                   checkpoint_dir: Path, callbacks: tuple[Any, ...] = (),
+                   distill: Distill | None = None) -> None:
         constrain_(model, constraints)
-        self.train(model, config, checkpoint_dir, callbacks)
+        loss = None
+        if distill is not None:
+            loss = DistillationLoss(self.teacher(distill.teacher), **distill.loss_options())
+        self.train(model, config, checkpoint_dir, callbacks, loss)
         finalize_(model)
+
+    def teacher(self, source: str) -> nn.Module:
+        """`original` (the model before stage 1) or an artifact / registered model."""
+        if source == "original":
+            assert self.original is not None, "run() sets the original model first"
+            return copy.deepcopy(self.original)
+        from torchslim.workflows import load_model_or_artifact
+
+        return load_model_or_artifact(source)[0]
 
     def _gradual(self, model: nn.Module, stage: Stage, constraints: Constraints,
                  checkpoint_dir: Path) -> dict[str, Any]:
@@ -180,8 +204,14 @@ class CompressionRun:
         if stage.kind == "prune":
             return self._prune(model, stage, constraints)
         if isinstance(config, FineTune):
-            self._fine_tune(model, replace(config.train), constraints, checkpoint_dir)
-            return {}
+            self._fine_tune(model, replace(config.train), constraints, checkpoint_dir,
+                            distill=config.distill)
+            return {"distill": config.distill.to_dict()} if config.distill else {}
+        if stage.kind in STRUCTURAL_STAGES:
+            result = apply_(model, config, targets=stage.targets)
+            for name in result["ranks"]:  # replaced layers: their constraints went with them
+                constraints.pop(name, None)
+            return result
         if stage.kind == "cluster":
             result = apply_(model, config, targets=stage.targets)
             finalize_(model)
@@ -223,8 +253,11 @@ class CompressionRun:
         encoding = artifact.Encoding(coder=last.coder, index_bits=last.index_bits) \
             if isinstance(last, EncodeStage) else artifact.Encoding()
         model = self.baseline()
+        self.original = copy.deepcopy(model).eval()
         for stage in self.recipe.stages:  # a selection matching nothing fails before any work
             stage.targets.resolve(model)
+            if stage.kind in STRUCTURAL_STAGES:
+                break  # later stages may select the layers this one creates
         rows = [self.measure("baseline", model, timing=True, encoding=encoding)]
         constraints: Constraints = {}
         summaries = []

@@ -12,8 +12,12 @@ stages:
   - fine_tune: {epochs: 3, lr: 0.001}
   - encode: {coder: auto}
 ```
+Structural stages (`low_rank`, `decompose_conv`) replace layers; a `fine_tune` (or `distill`)
+stage with a `distill: {teacher: original, temperature: 4, alpha: 0.5}` block trains against a
+teacher, `original` being the model the run started from.
 Unknown keys, unknown stage names and bad values fail on load, listing what is valid; each
-stage's `targets:` is a `Select` mapping resolved against the model before the first stage runs.
+stage's `targets:` is a `Select` mapping, resolved against the model before the first stage runs
+(up to the first structural stage: later selections may name the layers it creates).
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from torchslim.clustering import WeightSharing
 from torchslim.config import TechniqueConfig, build_config, validated
+from torchslim.distillation import Distill
 from torchslim.errors import ConfigError
+from torchslim.lowrank import ConvDecomposition, LowRank
 from torchslim.pruning import WeightPruning
 from torchslim.select import Select
 from torchslim.training import TrainConfig
 
-__all__ = ["RECIPE_VERSION", "EncodeStage", "FineTune", "GradualPrune", "IterativePrune", "Recipe",
+__all__ = ["RECIPE_VERSION", "DistillStage", "EncodeStage", "FineTune", "GradualPrune", "IterativePrune", "Recipe",
            "Stage", "load_recipe", "parse_recipe"]
 
 RECIPE_VERSION = 1
@@ -80,14 +86,26 @@ class IterativePrune(TechniqueConfig):
 
 @dataclass(frozen=True)
 class FineTune(TechniqueConfig):
-    """Train with every pruned weight kept at zero and every shared weight kept shared."""
+    """Train with every pruned weight kept at zero and every shared weight kept shared;
+    with `distill`, the loss is distillation from a teacher (by default the original model)."""
 
     kind = "fine_tune"
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: Distill | None = None
+
+
+@dataclass(frozen=True)
+class DistillStage(FineTune):
+    """`fine_tune` whose loss is always distillation (`distill:` block optional)."""
+
+    kind = "distill"
+    distill: Distill | None = field(default_factory=Distill)
 
 
 STAGE_TYPES: dict[str, type] = {cls.kind: cls for cls in (
-    WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune)}
+    WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune,
+    DistillStage, LowRank, ConvDecomposition)}
+STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv"})
 
 
 @dataclass(frozen=True)
@@ -129,8 +147,13 @@ def _stage(index: int, item: Any) -> Stage:
     options = dict(options or {})
     targets = Select.from_dict(options.pop("targets", None))
     try:
-        if kind == "fine_tune":
-            config: Any = FineTune(train=build_config(TrainConfig, options))
+        if kind in ("fine_tune", "distill"):
+            block = options.pop("distill", None)
+            train = build_config(TrainConfig, options)
+            if block is None:
+                config: Any = STAGE_TYPES[kind](train=train)
+            else:
+                config = STAGE_TYPES[kind](train=train, distill=build_config(Distill, block))
         else:
             config = build_config(STAGE_TYPES[kind], options)
     except ConfigError as exc:

@@ -43,6 +43,9 @@ def model_dir() -> Path:
 class MiniLM(nn.Module):
     """Sentence encoder: `(B, T)` token ids -> `(B, 384)` unit-norm embeddings.
 
+    Without an attention mask, positions holding the pad id are masked out, so padded token
+    batches (as `tokenize` makes them) can go through the trainer as one id tensor.
+
     Args:
         input_shape: `(T,)`, the sequence length the model is used with (at most 512).
         num_classes: embedding size; must equal the config's hidden size, 384.
@@ -74,8 +77,8 @@ class MiniLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is None:  # padding positions (the pad id) are not attended to
+            attention_mask = (input_ids != self.bert.config.pad_token_id).long()
         tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         weights = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, T) -> (B, T, 1)
         summed = (tokens * weights).sum(dim=1)  # (B, T, 384) -> (B, 384)

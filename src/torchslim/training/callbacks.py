@@ -53,7 +53,21 @@ class Loss:
     """A training objective: `loss(outputs, labels, inputs) -> scalar tensor`.
 
     `inputs` is passed so that objectives such as distillation can run a teacher on the batch.
+    A loss with its own trainable parts (distillation adapters) returns them from `bind`, and
+    its state from `state_dict`, so the trainer optimises and checkpoints them with the model.
     """
+
+    def bind(self, model: torch.nn.Module, example_inputs: torch.Tensor) -> list[torch.nn.Parameter]:
+        """Called once by the trainer with the model and one input batch; returns extra
+        parameters to optimise (default: none)."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to keep in checkpoints (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
 
     def __call__(self, outputs: torch.Tensor, labels: torch.Tensor,
                  inputs: torch.Tensor) -> torch.Tensor:

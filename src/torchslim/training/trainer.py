@@ -100,7 +100,9 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.progress = progress
         self._set_dropout(config.dropout)
-        self.optimizer = build_optimizer(model.parameters(), config)
+        example = next(iter(train_loader))[0][:2].to(self.device)
+        extra = self.loss.bind(self.model, example)  # e.g. distillation adapters
+        self.optimizer = build_optimizer([*model.parameters(), *extra], config)
         self.scheduler = build_scheduler(self.optimizer, config, len(train_loader))
         self.history: list[EpochRecord] = []
         self.step = 0
@@ -226,6 +228,7 @@ class Trainer:
             "early_stopping": {"best_accuracy": self.best_accuracy, "best_state": self.best_state,
                                "stale_epochs": self.stale_epochs},
             "callbacks": [c.state_dict() for c in self.callbacks],
+            "loss": self.loss.state_dict(),
         })
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -245,6 +248,7 @@ class Trainer:
         stopping = state["early_stopping"]
         self.best_accuracy = float(stopping["best_accuracy"])
         self.best_state, self.stale_epochs = stopping["best_state"], int(stopping["stale_epochs"])
+        self.loss.load_state_dict(state.get("loss", {}))
         for callback, callback_state in zip(self.callbacks, state["callbacks"], strict=False):
             callback.load_state_dict(callback_state)
 

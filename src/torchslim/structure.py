@@ -1,0 +1,80 @@
+"""Structural edits: how a compressed model's layers differ from its registered architecture.
+
+A factorized Linear becomes two Linears; a decomposed conv becomes three convs. Artifacts must
+still load without pickle, so every technique that changes structure records a small JSON edit
+(`{"kind": "low_rank_linear", "layer": "fc1", "rank": 32}`) on the model. `artifact.save` writes
+the list, and `artifact.load` rebuilds the registered architecture, replays the edits in order
+(shapes only), then fills in the tensors. Replays are registered explicitly by edit kind.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from torchslim.errors import ArtifactError, ConfigError
+
+__all__ = ["Edit", "edits_of", "record_edit_", "register_edit", "replace_module_",
+           "replay_edits_"]
+
+EDITS_ATTRIBUTE = "torchslim_edits"
+Edit = dict[str, Any]
+Replay = Callable[[nn.Module, Edit], None]
+
+_REPLAYS: dict[str, Replay] = {}
+
+
+def register_edit(kind: str, replay: Replay) -> None:
+    """Make `replay_edits_` rebuild edits of `kind` with `replay(model, edit)`."""
+    if kind in _REPLAYS:
+        raise ConfigError(f"structural edit kind {kind!r} is already registered")
+    _REPLAYS[kind] = replay
+
+
+def edits_of(model: nn.Module) -> list[Edit]:
+    """The edits recorded on `model`, oldest first (a copy)."""
+    return copy.deepcopy(list(getattr(model, EDITS_ATTRIBUTE, [])))
+
+
+def record_edit_(model: nn.Module, edit: Edit) -> None:
+    """Append `edit` to the model's edit list (after the technique has made it)."""
+    if edit.get("kind") not in _REPLAYS:
+        raise ConfigError(f"structural edit kind {edit.get('kind')!r} is not registered; "
+                          f"known: {', '.join(sorted(_REPLAYS))}")
+    setattr(model, EDITS_ATTRIBUTE, [*getattr(model, EDITS_ATTRIBUTE, []), copy.deepcopy(edit)])
+
+
+def replace_module_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` where the submodule `name` is; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def replay_edits_(model: nn.Module, edits: Any, *, source: str = "artifact") -> nn.Module:
+    """Rebuild the structure `edits` describe on a freshly built `model` (weights left random).
+
+    Raises:
+        ArtifactError: an edit of an unknown kind, or one that does not fit the model.
+    """
+    if not isinstance(edits, list):
+        raise ArtifactError(f"{source}: the structural edit list is malformed ({type(edits).__name__})")
+    for index, edit in enumerate(edits):
+        kind = edit.get("kind") if isinstance(edit, dict) else None
+        replay = _REPLAYS.get(str(kind))
+        if replay is None:
+            raise ArtifactError(f"{source}: structural edit {index} has kind {kind!r}, which this "
+                                f"torchslim cannot rebuild (known: {', '.join(sorted(_REPLAYS))}); "
+                                "upgrade torchslim")
+        try:
+            replay(model, edit)
+        except (AttributeError, KeyError, TypeError, ValueError, ConfigError) as exc:
+            raise ArtifactError(f"{source}: structural edit {index} ({edit}) does not fit "
+                                f"{type(model).__name__}: {exc}") from exc
+        record_edit_(model, edit)
+    return model
