@@ -114,3 +114,40 @@ def test_an_untrained_model_without_baseline_is_refused(tmp_path: Path) -> None:
     recipe = parse_recipe({key: value for key, value in RECIPE.items() if key != "baseline"})
     with pytest.raises(ConfigError, match="add a `baseline:` block"):
         CompressionRun(recipe, tmp_path / "o", progress=False).run()
+
+
+def test_factorize_cli_distils_from_the_original_and_writes_a_loadable_model(
+        run: Path, tmp_path: Path, capsys) -> None:
+    baseline = run / "out" / "stages" / "00-baseline.slim"
+    out = tmp_path / "factorized"
+    assert main(["factorize", str(baseline), "--dataset", "digits", "--linear-param-ratio", "0.4",
+                 "--exclude", "fc3", "--epochs", "8", "--lr", "0.05", "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["low_rank", "fine_tune"]
+    assert report["stages"][1]["distill"]["teacher"] == "original"
+    assert report["comparison"]["params_ratio"] > 2
+    assert report["final"]["test_accuracy"] > report["baseline"]["test_accuracy"] - 0.03
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["low_rank"] == {
+        "param_ratio": 0.4, "targets": {"exclude": ["fc3"], "types": ["Linear"]}}
+    model = artifact.load(out / "model.slim")
+    assert type(model.fc1).__name__ == "FactorizedLinear"
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model.slim"), "--dataset", "digits", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == report["final"]["test_accuracy"]
+    assert main(["bench", str(out / "model.slim"), "--batch", "8", "--repeats", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["median_ms"] > 0
+
+
+def test_recipe_stages_select_layers_created_by_a_structural_stage(tmp_path: Path) -> None:
+    recipe = {**RECIPE, "stages": [
+        {"low_rank": {"rank": 8, "targets": {"names": ["fc1"]}}},
+        {"prune": {"sparsity": 0.5, "targets": {"names": ["fc1.1"]}}},
+        {"distill": {"epochs": 1, "lr": 0.01, "distill": {"alpha": 0.0, "temperature": 2}}},
+    ]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["compress", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    model = artifact.load(tmp_path / "out" / "model.slim")
+    weight = model.fc1[1].weight
+    assert weight.shape == (300, 8)
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)  # kept while distilling

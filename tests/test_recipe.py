@@ -19,7 +19,7 @@ def test_shipped_recipes_validate() -> None:
 @pytest.mark.parametrize(("change", "message"), [
     ({"stagse": []}, r"unknown recipe key\(s\) \['stagse'\]; valid keys: baseline"),
     ({"version": 2}, "version 2 is not supported"),
-    ({"stages": [{"prnue": {}}]}, "unknown stage 'prnue'; valid stages: cluster, encode"),
+    ({"stages": [{"prnue": {}}]}, "unknown stage 'prnue'; valid stages: cluster, decompose_conv, distill, encode"),
     ({"stages": [{"prune": {"sparsity": 1.5}}]}, "stage 0 .prune.: .*less than 1"),
     ({"stages": [{"fine_tune": {"epoch": 1}}]}, "epoch: Unexpected keyword argument"),
     ({"stages": [{"cluster": {"bits": 0}}]}, "bits: Input should be greater than or equal to 1"),
@@ -27,6 +27,12 @@ def test_shipped_recipes_validate() -> None:
     ({"stages": [{"prune": {"sparsity": 0.5, "targets": {"name": ["fc1"]}}}]},
      r"unknown selector key\(s\) \['name'\]"),
     ({"baseline": {"lr": 0}}, "baseline: .*lr"),
+    ({"stages": [{"low_rank": {"rank": 0}}]}, "stage 0 .low_rank.: .*rank"),
+    ({"stages": [{"low_rank": {"energy": 1.2}}]}, "energy: Input should be less than or equal to 1"),
+    ({"stages": [{"decompose_conv": {"method": "tucker"}}]}, "exactly one of rank, energy"),
+    ({"stages": [{"fine_tune": {"epochs": 1, "distill": {"temprature": 2}}}]},
+     r"stage 0 \(fine_tune\): invalid distill block: .*valid keys: alpha, cache_teacher"),
+    ({"stages": [{"distill": {"distill": {"alpha": 2}}}]}, "alpha: Input should be less"),
 ])
 def test_bad_recipes_fail_on_load_listing_what_is_valid(change, message) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -44,3 +50,19 @@ def test_missing_or_broken_files_are_config_errors(tmp_path) -> None:
 
 def test_digest_changes_with_the_recipe() -> None:
     assert parse_recipe(_recipe()).digest != parse_recipe(_recipe(seed=1)).digest
+
+
+def test_distill_blocks_and_structural_stages_parse() -> None:
+    recipe = parse_recipe(_recipe(stages=[
+        {"low_rank": {"param_ratio": 0.5, "targets": {"types": ["Linear"]}}},
+        {"decompose_conv": {"method": "spatial", "energy": 0.9}},
+        {"fine_tune": {"epochs": 1, "distill": {"temperature": 2, "alpha": 0.2}}},
+        {"fine_tune": {"epochs": 1}},
+        {"distill": {"epochs": 2}},
+    ]))
+    kinds = [s.kind for s in recipe.stages]
+    assert kinds == ["low_rank", "decompose_conv", "fine_tune", "fine_tune", "distill"]
+    tuned, plain, distill = (s.config for s in recipe.stages[2:])
+    assert tuned.distill.temperature == 2 and tuned.distill.teacher == "original"
+    assert plain.distill is None
+    assert distill.distill.alpha == 0.5 and distill.train.epochs == 2
