@@ -58,8 +58,11 @@ def hinton(args: argparse.Namespace) -> list[dict[str, Any]]:
     data = load_dataset("mnist", seed=0)
     train = TensorLoader(data.train, batch_size=128, shuffle=True, seed=0)
     val, test = (TensorLoader(s, batch_size=1000) for s in (data.val, data.test))
-    config = make_train_config(epochs=args.hinton_epochs, batch_size=128, lr=0.05, momentum=0.9,
-                               schedule="cosine", weight_decay=0.0, seed=0)
+    # Adam for every run: its steps do not depend on the gradient's scale, so the hard-label
+    # and the T²-scaled soft-target runs share one learning rate (SGD at the hard-label rate
+    # diverges at T=20, where the soft term's logit gradients are up to T times larger).
+    config = make_train_config(epochs=args.hinton_epochs, batch_size=128, optimizer="adam",
+                               lr=1e-3, schedule="cosine", weight_decay=0.0, seed=0)
 
     def fit(model: nn.Module, loss: Any = None) -> tuple[nn.Module, float]:
         torch.manual_seed(0)
@@ -94,6 +97,188 @@ def hinton(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+# ----------------------------------------------------------------------------- MiniLM
+MINILM_PROJECTIONS = ("bert.encoder.layer.*.attention.self.query",
+                      "bert.encoder.layer.*.attention.self.key",
+                      "bert.encoder.layer.*.attention.self.value",
+                      "bert.encoder.layer.*.attention.output.dense",
+                      "bert.encoder.layer.*.intermediate.dense",
+                      "bert.encoder.layer.*.output.dense")
+
+
+class SentenceData:
+    """UCI sentences: token ids for distillation (unlabeled), held-out texts, probe labels."""
+
+    def __init__(self, max_length: int, held_out: int = 500) -> None:
+        from torchslim.data import Split
+        from torchslim.data.sentences import read_uci_sentences
+        from torchslim.models.minilm import tokenize
+
+        self.texts, labels = read_uci_sentences()
+        self.labels = torch.from_numpy(labels)
+        order = torch.randperm(len(self.texts), generator=torch.Generator().manual_seed(0)).tolist()
+        self.val_texts = [self.texts[i] for i in order[:held_out]]
+        train_texts = [self.texts[i] for i in order[held_out:]]
+        ids = tokenize(train_texts, max_length=max_length)["input_ids"]  # (N, T), pad id 0
+        self.train = Split(images=ids, labels=torch.zeros(len(train_texts), dtype=torch.long))
+
+
+def embedding_report(name: str, model: nn.Module, teacher_val: torch.Tensor,
+                     data: SentenceData, baseline_ms: dict[int, float], section_name: str,
+                     **extra: Any) -> dict[str, Any]:
+    from torchslim.measure import measure_latency, probe_accuracy
+    from torchslim.models import example_inputs, spec_of
+    from torchslim.models.minilm import embed_texts
+
+    model.eval()
+    val = embed_texts(model, data.val_texts)
+    cosine = float(torch.nn.functional.cosine_similarity(val, teacher_val).mean())
+    probe = probe_accuracy(embed_texts(model, data.texts), data.labels)
+    row = {"section": section_name, "model": name,
+           "params": sum(p.numel() for p in model.parameters()),
+           "probe_accuracy": round(probe, 4), "cosine_to_fp32_heldout": round(cosine, 4), **extra}
+    for batch in (1, 32):
+        latency = measure_latency(model, example_inputs(spec_of(model), batch), repeats=20, warmup=5)
+        row[f"latency_b{batch}_ms"] = round(latency.median_ms, 2)
+        baseline_ms.setdefault(batch, latency.median_ms)
+        row[f"speedup_b{batch}"] = round(baseline_ms[batch] / latency.median_ms, 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def distil_embeddings(student: nn.Module, teacher: nn.Module, data: SentenceData, *,
+                      epochs: int, lr: float) -> float:
+    config = make_train_config(epochs=epochs, batch_size=32, optimizer="adamw", lr=lr,
+                               weight_decay=0.01, schedule="cosine", warmup_epochs=0.2, seed=0)
+    loss = DistillationLoss(teacher, alpha=0.0, output="mse", cache_teacher=True)
+    start = time.perf_counter()
+    Trainer(student, TensorLoader(data.train, batch_size=32, shuffle=True, seed=0),
+            config=config, loss=loss, progress=False).fit()
+    return round((time.perf_counter() - start) / 60, 2)
+
+
+def _minilm_setup(args: argparse.Namespace) -> tuple[nn.Module, SentenceData, torch.Tensor,
+                                                     dict[int, float], list[dict[str, Any]], str]:
+    from torchslim.models import create_model
+    from torchslim.models.minilm import embed_texts
+
+    data = SentenceData(args.seq_train)
+    teacher = create_model("minilm").eval()
+    teacher_val = embed_texts(teacher, data.val_texts)
+    baseline_ms: dict[int, float] = {}
+    name = "minilm (fp32, 6 layers)"
+    return teacher, data, teacher_val, baseline_ms, [], name
+
+
+@section("minilm-student")
+def minilm_student(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import copy
+
+    import torchslim as ts
+    from torchslim.depth import LayerDropping
+
+    teacher, data, teacher_val, baseline_ms, rows, name = _minilm_setup(args)
+    rows.append(embedding_report(name, teacher, teacher_val, data, baseline_ms, "minilm-student"))
+    # Which layers to keep: chosen by held-out cosine before training (validation only).
+    candidates = {}
+    for keep in ((0, 2, 4), (1, 3, 5)):
+        student = copy.deepcopy(teacher)
+        ts.apply_(student, LayerDropping(stack="bert.encoder.layer", keep=keep))
+        from torchslim.models.minilm import embed_texts
+        candidates[keep] = (float(torch.nn.functional.cosine_similarity(
+            embed_texts(student, data.val_texts), teacher_val).mean()), student)
+    keep = max(candidates, key=lambda k: candidates[k][0])
+    student = candidates[keep][1]
+    rows.append(embedding_report(f"3-layer student {list(keep)}, before distillation", student,
+                                 teacher_val, data, baseline_ms, "minilm-student",
+                                 heldout_cosines={str(list(k)): round(v[0], 4)
+                                                  for k, v in candidates.items()}))
+    minutes = distil_embeddings(student, teacher, data, epochs=args.minilm_epochs, lr=args.minilm_lr)
+    rows.append(embedding_report(f"3-layer student {list(keep)}, distilled", student, teacher_val,
+                                 data, baseline_ms, "minilm-student", train_minutes=minutes))
+    ts.save(student, Path(args.out) / "minilm-3layer.slim")
+    return rows
+
+
+@section("minilm-lowrank")
+def minilm_lowrank(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torchslim as ts
+    from torchslim.lowrank import LowRank
+    from torchslim.models import create_model
+
+    teacher, data, teacher_val, baseline_ms, rows, name = _minilm_setup(args)
+    rows.append(embedding_report(name, teacher, teacher_val, data, baseline_ms, "minilm-lowrank"))
+    student = create_model("minilm")
+    result = ts.apply_(student, LowRank(param_ratio=0.5),
+                       targets=ts.Select(patterns=MINILM_PROJECTIONS))
+    rows.append(embedding_report("FFN + attention at 50% params (SVD), before distillation",
+                                 student, teacher_val, data, baseline_ms, "minilm-lowrank",
+                                 layers=len(result["ranks"])))
+    minutes = distil_embeddings(student, teacher, data, epochs=args.minilm_epochs, lr=args.minilm_lr)
+    rows.append(embedding_report("FFN + attention at 50% params (SVD), distilled", student,
+                                 teacher_val, data, baseline_ms, "minilm-lowrank",
+                                 train_minutes=minutes))
+    ts.save(student, Path(args.out) / "minilm-lowrank.slim")
+    return rows
+
+
+# ----------------------------------------------------------------------------- ResNet
+@section("resnet-decompose")
+def resnet_decompose(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import copy
+
+    import torchslim as ts
+    from torchslim.lowrank import ConvDecomposition
+    from torchslim.measure import count_flops, measure_latency
+    from torchslim.workflows import train_config_for, train_model
+
+    source = Path(args.resnet)
+    if not source.is_file():
+        train_model("resnet-small", dataset="fashion-mnist", out=source.parent,
+                    config=train_config_for("resnet-small"), progress=False)
+    data = load_dataset("fashion-mnist", seed=0)
+    teacher = ts.load(source)
+    x1, x64 = torch.randn(1, 1, 28, 28), torch.randn(64, 1, 28, 28)
+    test, val = TensorLoader(data.test, batch_size=500), TensorLoader(data.val, batch_size=500)
+    rows: list[dict[str, Any]] = []
+    base: dict[str, float] = {}
+
+    def row(name: str, model: nn.Module, **extra: Any) -> dict[str, Any]:
+        model.eval()
+        result = {"section": "resnet-decompose", "model": name,
+                  "params": sum(p.numel() for p in model.parameters()),
+                  "mflops": round(count_flops(model, x1) / 1e6, 2),
+                  "test_accuracy": round(evaluate(model, test)["accuracy"], 4),
+                  "val_accuracy": round(evaluate(model, val)["accuracy"], 4), **extra}
+        for label, x in (("b1", x1), ("b64", x64)):
+            ms = measure_latency(model, x, repeats=30, warmup=5).median_ms
+            base.setdefault(label, ms)
+            result[f"latency_{label}_ms"] = round(ms, 3)
+            result[f"speedup_{label}"] = round(base[label] / ms, 2)
+        base.setdefault("mflops", result["mflops"])
+        result["macs_ratio"] = round(base["mflops"] / result["mflops"], 2)
+        print(json.dumps(result), flush=True)
+        return result
+
+    rows.append(row("resnet-small (fp32)", teacher))
+    student = copy.deepcopy(teacher)
+    decomposition = ConvDecomposition(method=args.conv_method, param_ratio=args.conv_ratio)
+    result = ts.apply_(student, decomposition, targets=ts.Select(types=("Conv2d",),
+                                                                 exclude=("stem.*",)))
+    rows.append(row(f"{args.conv_method} convs at {args.conv_ratio} of weights, no fine-tune",
+                    student, decomposed=len(result["ranks"])))
+    config = make_train_config(epochs=args.resnet_epochs, batch_size=128, lr=0.01, momentum=0.9,
+                               weight_decay=5e-4, schedule="cosine", seed=0)
+    loss = DistillationLoss(teacher, temperature=4.0, alpha=0.5)
+    start = time.perf_counter()
+    Trainer(student, TensorLoader(data.train, batch_size=128, shuffle=True, seed=0), config=config,
+            val_loader=val, loss=loss, progress=False).fit()
+    rows.append(row(f"{args.conv_method} convs, distilled {args.resnet_epochs} epochs", student,
+                    train_minutes=round((time.perf_counter() - start) / 60, 2)))
+    ts.save(student, Path(args.out) / "resnet-decomposed.slim")
+    return rows
+
+
 # ------------------------------------------------------------------------------ main
 def print_table(rows: list[dict[str, Any]]) -> None:
     keys = sorted({key for row in rows for key in row} - {"section"})
@@ -122,6 +307,14 @@ def main() -> None:
     parser.add_argument("--hinton-epochs", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=20.0)
     parser.add_argument("--alpha", type=float, default=0.1, help="hard-label weight (hinton)")
+    parser.add_argument("--seq-train", type=int, default=48, help="token cap when distilling")
+    parser.add_argument("--minilm-epochs", type=int, default=4)
+    parser.add_argument("--minilm-lr", type=float, default=1e-4)
+    parser.add_argument("--resnet", default="runs/bench-foundation/resnet-small/model.slim",
+                        help="trained resnet-small artifact (trained here if missing)")
+    parser.add_argument("--conv-method", default="tucker", choices=["tucker", "spatial", "depthwise"])
+    parser.add_argument("--conv-ratio", type=float, default=0.4)
+    parser.add_argument("--resnet-epochs", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

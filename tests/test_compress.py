@@ -121,7 +121,8 @@ def test_factorize_cli_distils_from_the_original_and_writes_a_loadable_model(
     baseline = run / "out" / "stages" / "00-baseline.slim"
     out = tmp_path / "factorized"
     assert main(["factorize", str(baseline), "--dataset", "digits", "--linear-param-ratio", "0.4",
-                 "--exclude", "fc3", "--epochs", "8", "--lr", "0.05", "--out", str(out), "--no-progress"]) == 0
+                 "--exclude", "fc3", "--epochs", "8", "--lr", "0.05", "--out", str(out),
+                 "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["low_rank", "fine_tune"]
     assert report["stages"][1]["distill"]["teacher"] == "original"

@@ -133,7 +133,7 @@ def test_unknown_structural_edit_is_a_clear_artifact_error(tmp_path: Path) -> No
     tensors, document = read_checked(path)
     document["edits"][0]["kind"] = "mystery_edit"
     write_checked(path, tensors, document)
-    with pytest.raises(ArtifactError, match="mystery_edit.*upgrade torchslim"):
+    with pytest.raises(ArtifactError, match=r"mystery_edit.*upgrade torchslim"):
         artifact.load(path)
 
 

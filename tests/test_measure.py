@@ -59,3 +59,13 @@ def test_compare_gives_ratios_before_over_after() -> None:
                      {"accuracy": 0.9, "params": 25, "median_ms": 2.0, "flops": 10})
     assert result == {"accuracy_delta": 0.0, "accuracy_retention": 1.0, "params_ratio": 4.0,
                       "flops_ratio": 1.0, "median_ms_ratio": 2.0}
+
+
+def test_probe_accuracy_separates_separable_features_and_not_noise() -> None:
+    from torchslim.measure import probe_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 2
+    separable = torch.randn(200, 8, generator=generator) + 3 * labels[:, None].float()
+    assert probe_accuracy(separable, labels) > 0.95
+    assert probe_accuracy(torch.randn(200, 8, generator=generator), labels) < 0.7

@@ -23,12 +23,12 @@ from torchslim import artifact
 from torchslim.api import apply_, finalize_
 from torchslim.clustering import keep_shared_
 from torchslim.data import Dataset, TensorLoader, load_dataset
+from torchslim.distillation import Distill, DistillationLoss
 from torchslim.errors import ConfigError
 from torchslim.models import create_model, dataset_for, get_entry, spec_of
 from torchslim.pruning import GradualPruning, WeightPruning
 from torchslim.pruning.schedules import iterative_sparsities, rewind_
 from torchslim.pruning.unstructured import set_mask_
-from torchslim.distillation import Distill, DistillationLoss
 from torchslim.recipe import (
     STRUCTURAL_STAGES,
     EncodeStage,
@@ -209,8 +209,9 @@ class CompressionRun:
             return {"distill": config.distill.to_dict()} if config.distill else {}
         if stage.kind in STRUCTURAL_STAGES:
             result = apply_(model, config, targets=stage.targets)
-            for name in result["ranks"]:  # replaced layers: their constraints went with them
-                constraints.pop(name, None)
+            for name in result["replaced"]:  # replaced layers: their constraints went with them
+                for layer in [c for c in constraints if c == name or c.startswith(name + ".")]:
+                    del constraints[layer]
             return result
         if stage.kind == "cluster":
             result = apply_(model, config, targets=stage.targets)

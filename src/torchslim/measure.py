@@ -31,6 +31,7 @@ __all__ = [
     "file_bytes",
     "measure_latency",
     "num_threads",
+    "probe_accuracy",
 ]
 
 
@@ -170,3 +171,20 @@ def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
         if key in before and key in after and after[key]:
             result[f"{key}_ratio"] = round(before[key] / after[key], 4)
     return result
+
+
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor | Any, *, folds: int = 5,
+                   seed: int = 0) -> float:
+    """Mean k-fold accuracy of a logistic-regression probe on frozen features (scikit-learn).
+
+    How sentence-embedding models are judged without a task head: the embedding is good for a
+    task when a linear classifier on it separates the labels.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    x = features.detach().cpu().float().numpy() if isinstance(features, torch.Tensor) else features
+    y = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    scores = cross_val_score(LogisticRegression(max_iter=2000), x, y, cv=splitter)
+    return float(scores.mean())

@@ -12,7 +12,7 @@ stages:
   - fine_tune: {epochs: 3, lr: 0.001}
   - encode: {coder: auto}
 ```
-Structural stages (`low_rank`, `decompose_conv`) replace layers; a `fine_tune` (or `distill`)
+Structural stages (`low_rank`, `decompose_conv`, `drop_layers`) replace layers; a `fine_tune` (or `distill`)
 stage with a `distill: {teacher: original, temperature: 4, alpha: 0.5}` block trains against a
 teacher, `original` being the model the run started from.
 Unknown keys, unknown stage names and bad values fail on load, listing what is valid; each
@@ -34,6 +34,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from torchslim.clustering import WeightSharing
 from torchslim.config import TechniqueConfig, build_config, validated
+from torchslim.depth import LayerDropping
 from torchslim.distillation import Distill
 from torchslim.errors import ConfigError
 from torchslim.lowrank import ConvDecomposition, LowRank
@@ -41,8 +42,8 @@ from torchslim.pruning import WeightPruning
 from torchslim.select import Select
 from torchslim.training import TrainConfig
 
-__all__ = ["RECIPE_VERSION", "DistillStage", "EncodeStage", "FineTune", "GradualPrune", "IterativePrune", "Recipe",
-           "Stage", "load_recipe", "parse_recipe"]
+__all__ = ["RECIPE_VERSION", "DistillStage", "EncodeStage", "FineTune", "GradualPrune",
+           "IterativePrune", "Recipe", "Stage", "load_recipe", "parse_recipe"]
 
 RECIPE_VERSION = 1
 
@@ -104,8 +105,8 @@ class DistillStage(FineTune):
 
 STAGE_TYPES: dict[str, type] = {cls.kind: cls for cls in (
     WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune,
-    DistillStage, LowRank, ConvDecomposition)}
-STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv"})
+    DistillStage, LowRank, ConvDecomposition, LayerDropping)}
+STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers"})
 
 
 @dataclass(frozen=True)

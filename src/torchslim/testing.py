@@ -47,7 +47,7 @@ class TinyConvNet(nn.Module):
         return out
 
 
-def RankOneConv(in_channels: int = 3, out_channels: int = 5, kernel: int = 3) -> nn.Conv2d:  # noqa: N802
+def RankOneConv(in_channels: int = 3, out_channels: int = 5, kernel: int = 3) -> nn.Conv2d:
     """A conv whose every input channel's kernel is rank one over (out, k·k): exactly
     depthwise-separable, so the depthwise replacement must reproduce it."""
     conv = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2)

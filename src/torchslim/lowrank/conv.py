@@ -95,7 +95,8 @@ def build_decomposed(conv: nn.Conv2d, method: ConvMethod, ranks: tuple[int, ...]
     """The chain replacing `conv` with these ranks, randomly initialised (shapes only)."""
     out_ch, in_ch = conv.out_channels, conv.in_channels
     kh, kw = conv.kernel_size
-    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation  # type: ignore[misc]
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    ph, pw = (int(p) for p in conv.padding)  # explicit ints: _check refuses string padding
     bias = conv.bias is not None
     if method == ConvMethod.TUCKER:
         r_out, r_in = ranks
@@ -158,11 +159,12 @@ def decompose_conv(conv: nn.Conv2d, method: ConvMethod | str, ranks: tuple[int, 
     method = ConvMethod(method)
     chain = build_decomposed(conv, method, tuple(ranks))
     weights = _fitted_weights(weight_of(conv), method, tuple(ranks))
+    convs = [layer for layer in chain if isinstance(layer, nn.Conv2d)]
     with torch.no_grad():
-        for layer, value in zip(chain, weights, strict=True):
+        for layer, value in zip(convs, weights, strict=True):
             layer.weight.copy_(value.float())
-        if conv.bias is not None:
-            chain[-1].bias.copy_(conv.bias)
+        if conv.bias is not None and convs[-1].bias is not None:
+            convs[-1].bias.copy_(conv.bias)
     return chain.to(conv.weight.device)
 
 
@@ -251,12 +253,14 @@ def decompose_convs_(model: nn.Module, config: ConvDecomposition, *, targets: Se
     plan, skipped = _plan(model, config, targets)
     before = sum(p.numel() for p in model.parameters())
     for name, ranks in plan.items():
-        replace_module_(model, name, decompose_conv(model.get_submodule(name), config.method, ranks))
+        conv = model.get_submodule(name)
+        assert isinstance(conv, nn.Conv2d)  # checked by _plan
+        replace_module_(model, name, decompose_conv(conv, config.method, ranks))
         record_edit_(model, {"kind": "decompose_conv", "layer": name,
                              "method": config.method.value, "ranks": list(ranks)})
     after = sum(p.numel() for p in model.parameters())
     return {"ranks": {n: list(r) for n, r in plan.items()}, "skipped": skipped,
-            "params_before": before, "params_after": after}
+            "replaced": list(plan), "params_before": before, "params_after": after}
 
 
 def _replay(model: nn.Module, edit: Edit) -> None:

