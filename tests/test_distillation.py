@@ -45,7 +45,8 @@ def test_alpha_mixes_hard_and_soft_terms() -> None:
     with torch.no_grad():
         out = student(x)
     hard = float(F.cross_entropy(out, labels))
-    soft = float(soft_target_loss(out, teacher(x), 4.0))
+    with torch.no_grad():
+        soft = float(soft_target_loss(out, teacher(x), 4.0))
     mixed = _bound(DistillationLoss(teacher, temperature=4.0, alpha=0.3), student, x)
     assert float(mixed(out, labels, x)) == pytest.approx(0.3 * hard + 0.7 * soft, rel=1e-5)
     only_hard = _bound(DistillationLoss(teacher, alpha=1.0), student, x)

@@ -14,6 +14,9 @@ def test_shipped_recipes_validate() -> None:
         recipe = load_recipe(f"examples/recipes/{name}.yaml")
         assert [s.kind for s in recipe.stages][-1] == "encode"
         assert recipe.baseline is not None and recipe.baseline.epochs > 0
+    recipe = load_recipe("examples/recipes/resnet_small_tucker_distill.yaml")
+    assert [s.kind for s in recipe.stages] == ["decompose_conv", "fine_tune"]
+    assert recipe.stages[1].config.distill.teacher == "original"
 
 
 @pytest.mark.parametrize(("change", "message"), [
