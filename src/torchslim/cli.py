@@ -89,14 +89,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_compress(args)
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
+def _run_recipe(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Run a recipe on `args.model` into `args.out`; prints the stage table."""
     from torchslim.compress import CompressionRun
-    from torchslim.recipe import load_recipe
 
-    run = CompressionRun(load_recipe(args.recipe), args.out, model_source=args.model,
-                         resume=args.resume, progress=not args.no_progress)
+    run = CompressionRun(recipe, args.out, model_source=args.model, resume=args.resume,
+                         progress=not args.no_progress)
     report = run.run()
     _print_table(report)
+    return report
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from torchslim.recipe import load_recipe
+
+    report = _run_recipe(load_recipe(args.recipe), args)
     ratios = report["comparison"]
     print(f"\n{ratios.get('bytes_ratio', 0):.1f}x smaller on disk than the dense fp32 baseline, "
           f"test accuracy {100 * report['final']['test_accuracy']:.2f}% (baseline "
@@ -146,16 +153,13 @@ def cmd_factorize(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from torchslim.compress import CompressionRun
     from torchslim.recipe import parse_recipe
 
     data = factorize_recipe(args)
     recipe = parse_recipe(data)
-    run = CompressionRun(recipe, args.out, model_source=args.model, resume=args.resume,
-                         progress=not args.no_progress)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    report = run.run()
-    _print_table(report)
+    report = _run_recipe(recipe, args)
     ratios = report["comparison"]
     print(f"\n{ratios.get('params_ratio', 0):.2f}x fewer parameters, "
           f"{ratios.get('flops_ratio', 0):.2f}x fewer FLOPs, test accuracy "

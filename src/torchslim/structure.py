@@ -17,8 +17,8 @@ from torch import nn
 
 from torchslim.errors import ArtifactError, ConfigError
 
-__all__ = ["Edit", "edits_of", "record_edit_", "register_edit", "replace_module_",
-           "replay_edits_"]
+__all__ = ["Edit", "edits_of", "record_edit_", "register_edit", "replace_layers_",
+           "replace_module_", "replay_edits_"]
 
 EDITS_ATTRIBUTE = "torchslim_edits"
 Edit = dict[str, Any]
@@ -54,6 +54,21 @@ def replace_module_(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, new)
     return old
+
+
+def replace_layers_(model: nn.Module, names: list[str],
+                    build: Callable[[str, nn.Module], tuple[nn.Module, Edit]]) -> dict[str, Any]:
+    """Swap each layer `name` for `build(name, layer)`'s module and record its edit.
+
+    Returns the names replaced and the model's parameter count before and after.
+    """
+    before = sum(p.numel() for p in model.parameters())
+    for name in names:
+        new, edit = build(name, model.get_submodule(name))
+        replace_module_(model, name, new)
+        record_edit_(model, edit)
+    return {"replaced": list(names), "params_before": before,
+            "params_after": sum(p.numel() for p in model.parameters())}
 
 
 def replay_edits_(model: nn.Module, edits: Any, *, source: str = "artifact") -> nn.Module:

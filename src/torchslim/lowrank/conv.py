@@ -29,7 +29,7 @@ from torchslim.lowrank.ranks import energy_rank, svd_factors
 from torchslim.parametrized import weight_of
 from torchslim.registry import register_technique
 from torchslim.select import Select
-from torchslim.structure import Edit, record_edit_, register_edit, replace_module_
+from torchslim.structure import Edit, register_edit, replace_layers_, replace_module_
 
 __all__ = ["ConvDecomposition", "ConvMethod", "DecomposedConv", "decompose_conv",
            "decompose_convs_"]
@@ -251,16 +251,15 @@ def decompose_convs_(model: nn.Module, config: ConvDecomposition, *, targets: Se
                      calibration: Any = None) -> dict[str, Any]:
     """Handler of `ConvDecomposition`: replace the selected convs in place."""
     plan, skipped = _plan(model, config, targets)
-    before = sum(p.numel() for p in model.parameters())
-    for name, ranks in plan.items():
-        conv = model.get_submodule(name)
+
+    def build(name: str, conv: nn.Module) -> tuple[nn.Module, Edit]:
         assert isinstance(conv, nn.Conv2d)  # checked by _plan
-        replace_module_(model, name, decompose_conv(conv, config.method, ranks))
-        record_edit_(model, {"kind": "decompose_conv", "layer": name,
-                             "method": config.method.value, "ranks": list(ranks)})
-    after = sum(p.numel() for p in model.parameters())
+        return (decompose_conv(conv, config.method, plan[name]),
+                {"kind": "decompose_conv", "layer": name, "method": config.method.value,
+                 "ranks": list(plan[name])})
+
     return {"ranks": {n: list(r) for n, r in plan.items()}, "skipped": skipped,
-            "replaced": list(plan), "params_before": before, "params_after": after}
+            **replace_layers_(model, list(plan), build)}
 
 
 def _replay(model: nn.Module, edit: Edit) -> None:

@@ -22,7 +22,7 @@ from torchslim.lowrank.ranks import break_even_rank, energy_rank, param_ratio_ra
 from torchslim.parametrized import weight_of
 from torchslim.registry import register_technique
 from torchslim.select import Select
-from torchslim.structure import Edit, record_edit_, register_edit, replace_module_
+from torchslim.structure import Edit, register_edit, replace_layers_, replace_module_
 
 __all__ = ["FactorizedLinear", "LowRank", "factorize_linear", "factorize_linears_"]
 
@@ -145,15 +145,13 @@ def factorize_linears_(model: nn.Module, config: LowRank, *, targets: Select,
                        calibration: Any = None) -> dict[str, Any]:
     """Handler of `LowRank`: split the selected Linears in place; returns ranks and skips."""
     ranks, skipped = _plan(model, config, targets)
-    before = sum(p.numel() for p in model.parameters())
-    for name, rank in ranks.items():
-        layer = model.get_submodule(name)
+
+    def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
         assert isinstance(layer, nn.Linear)  # checked by _plan
-        replace_module_(model, name, factorize_linear(layer, rank))
-        record_edit_(model, {"kind": "low_rank_linear", "layer": name, "rank": rank})
-    after = sum(p.numel() for p in model.parameters())
-    return {"ranks": ranks, "skipped": skipped, "replaced": list(ranks), "params_before": before,
-            "params_after": after}
+        return (factorize_linear(layer, ranks[name]),
+                {"kind": "low_rank_linear", "layer": name, "rank": ranks[name]})
+
+    return {"ranks": ranks, "skipped": skipped, **replace_layers_(model, list(ranks), build)}
 
 
 def _replay(model: nn.Module, edit: Edit) -> None:
