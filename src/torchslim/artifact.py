@@ -5,6 +5,10 @@ edits made to it (factorized or decomposed layers, as JSON; see `torchslim.struc
 tensor of its state_dict; `load` rebuilds the architecture, replays the edits and fills it in,
 so loading a file from anywhere never runs code from that file.
 
+Version 2 holds an int8 model converted for onnxruntime: the ONNX program's bytes as one uint8
+tensor, with the quantization report and the counts of the float model in the JSON spec; it
+loads as an `OrtModule`. ONNX protobufs are parsed, never executed as code.
+
 Version 0 stores every tensor dense. Version 1 (`save(..., encode=Encoding())`) is the Deep
 Compression file: each weight matrix/kernel is stored as its sparse index plus codebook indices
 (or raw values), entropy coded by `torchslim.encoding`, in one byte payload whose layout the
@@ -35,8 +39,10 @@ __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "Encoding", "load", "read_meta
 ARTIFACT_FORMAT = "torchslim.artifact"
 ARTIFACT_VERSION = 0  # dense tensors
 ENCODED_VERSION = 1  # Deep Compression payload
-READABLE_VERSIONS = (ARTIFACT_VERSION, ENCODED_VERSION)
+PROGRAM_VERSION = 2  # an ONNX program run by onnxruntime (int8 models)
+READABLE_VERSIONS = (ARTIFACT_VERSION, ENCODED_VERSION, PROGRAM_VERSION)
 PAYLOAD = "payload"
+PROGRAM = "onnx"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,6 +166,9 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
         True
     """
     spec = spec or spec_of(model)
+    program = getattr(model, "program", None)
+    if isinstance(program, bytes):
+        return _save_program(model, program, Path(path), spec, metadata)
     document: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION if encoding is None else ENCODED_VERSION,
@@ -177,6 +186,42 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
         tensors = {PAYLOAD: payload}
     write_checked(Path(path), tensors, document)
     return Path(path)
+
+
+def _save_program(model: nn.Module, program: bytes, path: Path, spec: ModelSpec,
+                  metadata: dict[str, Any] | None) -> Path:
+    document = {
+        "format": ARTIFACT_FORMAT, "version": PROGRAM_VERSION, "model": spec.to_dict(),
+        "torchslim_version": __version__, "torch_version": torch.__version__,
+        "metadata": metadata or {},
+        "runtime": {"backend": "onnxruntime", "weight_count": getattr(model, "weight_count", 0),
+                    "flops_per_sample": getattr(model, "flops_per_sample", 0),
+                    "report": getattr(model, "report", {})},
+    }
+    tensor = torch.frombuffer(bytearray(program), dtype=torch.uint8).clone()
+    write_checked(path, {PROGRAM: tensor}, document)
+    return path
+
+
+def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> nn.Module:
+    from torchslim.quantization.runtime import OrtModule
+
+    runtime = document.get("runtime")
+    if set(tensors) != {PROGRAM} or not isinstance(runtime, dict):
+        raise ArtifactError(f"{path} is an int8 program artifact without its program; it is corrupt")
+    try:
+        model = OrtModule(tensors[PROGRAM].numpy().tobytes(),
+                          weight_count=int(runtime.get("weight_count", 0)),
+                          flops=int(runtime.get("flops_per_sample", 0)))
+        model.report = dict(runtime.get("report") or {})
+        setattr(model, "torchslim_spec", ModelSpec.from_dict(document["model"]))  # noqa: B010
+        model.session()  # parse now: a damaged program fails here, not on first use
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path}: the int8 program cannot be loaded ({exc})") from exc
+    except Exception as exc:  # onnxruntime's own errors (invalid protobuf, ...)
+        raise ArtifactError(f"{path}: onnxruntime rejects the program ({str(exc)[:200]}); the "
+                            "file is corrupt or needs a newer onnxruntime") from exc
+    return model.eval()
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -220,6 +265,8 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     """
     path = Path(path)
     tensors, document = _read(path)
+    if document["version"] == PROGRAM_VERSION:
+        return _load_program(path, tensors, document)
     if model is None:
         try:
             model = build_model(ModelSpec.from_dict(document["model"]))

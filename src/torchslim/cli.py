@@ -169,6 +169,24 @@ def cmd_factorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from torchslim.workflows import quantize_job
+
+    report = quantize_job(args.model, method=args.method, out=args.out, dataset=args.calibration,
+                          bits=args.bits, calibrate=args.calibrate,
+                          per_channel=not args.per_tensor, calibration_batches=args.batches,
+                          threads=args.threads)
+    _print_table(report)
+    quant = report["quantization"]
+    print(f"\nint8 ops: {quant['int8_ops']}; left in float: {quant['float_ops'] or 'none'}")
+    ratios = report["comparison"]
+    print(f"{ratios.get('bytes_ratio', 0):.2f}x smaller on disk, "
+          f"{ratios.get('latency_b1_ms_ratio', 0):.2f}x / {ratios.get('latency_batch_ms_ratio', 0):.2f}x "
+          f"faster at batch 1 / {report['after'].get('latency_batch')}  ->  {args.out}/model.slim, "
+          f"{args.out}/report.md")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from torchslim.inspect import inspect_artifact
 
@@ -226,7 +244,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     inputs = example_inputs(spec_of(model), args.batch)
     latency = measure_latency(model, inputs, threads=args.threads, warmup=args.warmup,
                               repeats=args.repeats)
-    result = {"model": args.model, **latency.to_dict()}
+    from torchslim.workflows import backend_of
+
+    result = {"model": args.model, "backend": backend_of(model), **latency.to_dict()}
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -297,6 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
     factorize.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
     factorize.add_argument("--no-progress", action="store_true", help="hide progress bars")
     factorize.set_defaults(func=cmd_factorize)
+
+    quantize = commands.add_parser(
+        "quantize", help="int8 post-training quantization executed by onnxruntime",
+        description="Convert a model to int8 (dynamic: int8 weights, activations quantized at "
+        "run time; static: calibrated int8 activations too, per-channel weights) and write "
+        "OUT/model.slim, which evaluate and bench run on onnxruntime's int8 kernels.")
+    quantize.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="a .slim file or a model name")
+    quantize.add_argument("--method", default="dynamic",
+                          choices=["dynamic", "static", "qat", "binary", "ternary"])
+    quantize.add_argument("--bits", type=int, default=8, help="8 (the int8 kernels' width)")
+    quantize.add_argument("--calibration", choices=dataset_names(), metavar="DATASET",
+                          help="dataset whose training split calibrates (default: the model's)")
+    quantize.add_argument("--calibrate", default="minmax", choices=["minmax", "entropy", "percentile"])
+    quantize.add_argument("--batches", type=int, default=8, help="calibration batches of 64")
+    quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
+    quantize.add_argument("--threads", type=int, help="threads for the latency measurement")
+    quantize.add_argument("--out", required=True, help="output folder")
+    quantize.set_defaults(func=cmd_quantize)
 
     inspect = commands.add_parser("inspect", help="per-layer sparsity, bits and bytes of a file",
                                   description="Show how an artifact stores each tensor.")

@@ -19,7 +19,11 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     document = read_metadata(path)
     tensors = []
     stored = 0
-    if document["version"] == 0:
+    if document["version"] == 2:
+        raw, _ = read_checked(path)
+        tensors = _program_tensors(raw["onnx"].numpy().tobytes())
+        stored = sum(t["bytes"] for t in tensors)
+    elif document["version"] == 0:
         raw, _ = read_checked(path)
         for name, tensor in raw.items():
             size = tensor.numel() * tensor.element_size()
@@ -48,7 +52,22 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
             tensors.append({"name": name, "shape": shape, "sparsity": sparsity, "bits": bits,
                             "layout": layout, "coders": coders, "streams": streams, "bytes": total})
     size = path.stat().st_size
-    if document["version"] != 0:  # the layout itself is stored in the payload, zstd-compressed
+    if document["version"] == 1:  # the layout itself is stored in the payload, zstd-compressed
         stored += int(document["payload"]["layout_span"][1])
     return {"model": document["model"]["name"], "version": document["version"], "bytes": size,
             "tensor_bytes": stored, "header_bytes": size - stored, "tensors": tensors}
+
+
+def _program_tensors(program: bytes) -> list[dict[str, Any]]:
+    """The weights (initializers) of an ONNX program: int8 weights show 8 bits."""
+    import onnx
+    from onnx import numpy_helper
+
+    rows = []
+    for init in onnx.load_from_string(program).graph.initializer:
+        array = numpy_helper.to_array(init)
+        rows.append({"name": init.name, "shape": list(array.shape),
+                     "sparsity": float((array == 0).sum()) / max(1, array.size),
+                     "bits": array.dtype.itemsize * 8, "layout": f"onnx {array.dtype}",
+                     "coders": "", "streams": {"raw": array.nbytes}, "bytes": array.nbytes})
+    return rows

@@ -66,7 +66,13 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
-    """(total, non-zero) parameter counts; shared parameters are counted once."""
+    """(total, non-zero) parameter counts; shared parameters are counted once.
+
+    A converted model (an ONNX Runtime program) reports the counts of the model it came from.
+    """
+    weight_count = getattr(model, "weight_count", None)
+    if isinstance(weight_count, int) and weight_count > 0:
+        return weight_count, weight_count
     params = list(model.parameters())  # nn.Module.parameters() already de-duplicates
     total = sum(p.numel() for p in params)
     nonzero = sum(int(torch.count_nonzero(p.detach())) for p in params)
@@ -80,6 +86,9 @@ def file_bytes(path: str | Path) -> int:
 
 def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
     """FLOPs of one forward pass on `inputs` (a multiply-add counts 2); MACs = FLOPs / 2."""
+    per_sample = getattr(model, "flops_per_sample", None)
+    if isinstance(per_sample, int) and per_sample > 0:  # a converted model: counted before
+        return per_sample * int(inputs.shape[0])
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
@@ -157,7 +166,8 @@ def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
 
     Keys present in both are compared: `accuracy` gives `accuracy_delta` (after - before, in
     fraction points) and `accuracy_retention` (after / before); `params`, `nonzero_params`,
-    `bytes`, `flops` and `median_ms` give `<key>_ratio` = before / after.
+    `bytes`, `flops`, `median_ms`, `latency_b1_ms` and `latency_batch_ms` give `<key>_ratio` =
+    before / after (for latencies: the speedup).
 
     Example:
         >>> compare({"accuracy": 0.98, "bytes": 1000}, {"accuracy": 0.97, "bytes": 250})
@@ -167,7 +177,8 @@ def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
     if "accuracy" in before and "accuracy" in after:
         result["accuracy_delta"] = round(after["accuracy"] - before["accuracy"], 6)
         result["accuracy_retention"] = round(after["accuracy"] / before["accuracy"], 4)
-    for key in ("params", "nonzero_params", "bytes", "flops", "median_ms"):
+    for key in ("params", "nonzero_params", "bytes", "flops", "median_ms", "latency_b1_ms",
+                "latency_batch_ms"):
         if key in before and key in after and after[key]:
             result[f"{key}_ratio"] = round(before[key] / after[key], 4)
     return result

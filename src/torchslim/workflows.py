@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from torchslim import artifact
+from torchslim.config import build_config
 from torchslim.data import Dataset, TensorLoader, load_dataset
 from torchslim.errors import ConfigError
 from torchslim.measure import (
@@ -35,7 +36,7 @@ from torchslim.models import (
 from torchslim.report import write_report
 from torchslim.training import TrainConfig, Trainer, make_train_config
 
-__all__ = ["load_model_or_artifact", "measure_model", "train_model"]
+__all__ = ["backend_of", "load_model_or_artifact", "measure_model", "quantize_job", "train_model"]
 
 
 def load_model_or_artifact(source: str) -> tuple[nn.Module, Path | None]:
@@ -47,6 +48,11 @@ def load_model_or_artifact(source: str) -> tuple[nn.Module, Path | None]:
         return artifact.load(path), path
     raise ConfigError(f"{source!r} is neither an artifact file nor a registered model; known "
                       f"models: {', '.join(model_names())}")
+
+
+def backend_of(model: nn.Module) -> str:
+    """Which engine runs the model's forward: `onnxruntime` (int8 programs) or `torch`."""
+    return "onnxruntime" if isinstance(getattr(model, "program", None), bytes) else "torch"
 
 
 def artifact_bytes(model: nn.Module, path: Path | None) -> int:
@@ -64,6 +70,7 @@ def measure_model(model: nn.Module, *, path: Path | None = None, data: Dataset |
     spec = spec_of(model)
     total, nonzero = count_params(model)
     result: dict[str, Any] = {
+        "backend": backend_of(model),
         "params": total, "nonzero_params": nonzero, "bytes": artifact_bytes(model, path),
         "flops": count_flops(model, example_inputs(spec, 1)),
     }
@@ -124,5 +131,52 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
     rows = [{"name": f"{model_name} before training", **initial},
             {"name": f"{model_name} trained ({trainer.start_epoch} epochs)", **final}]
     write_report(out, report, title=f"torchslim train: {model_name} on {dataset}", rows=rows)
+    report["rows"] = rows
+    return report
+
+
+def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | None = None,
+                 bits: int = 8, calibrate: str = "minmax", per_channel: bool = True,
+                 calibration_batches: int = 8, seed: int = 0, threads: int | None = None
+                 ) -> dict[str, Any]:
+    """Quantize a model or artifact to int8, save `out/model.slim`, measure both; the report.
+
+    Calibration batches come from the training split of `dataset` (default: the model's own);
+    accuracy is measured on its test split, before and after, in the same run.
+    """
+    from torchslim.quantization import Quantization, quantize_model
+
+    if method in ("qat", "binary", "ternary"):
+        raise ConfigError(f"--method {method} is not available in this torchslim version yet; "
+                          "use dynamic or static (post-training int8)")
+    config = build_config(Quantization, {
+        "method": method, "bits": bits, "calibrate": calibrate, "per_channel": per_channel,
+        "calibration_batches": calibration_batches})
+    model, path = load_model_or_artifact(source)
+    spec = spec_of(model)
+    name = dataset or get_entry(spec.name).default_dataset
+    data = load_dataset(name, seed=seed) if name else None
+    if data is None and method == "static":
+        raise ConfigError(f"static quantization needs calibration data and model {spec.name!r} "
+                          "has no default dataset; pass --calibration DATASET")
+    calibration = None
+    if data is not None:
+        loader = TensorLoader(data.train, batch_size=64, shuffle=True, seed=seed)
+        calibration = [inputs for _, (inputs, _) in zip(range(calibration_batches), loader,
+                                                        strict=False)]
+    quantized = quantize_model(model, config, example_inputs=example_inputs(spec, 2),
+                               calibration=calibration)
+    out = Path(out)
+    saved = artifact.save(quantized, out / "model.slim", metadata={
+        "source": source, "quantization": config.to_dict(), "dataset": name})
+    before = measure_model(model, path=path, data=data, threads=threads)
+    after = measure_model(quantized, path=saved, data=data, threads=threads)
+    report: dict[str, Any] = {
+        "model": spec.name, "source": source, "dataset": name, "config": config.to_dict(),
+        "quantization": quantized.report, "before": before, "after": after,
+        "comparison": compare(before, after), "artifact": str(saved)}
+    rows = [{"name": f"{spec.name} fp32 (torch)", **before},
+            {"name": f"{spec.name} int8 {method} (onnxruntime)", **after}]
+    write_report(out, report, title=f"torchslim quantize: {spec.name}, {method} int8", rows=rows)
     report["rows"] = rows
     return report

@@ -1,0 +1,101 @@
+"""Post-training int8 quantization: one config, one call, a model that runs int8 kernels.
+
+`quantize_model(model, Quantization(method="static"), calibration=batches)` exports the model,
+quantizes it with onnxruntime (see `torchslim.quantization.runtime` for why that runtime) and
+returns an `OrtModule`. Unlike `apply_`, this is a conversion, not an in-place edit: the result
+is a different kind of module (an ONNX program), so it is returned and the float model is kept.
+The report says which ops run in int8 and which stayed float (never a float model called int8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import StrEnum
+from typing import Any
+
+import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+from torchslim.config import TechniqueConfig, validated
+from torchslim.errors import ConfigError
+from torchslim.quantization.runtime import OrtModule, export_onnx, quantize_onnx
+
+__all__ = ["Calibrate", "QuantMethod", "Quantization", "quantize_model"]
+
+
+class QuantMethod(StrEnum):
+    DYNAMIC = "dynamic"  # int8 weights; activations quantized per batch at run time
+    STATIC = "static"  # int8 weights and calibrated int8 activations (QDQ)
+
+
+class Calibrate(StrEnum):
+    MINMAX = "minmax"
+    ENTROPY = "entropy"  # KL divergence (TensorRT-style)
+    PERCENTILE = "percentile"
+
+
+@validated
+@dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class Quantization(TechniqueConfig):
+    """Int8 post-training quantization executed by onnxruntime.
+
+    Attributes:
+        method: dynamic | static.
+        bits: weight/activation width; the int8 kernels need 8.
+        per_channel: one weight scale per output channel (else per tensor).
+        calibrate: how static activation ranges are chosen: minmax | entropy | percentile.
+        calibration_batches: batches of the training split used to calibrate.
+    """
+
+    kind = "quantize"
+
+    method: QuantMethod = QuantMethod.DYNAMIC
+    bits: int = Field(default=8, ge=2, le=8)
+    per_channel: bool = True
+    calibrate: Calibrate = Calibrate.MINMAX
+    calibration_batches: int = Field(default=8, ge=1)
+
+    def __post_init__(self) -> None:
+        if self.bits != 8:
+            raise ConfigError(f"bits={self.bits}: the int8 kernels that execute {self.method.value} "
+                              "quantization are 8-bit; use bits=8")
+
+
+def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: torch.Tensor,
+                   calibration: Iterable[torch.Tensor] | None = None) -> OrtModule:
+    """An int8 `OrtModule` computing what `model` computes.
+
+    Args:
+        model: the float model (left unchanged).
+        config: the quantization options.
+        example_inputs: one input batch (shapes and dtypes for export).
+        calibration: input batches (static only; at most `config.calibration_batches` used).
+
+    Raises:
+        ConfigError: static without calibration data, or nothing quantizable.
+        UnsupportedModuleError: the model cannot be exported.
+    """
+    from torchslim.measure import count_flops, count_params
+
+    batches = None
+    if config.method == QuantMethod.STATIC:
+        batches = [b for _, b in zip(range(config.calibration_batches), calibration or [],
+                                     strict=False)]
+    program = export_onnx(model, example_inputs)
+    quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
+                                      per_channel=config.per_channel, calibrate=config.calibrate.value)
+    flops = count_flops(model, example_inputs[:1])
+    result = OrtModule(quantized, weight_count=count_params(model)[0], flops=flops)
+    result.report = {"backend": "onnxruntime", "method": config.method.value,
+                     "config": config.to_dict(), **report}
+    spec = getattr(model, "torchslim_spec", None)
+    if spec is not None:
+        result.torchslim_spec = spec
+    return result.eval()
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The quantization report of a converted model (empty for float models)."""
+    return dict(getattr(model, "report", {}) or {})
