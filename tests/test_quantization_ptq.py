@@ -1,0 +1,96 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim import artifact
+from torchslim.cli import main
+from torchslim.data import TensorLoader
+from torchslim.errors import ArtifactError, ConfigError
+from torchslim.measure import evaluate
+from torchslim.models import create_model
+from torchslim.quantization import Quantization, quantize_model, sqnr_db
+from torchslim.quantization.runtime import OrtModule
+from torchslim.safefile import read_checked, write_checked
+from torchslim.training import Trainer, make_train_config
+
+
+@pytest.fixture(scope="module")
+def trained(digits) -> nn.Module:
+    torch.manual_seed(0)
+    model = create_model("lenet300", pretrained=False, input_shape=(1, 8, 8), num_classes=10)
+    Trainer(model, TensorLoader(digits.train, batch_size=64, shuffle=True),
+            config=make_train_config(epochs=5, lr=0.1, batch_size=64), progress=False).fit()
+    return model.eval()
+
+
+def _calibration(digits) -> list[torch.Tensor]:
+    return [digits.train.images[i * 64:(i + 1) * 64] for i in range(4)]
+
+
+@pytest.mark.parametrize("method", ["static", "dynamic"])
+def test_int8_model_runs_integer_ops_and_matches_float(trained, digits, method: str) -> None:
+    int8 = quantize_model(trained, Quantization(method=method), example_inputs=digits.test.images[:2],
+                          calibration=_calibration(digits))
+    assert isinstance(int8, OrtModule)
+    assert int8.report["int8_ops"] and not int8.report["float_ops"]
+    x = digits.test.images[:200]
+    with torch.no_grad():
+        reference = trained(x)
+    assert sqnr_db(reference, int8(x)) > 25  # int8: well above 20 dB on logits
+    test = TensorLoader(digits.test, batch_size=500)
+    assert evaluate(int8, test)["accuracy"] >= evaluate(trained, test)["accuracy"] - 0.01
+    assert ts.measure.count_params(int8) == ts.measure.count_params(trained)
+
+
+def test_int8_artifact_is_smaller_and_loads_to_the_same_outputs(trained, digits, tmp_path: Path) -> None:
+    int8 = quantize_model(trained, Quantization(method="static"),
+                          example_inputs=digits.test.images[:2], calibration=_calibration(digits))
+    dense = ts.save(trained, tmp_path / "fp32.slim").stat().st_size
+    path = ts.save(int8, tmp_path / "int8.slim")
+    assert path.stat().st_size < dense / 3.2  # int8 weights: ~4x fewer bytes
+    reloaded = ts.load(path)
+    x = digits.test.images[:50]
+    assert torch.equal(reloaded(x), int8(x))
+    assert reloaded.report["int8_ops"] == int8.report["int8_ops"]
+    tensors, document = read_checked(path)
+    tensors["onnx"] = torch.full((500,), 0xFF, dtype=torch.uint8)  # not a protobuf
+    write_checked(path, tensors, document)
+    with pytest.raises(ArtifactError, match="onnxruntime rejects the program"):
+        artifact.load(path)
+
+
+def test_bad_requests_are_clear_errors(trained, digits) -> None:
+    with pytest.raises(ConfigError, match="needs calibration data"):
+        quantize_model(trained, Quantization(method="static"), example_inputs=digits.test.images[:2],
+                       calibration=[])
+    with pytest.raises(ConfigError, match="bits=4.*use bits=8"):
+        Quantization(bits=4)
+    with pytest.raises(ConfigError, match="less than or equal to 8"):
+        Quantization(bits=9)
+    no_weights = nn.Sequential(nn.Flatten(), nn.ReLU())
+    with pytest.raises(ConfigError, match="left every op in float"):
+        quantize_model(no_weights, Quantization(), example_inputs=torch.randn(2, 1, 8, 8))
+
+
+def test_quantize_cli_writes_an_artifact_evaluate_and_bench_run_on_int8(
+        trained, tmp_path: Path, capsys) -> None:
+    source = ts.save(trained, tmp_path / "fp32.slim")
+    out = tmp_path / "q"
+    assert main(["quantize", str(source), "--method", "static", "--calibration", "digits",
+                 "--batches", "4", "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["backend"] == "onnxruntime" and report["before"]["backend"] == "torch"
+    assert report["comparison"]["bytes_ratio"] > 3.2
+    assert report["after"]["accuracy"] >= report["before"]["accuracy"] - 0.01
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model.slim"), "--dataset", "digits", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["backend"] == "onnxruntime" and result["accuracy"] == report["after"]["accuracy"]
+    assert main(["bench", str(out / "model.slim"), "--batch", "16", "--repeats", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "onnxruntime"
+    assert main(["quantize", str(source), "--method", "qat", "--out", str(tmp_path / "x")]) == 2
+    assert "not available in this torchslim version yet" in capsys.readouterr().err
