@@ -67,7 +67,7 @@ def test_bad_requests_are_clear_errors(trained, digits) -> None:
     with pytest.raises(ConfigError, match="needs calibration data"):
         quantize_model(trained, Quantization(method="static"), example_inputs=digits.test.images[:2],
                        calibration=[])
-    with pytest.raises(ConfigError, match="bits=4.*use bits=8"):
+    with pytest.raises(ConfigError, match=r"bits=4.*use bits=8"):
         Quantization(bits=4)
     with pytest.raises(ConfigError, match="less than or equal to 8"):
         Quantization(bits=9)

@@ -140,6 +140,8 @@ def embed_texts(model: nn.Module, texts: list[str], *, batch_size: int = 64,
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             batch = tokenize(texts[start:start + batch_size], max_length=max_length)
-            parts.append(model(batch["input_ids"], batch["attention_mask"]))
+            # The mask is derived from the pad id inside the model: the same mask the tokenizer
+            # makes, and a single-input forward that exported (ONNX) models share.
+            parts.append(model(batch["input_ids"]))
     model.train(was_training)
     return torch.cat(parts)
