@@ -152,3 +152,26 @@ def test_recipe_stages_select_layers_created_by_a_structural_stage(tmp_path: Pat
     weight = model.fc1[1].weight
     assert weight.shape == (300, 8)
     assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)  # kept while distilling
+
+
+def test_quantize_and_qat_stages_end_in_an_int8_program(run: Path, tmp_path: Path, capsys) -> None:
+    baseline = run / "out" / "stages" / "00-baseline.slim"
+    recipe = {"version": 1, "dataset": "digits", "stages": [
+        {"prune": {"sparsity": 0.5}},
+        {"qat": {"epochs": 2, "lr": 0.01, "distill": {"alpha": 0.5}}}]}
+    (tmp_path / "q.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["compress", str(tmp_path / "q.yaml"), "--model", str(baseline),
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["final"]["backend"] == "onnxruntime"
+    assert report["stages"][-1]["qat"] and report["stages"][-1]["int8_ops"]
+    assert report["final"]["test_accuracy"] > report["baseline"]["test_accuracy"] - 0.03
+    assert report["comparison"]["bytes_ratio"] > 3
+    capsys.readouterr()
+    assert main(["quantize", str(baseline), "--method", "qat", "--calibration", "digits",
+                 "--epochs", "1", "--out", str(tmp_path / "cli"), "--no-progress"]) == 0
+    assert "int8 ops" in capsys.readouterr().out
+    assert artifact.read_metadata(tmp_path / "cli" / "model.slim")["version"] == 2
+    bad = {**recipe, "stages": [{"qat": {"epochs": 1}}, {"prune": {"sparsity": 0.5}}]}
+    with pytest.raises(Exception, match="must be the last stage"):
+        parse_recipe(bad)

@@ -30,11 +30,13 @@ from torchslim.pruning import GradualPruning, WeightPruning
 from torchslim.pruning.schedules import iterative_sparsities, rewind_
 from torchslim.pruning.unstructured import set_mask_
 from torchslim.recipe import (
+    CONVERSION_STAGES,
     STRUCTURAL_STAGES,
     EncodeStage,
     FineTune,
     GradualPrune,
     IterativePrune,
+    QATStage,
     Recipe,
     Stage,
 )
@@ -203,6 +205,8 @@ class CompressionRun:
         config = stage.config
         if stage.kind == "prune":
             return self._prune(model, stage, constraints)
+        if isinstance(config, QATStage):
+            raise ConfigError("qat converts the model; run it through convert()")  # pragma: no cover
         if isinstance(config, FineTune):
             self._fine_tune(model, replace(config.train), constraints, checkpoint_dir,
                             distill=config.distill)
@@ -225,6 +229,33 @@ class CompressionRun:
         if isinstance(config, EncodeStage):
             return {"coder": config.coder}
         raise ConfigError(f"no runner for stage {stage.kind!r}")  # pragma: no cover
+
+    def convert(self, index: int, stage: Stage, model: nn.Module,
+                constraints: Constraints) -> tuple[nn.Module, dict[str, Any]]:
+        """A conversion stage (quantize, qat): returns the int8 model and the summary."""
+        from torchslim.models import example_inputs
+        from torchslim.quantization import quantize_model
+        from torchslim.quantization.qat import convert_qat, prepare_qat_
+
+        config = stage.config
+        example = example_inputs(spec_of(model), 2)
+        if isinstance(config, QATStage):
+            constrain_(model, constraints)  # pruned weights stay zero while training
+            prepared = prepare_qat_(model, learn_scale=config.learn_scale)
+            loss = None
+            if config.distill is not None:
+                loss = DistillationLoss(self.teacher(config.distill.teacher),
+                                        **config.distill.loss_options())
+            self.train(model, replace(config.train), self.stages_dir / f"{index:02d}-qat-ckpt",
+                       loss=loss)
+            batches = [x for x, _ in self.calibration(8)]
+            converted = convert_qat(model, example_inputs=example, calibration=batches)
+            report: dict[str, Any] = dict(getattr(converted, "report", {}))
+            return converted, {**report, "layers": len(prepared["layers"]),
+                               "folded_batchnorm": len(prepared["folded_batchnorm"])}
+        batches = [x for x, _ in self.calibration(config.calibration_batches)]
+        converted = quantize_model(model, config, example_inputs=example, calibration=batches)
+        return converted, dict(converted.report)
 
     # ------------------------------------------------------------------ measure, run
     def measure(self, label: str, model: nn.Module, *, timing: bool,
@@ -271,7 +302,10 @@ class CompressionRun:
                 constraints, summary = dict(saved["constraints"]), saved["summary"]
                 log.info("stage %d (%s) restored from %s", index, stage.kind, path)
             else:
-                summary = self.run_stage(index, stage, model, constraints)
+                if stage.kind in CONVERSION_STAGES:
+                    model, summary = self.convert(index, stage, model, constraints)
+                else:
+                    summary = self.run_stage(index, stage, model, constraints)
                 artifact.save(model, path, metadata={"stage": stage.kind, "summary": summary,
                                                      "constraints": constraints})
             summaries.append({"stage": stage.kind, "seconds": time.perf_counter() - tick,

@@ -39,11 +39,12 @@ from torchslim.distillation import Distill
 from torchslim.errors import ConfigError
 from torchslim.lowrank import ConvDecomposition, LowRank
 from torchslim.pruning import WeightPruning
+from torchslim.quantization.ptq import Quantization
 from torchslim.select import Select
 from torchslim.training import TrainConfig
 
 __all__ = ["RECIPE_VERSION", "DistillStage", "EncodeStage", "FineTune", "GradualPrune",
-           "IterativePrune", "Recipe", "Stage", "load_recipe", "parse_recipe"]
+           "IterativePrune", "QATStage", "Recipe", "Stage", "load_recipe", "parse_recipe"]
 
 RECIPE_VERSION = 1
 
@@ -96,6 +97,15 @@ class FineTune(TechniqueConfig):
 
 
 @dataclass(frozen=True)
+class QATStage(FineTune):
+    """Quantization-aware training (fake int8 in the forward), then conversion to the int8
+    onnxruntime program; optionally distilled from the original model. Must be last."""
+
+    kind = "qat"
+    learn_scale: bool = False
+
+
+@dataclass(frozen=True)
 class DistillStage(FineTune):
     """`fine_tune` whose loss is always distillation (`distill:` block optional)."""
 
@@ -105,8 +115,9 @@ class DistillStage(FineTune):
 
 STAGE_TYPES: dict[str, type] = {cls.kind: cls for cls in (
     WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune,
-    DistillStage, LowRank, ConvDecomposition, LayerDropping)}
+    DistillStage, LowRank, ConvDecomposition, LayerDropping, Quantization, QATStage)}
 STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers"})
+CONVERSION_STAGES = frozenset({"quantize", "qat"})  # the model becomes an int8 program: last
 
 
 @dataclass(frozen=True)
@@ -148,13 +159,14 @@ def _stage(index: int, item: Any) -> Stage:
     options = dict(options or {})
     targets = Select.from_dict(options.pop("targets", None))
     try:
-        if kind in ("fine_tune", "distill"):
+        if kind in ("fine_tune", "distill", "qat"):
             block = options.pop("distill", None)
+            extra = {"learn_scale": bool(options.pop("learn_scale", False))} if kind == "qat" else {}
             train = build_config(TrainConfig, options)
             if block is None:
-                config: Any = STAGE_TYPES[kind](train=train)
+                config: Any = STAGE_TYPES[kind](train=train, **extra)
             else:
-                config = STAGE_TYPES[kind](train=train, distill=build_config(Distill, block))
+                config = STAGE_TYPES[kind](train=train, distill=build_config(Distill, block), **extra)
         else:
             config = build_config(STAGE_TYPES[kind], options)
     except ConfigError as exc:
@@ -187,6 +199,10 @@ def parse_recipe(data: Any) -> Recipe:
     encodes = [i for i, s in enumerate(parsed) if s.kind == "encode"]
     if encodes and encodes != [len(parsed) - 1]:
         raise ConfigError("'encode' must be the last stage, and appear once")
+    conversions = [i for i, s in enumerate(parsed) if s.kind in CONVERSION_STAGES]
+    if conversions and (conversions != [len(parsed) - 1] or encodes):
+        raise ConfigError("'quantize' / 'qat' must be the last stage, appear once, and not be "
+                          "combined with 'encode' (the int8 program is the compact file)")
     return Recipe(model=data.get("model"), dataset=data.get("dataset"), seed=seed,
                   baseline=baseline, stages=parsed, source=data)
 

@@ -146,9 +146,9 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
     """
     from torchslim.quantization import Quantization, quantize_model
 
-    if method in ("qat", "binary", "ternary"):
+    if method in ("binary", "ternary"):
         raise ConfigError(f"--method {method} is not available in this torchslim version yet; "
-                          "use dynamic or static (post-training int8)")
+                          "use dynamic, static or qat (int8)")
     config = build_config(Quantization, {
         "method": method, "bits": bits, "calibrate": calibrate, "per_channel": per_channel,
         "calibration_batches": calibration_batches})

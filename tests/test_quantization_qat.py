@@ -1,0 +1,87 @@
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim.data import TensorLoader
+from torchslim.errors import ConfigError
+from torchslim.measure import evaluate
+from torchslim.models import create_model
+from torchslim.quantization.qat import convert_qat, fold_batchnorm_, prepare_qat_, strip_qat_
+from torchslim.training import Trainer, make_train_config
+
+
+class ConvBN(nn.Module):
+    """conv -> BN -> ReLU twice, then a linear head: the pattern BN folding must handle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.flatten(1))
+
+
+def test_batchnorm_folding_keeps_the_function_and_survives_save_load(tmp_path: Path) -> None:
+    model = create_model("resnet-small", pretrained=False)
+    model.train()
+    model(torch.randn(16, 1, 28, 28))  # non-trivial running statistics
+    model.eval()
+    x = torch.randn(4, 1, 28, 28)
+    reference = model(x)
+    folded = fold_batchnorm_(model)
+    assert len(folded) == 15 and not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert torch.allclose(model(x), reference, atol=1e-4)
+    assert torch.allclose(ts.load(ts.save(model, tmp_path / "f.slim"))(x), reference, atol=1e-4)
+
+
+def test_prepared_model_sees_the_int8_grid_and_strip_restores_float() -> None:
+    model = ConvBN().eval()
+    x = torch.randn(8, 1, 8, 8)
+    float_out = model(x)
+    result = prepare_qat_(model)
+    assert result["folded_batchnorm"] == ["conv1", "conv2"]
+    assert result["layers"] == ["conv1", "conv2", "fc"]
+    model.train()
+    model(x)  # initialises the activation ranges
+    model.eval()
+    fake = model(x)
+    assert 0 < float((fake - float_out).abs().max()) < 0.5 * float(float_out.abs().max())
+    weight = model.conv2.weight  # through the parametrization: on a per-channel int8 grid
+    steps = weight.detach().reshape(8, -1)
+    scale = steps.abs().amax(1, keepdim=True) / 127
+    assert torch.allclose(steps / scale, (steps / scale).round(), atol=1e-3)
+    with pytest.raises(ConfigError, match="already prepared"):
+        prepare_qat_(model)
+    strip_qat_(model)
+    assert not hasattr(model.fc, "input_quantizer")
+    assert torch.allclose(model(x), float_out, atol=1e-4)
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_qat_trains_in_the_trainer_and_converts_to_int8(digits, learn_scale: bool) -> None:
+    torch.manual_seed(0)
+    model = create_model("lenet300", pretrained=False, input_shape=(1, 8, 8), num_classes=10)
+    train = TensorLoader(digits.train, batch_size=64, shuffle=True)
+    Trainer(model, train, config=make_train_config(epochs=5, lr=0.1, batch_size=64),
+            progress=False).fit()
+    test = TensorLoader(digits.test, batch_size=500)
+    float_accuracy = evaluate(model, test)["accuracy"]
+    qat = copy.deepcopy(model)
+    prepare_qat_(qat, learn_scale=learn_scale)
+    Trainer(qat, train, config=make_train_config(epochs=2, lr=0.01, batch_size=64),
+            progress=False).fit()
+    if learn_scale:
+        assert qat.fc1.input_quantizer.log_scale.requires_grad
+    calibration = [digits.train.images[:256]]
+    int8 = convert_qat(qat, example_inputs=digits.test.images[:2], calibration=calibration)
+    assert int8.report["qat"] and int8.report["int8_ops"]
+    assert evaluate(int8, test)["accuracy"] >= float_accuracy - 0.02
+    assert hasattr(qat.fc1, "input_quantizer")  # converting does not change the QAT model
