@@ -92,5 +92,6 @@ def test_quantize_cli_writes_an_artifact_evaluate_and_bench_run_on_int8(
     assert result["backend"] == "onnxruntime" and result["accuracy"] == report["after"]["accuracy"]
     assert main(["bench", str(out / "model.slim"), "--batch", "16", "--repeats", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["backend"] == "onnxruntime"
-    assert main(["quantize", str(source), "--method", "binary", "--out", str(tmp_path / "x")]) == 2
-    assert "not available in this torchslim version yet" in capsys.readouterr().err
+    assert main(["quantize", str(source), "--method", "static", "--calibration", "mnist",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "inputs (1, 28, 28)" in capsys.readouterr().err

@@ -169,8 +169,8 @@ def cmd_factorize(args: argparse.Namespace) -> int:
     return 0
 
 
-def qat_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe a `torchslim quantize --method qat` call stands for."""
+def training_quantize_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe a `torchslim quantize --method qat|binary|ternary` call stands for."""
     from torchslim.models import spec_of
     from torchslim.workflows import load_model_or_artifact, train_config_for
 
@@ -179,29 +179,37 @@ def qat_recipe(args: argparse.Namespace) -> dict[str, Any]:
     train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10).to_dict()
     if not args.no_distill:
         train["distill"] = {"teacher": "original", "temperature": 4.0, "alpha": 0.5}
-    return {"version": 1, "dataset": args.calibration, "seed": 0,
-            "stages": [{"qat": {**train, "learn_scale": args.learn_scale}}]}
+    if args.method == "qat":
+        stages: list[dict[str, Any]] = [{"qat": {**train, "learn_scale": args.learn_scale}}]
+    else:  # binary / ternary weights, stored as entropy-coded codes
+        stages = [{"lowbit": {**train, "mode": args.method, "activations": args.binary_activations}},
+                  {"encode": {}}]
+    return {"version": 1, "dataset": args.calibration, "seed": 0, "stages": stages}
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from torchslim.workflows import quantize_job
 
-    if args.method == "qat":
+    if args.method in ("qat", "binary", "ternary"):
         from pathlib import Path
 
         import yaml
 
         from torchslim.recipe import parse_recipe
 
-        data = qat_recipe(args)
+        data = training_quantize_recipe(args)
         recipe = parse_recipe(data)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         args.resume = False
         report = _run_recipe(recipe, args)
-        final = report["stages"][-1]
-        print(f"\nint8 ops: {final['int8_ops']}; left in float: {final['float_ops'] or 'none'}; "
-              f"test accuracy {100 * report['final']['test_accuracy']:.2f}% (fp32 "
+        final = report["stages"][0]
+        if args.method == "qat":
+            print(f"\nint8 ops: {final['int8_ops']}; left in float: {final['float_ops'] or 'none'}")
+        else:
+            print(f"\n{args.method} layers: {', '.join(final['layers'])}; "
+                  f"{report['comparison'].get('bytes_ratio', 0):.1f}x smaller on disk")
+        print(f"test accuracy {100 * report['final']['test_accuracy']:.2f}% (fp32 "
               f"{100 * report['baseline']['test_accuracy']:.2f}%)  ->  {args.out}/model.slim")
         return 0
 
@@ -366,10 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--batches", type=int, default=8, help="calibration batches of 64")
     quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
     quantize.add_argument("--threads", type=int, help="threads for the latency measurement")
-    qat = quantize.add_argument_group("quantization-aware training (--method qat)")
+    qat = quantize.add_argument_group("training methods (qat, binary, ternary)")
     qat.add_argument("--epochs", type=int, default=1, help="QAT epochs")
     qat.add_argument("--lr", type=float, help="default: a tenth of the model's training LR")
-    qat.add_argument("--learn-scale", action="store_true", help="LSQ: learn activation scales")
+    qat.add_argument("--learn-scale", action="store_true", help="qat: LSQ, learned activation scales")
+    qat.add_argument("--binary-activations", action="store_true",
+                     help="binary/ternary: binarize layer inputs too (XNOR-Net)")
     qat.add_argument("--no-distill", action="store_true",
                      help="train on labels only (default: distil from the float model)")
     qat.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -36,6 +36,7 @@ from torchslim.recipe import (
     FineTune,
     GradualPrune,
     IterativePrune,
+    LowBitStage,
     QATStage,
     Recipe,
     Stage,
@@ -199,6 +200,21 @@ class CompressionRun:
             self._fine_tune(model, train, constraints, checkpoint_dir / f"round{index}")
         return {"round_sparsities": [round(s, 4) for s in rounds]}
 
+    def _lowbit(self, model: nn.Module, stage: Stage, constraints: Constraints,
+                checkpoint_dir: Path) -> dict[str, Any]:
+        from torchslim.quantization.lowbit import finalize_lowbit_
+
+        config: LowBitStage = stage.config
+        result = apply_(model, config.lowbit, targets=stage.targets)
+        loss = None
+        if config.distill is not None:
+            loss = DistillationLoss(self.teacher(config.distill.teacher), **config.distill.loss_options())
+        self.train(model, replace(config.train), checkpoint_dir, loss=loss)
+        replaced = finalize_lowbit_(model)
+        for name in replaced["replaced"]:
+            constraints.pop(name, None)
+        return {**result, **replaced}
+
     def run_stage(self, index: int, stage: Stage, model: nn.Module,
                   constraints: Constraints) -> dict[str, Any]:
         checkpoint_dir = self.stages_dir / f"{index:02d}-{stage.kind}-ckpt"
@@ -207,6 +223,8 @@ class CompressionRun:
             return self._prune(model, stage, constraints)
         if isinstance(config, QATStage):
             raise ConfigError("qat converts the model; run it through convert()")  # pragma: no cover
+        if isinstance(config, LowBitStage):
+            return self._lowbit(model, stage, constraints, checkpoint_dir)
         if isinstance(config, FineTune):
             self._fine_tune(model, replace(config.train), constraints, checkpoint_dir,
                             distill=config.distill)

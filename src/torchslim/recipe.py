@@ -39,12 +39,13 @@ from torchslim.distillation import Distill
 from torchslim.errors import ConfigError
 from torchslim.lowrank import ConvDecomposition, LowRank
 from torchslim.pruning import WeightPruning
+from torchslim.quantization.lowbit import LowBit
 from torchslim.quantization.ptq import Quantization
 from torchslim.select import Select
 from torchslim.training import TrainConfig
 
 __all__ = ["RECIPE_VERSION", "DistillStage", "EncodeStage", "FineTune", "GradualPrune",
-           "IterativePrune", "QATStage", "Recipe", "Stage", "load_recipe", "parse_recipe"]
+           "IterativePrune", "LowBitStage", "QATStage", "Recipe", "Stage", "load_recipe", "parse_recipe"]
 
 RECIPE_VERSION = 1
 
@@ -106,6 +107,14 @@ class QATStage(FineTune):
 
 
 @dataclass(frozen=True)
+class LowBitStage(FineTune):
+    """Train with binary/ternary weights (STE), then store them as codes + per-channel scales."""
+
+    kind = "lowbit"
+    lowbit: LowBit = field(default_factory=LowBit)
+
+
+@dataclass(frozen=True)
 class DistillStage(FineTune):
     """`fine_tune` whose loss is always distillation (`distill:` block optional)."""
 
@@ -115,8 +124,8 @@ class DistillStage(FineTune):
 
 STAGE_TYPES: dict[str, type] = {cls.kind: cls for cls in (
     WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune,
-    DistillStage, LowRank, ConvDecomposition, LayerDropping, Quantization, QATStage)}
-STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers"})
+    DistillStage, LowRank, ConvDecomposition, LayerDropping, Quantization, QATStage, LowBitStage)}
+STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers", "lowbit"})
 CONVERSION_STAGES = frozenset({"quantize", "qat"})  # the model becomes an int8 program: last
 
 
@@ -159,9 +168,14 @@ def _stage(index: int, item: Any) -> Stage:
     options = dict(options or {})
     targets = Select.from_dict(options.pop("targets", None))
     try:
-        if kind in ("fine_tune", "distill", "qat"):
+        if kind in ("fine_tune", "distill", "qat", "lowbit"):
             block = options.pop("distill", None)
-            extra = {"learn_scale": bool(options.pop("learn_scale", False))} if kind == "qat" else {}
+            extra: dict[str, Any] = {}
+            if kind == "qat":
+                extra["learn_scale"] = bool(options.pop("learn_scale", False))
+            if kind == "lowbit":
+                extra["lowbit"] = build_config(LowBit, {k: options.pop(k) for k in ("mode", "activations")
+                                                        if k in options})
             train = build_config(TrainConfig, options)
             if block is None:
                 config: Any = STAGE_TYPES[kind](train=train, **extra)

@@ -146,9 +146,9 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
     """
     from torchslim.quantization import Quantization, quantize_model
 
-    if method in ("binary", "ternary"):
-        raise ConfigError(f"--method {method} is not available in this torchslim version yet; "
-                          "use dynamic, static or qat (int8)")
+    if method not in ("dynamic", "static"):
+        raise ConfigError(f"quantize_job runs post-training methods (dynamic, static), not "
+                          f"{method!r}; training methods run as recipe stages (qat, lowbit)")
     config = build_config(Quantization, {
         "method": method, "bits": bits, "calibrate": calibrate, "per_channel": per_channel,
         "calibration_batches": calibration_batches})

@@ -1,6 +1,7 @@
 """Quantization: affine primitives (pure math), observers, and int8 post-training quantization
 executed by onnxruntime's integer kernels (`quantize_model`, returning an `OrtModule`)."""
 
+from torchslim.quantization.lowbit import LowBit, LowBitMode, finalize_lowbit_
 from torchslim.quantization.observers import Observer, ObserverKind, make_observer
 from torchslim.quantization.primitives import (
     QuantSpec,
@@ -13,6 +14,7 @@ from torchslim.quantization.primitives import (
 )
 from torchslim.quantization.ptq import Calibrate, Quantization, QuantMethod, quantize_model
 
-__all__ = ["Calibrate", "Observer", "ObserverKind", "QuantMethod", "QuantSpec", "Quantization",
-           "dequantize", "fake_quantize", "make_observer", "qparams_from_range", "quantize",
-           "quantize_dequantize", "quantize_model", "sqnr_db"]
+__all__ = ["Calibrate", "LowBit", "LowBitMode", "Observer", "ObserverKind", "QuantMethod",
+           "QuantSpec", "Quantization", "dequantize", "fake_quantize", "finalize_lowbit_",
+           "make_observer", "qparams_from_range", "quantize", "quantize_dequantize",
+           "quantize_model", "sqnr_db"]
