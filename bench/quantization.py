@@ -206,11 +206,59 @@ def mobilenet_section(args: argparse.Namespace) -> list[dict[str, Any]]:
                        quality, args.out, max(5, args.repeats // 2))
 
 
+def lowbit_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Binary / ternary LeNet-300-100 on MNIST, fine-tuned from the fp32 model with distillation."""
+    from torchslim.distillation import DistillationLoss
+    from torchslim.quantization import LowBit, finalize_lowbit_
+    from torchslim.training import Trainer, make_train_config
+
+    teacher = ts.load(args.lenet300).eval()
+    data = load_dataset("mnist", seed=0)
+    train = TensorLoader(data.train, batch_size=128, shuffle=True, seed=0)
+    val, test = TensorLoader(data.val, batch_size=1000), TensorLoader(data.test, batch_size=1000)
+    rows = [{"section": "lowbit", "model": "lenet300 fp32",
+             "test_accuracy": evaluate(teacher, test)["accuracy"],
+             "val_accuracy": evaluate(teacher, val)["accuracy"],
+             "bytes": ts.save(teacher, args.out / "lenet300-fp32.slim").stat().st_size}]
+    print(json.dumps(rows[-1]), flush=True)
+    variants = [("binary weights, all layers", "binary", False, ()),
+                ("binary weights, fc3 kept fp32", "binary", False, ("fc3",)),
+                ("ternary weights, all layers", "ternary", False, ()),
+                ("ternary weights, fc3 kept fp32", "ternary", False, ("fc3",)),
+                ("XNOR: binary weights and hidden activations", "binary", True, ())]
+    for name, mode, activations, keep in variants:
+        torch.manual_seed(0)
+        student = copy.deepcopy(teacher)
+        layers = tuple(n for n in ("fc1", "fc2", "fc3") if n not in keep)
+        if activations:  # hidden activations (the inputs of fc2 and fc3) binarized too
+            ts.apply_(student, LowBit(mode=mode), targets=ts.Select(names=("fc1",)))
+            ts.apply_(student, LowBit(mode=mode, activations=True),
+                      targets=ts.Select(names=("fc2", "fc3")))
+        else:
+            ts.apply_(student, LowBit(mode=mode), targets=ts.Select(names=layers))
+        config = make_train_config(epochs=args.lowbit_epochs, batch_size=128, optimizer="adam",
+                                   lr=1e-3, schedule="cosine", weight_decay=0.0, seed=0)
+        start = time.perf_counter()
+        Trainer(student, train, config=config, val_loader=val, progress=False,
+                loss=DistillationLoss(teacher, temperature=4.0, alpha=0.5)).fit()
+        finalize_lowbit_(student)
+        path = ts.save(student, args.out / f"lenet300-{mode}{'-xnor' if activations else ''}"
+                       f"{'-' + '-'.join(keep) if keep else ''}.slim", encoding=ts.Encoding())
+        rows.append({"section": "lowbit", "model": name,
+                     "test_accuracy": evaluate(student, test)["accuracy"],
+                     "val_accuracy": evaluate(student, val)["accuracy"], "bytes": path.stat().st_size,
+                     "bytes_ratio": round(rows[0]["bytes"] / path.stat().st_size, 1),
+                     "train_minutes": round((time.perf_counter() - start) / 60, 2)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], list[dict[str, Any]]]] = {
     "lenet5": lambda a: cnn_section("lenet5", a.lenet5, "mnist", a),
     "resnet": lambda a: cnn_section("resnet-small", a.resnet, "fashion-mnist", a),
     "minilm": minilm_section,
     "mobilenet": mobilenet_section,
+    "lowbit": lowbit_section,
 }
 
 
@@ -222,6 +270,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--lenet5", default="runs/bench-foundation/lenet5/model.slim")
     parser.add_argument("--resnet", default="runs/bench-foundation/resnet-small/model.slim")
+    parser.add_argument("--lenet300", default="runs/bench-foundation/lenet300/model.slim")
+    parser.add_argument("--lowbit-epochs", type=int, default=15)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
