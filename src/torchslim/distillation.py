@@ -167,7 +167,9 @@ class DistillationLoss(Loss):
                             "of every step; drop one of them)")
         if problems:
             raise ConfigError(f"invalid distillation options: {'; '.join(problems)}")
-        self.teacher = teacher.eval().requires_grad_(False)
+        # Eval mode and no_grad on every call: the teacher never trains, and the caller's
+        # model keeps its requires_grad flags (it may be copied and trained later).
+        self.teacher = teacher.eval()
         self.temperature, self.alpha = temperature, alpha
         self.output = OutputLoss(output)
         self.features = tuple((str(s), str(t)) for s, t in features)
