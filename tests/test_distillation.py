@@ -109,6 +109,7 @@ def test_distillation_trains_student_and_adapter_never_the_teacher(digits, tmp_p
     train = TensorLoader(digits.train, batch_size=64, shuffle=True)
     Trainer(teacher, train, config=config, progress=False).fit()
     teacher_state = copy.deepcopy(teacher.state_dict())
+    teacher.zero_grad(set_to_none=True)
 
     class Wider(TinyMLP):
         def __init__(self) -> None:
