@@ -111,18 +111,27 @@ def hinton(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(json.dumps(result), flush=True)
         return result
 
-    torch.manual_seed(0)
-    teacher, seconds = fit(mlp((1200, 1200), dropout=0.5, input_dropout=0.2), teacher=True)
-    rows = [row("teacher 784-1200-1200-10 (dropout, jitter)", teacher, seconds)]
-    cnn = create_model("mnist-cnn").eval()
-    rows.append(row("teacher mnist-cnn (pretrained, shipped)", cnn, 0.0))
+    rows = []
+    teachers: list[tuple[str, nn.Module]] = []
+    if args.hinton_teachers in ("mlp", "both"):
+        torch.manual_seed(0)
+        teacher, seconds = fit(mlp((1200, 1200), dropout=0.5, input_dropout=0.2), teacher=True)
+        rows.append(row("teacher 784-1200-1200-10 (dropout, jitter)", teacher, seconds))
+        teachers.append(("MLP teacher", teacher))
+    if args.hinton_teachers in ("cnn", "both"):
+        cnn = create_model("mnist-cnn").eval()
+        rows.append(row("teacher mnist-cnn (pretrained, shipped)", cnn, 0.0))
+        teachers.append(("CNN teacher", cnn))
     # Hinton: above ~300 units all T > 8 do about equally; with 30 units, T of 2.5-4 works
     # best. The small student's T is picked on the validation split.
-    for hidden, temperatures in (((800, 800), (args.temperature,)), ((30,), (2.5, 4.0, 8.0))):
+    students = [((800, 800), (args.temperature,))]
+    if args.hinton_small:
+        students.append(((30,), (2.5, 4.0, 8.0)))
+    for hidden, temperatures in students:
         shape = "784-" + "-".join(map(str, hidden)) + "-10"
         student, seconds = fit(mlp(hidden))
         rows.append(row(f"student {shape}, hard labels", student, seconds))
-        for teacher_name, chosen_teacher in (("MLP teacher", teacher), ("CNN teacher", cnn)):
+        for teacher_name, chosen_teacher in teachers:
             candidates = []
             for temperature in temperatures:
                 loss = DistillationLoss(chosen_teacher, temperature=temperature, alpha=args.alpha,
@@ -347,6 +356,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hinton-epochs", type=int, default=20, help="student epochs")
     parser.add_argument("--teacher-epochs", type=int, default=40, help="MLP teacher epochs")
+    parser.add_argument("--hinton-teachers", default="both", choices=["mlp", "cnn", "both"])
+    parser.add_argument("--hinton-small", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the 784-30-10 student")
     parser.add_argument("--temperature", type=float, default=20.0)
     parser.add_argument("--alpha", type=float, default=0.1, help="hard-label weight (hinton)")
     parser.add_argument("--seq-train", type=int, default=48, help="token cap when distilling")

@@ -95,3 +95,22 @@ def test_quantize_cli_writes_an_artifact_evaluate_and_bench_run_on_int8(
     assert main(["quantize", str(source), "--method", "static", "--calibration", "mnist",
                  "--out", str(tmp_path / "x")]) == 2
     assert "inputs (1, 28, 28)" in capsys.readouterr().err
+
+
+def test_torch_backend_runs_int_mm_and_round_trips(trained, digits, tmp_path: Path) -> None:
+    from torchslim.quantization.torch_int8 import Int8DynamicLinear
+
+    int8 = quantize_model(trained, Quantization(backend="torch"), example_inputs=digits.test.images[:2])
+    assert isinstance(int8.fc1, Int8DynamicLinear) and isinstance(trained.fc1, nn.Linear)
+    assert int8.fc1.weight_int8.dtype == torch.int8
+    x = digits.test.images[:200]
+    with torch.no_grad():
+        assert sqnr_db(trained(x), int8(x)) > 25
+    path = ts.save(int8, tmp_path / "t.slim")
+    assert path.stat().st_size < ts.save(trained, tmp_path / "f.slim").stat().st_size / 3
+    assert torch.equal(ts.load(path)(x), int8(x))
+    with pytest.raises(ConfigError, match="backend torch runs dynamic int8 only"):
+        Quantization(method="static", backend="torch")
+    with pytest.raises(ConfigError, match="no Linear layer"):
+        quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3)), Quantization(backend="torch"),
+                       example_inputs=torch.randn(1, 1, 8, 8))

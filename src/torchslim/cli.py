@@ -216,7 +216,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = quantize_job(args.model, method=args.method, out=args.out, dataset=args.calibration,
                           bits=args.bits, calibrate=args.calibrate,
                           per_channel=not args.per_tensor, calibration_batches=args.batches,
-                          threads=args.threads)
+                          threads=args.threads, backend=args.backend)
     _print_table(report)
     quant = report["quantization"]
     print(f"\nint8 ops: {quant['int8_ops']}; left in float: {quant['float_ops'] or 'none'}")
@@ -373,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calibrate", default="minmax", choices=["minmax", "entropy", "percentile"])
     quantize.add_argument("--batches", type=int, default=8, help="calibration batches of 64")
     quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
+    quantize.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"],
+                          help="torch: dynamic int8 Linear on torch._int_mm, stays a PyTorch model")
     quantize.add_argument("--threads", type=int, help="threads for the latency measurement")
     qat = quantize.add_argument_group("training methods (qat, binary, ternary)")
     qat.add_argument("--epochs", type=int, default=1, help="QAT epochs")

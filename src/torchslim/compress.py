@@ -273,7 +273,7 @@ class CompressionRun:
                                "folded_batchnorm": len(prepared["folded_batchnorm"])}
         batches = [x for x, _ in self.calibration(config.calibration_batches)]
         converted = quantize_model(model, config, example_inputs=example, calibration=batches)
-        return converted, dict(converted.report)
+        return converted, dict(getattr(converted, "report", {}))
 
     # ------------------------------------------------------------------ measure, run
     def measure(self, label: str, model: nn.Module, *, timing: bool,

@@ -137,8 +137,8 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
 
 def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | None = None,
                  bits: int = 8, calibrate: str = "minmax", per_channel: bool = True,
-                 calibration_batches: int = 8, seed: int = 0, threads: int | None = None
-                 ) -> dict[str, Any]:
+                 calibration_batches: int = 8, seed: int = 0, threads: int | None = None,
+                 backend: str = "onnxruntime") -> dict[str, Any]:
     """Quantize a model or artifact to int8, save `out/model.slim`, measure both; the report.
 
     Calibration batches come from the training split of `dataset` (default: the model's own);
@@ -151,7 +151,7 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                           f"{method!r}; training methods run as recipe stages (qat, lowbit)")
     config = build_config(Quantization, {
         "method": method, "bits": bits, "calibrate": calibrate, "per_channel": per_channel,
-        "calibration_batches": calibration_batches})
+        "calibration_batches": calibration_batches, "backend": backend})
     model, path = load_model_or_artifact(source)
     spec = spec_of(model)
     name = dataset or get_entry(spec.name).default_dataset
@@ -159,6 +159,9 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
     if data is None and method == "static":
         raise ConfigError(f"static quantization needs calibration data and model {spec.name!r} "
                           "has no default dataset; pass --calibration DATASET")
+    if data is not None and tuple(data.input_shape) != tuple(spec.input_shape):
+        raise ConfigError(f"dataset {data.name!r} has inputs {data.input_shape}, the model expects "
+                          f"{spec.input_shape}; pick the dataset the model was trained on")
     calibration = None
     if data is not None:
         loader = TensorLoader(data.train, batch_size=64, shuffle=True, seed=seed)
@@ -168,15 +171,16 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                                calibration=calibration)
     out = Path(out)
     saved = artifact.save(quantized, out / "model.slim", metadata={
-        "source": source, "quantization": config.to_dict(), "dataset": name})
+        "source": source, "quantization": config.to_dict(), "dataset": name,
+        "report": getattr(quantized, "report", {})})
     before = measure_model(model, path=path, data=data, threads=threads)
     after = measure_model(quantized, path=saved, data=data, threads=threads)
     report: dict[str, Any] = {
         "model": spec.name, "source": source, "dataset": name, "config": config.to_dict(),
-        "quantization": quantized.report, "before": before, "after": after,
+        "quantization": getattr(quantized, "report", {}), "before": before, "after": after,
         "comparison": compare(before, after), "artifact": str(saved)}
     rows = [{"name": f"{spec.name} fp32 (torch)", **before},
-            {"name": f"{spec.name} int8 {method} (onnxruntime)", **after}]
+            {"name": f"{spec.name} int8 {method} ({backend})", **after}]
     write_report(out, report, title=f"torchslim quantize: {spec.name}, {method} int8", rows=rows)
     report["rows"] = rows
     return report

@@ -12,9 +12,9 @@ from torchslim.quantization.primitives import (
     quantize_dequantize,
     sqnr_db,
 )
-from torchslim.quantization.ptq import Calibrate, Quantization, QuantMethod, quantize_model
+from torchslim.quantization.ptq import Backend, Calibrate, Quantization, QuantMethod, quantize_model
 
-__all__ = ["Calibrate", "LowBit", "LowBitMode", "Observer", "ObserverKind", "QuantMethod",
+__all__ = ["Backend", "Calibrate", "LowBit", "LowBitMode", "Observer", "ObserverKind", "QuantMethod",
            "QuantSpec", "Quantization", "dequantize", "fake_quantize", "finalize_lowbit_",
            "make_observer", "qparams_from_range", "quantize", "quantize_dequantize",
            "quantize_model", "sqnr_db"]

@@ -19,15 +19,20 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.errors import ConfigError
+from torchslim.errors import ConfigError, SelectionError
 from torchslim.quantization.runtime import OrtModule, export_onnx, quantize_onnx
 
-__all__ = ["Calibrate", "QuantMethod", "Quantization", "quantize_model"]
+__all__ = ["Backend", "Calibrate", "QuantMethod", "Quantization", "quantize_model"]
 
 
 class QuantMethod(StrEnum):
     DYNAMIC = "dynamic"  # int8 weights; activations quantized per batch at run time
     STATIC = "static"  # int8 weights and calibrated int8 activations (QDQ)
+
+
+class Backend(StrEnum):
+    ONNXRUNTIME = "onnxruntime"  # measured fastest: the default
+    TORCH = "torch"  # stays a PyTorch module: dynamic int8 Linear on torch._int_mm
 
 
 class Calibrate(StrEnum):
@@ -47,6 +52,8 @@ class Quantization(TechniqueConfig):
         per_channel: one weight scale per output channel (else per tensor).
         calibrate: how static activation ranges are chosen: minmax | entropy | percentile.
         calibration_batches: batches of the training split used to calibrate.
+        backend: onnxruntime (an ONNX program; Linear and Conv) or torch (dynamic only:
+            Linear layers on `torch._int_mm`, other layers stay float and are reported).
     """
 
     kind = "quantize"
@@ -56,16 +63,21 @@ class Quantization(TechniqueConfig):
     per_channel: bool = True
     calibrate: Calibrate = Calibrate.MINMAX
     calibration_batches: int = Field(default=8, ge=1)
+    backend: Backend = Backend.ONNXRUNTIME
 
     def __post_init__(self) -> None:
         if self.bits != 8:
             raise ConfigError(f"bits={self.bits}: the int8 kernels that execute {self.method.value} "
                               "quantization are 8-bit; use bits=8")
+        if self.backend == Backend.TORCH and self.method != QuantMethod.DYNAMIC:
+            raise ConfigError("backend torch runs dynamic int8 only; use backend onnxruntime for "
+                              f"{self.method.value}")
 
 
 def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: torch.Tensor,
-                   calibration: Iterable[torch.Tensor] | None = None) -> OrtModule:
-    """An int8 `OrtModule` computing what `model` computes.
+                   calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
+    """An int8 model computing what `model` computes: an `OrtModule` (onnxruntime backend) or
+    a copy of `model` with `Int8DynamicLinear` layers (torch backend).
 
     Args:
         model: the float model (left unchanged).
@@ -79,6 +91,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     """
     from torchslim.measure import count_flops, count_params
 
+    if config.backend == Backend.TORCH:
+        return _torch_dynamic(model, config)
     batches = None
     if config.method == QuantMethod.STATIC:
         batches = [b for _, b in zip(range(config.calibration_batches), calibration or [],
@@ -94,6 +108,27 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     if spec is not None:
         result.torchslim_spec = spec
     return result.eval()
+
+
+def _torch_dynamic(model: nn.Module, config: Quantization) -> nn.Module:
+    import copy
+
+    from torchslim.quantization.torch_int8 import quantize_linears_int8_
+
+    result = copy.deepcopy(model).eval()
+    try:
+        replaced = quantize_linears_int8_(result)["replaced"]
+    except SelectionError:
+        replaced = []
+    if not replaced:
+        raise ConfigError(f"{type(model).__name__} has no Linear layer: the torch backend has "
+                          "nothing to run in int8; use backend onnxruntime (Linear and Conv)")
+    left = [f"{type(m).__name__} {n}" for n, m in result.named_modules()
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear)]
+    setattr(result, "report", {  # noqa: B010 - a plain attribute on the module
+        "backend": "torch", "method": "dynamic", "config": config.to_dict(),
+        "int8_ops": {"Int8DynamicLinear (torch._int_mm)": len(replaced)}, "float_ops": left})
+    return result
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

@@ -173,7 +173,8 @@ def convert_qat(model: nn.Module, *, example_inputs: torch.Tensor,
     plain = strip_qat_(copy.deepcopy(model)).eval()
     result = quantize_model(plain, Quantization(method=QuantMethod.STATIC), example_inputs=example_inputs,
                             calibration=calibration)
-    result.report["qat"] = True
+    report: dict[str, Any] = getattr(result, "report")  # noqa: B009 - set by quantize_model
+    report["qat"] = True
     return result
 
 
