@@ -225,12 +225,15 @@ def lowbit_section(args: argparse.Namespace) -> list[dict[str, Any]]:
                 ("binary weights, fc3 kept fp32", "binary", False, ("fc3",)),
                 ("ternary weights, all layers", "ternary", False, ()),
                 ("ternary weights, fc3 kept fp32", "ternary", False, ("fc3",)),
-                ("XNOR: binary weights and hidden activations", "binary", True, ())]
+                ("XNOR: binary weights and hidden activations (hardtanh)", "binary", True, ())]
     for name, mode, activations, keep in variants:
         torch.manual_seed(0)
         student = copy.deepcopy(teacher)
         layers = tuple(n for n in ("fc1", "fc2", "fc3") if n not in keep)
         if activations:  # hidden activations (the inputs of fc2 and fc3) binarized too
+            # sign() of a ReLU output is always +1: a 1W1A net needs signed hidden units, so
+            # the ReLU becomes a hardtanh, as in BinaryNet (Courbariaux et al. 2016).
+            student.relu = nn.Hardtanh()
             ts.apply_(student, LowBit(mode=mode), targets=ts.Select(names=("fc1",)))
             ts.apply_(student, LowBit(mode=mode, activations=True),
                       targets=ts.Select(names=("fc2", "fc3")))

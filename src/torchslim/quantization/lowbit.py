@@ -6,7 +6,8 @@ While training, a parametrization replaces each selected weight by
   `α_c` = mean |W| over the kept weights,
 with the straight-through estimator (BinaryConnect's clipped identity: no gradient where
 |W| > 1 for binary), so the float "latent" weights keep learning. With `activations=True` the
-layer inputs are binarized too (sign, STE with hardtanh's gradient).
+layer inputs are binarized too (sign, STE with hardtanh's gradient); those inputs must be
+signed (sign of a ReLU output is always +1: use hardtanh before binarized layers, as BinaryNet).
 
 `finalize_lowbit_` turns each layer into `LowBitLinear` / `LowBitConv2d`: a codes tensor in
 {-1, +1} or {-1, 0, +1} and one scale per output channel. Saved with `Encoding()` the codes
