@@ -73,6 +73,10 @@ def candidates(model: nn.Module, example: torch.Tensor, calibration: list[torch.
                                                       calibration=calibration)))
         items.append((f"onnxruntime quantize_{method}, default settings",
                       lambda m=method: ort_defaults(model, example, m, calibration)))
+    if "dynamic" in methods:
+        items.append(("torchslim int8 dynamic (torch._int_mm backend)",
+                      lambda: quantize_model(model, Quantization(backend="torch"),
+                                             example_inputs=example)))
     items.append(("torch.ao quantize_dynamic (deprecated)", lambda: torch_ao_dynamic(model)))
     items.append(("torchao Int8DynamicActivationInt8Weight", lambda: torchao_dynamic(model)))
     return items
@@ -112,7 +116,8 @@ def run_section(section: str, model: nn.Module, example: torch.Tensor,
             row[key] = round(value, 2)
             row[key.replace("_ms", "_speedup")] = round(baseline[key] / value, 2)
         if name.startswith("torchslim"):
-            path = ts.save(built, out / f"{section}-{name.split()[2]}.slim")
+            tag = name.split()[2] + ("-torch" if "torch._int_mm" in name else "")
+            path = ts.save(built, out / f"{section}-{tag}.slim")
             row["bytes"] = path.stat().st_size
             row["int8_ops"] = built.report["int8_ops"]
             row["float_ops"] = len(built.report["float_ops"])
