@@ -97,9 +97,11 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     if config.method == QuantMethod.STATIC:
         batches = [b for _, b in zip(range(config.calibration_batches), calibration or [],
                                      strict=False)]
-    program = export_onnx(model, example_inputs)
+    transformer = _transformer_shape(model)
+    program = export_onnx(_eager_attention(model) if transformer else model, example_inputs)
     quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
-                                      per_channel=config.per_channel, calibrate=config.calibrate.value)
+                                      per_channel=config.per_channel, calibrate=config.calibrate.value,
+                                      transformer=transformer)
     flops = count_flops(model, example_inputs[:1])
     result = OrtModule(quantized, weight_count=count_params(model)[0], flops=flops)
     result.report = {"backend": "onnxruntime", "method": config.method.value,
@@ -108,6 +110,28 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     if spec is not None:
         result.torchslim_spec = spec
     return result.eval()
+
+
+def _transformer_shape(model: nn.Module) -> tuple[int, int] | None:
+    """(heads, hidden) when the model holds a Hugging Face BERT encoder, else None."""
+    for module in model.modules():
+        config: Any = getattr(module, "config", None)
+        if getattr(config, "model_type", None) == "bert":
+            return int(config.num_attention_heads), int(config.hidden_size)
+    return None
+
+
+def _eager_attention(model: nn.Module) -> nn.Module:
+    """A copy whose BERT attention is the explicit matmul-softmax form, which onnxruntime's
+    transformer optimizer recognises and fuses (the SDPA export it does not)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        switch: Any = getattr(module, "set_attn_implementation", None)
+        if getattr(getattr(module, "config", None), "model_type", None) == "bert" and switch:
+            switch("eager")
+    return clone
 
 
 def _torch_dynamic(model: nn.Module, config: Quantization) -> nn.Module:

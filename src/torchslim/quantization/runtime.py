@@ -106,8 +106,19 @@ def quantized_ops(program: bytes) -> dict[str, Any]:
     return {"int8_ops": {**int8, **{f"{k} (QDQ)": v for k, v in qdq.items()}}, "float_ops": left}
 
 
+def fuse_transformer(path: Path, *, heads: int, hidden: int) -> None:
+    """Rewrite a BERT-style ONNX file in place with onnxruntime's transformer optimizer:
+    fused attention, LayerNorm (+ residual) and GELU kernels instead of dozens of small ops."""
+    from onnxruntime.transformers import optimizer
+
+    optimized = optimizer.optimize_model(str(path), model_type="bert", num_heads=heads,
+                                         hidden_size=hidden, opt_level=1)
+    optimized.save_model_to_file(str(path))
+
+
 def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Tensor] | None = None,
-                  per_channel: bool = True, calibrate: str = "minmax") -> tuple[bytes, dict[str, Any]]:
+                  per_channel: bool = True, calibrate: str = "minmax",
+                  transformer: tuple[int, int] | None = None) -> tuple[bytes, dict[str, Any]]:
     """Quantize an ONNX program with onnxruntime; returns (program, report).
 
     Args:
@@ -117,6 +128,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         calibration: input batches for `static`.
         per_channel: per-output-channel weight scales.
         calibrate: minmax | entropy | percentile (static activation ranges).
+        transformer: (attention heads, hidden size) of a BERT-style encoder: fuse its attention,
+            LayerNorm and GELU subgraphs first (onnxruntime's transformer optimizer).
 
     Raises:
         ConfigError: static without calibration data, unknown method, or a result in which no
@@ -141,9 +154,14 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         source, prepared, target = (Path(folder) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         source.write_bytes(program)
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        extra: dict[str, Any] = {}
+        if transformer is not None:
+            fuse_transformer(prepared, heads=transformer[0], hidden=transformer[1])
+            # Fused ops come from the com.microsoft domain, which shape inference cannot type.
+            extra["DefaultTensorType"] = _onnx().TensorProto.FLOAT
         if method == "dynamic":
             quantize_dynamic(str(prepared), str(target), per_channel=per_channel,
-                             weight_type=QuantType.QInt8)
+                             weight_type=QuantType.QInt8, extra_options=extra)
         else:
             batches = list(calibration or [])
             if not batches:
@@ -152,7 +170,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
             quantize_static(str(prepared), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=methods[calibrate],
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           **extra})
         result = target.read_bytes()
     report = quantized_ops(result)
     if not report["int8_ops"]:
