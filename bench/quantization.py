@@ -61,7 +61,7 @@ def ort_defaults(model: nn.Module, example: torch.Tensor, method: str,
 
 
 def candidates(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor] | None,
-               methods: tuple[str, ...]) -> list[Candidate]:
+               methods: tuple[str, ...], calibrates: tuple[str, ...] = ()) -> list[Candidate]:
     items: list[Candidate] = [
         ("fp32 eager (torch)", lambda: model),
         ("fp32 onnxruntime", lambda: OrtModule(export_onnx(model, example))),
@@ -73,6 +73,11 @@ def candidates(model: nn.Module, example: torch.Tensor, calibration: list[torch.
                                                       calibration=calibration)))
         items.append((f"onnxruntime quantize_{method}, default settings",
                       lambda m=method: ort_defaults(model, example, m, calibration)))
+    for calibrate in calibrates:  # other activation-range choices for static
+        items.append((f"torchslim int8 static calibrate={calibrate}",
+                      lambda c=calibrate: quantize_model(
+                          model, Quantization(method="static", calibrate=c),
+                          example_inputs=example, calibration=calibration)))
     if "dynamic" in methods:
         items.append(("torchslim int8 dynamic (torch._int_mm backend)",
                       lambda: quantize_model(model, Quantization(backend="torch"),
@@ -94,10 +99,10 @@ def timings(model: nn.Module, inputs: dict[str, torch.Tensor], repeats: int) -> 
 def run_section(section: str, model: nn.Module, example: torch.Tensor,
                 calibration: list[torch.Tensor] | None, methods: tuple[str, ...],
                 inputs: dict[str, torch.Tensor], quality: Callable[[nn.Module], dict[str, Any]],
-                out: Path, repeats: int) -> list[dict[str, Any]]:
+                out: Path, repeats: int, calibrates: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     baseline: dict[str, float] = {}
-    for name, build in candidates(model, example, calibration, methods):
+    for name, build in candidates(model, example, calibration, methods, calibrates):
         try:
             start = time.perf_counter()
             built = build()
@@ -116,7 +121,8 @@ def run_section(section: str, model: nn.Module, example: torch.Tensor,
             row[key] = round(value, 2)
             row[key.replace("_ms", "_speedup")] = round(baseline[key] / value, 2)
         if name.startswith("torchslim"):
-            tag = name.split()[2] + ("-torch" if "torch._int_mm" in name else "")
+            tag = name.split()[2] + ("-torch" if "torch._int_mm" in name else "") + (
+                "-" + name.split("=")[1] if "calibrate=" in name else "")
             path = ts.save(built, out / f"{section}-{tag}.slim")
             row["bytes"] = path.stat().st_size
             row["int8_ops"] = built.report["int8_ops"]
@@ -208,7 +214,8 @@ def mobilenet_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     inputs = {"b1": evaluation[:1], "b16": evaluation[:16]}
     return run_section("mobilenet-v2", model, evaluation[:2], calibration, ("static",), inputs,
-                       quality, args.out, max(5, args.repeats // 2))
+                       quality, args.out, max(5, args.repeats // 2),
+                       calibrates=("entropy", "percentile"))
 
 
 def lowbit_section(args: argparse.Namespace) -> list[dict[str, Any]]:
