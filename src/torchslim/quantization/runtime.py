@@ -25,7 +25,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError, UnsupportedModuleError
 
-__all__ = ["OrtModule", "export_onnx", "quantize_onnx", "quantized_ops"]
+__all__ = ["OrtModule", "export_onnx", "optimize_onnx", "quantize_onnx", "quantized_ops"]
 
 INSTALL_HINT = "pip install -c constraints.txt 'torchslim[onnx]'"
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")  # ops whose weights int8 kernels exist for
@@ -114,6 +114,16 @@ def fuse_transformer(path: Path, *, heads: int, hidden: int) -> None:
     optimized = optimizer.optimize_model(str(path), model_type="bert", num_heads=heads,
                                          hidden_size=hidden, opt_level=1)
     optimized.save_model_to_file(str(path))
+
+
+def optimize_onnx(program: bytes, *, transformer: tuple[int, int]) -> bytes:
+    """The fp32 program with the transformer fusions `quantize_onnx` applies (for comparisons
+    that separate the runtime's gain from quantization's)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(program)
+        fuse_transformer(path, heads=transformer[0], hidden=transformer[1])
+        return path.read_bytes()
 
 
 def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Tensor] | None = None,
