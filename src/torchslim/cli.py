@@ -112,47 +112,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
-def factorize_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe a `torchslim factorize` call stands for (written to OUT/recipe.yaml)."""
-    from torchslim.models import spec_of
-    from torchslim.workflows import load_model_or_artifact, train_config_for
-
-    targets = {key: value for key, value in (("patterns", args.targets),
-                                              ("exclude", args.exclude)) if value}
-    stages: list[dict[str, Any]] = []
-    linear = {key: value for key, value in (("param_ratio", args.linear_param_ratio),
-                                            ("energy", args.linear_energy),
-                                            ("rank", args.linear_rank)) if value is not None}
-    conv = {key: value for key, value in (("param_ratio", args.conv_param_ratio),
-                                          ("energy", args.conv_energy),
-                                          ("rank", args.conv_rank)) if value is not None}
-    if not linear and not conv and args.conv_method is None:
-        linear = {"param_ratio": 0.5}
-    if linear:
-        stages.append({"low_rank": {**linear, "targets": {**targets, "types": ["Linear"]}}})
-    if conv or args.conv_method is not None:
-        method = args.conv_method or "tucker"
-        if method != "depthwise" and not conv:
-            conv = {"param_ratio": 0.5}
-        stages.append({"decompose_conv": {"method": method, **conv,
-                                          "targets": {**targets, "types": ["Conv2d"]}}})
-    if args.epochs > 0:
-        name = spec_of(load_model_or_artifact(args.model)[0]).name
-        defaults = train_config_for(name)
-        train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10,
-                                 seed=args.seed).to_dict()
-        if not args.no_distill:
-            train["distill"] = {"teacher": "original", "temperature": args.temperature,
-                                "alpha": args.alpha}
-        stages.append({"fine_tune": train})
-    return {"version": 1, "dataset": args.dataset, "seed": args.seed, "stages": stages}
-
-
 def cmd_factorize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import yaml
 
+    from torchslim.cli_recipes import factorize_recipe
     from torchslim.recipe import parse_recipe
 
     data = factorize_recipe(args)
@@ -169,24 +134,6 @@ def cmd_factorize(args: argparse.Namespace) -> int:
     return 0
 
 
-def training_quantize_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """The recipe a `torchslim quantize --method qat|binary|ternary` call stands for."""
-    from torchslim.models import spec_of
-    from torchslim.workflows import load_model_or_artifact, train_config_for
-
-    name = spec_of(load_model_or_artifact(args.model)[0]).name
-    defaults = train_config_for(name)
-    train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10).to_dict()
-    if not args.no_distill:
-        train["distill"] = {"teacher": "original", "temperature": 4.0, "alpha": 0.5}
-    if args.method == "qat":
-        stages: list[dict[str, Any]] = [{"qat": {**train, "learn_scale": args.learn_scale}}]
-    else:  # binary / ternary weights, stored as entropy-coded codes
-        stages = [{"lowbit": {**train, "mode": args.method, "activations": args.binary_activations}},
-                  {"encode": {}}]
-    return {"version": 1, "dataset": args.calibration, "seed": 0, "stages": stages}
-
-
 def cmd_quantize(args: argparse.Namespace) -> int:
     from torchslim.workflows import quantize_job
 
@@ -195,6 +142,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         import yaml
 
+        from torchslim.cli_recipes import training_quantize_recipe
         from torchslim.recipe import parse_recipe
 
         data = training_quantize_recipe(args)
