@@ -41,6 +41,7 @@ from torchslim.lowrank import ConvDecomposition, LowRank
 from torchslim.pruning import WeightPruning
 from torchslim.quantization.lowbit import LowBit
 from torchslim.quantization.ptq import Quantization
+from torchslim.quantization.weight_only import WeightOnly
 from torchslim.select import Select
 from torchslim.training import TrainConfig
 
@@ -124,8 +125,9 @@ class DistillStage(FineTune):
 
 STAGE_TYPES: dict[str, type] = {cls.kind: cls for cls in (
     WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune,
-    DistillStage, LowRank, ConvDecomposition, LayerDropping, Quantization, QATStage, LowBitStage)}
-STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers", "lowbit"})
+    DistillStage, LowRank, ConvDecomposition, LayerDropping, Quantization, QATStage, LowBitStage,
+    WeightOnly)}
+STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers", "lowbit", "weight_only"})
 CONVERSION_STAGES = frozenset({"quantize", "qat"})  # the model becomes an int8 program: last
 
 

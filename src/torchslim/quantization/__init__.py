@@ -13,8 +13,26 @@ from torchslim.quantization.primitives import (
     sqnr_db,
 )
 from torchslim.quantization.ptq import Backend, Calibrate, Quantization, QuantMethod, quantize_model
+from torchslim.quantization.weight_only import WeightOnly
 
-__all__ = ["Backend", "Calibrate", "LowBit", "LowBitMode", "Observer", "ObserverKind", "QuantMethod",
-           "QuantSpec", "Quantization", "dequantize", "fake_quantize", "finalize_lowbit_",
-           "make_observer", "qparams_from_range", "quantize", "quantize_dequantize",
-           "quantize_model", "sqnr_db"]
+__all__ = [
+    "Backend",
+    "Calibrate",
+    "LowBit",
+    "LowBitMode",
+    "Observer",
+    "ObserverKind",
+    "QuantMethod",
+    "QuantSpec",
+    "Quantization",
+    "WeightOnly",
+    "dequantize",
+    "fake_quantize",
+    "finalize_lowbit_",
+    "make_observer",
+    "qparams_from_range",
+    "quantize",
+    "quantize_dequantize",
+    "quantize_model",
+    "sqnr_db",
+]

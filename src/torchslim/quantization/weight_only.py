@@ -1,0 +1,109 @@
+"""Weight-only quantization for size: int8 or int4 codes per group of weights, float compute.
+
+Each selected Linear keeps `codes` (integers in [-2^(b-1), 2^(b-1)-1], one per weight) and one
+symmetric scale per `group_size` consecutive input weights of a row (GPTQ/AWQ-style storage,
+round-to-nearest codes). The forward dequantizes and runs the float matmul: the point is the
+file (and memory) size, not speed. Saved with `Encoding()`, the codes take about `bits` bits
+each (a codebook of at most 2^bits values); the replacement is a recorded structural edit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+from torchslim.config import TechniqueConfig, validated
+from torchslim.errors import ConfigError
+from torchslim.parametrized import weight_of
+from torchslim.quantization.primitives import QuantSpec, qparams_from_range, quantize, tensor_range
+from torchslim.registry import register_technique
+from torchslim.select import Select
+from torchslim.structure import Edit, register_edit, replace_layers_, replace_module_
+
+__all__ = ["GroupedWeightLinear", "WeightOnly", "weight_only_"]
+
+
+@validated
+@dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class WeightOnly(TechniqueConfig):
+    """Store Linear weights as `bits`-bit codes with one scale per `group_size` weights.
+
+    Attributes:
+        bits: 2..8 (4 and 8 are the usual choices).
+        group_size: weights per scale along a row; must divide each layer's in_features.
+    """
+
+    kind = "weight_only"
+
+    bits: int = Field(default=4, ge=2, le=8)
+    group_size: int = Field(default=32, ge=1)
+
+
+class GroupedWeightLinear(nn.Module):
+    """`F.linear(x, codes * scales)` with per-group scales; a Linear stored compactly."""
+
+    def __init__(self, in_features: int, out_features: int, *, group_size: int, bias: bool) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.codes = nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
+        self.scales = nn.Parameter(torch.ones(out_features, in_features // group_size),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def weight(self) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        groups = self.codes.reshape(out_features, -1, self.group_size)  # (out, G, g)
+        return (groups * self.scales[:, :, None]).reshape(out_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+
+def _grouped(layer: nn.Linear, config: WeightOnly) -> GroupedWeightLinear:
+    spec = QuantSpec(bits=config.bits, group_size=config.group_size)
+    weight = weight_of(layer).detach().float()
+    scale, zero = qparams_from_range(*tensor_range(weight, spec), spec)  # (out, G)
+    new = GroupedWeightLinear(layer.in_features, layer.out_features, group_size=config.group_size,
+                              bias=layer.bias is not None)
+    with torch.no_grad():
+        new.codes.copy_(quantize(weight, scale, zero, spec).float())
+        new.scales.copy_(scale)
+        if layer.bias is not None and new.bias is not None:
+            new.bias.copy_(layer.bias)
+    return new
+
+
+def weight_only_(model: nn.Module, config: WeightOnly, *, targets: Select,
+                 calibration: Any = None) -> dict[str, Any]:
+    """Handler of `WeightOnly`: replace the selected Linears; a group size that does not divide
+    a layer's width is an error naming the layers (nothing is changed)."""
+    layers = [(n, m) for n, m in targets.resolve(model) if isinstance(m, nn.Linear)]
+    bad = [f"{n} (in_features {m.in_features})" for n, m in layers if m.in_features % config.group_size]
+    if bad:
+        raise ConfigError(f"weight_only: group_size={config.group_size} does not divide {', '.join(bad)}; "
+                          "pick a divisor or exclude those layers")
+
+    def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
+        assert isinstance(layer, nn.Linear)
+        return _grouped(layer, config), {"kind": "weight_only", "layer": name,
+                                         "group_size": config.group_size}
+
+    return {"bits": config.bits, **replace_layers_(model, [n for n, _ in layers], build)}
+
+
+def _replay(model: nn.Module, edit: Edit) -> None:
+    layer = model.get_submodule(edit["layer"])
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{edit['layer']} is a {type(layer).__name__}, not a Linear")
+    replace_module_(model, edit["layer"], GroupedWeightLinear(
+        layer.in_features, layer.out_features, group_size=int(edit["group_size"]),
+        bias=layer.bias is not None))
+
+
+register_technique(WeightOnly, weight_only_)
+register_edit("weight_only", _replay)

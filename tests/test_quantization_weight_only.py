@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim as ts
+from torchslim.errors import ConfigError
+from torchslim.models import create_model
+from torchslim.quantization import WeightOnly, sqnr_db
+from torchslim.quantization.weight_only import GroupedWeightLinear
+from torchslim.testing import assert_same_outputs
+
+
+def test_int4_grouped_weights_keep_the_function_and_shrink_the_file(tmp_path: Path) -> None:
+    model = create_model("lenet300", pretrained=False).eval()
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        reference = model(x)
+    dense = ts.save(model, tmp_path / "fp32.slim").stat().st_size
+    result = ts.apply_(model, WeightOnly(bits=4, group_size=10), targets=ts.Select(names=("fc2", "fc3")))
+    ts.apply_(model, WeightOnly(bits=4, group_size=16), targets=ts.Select(names=("fc1",)))
+    assert result["replaced"] == ["fc2", "fc3"]
+    assert isinstance(model.fc1, GroupedWeightLinear)
+    codes = model.fc1.codes
+    assert float(codes.min()) >= -8 and float(codes.max()) <= 7
+    with torch.no_grad():
+        assert sqnr_db(reference, model(x)) > 15  # 4-bit weights: ~20 dB on these outputs
+    path = ts.save(model, tmp_path / "int4.slim", encoding=ts.Encoding())
+    assert path.stat().st_size < dense / 5  # ~4-bit codes plus one fp32 scale per group
+    assert_same_outputs(model, ts.load(path), x)
+
+
+def test_more_bits_and_smaller_groups_are_more_accurate() -> None:
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(64, 32))
+    x = torch.randn(32, 64)
+    reference = layer(x).detach()
+    errors = {}
+    for bits, group in ((4, 64), (4, 16), (8, 64)):
+        model = nn.Sequential(nn.Linear(64, 32))
+        model.load_state_dict(layer.state_dict())
+        ts.apply_(model, WeightOnly(bits=bits, group_size=group))
+        errors[(bits, group)] = sqnr_db(reference, model(x).detach())
+    assert errors[(4, 16)] > errors[(4, 64)]
+    assert errors[(8, 64)] > errors[(4, 16)] + 10
+
+
+def test_group_size_must_divide_the_width() -> None:
+    model = create_model("lenet300", pretrained=False)
+    with pytest.raises(ConfigError, match=r"group_size=32 does not divide fc1 \(in_features 784\)"):
+        ts.apply_(model, WeightOnly(bits=4, group_size=32))
+    assert isinstance(model.fc1, nn.Linear)
