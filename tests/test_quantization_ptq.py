@@ -132,3 +132,22 @@ def test_onnxruntime_int8_agrees_with_the_fake_quant_reference(trained, digits) 
     # The two differ only by the activation quantization the real kernels add.
     assert sqnr_db(simulated, real) > 25
     assert float((simulated.argmax(1) == real.argmax(1)).float().mean()) > 0.98
+
+
+def test_recurrent_layers_without_an_int8_kernel_are_reported_as_float() -> None:
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.GRU(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, _ = self.rnn(x)  # (B, T, 16)
+            return self.head(out[:, -1])
+
+    model = Tagger().eval()
+    x = torch.randn(4, 6, 8)
+    int8 = quantize_model(model, Quantization(), example_inputs=x)
+    assert int8.report["int8_ops"]  # the head runs in int8
+    assert any(op.startswith("GRU") for op in int8.report["float_ops"])  # the GRU fell back, said so
+    with torch.no_grad():
+        assert sqnr_db(model(x), int8(x)) > 25

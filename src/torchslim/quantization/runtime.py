@@ -28,9 +28,9 @@ from torchslim.errors import ConfigError, UnsupportedModuleError
 __all__ = ["OrtModule", "export_onnx", "optimize_onnx", "quantize_onnx", "quantized_ops"]
 
 INSTALL_HINT = "pip install -c constraints.txt 'torchslim[onnx]'"
-WEIGHT_OPS = ("MatMul", "Gemm", "Conv")  # ops whose weights int8 kernels exist for
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")  # ops that carry weights
 INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul",
-            "MatMulIntegerToFloat", "QGemm")
+            "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLSTM", "QAttention")
 
 
 def _onnx() -> Any:
