@@ -31,7 +31,8 @@ import torchslim as ts
 from torchslim.data import TensorLoader, load_dataset
 from torchslim.measure import evaluate, measure_latency
 from torchslim.quantization import Quantization, quantize_model, sqnr_db
-from torchslim.quantization.runtime import OrtModule, export_onnx, optimize_onnx, quantize_onnx
+from torchslim.quantization.ptq import float_program
+from torchslim.quantization.runtime import OrtModule, export_onnx, quantize_onnx
 
 Candidate = tuple[str, Callable[[], nn.Module]]
 
@@ -53,16 +54,6 @@ def torchao_dynamic(model: nn.Module) -> nn.Module:
     return clone
 
 
-def ort_fp32(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    from torchslim.quantization.ptq import _eager_attention, _transformer_shape
-
-    transformer = _transformer_shape(model)
-    if transformer is None:
-        return OrtModule(export_onnx(model, example))
-    return OrtModule(optimize_onnx(export_onnx(_eager_attention(model), example),
-                                   transformer=transformer))
-
-
 def ort_defaults(model: nn.Module, example: torch.Tensor, method: str,
                  calibration: list[torch.Tensor] | None) -> nn.Module:
     program, _ = quantize_onnx(export_onnx(model, example), method=method, calibration=calibration,
@@ -74,7 +65,7 @@ def candidates(model: nn.Module, example: torch.Tensor, calibration: list[torch.
                methods: tuple[str, ...], calibrates: tuple[str, ...] = ()) -> list[Candidate]:
     items: list[Candidate] = [
         ("fp32 eager (torch)", lambda: model),
-        ("fp32 onnxruntime (same graph optimisations as int8)", lambda: ort_fp32(model, example)),
+        ("fp32 onnxruntime (same graph optimisations as int8)", lambda: float_program(model, example)),
     ]
     for method in methods:
         items.append((f"torchslim int8 {method} (onnxruntime, per-channel)",

@@ -100,6 +100,20 @@ def _run_recipe(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _run_generated_recipe(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Validate a recipe a command stands for, keep it as OUT/recipe.yaml, and run it."""
+    from pathlib import Path
+
+    import yaml
+
+    from torchslim.recipe import parse_recipe
+
+    recipe = parse_recipe(data)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return _run_recipe(recipe, args)
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from torchslim.recipe import load_recipe
 
@@ -113,18 +127,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_factorize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import yaml
-
     from torchslim.cli_recipes import factorize_recipe
-    from torchslim.recipe import parse_recipe
 
-    data = factorize_recipe(args)
-    recipe = parse_recipe(data)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    report = _run_recipe(recipe, args)
+    report = _run_generated_recipe(factorize_recipe(args), args)
     ratios = report["comparison"]
     print(f"\n{ratios.get('params_ratio', 0):.2f}x fewer parameters, "
           f"{ratios.get('flops_ratio', 0):.2f}x fewer FLOPs, test accuracy "
@@ -138,19 +143,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from torchslim.workflows import quantize_job
 
     if args.method in ("qat", "binary", "ternary"):
-        from pathlib import Path
-
-        import yaml
-
         from torchslim.cli_recipes import training_quantize_recipe
-        from torchslim.recipe import parse_recipe
 
-        data = training_quantize_recipe(args)
-        recipe = parse_recipe(data)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         args.resume = False
-        report = _run_recipe(recipe, args)
+        report = _run_generated_recipe(training_quantize_recipe(args), args)
         final = report["stages"][0]
         if args.method == "qat":
             print(f"\nint8 ops: {final['int8_ops']}; left in float: {final['float_ops'] or 'none'}")

@@ -62,6 +62,13 @@ def constrain_(model: nn.Module, constraints: Constraints) -> None:
             set_mask_(module, weight.detach() != 0)
 
 
+def forget_replaced(constraints: Constraints, replaced: list[str]) -> None:
+    """Drop the constraints of replaced layers (and of anything inside them): they are gone."""
+    for name in replaced:
+        for layer in [c for c in constraints if c == name or c.startswith(name + ".")]:
+            del constraints[layer]
+
+
 class CompressionRun:
     """One recipe applied to one model, writing into `out`.
 
@@ -146,11 +153,14 @@ class CompressionRun:
                    checkpoint_dir: Path, callbacks: tuple[Any, ...] = (),
                    distill: Distill | None = None) -> None:
         constrain_(model, constraints)
-        loss = None
-        if distill is not None:
-            loss = DistillationLoss(self.teacher(distill.teacher), **distill.loss_options())
-        self.train(model, config, checkpoint_dir, callbacks, loss)
+        self.train(model, config, checkpoint_dir, callbacks, self.distill_loss(distill))
         finalize_(model)
+
+    def distill_loss(self, distill: Distill | None) -> Loss | None:
+        """The distillation loss a `distill:` block asks for (None without one)."""
+        if distill is None:
+            return None
+        return DistillationLoss(self.teacher(distill.teacher), **distill.loss_options())
 
     def teacher(self, source: str) -> nn.Module:
         """`original` (the model before stage 1) or an artifact / registered model."""
@@ -206,13 +216,9 @@ class CompressionRun:
 
         config: LowBitStage = stage.config
         result = apply_(model, config.lowbit, targets=stage.targets)
-        loss = None
-        if config.distill is not None:
-            loss = DistillationLoss(self.teacher(config.distill.teacher), **config.distill.loss_options())
-        self.train(model, replace(config.train), checkpoint_dir, loss=loss)
+        self.train(model, replace(config.train), checkpoint_dir, loss=self.distill_loss(config.distill))
         replaced = finalize_lowbit_(model)
-        for name in replaced["replaced"]:
-            constraints.pop(name, None)
+        forget_replaced(constraints, replaced["replaced"])
         return {**result, **replaced}
 
     def run_stage(self, index: int, stage: Stage, model: nn.Module,
@@ -231,9 +237,7 @@ class CompressionRun:
             return {"distill": config.distill.to_dict()} if config.distill else {}
         if stage.kind in STRUCTURAL_STAGES:
             result = apply_(model, config, targets=stage.targets)
-            for name in result["replaced"]:  # replaced layers: their constraints went with them
-                for layer in [c for c in constraints if c == name or c.startswith(name + ".")]:
-                    del constraints[layer]
+            forget_replaced(constraints, result["replaced"])
             return result
         if stage.kind == "cluster":
             result = apply_(model, config, targets=stage.targets)
@@ -260,12 +264,8 @@ class CompressionRun:
         if isinstance(config, QATStage):
             constrain_(model, constraints)  # pruned weights stay zero while training
             prepared = prepare_qat_(model, learn_scale=config.learn_scale)
-            loss = None
-            if config.distill is not None:
-                loss = DistillationLoss(self.teacher(config.distill.teacher),
-                                        **config.distill.loss_options())
             self.train(model, replace(config.train), self.stages_dir / f"{index:02d}-qat-ckpt",
-                       loss=loss)
+                       loss=self.distill_loss(config.distill))
             batches = [x for x, _ in self.calibration(8)]
             converted = convert_qat(model, example_inputs=example, calibration=batches)
             report: dict[str, Any] = dict(getattr(converted, "report", {}))

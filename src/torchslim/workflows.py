@@ -26,6 +26,7 @@ from torchslim.measure import (
     measure_latency,
 )
 from torchslim.models import (
+    ModelSpec,
     create_model,
     dataset_for,
     example_inputs,
@@ -55,6 +56,13 @@ def backend_of(model: nn.Module) -> str:
     return "onnxruntime" if isinstance(getattr(model, "program", None), bytes) else "torch"
 
 
+def check_dataset_fits(data: Dataset, spec: ModelSpec) -> None:
+    """Raise `ConfigError` unless the dataset's samples have the model's input shape."""
+    if tuple(data.input_shape) != tuple(spec.input_shape):
+        raise ConfigError(f"dataset {data.name!r} has inputs {data.input_shape}, the model "
+                          f"expects {spec.input_shape}; pick a matching dataset or model")
+
+
 def artifact_bytes(model: nn.Module, path: Path | None) -> int:
     """Bytes on disk of the model's artifact (written to a temp folder if it has none yet)."""
     if path is not None:
@@ -75,9 +83,7 @@ def measure_model(model: nn.Module, *, path: Path | None = None, data: Dataset |
         "flops": count_flops(model, example_inputs(spec, 1)),
     }
     if data is not None:
-        if tuple(data.input_shape) != tuple(spec.input_shape):
-            raise ConfigError(f"dataset {data.name!r} has inputs {data.input_shape}, the model "
-                              f"expects {spec.input_shape}; pick a matching dataset or model")
+        check_dataset_fits(data, spec)
         metrics = evaluate(model, TensorLoader(data.split(split), batch_size=batch_size),
                            topk=(1, 5) if data.num_classes > 5 else (1,))
         result.update(accuracy=metrics["accuracy"], loss=metrics["loss"], split=split,
@@ -159,11 +165,9 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
     if data is None and method == "static":
         raise ConfigError(f"static quantization needs calibration data and model {spec.name!r} "
                           "has no default dataset; pass --calibration DATASET")
-    if data is not None and tuple(data.input_shape) != tuple(spec.input_shape):
-        raise ConfigError(f"dataset {data.name!r} has inputs {data.input_shape}, the model expects "
-                          f"{spec.input_shape}; pick the dataset the model was trained on")
     calibration = None
     if data is not None:
+        check_dataset_fits(data, spec)  # before calibrating: a mismatch fails here, clearly
         loader = TensorLoader(data.train, batch_size=64, shuffle=True, seed=seed)
         calibration = [inputs for _, (inputs, _) in zip(range(calibration_batches), loader,
                                                         strict=False)]

@@ -2,7 +2,7 @@
 executed by onnxruntime's integer kernels (`quantize_model`, returning an `OrtModule`)."""
 
 from torchslim.quantization.lowbit import LowBit, LowBitMode, finalize_lowbit_
-from torchslim.quantization.observers import Observer, ObserverKind, make_observer
+from torchslim.quantization.observers import Observer, ObserverKind
 from torchslim.quantization.primitives import (
     QuantSpec,
     dequantize,
@@ -29,7 +29,6 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "finalize_lowbit_",
-    "make_observer",
     "qparams_from_range",
     "quantize",
     "quantize_dequantize",

@@ -26,7 +26,7 @@ from torchslim.quantization.primitives import (
     tensor_range,
 )
 
-__all__ = ["Observer", "ObserverKind", "make_observer"]
+__all__ = ["Observer", "ObserverKind"]
 
 RESERVOIR = 1 << 20
 
@@ -140,8 +140,3 @@ class Observer:
             if kl < best_kl:
                 best, best_kl = cut, kl
         return (best + 0.5) * top / bins
-
-
-def make_observer(spec: QuantSpec, kind: ObserverKind | str = ObserverKind.MINMAX) -> Observer:
-    """An observer of `kind` for tensors quantized with `spec`."""
-    return Observer(spec, ObserverKind(kind))

@@ -20,9 +20,9 @@ from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, SelectionError
-from torchslim.quantization.runtime import OrtModule, export_onnx, quantize_onnx
+from torchslim.quantization.runtime import OrtModule, export_onnx, optimize_onnx, quantize_onnx
 
-__all__ = ["Backend", "Calibrate", "QuantMethod", "Quantization", "quantize_model"]
+__all__ = ["Backend", "Calibrate", "QuantMethod", "Quantization", "float_program", "quantize_model"]
 
 
 class QuantMethod(StrEnum):
@@ -98,7 +98,7 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         batches = [b for _, b in zip(range(config.calibration_batches), calibration or [],
                                      strict=False)]
     transformer = _transformer_shape(model)
-    program = export_onnx(_eager_attention(model) if transformer else model, example_inputs)
+    program = _export(model, example_inputs, transformer)
     quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
                                       per_channel=config.per_channel, calibrate=config.calibrate.value,
                                       transformer=transformer)
@@ -119,6 +119,21 @@ def _transformer_shape(model: nn.Module) -> tuple[int, int] | None:
         if getattr(config, "model_type", None) == "bert":
             return int(config.num_attention_heads), int(config.hidden_size)
     return None
+
+
+def _export(model: nn.Module, example_inputs: torch.Tensor,
+            transformer: tuple[int, int] | None) -> bytes:
+    return export_onnx(_eager_attention(model) if transformer else model, example_inputs)
+
+
+def float_program(model: nn.Module, example_inputs: torch.Tensor) -> OrtModule:
+    """The fp32 model on onnxruntime with the graph optimisations the int8 path applies, so
+    benchmarks can tell the runtime's gain from quantization's."""
+    transformer = _transformer_shape(model)
+    program = _export(model, example_inputs, transformer)
+    if transformer is not None:
+        program = optimize_onnx(program, transformer=transformer)
+    return OrtModule(program)
 
 
 def _eager_attention(model: nn.Module) -> nn.Module:
@@ -153,8 +168,3 @@ def _torch_dynamic(model: nn.Module, config: Quantization) -> nn.Module:
         "backend": "torch", "method": "dynamic", "config": config.to_dict(),
         "int8_ops": {"Int8DynamicLinear (torch._int_mm)": len(replaced)}, "float_ops": left})
     return result
-
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    """The quantization report of a converted model (empty for float models)."""
-    return dict(getattr(model, "report", {}) or {})
