@@ -8,6 +8,7 @@ A handler that fails leaves the model exactly as it was.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,7 +25,7 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
-           calibration: Batches | None = None) -> dict[str, Any]:
+           calibration: Batches | None = None, example_inputs: Any = None) -> dict[str, Any]:
     """Apply a technique to `model` in place and return what changed, per layer.
 
     Args:
@@ -32,6 +33,8 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
         config: a technique config, e.g. `WeightPruning(sparsity=0.9)`.
         targets: the layers to touch (default: the technique's own default selection).
         calibration: batches for criteria that look at data (Taylor, activations, k-means).
+        example_inputs: what the model is called with, for techniques that trace it
+            (structured pruning); other techniques ignore it.
 
     Raises:
         ConfigError, SelectionError: bad options or a selection matching no layer; the model
@@ -40,7 +43,9 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
     handler = handler_for(config)
     snapshot = copy.deepcopy(model)
     try:
-        return handler(model, config, targets=targets or Select(), calibration=calibration)
+        takes_inputs = "example_inputs" in inspect.signature(handler).parameters
+        extra = {"example_inputs": example_inputs} if takes_inputs and example_inputs is not None else {}
+        return handler(model, config, targets=targets or Select(), calibration=calibration, **extra)
     except BaseException:
         model.__dict__.clear()
         model.__dict__.update(snapshot.__dict__)

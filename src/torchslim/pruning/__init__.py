@@ -1,5 +1,6 @@
-"""Pruning: unstructured weight masks, schedules and sensitivity analysis."""
+"""Pruning: unstructured weight masks, structured channel removal, schedules, sensitivity."""
 
+from torchslim.pruning.importance import Importance, unit_scores
 from torchslim.pruning.schedules import (
     GradualPruning,
     cubic_sparsity,
@@ -8,6 +9,7 @@ from torchslim.pruning.schedules import (
     rewind_,
 )
 from torchslim.pruning.sensitivity import plot_sensitivity, scan_sensitivity, sparsities_for_drop
+from torchslim.pruning.structured import ChannelPruning, PruneScope, PruneTarget, prune_channels_
 from torchslim.pruning.unstructured import (
     Criterion,
     Mask,
@@ -18,6 +20,12 @@ from torchslim.pruning.unstructured import (
 )
 
 __all__ = [
+    "ChannelPruning",
+    "Importance",
+    "PruneScope",
+    "PruneTarget",
+    "prune_channels_",
+    "unit_scores",
     "Criterion",
     "GradualPruning",
     "Mask",

@@ -1,0 +1,208 @@
+"""Trace a model into groups of coupled channels (`trace_channels`).
+
+Why torch.fx: symbolic tracing gives every op with its exact arguments (the `dim` of a cat, the
+shape a view asks for), and running the traced graph on the example inputs gives every tensor's
+real shape, so channel mappings are computed, not guessed. Layers with a channel rule are traced
+as single nodes (their forward is never looked into), which is also how models whose forward
+fx cannot follow (Hugging Face BERT) are handled: a rule for the whole block. The autograd graph
+(Torch-Pruning's choice) loses op arguments and needs shape heuristics; torch.export is slower
+and specialises control flow the same way fx does.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+from torch import nn
+
+from torchslim.errors import GraphError
+from torchslim.graph import attention as _attention  # noqa: F401 - registers attention rules
+from torchslim.graph.atoms import AtomTable, Member
+from torchslim.graph.axes import Axis
+from torchslim.graph.ops import _flat, propagate_op
+from torchslim.graph.rules import Space, rule_for
+
+__all__ = ["ChannelGraph", "Group", "trace_channels"]
+
+
+@dataclass
+class Group:
+    """Units (coupled channels) that share the same layers: pruned at one ratio, scored alike."""
+
+    units: list[list[Member]]
+    layers: tuple[tuple[str, str], ...]  # (module, axis) pairs touched
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({m for m, _ in self.layers})
+
+
+@dataclass
+class ChannelGraph:
+    """The traced model: axes, groups of removable units, and what was excluded and why."""
+
+    axes: dict[tuple[str, str], Axis]
+    sizes: dict[tuple[str, str], int]
+    groups: list[Group]
+    excluded: list[str] = field(default_factory=list)
+    spaces: dict[str, Space] = field(default_factory=dict)  # fx node name -> its channels
+    gm: torch.fx.GraphModule | None = None
+    table: AtomTable | None = None
+
+    def unit_of(self, atom: int) -> tuple[int, int] | None:
+        """(group index, unit index) of the unit holding `atom`, or None (blocked / not removable)."""
+        if self.table is None:
+            return None
+        if not hasattr(self, "_roots"):
+            roots: dict[int, tuple[int, int]] = {}
+            axes = self.table.axes()
+            for g, group in enumerate(self.groups):
+                for u, unit in enumerate(group.units):
+                    m = unit[0]
+                    roots[self.table.find(int(axes[(m.module, m.axis)][m.index]))] = (g, u)
+            self._roots = roots
+        return self._roots.get(self.table.find(int(atom)))
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return rule_for(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
+class _Coupler:
+    """The `Coupling` the rules talk to: atoms per axis, unions, blocks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.table = AtomTable()
+        self.axes: dict[tuple[str, str], Axis] = {}
+
+    def atoms(self, module: str, axis: str, size: int) -> np.ndarray:
+        if (module, axis) not in self.axes:
+            layer = self.model.get_submodule(module)
+            rule = rule_for(layer)
+            known = rule.axes(layer) if rule is not None else {}
+            if axis not in known:
+                raise GraphError(f"the rule of {module} ({type(layer).__name__}) has no axis {axis!r}")
+            self.axes[(module, axis)] = known[axis]
+        return self.table.axis(module, axis, size, produces=self.axes[(module, axis)].produces)
+
+    def couple(self, space: Space, atoms: np.ndarray) -> None:
+        self.table.union(space.atoms, atoms)
+
+    def block(self, spaces: Any, reason: str) -> None:
+        for space in _flat(spaces):
+            self.table.block(space.atoms, reason)
+
+
+def _concrete_args(model: nn.Module, given: int) -> dict[str, Any]:
+    """Defaults of forward's parameters not given as example inputs (e.g. `mask=None`)."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    return {p.name: p.default for p in params[given:]
+            if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+
+
+def _symbolic(model: nn.Module, count: int) -> torch.fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model, concrete_args=_concrete_args(model, count) or None)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
+        raise GraphError(f"cannot trace {type(model).__name__} with torch.fx: {exc}. Make the layer "
+                         "whose forward branches on tensor values a leaf with "
+                         "register_channel_rule(ThatLayer, rule)") from exc
+    return torch.fx.GraphModule(model, graph)
+
+
+class _Propagator(torch.fx.Interpreter):
+    """Runs the traced graph on real inputs and maps channels through every node."""
+
+    def __init__(self, gm: torch.fx.GraphModule, coupler: _Coupler) -> None:
+        super().__init__(gm)
+        self.coupler = coupler
+        self.spaces: dict[str, Any] = {}
+
+    def _space_of(self, arg: Any) -> Any:
+        return torch.fx.node.map_arg(arg, lambda n: self.spaces.get(n.name))
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        out = super().run_node(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        spaces = [self._space_of(a) for a in n.args]
+        kw_spaces = {k: self._space_of(v) for k, v in n.kwargs.items()}
+        self.spaces[n.name] = self._propagate(n, list(args), dict(kwargs), spaces, kw_spaces, out)
+        return out
+
+    def _propagate(self, n: torch.fx.Node, args: list[Any], kwargs: dict[str, Any],
+                   spaces: list[Any], kw_spaces: dict[str, Any], out: Any) -> Any:
+        coupler = self.coupler
+        if n.op == "call_module":
+            module = self.module.get_submodule(str(n.target))
+            tensors = [(s, v) for s, v in zip([*spaces, *kw_spaces.values()],
+                                              [*args, *kwargs.values()], strict=True)]
+            rule = rule_for(module)
+            if rule is None:
+                coupler.block([s for s, _ in tensors], f"{n.target} ({type(module).__name__}) has no "
+                              "channel rule; its inputs are not pruned (register_channel_rule"
+                              f"({type(module).__name__}, rule) to prune through it)")
+                return None
+            return rule.propagate(coupler, str(n.target), module, [s for s, _ in tensors],
+                                  [v for _, v in tensors], out)
+        if n.op in ("call_function", "call_method"):
+            return propagate_op(coupler, n.target, n.name, args, kwargs, spaces, out)
+        if n.op == "output":
+            coupler.block(spaces, "the model's output keeps its size")
+        return None
+
+
+def _groups(table: AtomTable) -> list[Group]:
+    by_layers: dict[tuple[tuple[str, str], ...], list[list[Member]]] = {}
+    for unit in table.units():
+        key = tuple(sorted({(m.module, m.axis) for m in unit}))
+        by_layers.setdefault(key, []).append(sorted(unit, key=lambda m: (m.module, m.axis, m.index)))
+    return [Group(units=sorted(units, key=lambda u: (u[0].module, u[0].axis, u[0].index)), layers=key)
+            for key, units in by_layers.items()]
+
+
+def trace_channels(model: nn.Module, example_inputs: Any, *, strict: bool = False) -> ChannelGraph:
+    """Trace `model` on `example_inputs` (a tensor or tuple) into groups of coupled channels.
+
+    Args:
+        model: any module; layers with no rule and ops we cannot map are excluded, with a warning.
+        example_inputs: what `model(*inputs)` is called with.
+        strict: raise `GraphError` instead of excluding (and warning about) unmapped layers.
+
+    Raises:
+        GraphError: fx cannot trace the model, or (strict) a layer/op blocks channels.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        >>> graph = trace_channels(net, torch.zeros(1, 3, 8, 8))
+        >>> [(g.modules, len(g.units)) for g in graph.groups]
+        [(['0', '1', '3'], 8)]
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    gm = _symbolic(model, len(inputs))
+    coupler = _Coupler(model)
+    propagator = _Propagator(gm, coupler)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            propagator.run(*inputs)
+    finally:
+        model.train(was_training)
+    excluded = list(dict.fromkeys(coupler.table.reasons))
+    if excluded and strict:
+        raise GraphError("channels cannot be mapped through: " + "; ".join(excluded))
+    for reason in excluded:
+        if "model's output" not in reason:
+            warnings.warn(f"torchslim: channels excluded from pruning: {reason}", stacklevel=2)
+    sizes = {key: len(atoms) for key, atoms in coupler.table.axes().items()}
+    spaces = {k: v for k, v in propagator.spaces.items() if isinstance(v, Space)}
+    return ChannelGraph(axes=coupler.axes, sizes=sizes, groups=_groups(coupler.table),
+                        excluded=excluded, spaces=spaces, gm=gm, table=coupler.table)
