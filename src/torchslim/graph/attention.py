@@ -108,6 +108,7 @@ class MultiheadAttentionRule(ChannelRule):
     """Heads of `nn.MultiheadAttention` / `PrunedMultiheadAttention`; the embedding dim is kept."""
 
     def axes(self, module: nn.Module) -> dict[str, Axis]:
+        slices: tuple[ParamSlice, ...]
         if isinstance(module, nn.MultiheadAttention):
             d = module.head_dim
             slices = (ParamSlice("in_proj_weight", 0, d, blocks=3),
@@ -129,12 +130,13 @@ class MultiheadAttentionRule(ChannelRule):
         graph.block(inputs, f"{name}: the embedding size of attention is not pruned")
         if unsupported:
             return (None, None)
-        graph.atoms(name, "heads", int(module.num_heads))
+        assert isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention)
+        graph.atoms(name, "heads", module.num_heads)
         return (None, None)
 
 
 # -------------------------------------------------------------------------------- Hugging Face BERT
-def _bert_heads(module: nn.Module, size: int) -> None:
+def _bert_heads(module: Any, size: int) -> None:  # a BertSelfAttention (transformers, untyped)
     head = int(module.attention_head_size)
     module.num_attention_heads = size
     module.all_head_size = size * head
@@ -145,7 +147,7 @@ def _bert_heads(module: nn.Module, size: int) -> None:
 class BertSelfAttentionRule(ChannelRule):
     """Heads of `BertSelfAttention`: D rows of query, key and value each."""
 
-    def axes(self, module: nn.Module) -> dict[str, Axis]:
+    def axes(self, module: Any) -> dict[str, Axis]:
         d = int(module.attention_head_size)
         slices = tuple(piece for proj in ("query", "key", "value")
                        for piece in (ParamSlice(f"{proj}.weight", 0, d),
@@ -158,7 +160,7 @@ class BertSelfAttentionRule(ChannelRule):
         return None  # only reached if traced alone: its heads' output projection is not visible
 
 
-def couple_bert_layer(graph: Coupling, name: str, layer: nn.Module) -> None:
+def couple_bert_layer(graph: Coupling, name: str, layer: Any) -> None:
     """Heads (q/k/v rows + output-projection columns) and FFN neurons of one `BertLayer`."""
     attention = layer.attention.self
     heads, d = int(attention.num_attention_heads), int(attention.attention_head_size)

@@ -61,8 +61,8 @@ def _elementwise(graph: Coupling, where: str, args: list[Any], kwargs: dict[str,
     for space, value in _tensor_spaces(spaces, args):
         aligned = dim - (out.dim() - value.dim())
         if space is None and aligned >= 0 and value.shape[aligned] > 1:
-            graph.block([s for s, _ in tracked], f"{where}: an operand we cannot prune (a constant "
-                        "or parameter) spans the channels")
+            graph.block([s for s, _ in tracked], f"{where}: combines with a tensor whose channels "
+                        "are not tracked (an input, a parameter, or a layer whose width is kept)")
             return None
     first = tracked[0][0]
     for space, _ in tracked[1:]:

@@ -263,15 +263,17 @@ def _register_builtins() -> None:
     for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm):
         register_channel_rule(norm, NormRule())
     register_channel_rule(nn.Embedding, EmbeddingRule())
-    elementwise = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-                   nn.Hardsigmoid, nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus,
-                   nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
-    for layer in elementwise:
-        register_channel_rule(layer, ChannelwiseRule())
-    planes = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-              nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample)
-    for layer in planes:
-        register_channel_rule(layer, ChannelwiseRule(dim=1))
+    elementwise: tuple[type[nn.Module], ...] = (
+        nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+        nn.Hardtanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout,
+        nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
+    for kind in elementwise:
+        register_channel_rule(kind, ChannelwiseRule())
+    planes: tuple[type[nn.Module], ...] = (
+        nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample)
+    for kind in planes:
+        register_channel_rule(kind, ChannelwiseRule(dim=1))
     register_channel_rule(nn.Softmax, SoftmaxRule())
     register_channel_rule(nn.LogSoftmax, SoftmaxRule())
     register_channel_rule(nn.Flatten, FlattenRule())

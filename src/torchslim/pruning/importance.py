@@ -5,7 +5,8 @@ next conv) is scored as one: its magnitude is the norm over every weight slice i
 away, not just the producing filter's (group-aware, as in DepGraph). Criteria:
 `l1`/`l2` (weight norms), `random`, `taylor` (first-order |sum w * dL/dw|, Molchanov et al.
 2019), `activation` (mean |activation| on calibration data), `apoz` (1 - average percentage of
-zeros after ReLU, Hu et al. 2016), `bn_scale` (|gamma|, network slimming), `gate` (learned gates).
+zeros after ReLU, Hu et al. 2016; groups with no ReLU fall back to mean activation), `bn_scale`
+(|gamma|, network slimming).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim.errors import ConfigError
-from torchslim.graph import ChannelGraph, ParamSlice, Space
+from torchslim.graph import ChannelGraph, ParamSlice
 
 __all__ = ["Importance", "unit_scores"]
 
@@ -148,15 +149,19 @@ def unit_scores(model: nn.Module, graph: ChannelGraph, criterion: Importance | s
     if criterion is Importance.RANDOM:
         rng = np.random.default_rng(seed)
         return [rng.random(len(group.units)) for group in graph.groups]
-    if criterion in (Importance.ACTIVATION, Importance.APOZ):
+    if criterion is Importance.ACTIVATION:
         return _activation_scores(graph, batches, criterion)
+    if criterion is Importance.APOZ:  # groups with no ReLU after them: ranked by mean activation
+        apoz = _activation_scores(graph, batches, criterion)
+        mean = _activation_scores(graph, batches, Importance.ACTIVATION)
+        return [np.where(np.isfinite(a), a, m) for a, m in zip(apoz, mean, strict=True)]
     if criterion is Importance.TAYLOR:
         values = _slice_values(model, graph, _taylor_products(model, batches), "sum")
         return _aggregate(graph, values)
     tensors = dict(model.state_dict(keep_vars=False))
     if criterion is Importance.BN_SCALE:
         bn = {key: np.zeros(size) for key, size in graph.sizes.items()}
-        for (module, axis), size in graph.sizes.items():
+        for module, axis in graph.sizes:
             layer = model.get_submodule(module)
             if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.weight is not None:
                 bn[(module, axis)] = layer.weight.detach().abs().double().numpy()

@@ -121,7 +121,8 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
     return removed
 
 
-def cut_channels_(model: nn.Module, graph: ChannelGraph, removed: list[np.ndarray]) -> dict[str, dict[str, int]]:
+def cut_channels_(model: nn.Module, graph: ChannelGraph,
+                  removed: list[np.ndarray]) -> dict[str, dict[str, int]]:
     """Cut the chosen units out of every layer axis they touch; returns the new axis sizes."""
     dropped: dict[tuple[str, str], set[int]] = {}
     for group, units in zip(graph.groups, removed, strict=True):
@@ -208,7 +209,8 @@ def _check(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, eligib
 
 
 def _removal_for_macs(model: nn.Module, graph: ChannelGraph, scores: list[np.ndarray],
-                      config: ChannelPruning, eligible: list[bool], inputs: tuple[Any, ...]) -> list[np.ndarray]:
+                      config: ChannelPruning, eligible: list[bool],
+                      inputs: tuple[Any, ...]) -> list[np.ndarray]:
     """Bisect the channel ratio until MACs fall by `config.ratio`."""
     goal = (1 - config.ratio) * _macs(model, inputs)
     low, high, best = 0.0, 0.99, plan_removal(graph.groups, scores, 0.0, config, eligible)
