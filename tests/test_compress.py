@@ -175,3 +175,35 @@ def test_quantize_and_qat_stages_end_in_an_int8_program(run: Path, tmp_path: Pat
     bad = {**recipe, "stages": [{"qat": {"epochs": 1}}, {"prune": {"sparsity": 0.5}}]}
     with pytest.raises(Exception, match="must be the last stage"):
         parse_recipe(bad)
+
+
+def test_structured_prune_cli_removes_neurons_in_steps_and_writes_a_loadable_model(
+        run: Path, tmp_path: Path, capsys) -> None:
+    baseline = run / "out" / "stages" / "00-baseline.slim"
+    out = tmp_path / "pruned"
+    assert main(["prune", str(baseline), "--structured", "--ratio", "0.75", "--steps", "2",
+                 "--dataset", "digits", "--epochs", "3", "--lr", "0.05", "--out", str(out),
+                 "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["structured_prune", "fine_tune"] * 2
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["structured_prune"]["ratio"] == 0.5
+    model = artifact.load(out / "model.slim")
+    assert (model.fc1.out_features, model.fc2.in_features) == (75, 75)  # 300 -> 150 -> 75
+    assert (model.fc2.out_features, model.fc3.in_features) == (25, 25)  # 100 -> 50 -> 25
+    assert report["comparison"]["params_ratio"] > 3
+    assert report["final"]["test_accuracy"] > report["baseline"]["test_accuracy"] - 0.05
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model.slim"), "--dataset", "digits", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == report["final"]["test_accuracy"]
+    assert main(["bench", str(out / "model.slim"), "--batch", "8", "--repeats", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["backend"] == "torch"
+
+
+def test_structured_prune_stage_with_a_selection_matching_nothing_lists_the_prunable_layers(
+        run: Path, tmp_path: Path) -> None:
+    from torchslim.compress import CompressionRun
+
+    recipe = {**RECIPE, "stages": [{"structured_prune": {"ratio": 0.5, "targets": {"exclude": ["nope*"]}}}]}
+    source = str(run / "out" / "stages" / "00-baseline.slim")
+    with pytest.raises(SelectionError, match=r"\['nope\*'\] match no layer.*prunable layers: fc1"):
+        CompressionRun(parse_recipe(recipe), tmp_path / "o", model_source=source, progress=False).run()

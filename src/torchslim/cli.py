@@ -139,6 +139,55 @@ def cmd_factorize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from torchslim.cli_recipes import prune_recipe
+
+    if not 0 <= args.ratio < 1:
+        raise SystemExit(f"torchslim prune: --ratio {args.ratio} must be in [0, 1) (the fraction removed)")
+    report = _run_generated_recipe(prune_recipe(args), args)
+    ratios = report["comparison"]
+    print(f"\n{ratios.get('params_ratio', 0):.2f}x fewer parameters, "
+          f"{ratios.get('flops_ratio', 0):.2f}x fewer FLOPs, "
+          f"{ratios.get('latency_batch_ms_ratio', 0):.2f}x faster at batch "
+          f"{report['final'].get('latency_batch')}, test accuracy "
+          f"{100 * report['final']['test_accuracy']:.2f}% (before "
+          f"{100 * report['baseline']['test_accuracy']:.2f}%)  ->  {args.out}/model.slim, "
+          f"{args.out}/report.md, {args.out}/recipe.yaml")
+    return 0
+
+
+def _add_prune_parser(commands: Any) -> None:
+    prune = commands.add_parser(
+        "prune", help="remove channels/neurons/heads (--structured) or weights, then fine-tune",
+        description="--structured: trace the model's coupled channels and physically remove the "
+        "least important ones (a smaller dense model that runs faster); otherwise zero the "
+        "smallest weights. Then fine-tune (distilling from the original by default); --steps N "
+        "repeats prune -> fine-tune N times to reach the same final ratio. Writes OUT/model.slim, "
+        "OUT/report.md and OUT/recipe.yaml.")
+    prune.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="a .slim file or a model name")
+    prune.add_argument("--out", required=True, help="output folder")
+    prune.add_argument("--structured", action="store_true", help="remove whole channels (default: weights)")
+    prune.add_argument("--ratio", type=float, required=True,
+                       help="fraction removed, in [0, 1): of channels, MACs (--target) or weights")
+    prune.add_argument("--target", default="channels", choices=["channels", "macs"])
+    prune.add_argument("--importance", default="l2",
+                       choices=["l1", "l2", "random", "taylor", "activation", "apoz", "bn_scale"])
+    prune.add_argument("--scope", default="uniform", choices=["uniform", "global"])
+    prune.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+    prune.add_argument("--per-layer", nargs="+", metavar="LAYER=RATIO", help="ratio overrides (globs ok)")
+    prune.add_argument("--exclude", nargs="+", metavar="PATTERN", help="layers to leave untouched")
+    prune.add_argument("--steps", type=int, default=1, help="prune -> fine-tune rounds")
+    prune.add_argument("--dataset", choices=dataset_names(), help="default: the model's own")
+    tune = prune.add_argument_group("fine-tuning after each round")
+    tune.add_argument("--epochs", type=int, default=1, help="epochs per round (0: none)")
+    tune.add_argument("--lr", type=float, help="default: a tenth of the model's training LR")
+    tune.add_argument("--no-distill", action="store_true", help="fine-tune on labels only")
+    tune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
+    prune.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    prune.set_defaults(func=cmd_prune)
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from torchslim.workflows import quantize_job
 
@@ -303,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     factorize.add_argument("--no-progress", action="store_true", help="hide progress bars")
     factorize.set_defaults(func=cmd_factorize)
 
+    _add_prune_parser(commands)
     quantize = commands.add_parser(
         "quantize", help="int8 post-training quantization executed by onnxruntime",
         description="Convert a model to int8 (dynamic: int8 weights, activations quantized at "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["factorize_recipe", "training_quantize_recipe"]
+__all__ = ["factorize_recipe", "prune_recipe", "training_quantize_recipe"]
 
 
 def factorize_recipe(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,3 +63,40 @@ def training_quantize_recipe(args: argparse.Namespace) -> dict[str, Any]:
         stages = [{"lowbit": {**train, "mode": args.method, "activations": args.binary_activations}},
                   {"encode": {}}]
     return {"version": 1, "dataset": args.calibration, "seed": 0, "stages": stages}
+
+
+def prune_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe a `torchslim prune` call stands for: `steps` rounds of prune -> fine-tune.
+
+    Each round removes the same fraction of what is left, so after `steps` rounds the model has
+    lost `ratio` of its channels (or MACs, or weights): iterative pruning to a target.
+    """
+    from torchslim.models import spec_of
+    from torchslim.workflows import load_model_or_artifact, train_config_for
+
+    train: dict[str, Any] = {}
+    if args.epochs > 0:
+        name = spec_of(load_model_or_artifact(args.model)[0]).name
+        defaults = train_config_for(name)
+        train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10,
+                                 seed=args.seed).to_dict()
+        if not args.no_distill:
+            train["distill"] = {"teacher": "original", "temperature": 4.0, "alpha": 0.5}
+    targets = {"exclude": list(args.exclude)} if args.exclude else {}
+    per_layer = dict(item.split("=", 1) for item in args.per_layer or [])
+    stages: list[dict[str, Any]] = []
+    for step in range(1, args.steps + 1):
+        if args.structured:
+            share = 1 - (1 - args.ratio) ** (1 / args.steps)  # of what is left, each round
+            stage: dict[str, Any] = {
+                "ratio": round(share, 6), "target": args.target, "importance": args.importance,
+                "scope": args.scope, "round_to": args.round_to,
+                "per_layer": {k: round(1 - (1 - float(v)) ** (1 / args.steps), 6)
+                              for k, v in per_layer.items()}}
+            stages.append({"structured_prune": {**stage, **({"targets": targets} if targets else {})}})
+        else:  # masks stay: the sparsity is of the original weights, reached after `step` rounds
+            sparsity = 1 - (1 - args.ratio) ** (step / args.steps)
+            stages.append({"prune": {"sparsity": round(sparsity, 6), **({"targets": targets} if targets else {})}})
+        if args.epochs > 0:
+            stages.append({"fine_tune": dict(train)})
+    return {"version": 1, "dataset": args.dataset, "seed": args.seed, "stages": stages}

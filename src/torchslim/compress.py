@@ -86,8 +86,14 @@ class CompressionRun:
         self.model_source = model_source
         self.stages_dir = self.out / "stages"
         self._check_lock(resume)
-        name = model_source if model_source and not Path(model_source).exists() else recipe.model
-        self.data: Dataset = load_dataset(dataset_for(name, recipe.dataset), seed=recipe.seed)
+        name, dataset = recipe.model, recipe.dataset
+        if model_source and not Path(model_source).exists():
+            name = model_source
+        elif model_source:  # an artifact: its model, and the dataset it was trained on
+            saved = artifact.read_metadata(model_source)
+            name = saved["model"]["name"]
+            dataset = dataset or saved.get("metadata", {}).get("dataset")
+        self.data: Dataset = load_dataset(dataset_for(name, dataset), seed=recipe.seed)
         self.original: nn.Module | None = None  # the model before stage 1: `teacher: original`
 
     def _check_lock(self, resume: bool) -> None:
@@ -235,6 +241,9 @@ class CompressionRun:
             self._fine_tune(model, replace(config.train), constraints, checkpoint_dir,
                             distill=config.distill)
             return {"distill": config.distill.to_dict()} if config.distill else {}
+        if stage.kind == "structured_prune":
+            return apply_(model, config, targets=stage.targets,
+                          calibration=self.calibration(config.calibration_batches))
         if stage.kind in STRUCTURAL_STAGES:
             result = apply_(model, config, targets=stage.targets)
             forget_replaced(constraints, result["replaced"])
@@ -305,7 +314,8 @@ class CompressionRun:
         model = self.baseline()
         self.original = copy.deepcopy(model).eval()
         for stage in self.recipe.stages:  # a selection matching nothing fails before any work
-            stage.targets.resolve(model)
+            if stage.kind != "structured_prune":  # its selection names groups, checked when traced
+                stage.targets.resolve(model)
             if stage.kind in STRUCTURAL_STAGES:
                 break  # later stages may select the layers this one creates
         rows = [self.measure("baseline", model, timing=True, encoding=encoding)]

@@ -12,7 +12,7 @@ stages:
   - fine_tune: {epochs: 3, lr: 0.001}
   - encode: {coder: auto}
 ```
-Structural stages (`low_rank`, `decompose_conv`, `drop_layers`) replace layers; a `fine_tune` (or `distill`)
+Structural stages (`structured_prune`, `low_rank`, `decompose_conv`, `drop_layers`) change layers; a `fine_tune` (or `distill`)
 stage with a `distill: {teacher: original, temperature: 4, alpha: 0.5}` block trains against a
 teacher, `original` being the model the run started from.
 Unknown keys, unknown stage names and bad values fail on load, listing what is valid; each
@@ -38,7 +38,7 @@ from torchslim.depth import LayerDropping
 from torchslim.distillation import Distill
 from torchslim.errors import ConfigError
 from torchslim.lowrank import ConvDecomposition, LowRank
-from torchslim.pruning import WeightPruning
+from torchslim.pruning import ChannelPruning, WeightPruning
 from torchslim.quantization.lowbit import LowBit
 from torchslim.quantization.ptq import Quantization
 from torchslim.quantization.weight_only import WeightOnly
@@ -126,8 +126,9 @@ class DistillStage(FineTune):
 STAGE_TYPES: dict[str, type] = {cls.kind: cls for cls in (
     WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune,
     DistillStage, LowRank, ConvDecomposition, LayerDropping, Quantization, QATStage, LowBitStage,
-    WeightOnly)}
-STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers", "lowbit", "weight_only"})
+    WeightOnly, ChannelPruning)}
+STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers", "lowbit", "weight_only",
+                               "structured_prune"})
 CONVERSION_STAGES = frozenset({"quantize", "qat"})  # the model becomes an int8 program: last
 
 

@@ -23,7 +23,7 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.errors import ConfigError, GraphError
+from torchslim.errors import ConfigError, GraphError, SelectionError
 from torchslim.graph import ChannelGraph, Group, cut_axis_, rule_for, trace_channels
 from torchslim.pruning.importance import Importance, unit_scores
 from torchslim.registry import register_technique
@@ -158,10 +158,16 @@ register_edit("prune_channels", _replay)
 
 
 def _eligible(graph: ChannelGraph, targets: Select) -> list[bool]:
+    """Groups the selection allows: none of their layers excluded, one named (if names are given)."""
     def matches(name: str, rules: tuple[str, ...]) -> bool:
         return any(name == rule or fnmatch.fnmatch(name, rule) for rule in rules)
 
     chosen = targets.names + targets.patterns
+    modules = sorted({m for group in graph.groups for m in group.modules})
+    unmatched = [rule for rule in chosen + targets.exclude if not any(matches(m, (rule,)) for m in modules)]
+    if unmatched:
+        raise SelectionError(f"structured pruning: {unmatched} match no layer of a prunable group; "
+                             f"prunable layers: {', '.join(modules[:20])}{' ...' if len(modules) > 20 else ''}")
     return [not any(matches(m, targets.exclude) for m in group.modules)
             and (not chosen or any(matches(m, chosen) for m in group.modules))
             for group in graph.groups]
