@@ -96,7 +96,8 @@ def prune_recipe(args: argparse.Namespace) -> dict[str, Any]:
             stages.append({"structured_prune": {**stage, **({"targets": targets} if targets else {})}})
         else:  # masks stay: the sparsity is of the original weights, reached after `step` rounds
             sparsity = 1 - (1 - args.ratio) ** (step / args.steps)
-            stages.append({"prune": {"sparsity": round(sparsity, 6), **({"targets": targets} if targets else {})}})
+            prune = {"sparsity": round(sparsity, 6), **({"targets": targets} if targets else {})}
+            stages.append({"prune": prune})
         if args.epochs > 0:
             stages.append({"fine_tune": dict(train)})
     return {"version": 1, "dataset": args.dataset, "seed": args.seed, "stages": stages}

@@ -12,9 +12,9 @@ stages:
   - fine_tune: {epochs: 3, lr: 0.001}
   - encode: {coder: auto}
 ```
-Structural stages (`structured_prune`, `low_rank`, `decompose_conv`, `drop_layers`) change layers; a `fine_tune` (or `distill`)
-stage with a `distill: {teacher: original, temperature: 4, alpha: 0.5}` block trains against a
-teacher, `original` being the model the run started from.
+Structural stages (`structured_prune`, `low_rank`, `decompose_conv`, `drop_layers`) change layers;
+a `fine_tune` (or `distill`) stage with a `distill: {teacher: original, temperature: 4, alpha: 0.5}`
+block trains against a teacher, `original` being the model the run started from.
 Unknown keys, unknown stage names and bad values fail on load, listing what is valid; each
 stage's `targets:` is a `Select` mapping, resolved against the model before the first stage runs
 (up to the first structural stage: later selections may name the layers it creates).

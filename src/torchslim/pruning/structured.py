@@ -166,8 +166,9 @@ def _eligible(graph: ChannelGraph, targets: Select) -> list[bool]:
     modules = sorted({m for group in graph.groups for m in group.modules})
     unmatched = [rule for rule in chosen + targets.exclude if not any(matches(m, (rule,)) for m in modules)]
     if unmatched:
+        more = " ..." if len(modules) > 20 else ""
         raise SelectionError(f"structured pruning: {unmatched} match no layer of a prunable group; "
-                             f"prunable layers: {', '.join(modules[:20])}{' ...' if len(modules) > 20 else ''}")
+                             f"prunable layers: {', '.join(modules[:20])}{more}")
     return [not any(matches(m, targets.exclude) for m in group.modules)
             and (not chosen or any(matches(m, chosen) for m in group.modules))
             for group in graph.groups]
