@@ -171,7 +171,8 @@ def _add_prune_parser(commands: Any) -> None:
                        help="fraction removed, in [0, 1): of channels, MACs (--target) or weights")
     prune.add_argument("--target", default="channels", choices=["channels", "macs"])
     prune.add_argument("--importance", default="l2",
-                       choices=["l1", "l2", "random", "taylor", "activation", "apoz", "bn_scale"])
+                       choices=["l1", "l2", "random", "taylor", "activation", "apoz", "bn_scale"],
+                       help="how units are ranked (taylor/activation/apoz use training batches)")
     prune.add_argument("--scope", default="uniform", choices=["uniform", "global"])
     prune.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
     prune.add_argument("--per-layer", nargs="+", metavar="LAYER=RATIO", help="ratio overrides (globs ok)")

@@ -6,7 +6,7 @@ away, not just the producing filter's (group-aware, as in DepGraph). Criteria:
 `l1`/`l2` (weight norms), `random`, `taylor` (first-order |sum w * dL/dw|, Molchanov et al.
 2019), `activation` (mean |activation| on calibration data), `apoz` (1 - average percentage of
 zeros after ReLU, Hu et al. 2016; groups with no ReLU fall back to mean activation), `bn_scale`
-(|gamma|, network slimming).
+(|gamma|, network slimming), `gate` (learned gates, `torchslim.pruning.slimming`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Importance(StrEnum):
     ACTIVATION = "activation"
     APOZ = "apoz"
     BN_SCALE = "bn_scale"
+    GATE = "gate"
 
 
 DATA_CRITERIA = {Importance.TAYLOR, Importance.ACTIVATION, Importance.APOZ}
@@ -133,6 +134,17 @@ def _activation_scores(graph: ChannelGraph, batches: list[tuple[torch.Tensor, An
     return [np.where(c > 0, t / np.maximum(c, 1), np.inf) for t, c in zip(totals, counts, strict=True)]
 
 
+def _gate_scores(model: nn.Module, graph: ChannelGraph) -> list[np.ndarray]:
+    from torchslim.pruning.slimming import GATE_SCORES
+
+    scores = getattr(model, GATE_SCORES, None)
+    if not scores:
+        raise ConfigError("importance 'gate' needs trained gates: attach_gates_(model, x), train with "
+                          "GateSparsity, then gates.fold_(model) before pruning")
+    return [np.array([scores.get(f"{u[0].module}|{u[0].axis}|{u[0].index}", np.inf) for u in group.units])
+            for group in graph.groups]
+
+
 def unit_scores(model: nn.Module, graph: ChannelGraph, criterion: Importance | str, *,
                 calibration: Iterable[tuple[torch.Tensor, Any]] | None = None,
                 seed: int = 0) -> list[np.ndarray]:
@@ -158,6 +170,8 @@ def unit_scores(model: nn.Module, graph: ChannelGraph, criterion: Importance | s
     if criterion is Importance.TAYLOR:
         values = _slice_values(model, graph, _taylor_products(model, batches), "sum")
         return _aggregate(graph, values)
+    if criterion is Importance.GATE:
+        return _gate_scores(model, graph)
     tensors = dict(model.state_dict(keep_vars=False))
     if criterion is Importance.BN_SCALE:
         bn = {key: np.zeros(size) for key, size in graph.sizes.items()}

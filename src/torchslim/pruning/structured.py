@@ -52,7 +52,7 @@ class ChannelPruning(TechniqueConfig):
     Args:
         ratio: fraction in [0, 1) removed: of each group's units, or of the model's MACs.
         target: `channels` or `macs`.
-        importance: l1, l2, random, taylor, activation, apoz, bn_scale.
+        importance: l1, l2, random, taylor, activation, apoz, bn_scale, gate (see `slimming`).
         scope: `uniform` (every group at `ratio`) or `global` (least important units anywhere).
         per_layer: ratio overrides by layer name or glob pattern (applied to the group holding
             the layer), e.g. `{"*.attention.self": 0.33, "*.intermediate.dense": 0.5}`.
@@ -264,6 +264,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
         raise GraphError(f"pruning changed the output shape {tuple(reference.shape)} -> {tuple(out.shape)}")
     if sizes:
         record_edit_(model, {"kind": "prune_channels", "sizes": sizes})
+        model.__dict__.pop("torchslim_gate_scores", None)  # indices changed: the scores are spent
     return {"groups": len(graph.groups), "removed_units": int(sum(len(r) for r in removed)),
             "sizes": sizes, "excluded": graph.excluded, "replaced": [],
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),

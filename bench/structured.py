@@ -1,0 +1,301 @@
+"""Structured pruning, measured: channels, neurons and heads physically removed.
+
+Sections (run all, or pick with `--only`):
+- `resnet`: the small ResNet on Fashion-MNIST, MACs cut 2x (torchslim's MAC target), importance
+  criterion chosen on the validation split, distillation fine-tune; the same MAC target and
+  fine-tuning budget with Torch-Pruning (DepGraph, `MetaPruner`, group L2) side by side.
+- `mobilenet`: pretrained MobileNetV2, 30% of the channels of every prunable group removed
+  (torchslim and Torch-Pruning); params, MACs, latency at batch 1 and 32 (224x224), and top-1
+  agreement / KL divergence with the unpruned model on 64 crops of the two sample photos
+  (no ImageNet here), before and after re-estimating BatchNorm statistics on other crops.
+- `minilm`: all-MiniLM-L6-v2 without 50% of every FFN's neurons and 1/3 of the attention heads,
+  then a short MSE-to-teacher-embedding distillation on the UCI sentences; UCI probe accuracy,
+  held-out cosine, latency at batch 32 / seq 128 and batch 1.
+
+Latency: every model of a section is timed in the same process, interleaved over `--rounds`
+rounds (median of the per-round medians), 2 threads; ratios are against the baseline timed
+alongside. Model choices use validation data only. Run:
+`python bench/structured.py --out runs/bench-structured [--only resnet mobilenet minilm]`
+Torch-Pruning rows need `pip install -c constraints.txt torch-pruning` (skipped without it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from distill_lowrank import SECTIONS, SentenceData, distil_embeddings, print_table, section
+from quantization import photo_crops
+
+import torchslim as ts
+from torchslim.data import TensorLoader, load_dataset
+from torchslim.distillation import DistillationLoss
+from torchslim.measure import count_flops, evaluate, measure_latency
+from torchslim.pruning import ChannelPruning
+from torchslim.training import Trainer, make_train_config
+
+SECTIONS.clear()  # this file's sections only
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def interleaved_latency(models: dict[str, nn.Module], inputs: dict[str, Any], *, rounds: int,
+                        repeats: int) -> dict[str, dict[str, float]]:
+    """Median over `rounds` of each model's median latency, the models taking turns each round."""
+    samples: dict[str, dict[str, list[float]]] = {name: {label: [] for label in inputs} for name in models}
+    for _ in range(rounds):
+        for label, x in inputs.items():
+            for name, model in models.items():
+                model.eval()
+                args = x if isinstance(x, tuple) else (x,)
+                samples[name][label].append(
+                    measure_latency(model, args[0], repeats=repeats, warmup=3).median_ms)
+    return {name: {label: float(torch.tensor(v).median()) for label, v in by_label.items()}
+            for name, by_label in samples.items()}
+
+
+def add_latency(rows: list[dict[str, Any]], models: dict[str, nn.Module], inputs: dict[str, Any],
+                args: argparse.Namespace) -> None:
+    """Time every model (interleaved) and put latency and speedup vs the first one in its row."""
+    timings = interleaved_latency(models, inputs, rounds=args.rounds, repeats=args.repeats)
+    base = next(iter(timings.values()))
+    for row in rows:
+        for label in inputs:
+            ms = timings[row["model"]][label]
+            row[f"latency_{label}_ms"] = round(ms, 3)
+            row[f"speedup_{label}"] = round(base[label] / ms, 2)
+        print(json.dumps(row), flush=True)
+
+
+def has_torch_pruning() -> bool:
+    return importlib.util.find_spec("torch_pruning") is not None
+
+
+def torch_pruning_prune(model: nn.Module, example: torch.Tensor, ratio: float,
+                        ignored: list[nn.Module]) -> nn.Module:
+    """Torch-Pruning's DepGraph pruner at a uniform channel ratio, group L2 magnitude."""
+    import torch_pruning as tp
+
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False)
+    pruner.step()
+    return model
+
+
+def torch_pruning_for_macs(model: nn.Module, example: torch.Tensor, goal: float,
+                           ignored: str) -> tuple[nn.Module, float]:
+    """Bisect Torch-Pruning's channel ratio to the same MAC target as ours (it has no MAC target)."""
+    full = count_flops(model, example)
+    low, high, best = 0.0, 0.95, None
+    for _ in range(12):
+        ratio = (low + high) / 2
+        trial = copy.deepcopy(model)
+        torch_pruning_prune(trial, example, ratio, [trial.get_submodule(ignored)])
+        if count_flops(trial, example) <= (1 - goal) * full:
+            high, best = ratio, (trial, ratio)
+        else:
+            low = ratio
+    assert best is not None
+    return best
+
+
+# ----------------------------------------------------------------------------- ResNet
+@section("resnet")
+def resnet(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from torchslim.workflows import train_config_for, train_model
+
+    source = Path(args.resnet)
+    if not source.is_file():
+        train_model("resnet-small", dataset="fashion-mnist", out=source.parent,
+                    config=train_config_for("resnet-small"), progress=False)
+    data = load_dataset("fashion-mnist", seed=0)
+    teacher = ts.load(source).eval()
+    x1, x64 = torch.randn(1, 1, 28, 28), torch.randn(64, 1, 28, 28)
+    test, val = TensorLoader(data.test, batch_size=500), TensorLoader(data.val, batch_size=500)
+    calibration = [b for _, b in zip(range(4), TensorLoader(data.train, batch_size=128, shuffle=True, seed=0),
+                                     strict=False)]
+    models: dict[str, nn.Module] = {}
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, model: nn.Module, **extra: Any) -> dict[str, Any]:
+        model.eval()
+        models[name] = model
+        result = {"section": "resnet", "model": name, "params": params(model),
+                  "mmacs": round(count_flops(model, x1) / 2e6, 2),
+                  "test_accuracy": round(evaluate(model, test)["accuracy"], 4),
+                  "val_accuracy": round(evaluate(model, val)["accuracy"], 4), **extra}
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+        return result
+
+    def fine_tune(student: nn.Module) -> float:
+        config = make_train_config(epochs=args.resnet_epochs, batch_size=128, lr=0.01, momentum=0.9,
+                                   weight_decay=5e-4, schedule="cosine", seed=0)
+        start = time.perf_counter()
+        Trainer(student, TensorLoader(data.train, batch_size=128, shuffle=True, seed=0), config=config,
+                val_loader=val, loss=DistillationLoss(teacher, temperature=4.0, alpha=0.5),
+                progress=False).fit()
+        return round((time.perf_counter() - start) / 60, 2)
+
+    row("resnet-small (fp32)", teacher)
+    # The criterion: chosen by validation accuracy right after pruning (no test data).
+    candidates = {}
+    for criterion in args.criteria:
+        student = copy.deepcopy(teacher)
+        ts.apply_(student, ChannelPruning(ratio=0.5, target="macs", importance=criterion),
+                  calibration=calibration)
+        candidates[criterion] = (evaluate(student, val)["accuracy"], student)
+    criterion = max(candidates, key=lambda c: candidates[c][0])
+    student = candidates[criterion][1]
+    row(f"torchslim, MACs/2, {criterion}, no fine-tune", student,
+        val_by_criterion={c: round(v[0], 4) for c, v in candidates.items()})
+    minutes = fine_tune(student)
+    row(f"torchslim, MACs/2, {criterion}, distilled {args.resnet_epochs} ep", student, train_minutes=minutes)
+    ts.save(student, Path(args.out) / "resnet-structured.slim")
+    if has_torch_pruning():
+        rival, ratio = torch_pruning_for_macs(copy.deepcopy(teacher), x1, 0.5, "fc")
+        row(f"Torch-Pruning, MACs/2 (ratio {ratio:.3f}), group L2, no fine-tune", rival)
+        minutes = fine_tune(rival)
+        row(f"Torch-Pruning, MACs/2, distilled {args.resnet_epochs} ep", rival, train_minutes=minutes)
+    add_latency(rows, models, {"b1": x1, "b64": x64}, args)
+    return rows
+
+
+# --------------------------------------------------------------------------- MobileNetV2
+@section("mobilenet")
+def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from torchslim.models import create_model
+
+    model = create_model("mobilenet-v2").eval()
+    evaluation, recalibration = photo_crops(64, seed=1), photo_crops(256, seed=2)
+    with torch.no_grad():
+        reference = model(evaluation)
+    x1 = evaluation[:1]
+    models: dict[str, nn.Module] = {}
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, candidate: nn.Module, **extra: Any) -> None:
+        candidate.eval()
+        models[name] = candidate
+        with torch.no_grad():
+            logits = torch.cat([candidate(x) for x in evaluation.split(16)])
+        kl = nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True,
+                                  reduction="batchmean")
+        result = {"section": "mobilenet", "model": name, "params": params(candidate),
+                  "mmacs": round(count_flops(candidate, x1) / 2e6, 1),
+                  "top1_agreement": round(float((logits.argmax(1) == reference.argmax(1)).float().mean()), 4),
+                  "kl_to_unpruned": round(float(kl), 4), **extra}
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+
+    def recalibrate(candidate: nn.Module) -> nn.Module:
+        """Re-estimate BatchNorm running statistics on unlabeled crops (no gradients)."""
+        tuned = copy.deepcopy(candidate)
+        for module in tuned.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average
+        tuned.train()
+        with torch.no_grad():
+            for x in recalibration.split(32):
+                tuned(x)
+        return tuned.eval()
+
+    row("mobilenet-v2 (fp32)", model)
+    ours = copy.deepcopy(model)
+    result = ts.apply_(ours, ChannelPruning(ratio=0.3), example_inputs=x1)
+    row("torchslim, 30% channels per group", ours, groups=result["groups"])
+    row("torchslim, 30%, BN statistics re-estimated", recalibrate(ours))
+    if has_torch_pruning():
+        rival = copy.deepcopy(model)
+        head = [m for m in rival.modules() if isinstance(m, nn.Linear)][-1]  # keeps its 1000 classes
+        torch_pruning_prune(rival, x1, 0.3, [head])
+        row("Torch-Pruning, 30% channels, group L2", rival)
+        row("Torch-Pruning, 30%, BN statistics re-estimated", recalibrate(rival))
+    ts.save(ours, Path(args.out) / "mobilenet-v2-structured.slim")
+    add_latency(rows, models, {"b1": x1, "b32": evaluation[:32]}, args)
+    return rows
+
+
+# ------------------------------------------------------------------------------ MiniLM
+@section("minilm")
+def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from torchslim.measure import probe_accuracy
+    from torchslim.models import create_model, example_inputs, spec_of
+    from torchslim.models.minilm import embed_texts
+
+    data = SentenceData(args.seq_train)
+    teacher = create_model("minilm").eval()
+    teacher_val = embed_texts(teacher, data.val_texts)
+    models: dict[str, nn.Module] = {}
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, model: nn.Module, **extra: Any) -> None:
+        model.eval()
+        models[name] = model
+        val = embed_texts(model, data.val_texts)
+        result = {"section": "minilm", "model": name, "params": params(model),
+                  "probe_accuracy": round(probe_accuracy(embed_texts(model, data.texts), data.labels), 4),
+                  "cosine_to_fp32_heldout": round(float(nn.functional.cosine_similarity(val, teacher_val)
+                                                        .mean()), 4), **extra}
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+
+    row("minilm (fp32)", teacher)
+    student = copy.deepcopy(teacher)
+    config = ChannelPruning(ratio=0.0, per_layer={"*.attention.self": 1 / 3, "*.intermediate.dense": 0.5})
+    result = ts.apply_(student, config, example_inputs=example_inputs(spec_of(student), 2))
+    layer = student.bert.encoder.layer[0]
+    shape = (f"{layer.attention.self.num_attention_heads} heads, "
+             f"FFN {layer.intermediate.dense.out_features}")
+    row(f"torchslim, {shape}, no fine-tune", student, mmacs_ratio=round(
+        result["macs_before"] / result["macs_after"], 2))
+    minutes = distil_embeddings(student, teacher, data, epochs=args.minilm_epochs, lr=args.minilm_lr)
+    row(f"torchslim, {shape}, distilled {args.minilm_epochs} ep", student, train_minutes=minutes)
+    ts.save(student, Path(args.out) / "minilm-structured.slim")
+    add_latency(rows, models, {"b1": example_inputs(spec_of(teacher), 1),
+                               "b32": example_inputs(spec_of(teacher), 32)}, args)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench-structured")
+    parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per round")
+    parser.add_argument("--resnet", default="runs/bench-foundation/resnet-small/model.slim",
+                        help="trained resnet-small artifact (trained here if missing)")
+    parser.add_argument("--resnet-epochs", type=int, default=3)
+    parser.add_argument("--criteria", nargs="+", default=["l1", "l2", "taylor", "bn_scale"])
+    parser.add_argument("--seq-train", type=int, default=48, help="token cap when distilling")
+    parser.add_argument("--minilm-epochs", type=int, default=3)
+    parser.add_argument("--minilm-lr", type=float, default=1e-4)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for name in args.only or sorted(SECTIONS):
+        rows += SECTIONS[name](args)
+        (out / "results.json").write_text(json.dumps(rows, indent=1))
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
