@@ -144,6 +144,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     if not 0 <= args.ratio < 1:
         raise SystemExit(f"torchslim prune: --ratio {args.ratio} must be in [0, 1) (the fraction removed)")
+    if args.structured and args.epochs == 0 and args.steps == 1:  # one shot: also models without data
+        return _prune_once(args)
     report = _run_generated_recipe(prune_recipe(args), args)
     ratios = report["comparison"]
     print(f"\n{ratios.get('params_ratio', 0):.2f}x fewer parameters, "
@@ -153,6 +155,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
           f"{100 * report['final']['test_accuracy']:.2f}% (before "
           f"{100 * report['baseline']['test_accuracy']:.2f}%)  ->  {args.out}/model.slim, "
           f"{args.out}/report.md, {args.out}/recipe.yaml")
+    return 0
+
+
+def _prune_once(args: argparse.Namespace) -> int:
+    from torchslim.cli_recipes import structured_options
+    from torchslim.config import build_config
+    from torchslim.pruning import ChannelPruning
+    from torchslim.select import Select
+    from torchslim.workflows import structured_prune_job
+
+    config = build_config(ChannelPruning, structured_options(args, share=args.ratio))
+    report = structured_prune_job(args.model, config, out=args.out, dataset=args.dataset,
+                                  targets=Select(exclude=tuple(args.exclude or ())), seed=args.seed)
+    _print_table(report)
+    ratios = report["comparison"]
+    print(f"\n{ratios.get('params_ratio', 0):.2f}x fewer parameters, "
+          f"{ratios.get('flops_ratio', 0):.2f}x fewer FLOPs, {ratios.get('latency_b1_ms_ratio', 0):.2f}x / "
+          f"{ratios.get('latency_batch_ms_ratio', 0):.2f}x faster at batch 1 / "
+          f"{report['after'].get('latency_batch')}  ->  {args.out}/model.slim, {args.out}/report.md")
     return 0
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["factorize_recipe", "prune_recipe", "training_quantize_recipe"]
+from torchslim.errors import ConfigError
+
+__all__ = ["factorize_recipe", "prune_recipe", "structured_options", "training_quantize_recipe"]
 
 
 def factorize_recipe(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,6 +67,20 @@ def training_quantize_recipe(args: argparse.Namespace) -> dict[str, Any]:
     return {"version": 1, "dataset": args.calibration, "seed": 0, "stages": stages}
 
 
+def structured_options(args: argparse.Namespace, *, share: float) -> dict[str, Any]:
+    """ChannelPruning options of a `prune --structured` round removing `share` of what is left."""
+    def per_round(ratio: float) -> float:  # the same fraction of what is left, each round
+        return round(1 - (1 - ratio) ** (1 / args.steps), 6)
+
+    try:
+        per_layer = {key: per_round(float(value)) for key, value in
+                     (item.split("=", 1) for item in args.per_layer or [])}
+    except ValueError:
+        raise ConfigError(f"--per-layer takes LAYER=RATIO pairs, got {args.per_layer}") from None
+    return {"ratio": round(share, 6), "target": args.target, "importance": args.importance,
+            "scope": args.scope, "round_to": args.round_to, "per_layer": per_layer}
+
+
 def prune_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe a `torchslim prune` call stands for: `steps` rounds of prune -> fine-tune.
 
@@ -83,16 +99,11 @@ def prune_recipe(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_distill:
             train["distill"] = {"teacher": "original", "temperature": 4.0, "alpha": 0.5}
     targets = {"exclude": list(args.exclude)} if args.exclude else {}
-    per_layer = dict(item.split("=", 1) for item in args.per_layer or [])
     stages: list[dict[str, Any]] = []
     for step in range(1, args.steps + 1):
         if args.structured:
             share = 1 - (1 - args.ratio) ** (1 / args.steps)  # of what is left, each round
-            stage: dict[str, Any] = {
-                "ratio": round(share, 6), "target": args.target, "importance": args.importance,
-                "scope": args.scope, "round_to": args.round_to,
-                "per_layer": {k: round(1 - (1 - float(v)) ** (1 / args.steps), 6)
-                              for k, v in per_layer.items()}}
+            stage = structured_options(args, share=share)
             stages.append({"structured_prune": {**stage, **({"targets": targets} if targets else {})}})
         else:  # masks stay: the sparsity is of the original weights, reached after `step` rounds
             sparsity = 1 - (1 - args.ratio) ** (step / args.steps)
