@@ -5,6 +5,7 @@ The CLI only parses arguments and prints; everything it does is callable from Py
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -73,13 +74,22 @@ def artifact_bytes(model: nn.Module, path: Path | None) -> int:
         return file_bytes(artifact.save(model, Path(folder) / "model.slim"))
 
 
+def default_latency_batch(spec: ModelSpec) -> int:
+    """The batch latency is timed at: 256 small images, 32 for text and large images.
+
+    It depends on the architecture's inputs only, so a compressed model is timed at the same
+    batch as its original.
+    """
+    large = get_entry(spec.name).input_kind == "tokens" or math.prod(spec.input_shape) > 3 * 64 * 64
+    return 32 if large else 256
+
+
 def measure_model(model: nn.Module, *, path: Path | None = None, data: Dataset | None = None,
                   split: str = "test", batch_size: int = 256, latency_batch: int | None = None,
                   threads: int | None = None, timing: bool = True) -> dict[str, Any]:
     """Accuracy (if data is given), params, bytes, FLOPs per sample and latency of a model.
 
-    The batched latency uses `latency_batch` samples (default: 256 for models under 100 MFLOPs
-    per sample, 32 up to 2 GFLOPs, else 8), so that timing a big model stays within a minute.
+    The batched latency uses `latency_batch` samples (default: `default_latency_batch`).
     """
     spec = spec_of(model)
     total, nonzero = count_params(model)
@@ -95,10 +105,8 @@ def measure_model(model: nn.Module, *, path: Path | None = None, data: Dataset |
         result.update(accuracy=metrics["accuracy"], loss=metrics["loss"], split=split,
                       dataset=data.name, samples=int(metrics["samples"]))
     if timing:
-        flops = result["flops"]
-        if latency_batch is None:
-            latency_batch = 256 if flops < 1e8 else 32 if flops < 2e9 else 8
-        repeats = 30 if flops * latency_batch < 5e10 else 10
+        latency_batch = latency_batch or default_latency_batch(spec)
+        repeats = 30 if latency_batch > 32 else 10
         single = measure_latency(model, example_inputs(spec, 1), threads=threads, repeats=repeats)
         batched = measure_latency(model, example_inputs(spec, latency_batch), threads=threads,
                                   repeats=repeats)
