@@ -219,3 +219,12 @@ def test_pruned_multihead_attention_with_every_head_reproduces_torch(batch_first
     assert isinstance(pruned, PrunedMultiheadAttention)
     out = pruned(x, x, x, key_padding_mask=padding)[0]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_model_is_a_plain_module_that_torch_compile_captures():
+    torch.manual_seed(0)
+    model = ResidualAdd().eval()
+    apply_(model, ChannelPruning(ratio=0.5), example_inputs=IMAGE)
+    # aot_eager: dynamo capture + AOT autograd without a C compiler (inductor was checked by hand)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(IMAGE), model(IMAGE))
