@@ -17,6 +17,9 @@ def test_shipped_recipes_validate() -> None:
     recipe = load_recipe("examples/recipes/resnet_small_tucker_distill.yaml")
     assert [s.kind for s in recipe.stages] == ["decompose_conv", "fine_tune"]
     assert recipe.stages[1].config.distill.teacher == "original"
+    recipe = load_recipe("examples/recipes/resnet_small_structured_distill.yaml")
+    assert [s.kind for s in recipe.stages] == ["structured_prune", "fine_tune"]
+    assert recipe.stages[0].config.target == "macs"
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -37,6 +40,8 @@ def test_shipped_recipes_validate() -> None:
     ({"stages": [{"fine_tune": {"epochs": 1, "distill": {"temprature": 2}}}]},
      r"stage 0 \(fine_tune\): invalid distill block: .*valid keys: alpha, cache_teacher"),
     ({"stages": [{"distill": {"distill": {"alpha": 2}}}]}, "alpha: Input should be less"),
+    ({"stages": [{"structured_prune": {"ratio": 1}}]}, "stage 0 .structured_prune.: .*ratio"),
+    ({"stages": [{"structured_prune": {"ratio": 0.5, "importance": "l3"}}]}, "importance: Input should be"),
 ])
 def test_bad_recipes_fail_on_load_listing_what_is_valid(change, message) -> None:
     with pytest.raises(ConfigError, match=message):
