@@ -134,20 +134,58 @@ def test_onnxruntime_int8_agrees_with_the_fake_quant_reference(trained, digits) 
     assert float((simulated.argmax(1) == real.argmax(1)).float().mean()) > 0.98
 
 
+class SequenceTagger(nn.Module):
+    """Token ids (vocab given) or feature vectors -> a recurrent layer -> Linear on the last step."""
+
+    def __init__(self, rnn: nn.RNNBase, *, vocab: int | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, rnn.input_size) if vocab else nn.Identity()
+        self.rnn = rnn
+        self.head = nn.Linear(rnn.hidden_size * (2 if rnn.bidirectional else 1), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.embed(x))  # (B, T, H * directions)
+        return self.head(out[:, -1])
+
+
+def _sequences(batch: int, steps: int, vocab: int | None) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, steps)) if vocab else torch.randn(batch, steps, 8)
+
+
+@pytest.mark.parametrize("vocab", [None, 50], ids=["features", "token-ids"])
+def test_lstm_runs_on_the_int8_lstm_kernel_and_matches_float(vocab: int | None) -> None:
+    import onnx
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(8, 32, num_layers=2, bidirectional=True, batch_first=True)
+    model = SequenceTagger(lstm, vocab=vocab).eval()
+    int8 = quantize_model(model, Quantization(method="dynamic"), example_inputs=_sequences(2, 6, vocab))
+    graph = onnx.load_from_string(int8.program).graph
+    kernels = [node for node in graph.node if node.op_type == "DynamicQuantizeLSTM"]
+    assert len(kernels) == 2 and not [node for node in graph.node if node.op_type == "LSTM"]
+    int8_weights = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    assert all(set(node.input[1:3]) <= int8_weights for node in kernels)  # W and R stored int8
+    assert int8.report["int8_ops"]["DynamicQuantizeLSTM"] == 2
+    assert not any(op.startswith("LSTM") for op in int8.report["float_ops"])
+    x = _sequences(16, 11, vocab)  # another batch size and sequence length than the export's
+    with torch.no_grad():
+        reference, real = model(x), int8(x)
+    assert float(torch.cosine_similarity(reference.flatten(), real.flatten(), dim=0)) > 0.99
+    assert sqnr_db(reference, real) > 25
+
+
 def test_recurrent_layers_without_an_int8_kernel_are_reported_as_float() -> None:
-    class Tagger(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.head = nn.GRU(8, 16, batch_first=True), nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out, _ = self.rnn(x)  # (B, T, 16)
-            return self.head(out[:, -1])
-
-    model = Tagger().eval()
-    x = torch.randn(4, 6, 8)
-    int8 = quantize_model(model, Quantization(), example_inputs=x)
+    torch.manual_seed(0)
+    model = SequenceTagger(nn.GRU(8, 16, batch_first=True)).eval()
+    int8 = quantize_model(model, Quantization(), example_inputs=_sequences(4, 6, None))
     assert int8.report["int8_ops"]  # the head runs in int8
     assert any(op.startswith("GRU") for op in int8.report["float_ops"])  # the GRU fell back, said so
+    x = _sequences(4, 9, None)
     with torch.no_grad():
         assert sqnr_db(model(x), int8(x)) > 25
+    lstm = SequenceTagger(nn.LSTM(8, 16, batch_first=True)).eval()
+    static = quantize_model(lstm, Quantization(method="static"), example_inputs=x,
+                            calibration=[_sequences(4, 9, None) for _ in range(2)])
+    assert any(op.startswith("LSTM") for op in static.report["float_ops"])  # no QDQ LSTM kernel
+    on_torch = quantize_model(lstm, Quantization(backend="torch"), example_inputs=x)
+    assert on_torch.report["float_ops"] == ["LSTM rnn"]  # only the head runs on torch._int_mm

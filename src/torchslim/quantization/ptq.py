@@ -52,8 +52,11 @@ class Quantization(TechniqueConfig):
         per_channel: one weight scale per output channel (else per tensor).
         calibrate: how static activation ranges are chosen: minmax | entropy | percentile.
         calibration_batches: batches of the training split used to calibrate.
-        backend: onnxruntime (an ONNX program; Linear and Conv) or torch (dynamic only:
-            Linear layers on `torch._int_mm`, other layers stay float and are reported).
+        backend: onnxruntime (an ONNX program: Linear and Conv; LSTM with `dynamic`, on
+            onnxruntime's DynamicQuantizeLSTM kernel) or torch (dynamic only: Linear layers on
+            `torch._int_mm`). Layers without an int8 kernel on the chosen path (GRU and RNN
+            always, LSTM under `static`, recurrent layers on torch) stay float and are listed in
+            the result's `report["float_ops"]`.
     """
 
     kind = "quantize"
@@ -162,8 +165,9 @@ def _torch_dynamic(model: nn.Module, config: Quantization) -> nn.Module:
     if not replaced:
         raise ConfigError(f"{type(model).__name__} has no Linear layer: the torch backend has "
                           "nothing to run in int8; use backend onnxruntime (Linear and Conv)")
+    # Weight-bearing layers this backend has no int8 kernel for: named, never silently float.
     left = [f"{type(m).__name__} {n}" for n, m in result.named_modules()
-            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear)]
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear | nn.RNNBase)]
     setattr(result, "report", {  # noqa: B010 - a plain attribute on the module
         "backend": "torch", "method": "dynamic", "config": config.to_dict(),
         "int8_ops": {"Int8DynamicLinear (torch._int_mm)": len(replaced)}, "float_ops": left})

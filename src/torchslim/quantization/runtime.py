@@ -25,7 +25,8 @@ from torch import nn
 
 from torchslim.errors import ConfigError, UnsupportedModuleError
 
-__all__ = ["OrtModule", "export_onnx", "optimize_onnx", "quantize_onnx", "quantized_ops"]
+__all__ = ["OrtModule", "dynamic_input_axes", "export_onnx", "optimize_onnx", "quantize_onnx",
+           "quantized_ops"]
 
 INSTALL_HINT = "pip install -c constraints.txt 'torchslim[onnx]'"
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")  # ops that carry weights
@@ -42,16 +43,36 @@ def _onnx() -> Any:
     return onnx
 
 
+def dynamic_input_axes(model: nn.Module, example_inputs: torch.Tensor) -> dict[int, str]:
+    """The input axes the exported program leaves free: the batch, and the sequence of token
+    ids (B, T) or of the feature vectors (B, T, F) a recurrent model reads.
+
+    Why: an axis not named here is frozen at the example's size, so a program exported from a
+    (2, 6, 8) example would reject sequences of any other length. Only recurrent layers are
+    defined for every length; a 3-D input to anything else (a Conv1d's (B, C, L) feeding a
+    Linear, say) keeps its traced size.
+
+    Example:
+        >>> dynamic_input_axes(nn.LSTM(8, 4, batch_first=True), torch.randn(2, 6, 8))
+        {0: 'batch', 1: 'sequence'}
+        >>> dynamic_input_axes(nn.Conv1d(8, 4, 3), torch.randn(2, 8, 6))
+        {0: 'batch'}
+    """
+    token_ids = example_inputs.dim() == 2 and not example_inputs.is_floating_point()
+    recurrent = example_inputs.dim() == 3 and any(isinstance(m, nn.RNNBase) for m in model.modules())
+    return {0: "batch", 1: "sequence"} if token_ids or recurrent else {0: "batch"}
+
+
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
-    """The model as an ONNX program (opset 17) with a dynamic batch (and sequence) dimension.
+    """The model as an ONNX program (opset 17) with a dynamic batch (and sequence) dimension
+    (see `dynamic_input_axes`).
 
     Raises:
         UnsupportedModuleError: the exporter cannot trace the model; the message names the
             exporter's complaint.
     """
     _onnx()
-    dynamic = {0: "batch"} if example_inputs.dim() != 2 or example_inputs.is_floating_point() \
-        else {0: "batch", 1: "sequence"}
+    dynamic = dynamic_input_axes(model, example_inputs)
     was_training = model.training
     model.eval()
     folder = tempfile.TemporaryDirectory()
@@ -187,7 +208,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
     if not report["int8_ops"]:
         raise ConfigError(f"{method} quantization left every op in float ({report['float_ops'][:5]}); "
                           "the model has no layer with an int8 kernel for this method (dynamic "
-                          "covers MatMul/Gemm; use static for convolutions)")
+                          "covers MatMul/Gemm and LSTM; use static for convolutions)")
     return result, report
 
 
