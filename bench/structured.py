@@ -15,8 +15,8 @@ Sections (run all, or pick with `--only`):
   held-out cosine, latency at batch 32 / seq 128 and batch 1.
 
 Latency: every model of a section is timed in the same process, interleaved over `--rounds`
-rounds (median of the per-round medians), 2 threads; ratios are against the baseline timed
-alongside. Model choices use validation data only. Run:
+rounds, 2 threads; a speedup is the median over rounds of the baseline's time / the model's time
+in that round (paired: the machine's speed drifts over minutes). Model choices use validation data only. Run:
 `python bench/structured.py --out runs/bench-structured [--only resnet mobilenet minilm]`
 Torch-Pruning rows need `pip install -c constraints.txt torch-pruning` (skipped without it).
 """
@@ -27,6 +27,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,17 +56,22 @@ def params(model: nn.Module) -> int:
 
 
 def interleaved_latency(models: dict[str, nn.Module], inputs: dict[str, Any], *, rounds: int,
-                        repeats: int) -> dict[str, dict[str, float]]:
-    """Median over `rounds` of each model's median latency, the models taking turns each round."""
+                        repeats: int) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per model and input: (median latency ms, median speedup vs the first model).
+
+    The models take turns within each round, and each round's speedup compares timings taken
+    seconds apart: this machine's speed drifts by up to 2x over minutes (shared host), which
+    would bias a ratio of timings taken far apart.
+    """
     samples: dict[str, dict[str, list[float]]] = {name: {label: [] for label in inputs} for name in models}
     for _ in range(rounds):
         for label, x in inputs.items():
             for name, model in models.items():
-                model.eval()
-                args = x if isinstance(x, tuple) else (x,)
-                samples[name][label].append(
-                    measure_latency(model, args[0], repeats=repeats, warmup=3).median_ms)
-    return {name: {label: float(torch.tensor(v).median()) for label, v in by_label.items()}
+                samples[name][label].append(measure_latency(model, x, repeats=repeats, warmup=3).median_ms)
+    base = next(iter(samples.values()))
+    return {name: {label: (statistics.median(times),
+                           statistics.median(b / t for b, t in zip(base[label], times, strict=True)))
+                   for label, times in by_label.items()}
             for name, by_label in samples.items()}
 
 
@@ -73,12 +79,11 @@ def add_latency(rows: list[dict[str, Any]], models: dict[str, nn.Module], inputs
                 args: argparse.Namespace) -> None:
     """Time every model (interleaved) and put latency and speedup vs the first one in its row."""
     timings = interleaved_latency(models, inputs, rounds=args.rounds, repeats=args.repeats)
-    base = next(iter(timings.values()))
     for row in rows:
         for label in inputs:
-            ms = timings[row["model"]][label]
+            ms, speedup = timings[row["model"]][label]
             row[f"latency_{label}_ms"] = round(ms, 3)
-            row[f"speedup_{label}"] = round(base[label] / ms, 2)
+            row[f"speedup_{label}"] = round(speedup, 2)
         print(json.dumps(row), flush=True)
 
 
@@ -303,8 +308,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-structured")
     parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
-    parser.add_argument("--repeats", type=int, default=20, help="timed runs per round")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved latency rounds")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per round")
     parser.add_argument("--resnet", default="runs/bench-foundation/resnet-small/model.slim",
                         help="trained resnet-small artifact (trained here if missing)")
     parser.add_argument("--resnet-epochs", type=int, default=3)
