@@ -302,6 +302,29 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+@section("latency")
+def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Re-time the artifacts earlier sections saved in `--out` against their unpruned models."""
+    from torchslim.models import create_model, example_inputs, spec_of
+
+    out = Path(args.out)
+    pairs = [("resnet", lambda: ts.load(args.resnet), out / "resnet-structured.slim", (1, 64)),
+             ("mobilenet", lambda: create_model("mobilenet-v2"), out / "mobilenet-v2-structured.slim",
+              (1, 32)),
+             ("minilm", lambda: create_model("minilm"), out / "minilm-structured.slim", (1, 32))]
+    rows: list[dict[str, Any]] = []
+    for name, original, path, batches in pairs:
+        if not path.is_file():
+            continue
+        base, pruned = original().eval(), ts.load(path).eval()
+        models = {f"{name} (unpruned)": base, f"{name}: {path.name}": pruned}
+        part = [{"section": "latency", "model": label, "params": params(model)}
+                for label, model in models.items()]
+        add_latency(part, models, {f"b{b}": example_inputs(spec_of(base), b) for b in batches}, args)
+        rows += part
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
