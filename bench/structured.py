@@ -92,32 +92,33 @@ def has_torch_pruning() -> bool:
 
 
 def torch_pruning_prune(model: nn.Module, example: torch.Tensor, ratio: float,
-                        ignored: list[nn.Module], *, global_pruning: bool = False) -> nn.Module:
+                        ignored: list[nn.Module], *, global_pruning: bool = False,
+                        round_to: int | None = None) -> nn.Module:
     """Torch-Pruning's DepGraph pruner at a channel ratio, group L2 magnitude."""
     import torch_pruning as tp
 
     pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                   pruning_ratio=ratio, ignored_layers=ignored,
-                                  global_pruning=global_pruning)
+                                  global_pruning=global_pruning, round_to=round_to)
     pruner.step()
     return model
 
 
 def torch_pruning_for_macs(model: nn.Module, example: torch.Tensor, goal: float,
-                           ignored: str) -> tuple[nn.Module, float]:
+                           ignored: str, round_to: int | None = None) -> tuple[nn.Module, float] | None:
     """Bisect Torch-Pruning's channel ratio to the same MAC target as ours (it has no MAC target)."""
     full = count_flops(model, example)
     low, high, best = 0.0, 0.95, None
     for _ in range(12):
         ratio = (low + high) / 2
         trial = copy.deepcopy(model)
-        torch_pruning_prune(trial, example, ratio, [trial.get_submodule(ignored)], global_pruning=True)
+        torch_pruning_prune(trial, example, ratio, [trial.get_submodule(ignored)], global_pruning=True,
+                            round_to=round_to)
         if count_flops(trial, example) <= (1 - goal) * full:
             high, best = ratio, (trial, ratio)
         else:
             low = ratio
-    assert best is not None
-    return best
+    return best  # None: no ratio below 0.95 reaches the target (e.g. with round_to)
 
 
 # ----------------------------------------------------------------------------- ResNet
@@ -165,19 +166,26 @@ def resnet(args: argparse.Namespace) -> list[dict[str, Any]]:
     candidates = {}
     for criterion in args.criteria:
         student = copy.deepcopy(teacher)
-        ts.apply_(student, ChannelPruning(ratio=0.5, target="macs", scope="global", importance=criterion),
-                  calibration=calibration)
+        ts.apply_(student, ChannelPruning(ratio=0.5, target="macs", scope="global", importance=criterion,
+                                          round_to=args.round_to), calibration=calibration)
         candidates[criterion] = (evaluate(student, val)["accuracy"], student)
     criterion = max(candidates, key=lambda c: candidates[c][0])
     student = candidates[criterion][1]
-    row(f"torchslim, MACs/2, {criterion}, no fine-tune", student,
+    tag = f", round_to {args.round_to}" if args.round_to > 1 else ""
+    row(f"torchslim, MACs/2, {criterion}{tag}, no fine-tune", student,
         val_by_criterion={c: round(v[0], 4) for c, v in candidates.items()})
     minutes = fine_tune(student)
-    row(f"torchslim, MACs/2, {criterion}, distilled {args.resnet_epochs} ep", student, train_minutes=minutes)
+    row(f"torchslim, MACs/2, {criterion}{tag}, distilled {args.resnet_epochs} ep", student,
+        train_minutes=minutes)
     ts.save(student, Path(args.out) / "resnet-structured.slim")
-    if has_torch_pruning():
-        rival, ratio = torch_pruning_for_macs(copy.deepcopy(teacher), x1, 0.5, "fc")
-        row(f"Torch-Pruning, MACs/2 (global ratio {ratio:.3f}), group L2, no fine-tune", rival)
+    found = torch_pruning_for_macs(copy.deepcopy(teacher), x1, 0.5, "fc",
+                                   args.round_to if args.round_to > 1 else None) \
+        if has_torch_pruning() else None
+    if found is None:
+        print("Torch-Pruning cannot reach the MAC target with these options; no rival rows", flush=True)
+    else:
+        rival, ratio = found
+        row(f"Torch-Pruning, MACs/2 (global ratio {ratio:.3f}){tag}, group L2, no fine-tune", rival)
         minutes = fine_tune(rival)
         row(f"Torch-Pruning, MACs/2, distilled {args.resnet_epochs} ep", rival, train_minutes=minutes)
     add_latency(rows, models, {"b1": x1, "b64": x64}, args)
@@ -336,6 +344,8 @@ def main() -> None:
     parser.add_argument("--resnet", default="runs/bench-foundation/resnet-small/model.slim",
                         help="trained resnet-small artifact (trained here if missing)")
     parser.add_argument("--resnet-epochs", type=int, default=3)
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="resnet: kept widths multiple of N (16 = one AVX-512 register of fp32)")
     parser.add_argument("--criteria", nargs="+", default=["l1", "l2", "taylor", "bn_scale"])
     parser.add_argument("--mobilenet-steps", type=int, default=150, help="distillation steps on crops")
     parser.add_argument("--mobilenet-lr", type=float, default=1e-4)
