@@ -371,7 +371,11 @@ def main() -> None:
     parser.add_argument("--conv-method", default="depthwise", choices=["tucker", "spatial", "depthwise"])
     parser.add_argument("--conv-ratio", type=float, default=0.4, help="param_ratio (tucker, spatial)")
     parser.add_argument("--resnet-epochs", type=int, default=3)
-    args = parser.parse_args()
+    run_sections(parser.parse_args())
+
+
+def run_sections(args: argparse.Namespace) -> None:
+    """Run the chosen sections (all by default), saving OUT/results.json after each; print the table."""
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

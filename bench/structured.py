@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from distill_lowrank import SECTIONS, SentenceData, distil_embeddings, print_table, section
+from distill_lowrank import SECTIONS, SentenceData, distil_embeddings, run_sections, section
 from quantization import photo_crops
 
 import torchslim as ts
@@ -352,15 +352,7 @@ def main() -> None:
     parser.add_argument("--seq-train", type=int, default=48, help="token cap when distilling")
     parser.add_argument("--minilm-epochs", type=int, default=3)
     parser.add_argument("--minilm-lr", type=float, default=1e-4)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for name in args.only or sorted(SECTIONS):
-        rows += SECTIONS[name](args)
-        (out / "results.json").write_text(json.dumps(rows, indent=1))
-    print_table(rows)
+    run_sections(parser.parse_args())
 
 
 if __name__ == "__main__":

@@ -129,14 +129,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_factorize(args: argparse.Namespace) -> int:
     from torchslim.cli_recipes import factorize_recipe
 
-    report = _run_generated_recipe(factorize_recipe(args), args)
-    ratios = report["comparison"]
+    _print_summary(_run_generated_recipe(factorize_recipe(args), args), args, latency=False)
+    return 0
+
+
+def _print_summary(report: dict[str, Any], args: argparse.Namespace, *, latency: bool) -> None:
+    """One line: parameter and FLOP ratios, (batched speedup,) accuracy before/after, files."""
+    ratios, final = report["comparison"], report["final"]
+    speed = (f"{ratios.get('latency_batch_ms_ratio', 0):.2f}x faster at batch "
+             f"{final.get('latency_batch')}, " if latency else "")
     print(f"\n{ratios.get('params_ratio', 0):.2f}x fewer parameters, "
-          f"{ratios.get('flops_ratio', 0):.2f}x fewer FLOPs, test accuracy "
-          f"{100 * report['final']['test_accuracy']:.2f}% (before "
+          f"{ratios.get('flops_ratio', 0):.2f}x fewer FLOPs, {speed}test accuracy "
+          f"{100 * final['test_accuracy']:.2f}% (before "
           f"{100 * report['baseline']['test_accuracy']:.2f}%)  ->  {args.out}/model.slim, "
           f"{args.out}/report.md, {args.out}/recipe.yaml")
-    return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -146,15 +152,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise SystemExit(f"torchslim prune: --ratio {args.ratio} must be in [0, 1) (the fraction removed)")
     if args.structured and args.epochs == 0 and args.steps == 1:  # one shot: also models without data
         return _prune_once(args)
-    report = _run_generated_recipe(prune_recipe(args), args)
-    ratios = report["comparison"]
-    print(f"\n{ratios.get('params_ratio', 0):.2f}x fewer parameters, "
-          f"{ratios.get('flops_ratio', 0):.2f}x fewer FLOPs, "
-          f"{ratios.get('latency_batch_ms_ratio', 0):.2f}x faster at batch "
-          f"{report['final'].get('latency_batch')}, test accuracy "
-          f"{100 * report['final']['test_accuracy']:.2f}% (before "
-          f"{100 * report['baseline']['test_accuracy']:.2f}%)  ->  {args.out}/model.slim, "
-          f"{args.out}/report.md, {args.out}/recipe.yaml")
+    _print_summary(_run_generated_recipe(prune_recipe(args), args), args, latency=True)
     return 0
 
 

@@ -15,8 +15,6 @@ __all__ = ["factorize_recipe", "prune_recipe", "structured_options", "training_q
 
 def factorize_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe a `torchslim factorize` call stands for (written to OUT/recipe.yaml)."""
-    from torchslim.models import spec_of
-    from torchslim.workflows import load_model_or_artifact, train_config_for
 
     targets = {key: value for key, value in (("patterns", args.targets),
                                               ("exclude", args.exclude)) if value}
@@ -38,15 +36,24 @@ def factorize_recipe(args: argparse.Namespace) -> dict[str, Any]:
         stages.append({"decompose_conv": {"method": method, **conv,
                                           "targets": {**targets, "types": ["Conv2d"]}}})
     if args.epochs > 0:
-        name = spec_of(load_model_or_artifact(args.model)[0]).name
-        defaults = train_config_for(name)
-        train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10,
-                                 seed=args.seed).to_dict()
-        if not args.no_distill:
-            train["distill"] = {"teacher": "original", "temperature": args.temperature,
-                                "alpha": args.alpha}
-        stages.append({"fine_tune": train})
+        stages.append({"fine_tune": fine_tune_options(args, temperature=args.temperature, alpha=args.alpha)})
     return {"version": 1, "dataset": args.dataset, "seed": args.seed, "stages": stages}
+
+
+def fine_tune_options(args: argparse.Namespace, *, temperature: float = 4.0,
+                      alpha: float = 0.5) -> dict[str, Any]:
+    """The model's tuned training options at a tenth of its LR (or `--lr`) for `--epochs`,
+    distilled from the original model unless `--no-distill`."""
+    from torchslim.models import spec_of
+    from torchslim.workflows import load_model_or_artifact, train_config_for
+
+    name = spec_of(load_model_or_artifact(args.model)[0]).name
+    defaults = train_config_for(name)
+    train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10,
+                             seed=args.seed).to_dict()
+    if not args.no_distill:
+        train["distill"] = {"teacher": "original", "temperature": temperature, "alpha": alpha}
+    return train
 
 
 def training_quantize_recipe(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,17 +94,7 @@ def prune_recipe(args: argparse.Namespace) -> dict[str, Any]:
     Each round removes the same fraction of what is left, so after `steps` rounds the model has
     lost `ratio` of its channels (or MACs, or weights): iterative pruning to a target.
     """
-    from torchslim.models import spec_of
-    from torchslim.workflows import load_model_or_artifact, train_config_for
-
-    train: dict[str, Any] = {}
-    if args.epochs > 0:
-        name = spec_of(load_model_or_artifact(args.model)[0]).name
-        defaults = train_config_for(name)
-        train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10,
-                                 seed=args.seed).to_dict()
-        if not args.no_distill:
-            train["distill"] = {"teacher": "original", "temperature": 4.0, "alpha": 0.5}
+    train = fine_tune_options(args) if args.epochs > 0 else {}
     targets = {"exclude": list(args.exclude)} if args.exclude else {}
     stages: list[dict[str, Any]] = []
     for step in range(1, args.steps + 1):

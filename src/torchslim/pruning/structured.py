@@ -198,7 +198,7 @@ def _macs(model: nn.Module, inputs: tuple[Any, ...]) -> int:
     return int(counter.get_total_flops()) // 2
 
 
-def _check(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, eligible: list[bool]) -> None:
+def _check(graph: ChannelGraph, config: ChannelPruning, eligible: list[bool]) -> None:
     bad = []
     for name, ratio in config.per_layer.items():
         if not 0 <= ratio < 1:
@@ -217,9 +217,9 @@ def _check(model: nn.Module, graph: ChannelGraph, config: ChannelPruning, eligib
 
 def _removal_for_macs(model: nn.Module, graph: ChannelGraph, scores: list[np.ndarray],
                       config: ChannelPruning, eligible: list[bool],
-                      inputs: tuple[Any, ...]) -> list[np.ndarray]:
-    """Bisect the channel ratio until MACs fall by `config.ratio`."""
-    goal = (1 - config.ratio) * _macs(model, inputs)
+                      inputs: tuple[Any, ...], macs: int) -> list[np.ndarray]:
+    """Bisect the channel ratio until the model's `macs` fall by `config.ratio`."""
+    goal = (1 - config.ratio) * macs
     low, high, best = 0.0, 0.99, plan_removal(graph.groups, scores, 0.0, config, eligible)
     for _ in range(14):
         middle = (low + high) / 2
@@ -239,7 +239,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
     inputs = _example(model, example_inputs, calibration)
     graph = trace_channels(model, inputs, strict=config.strict)
     eligible = _eligible(graph, targets)
-    _check(model, graph, config, eligible)
+    _check(graph, config, eligible)
     batches = list(calibration or [])[:config.calibration_batches]
     scores = unit_scores(model, graph, config.importance, calibration=batches, seed=config.seed)
     was_training = model.training
@@ -248,7 +248,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
         reference = model(*inputs)
     params_before, macs_before = sum(p.numel() for p in model.parameters()), _macs(model, inputs)
     if config.target is PruneTarget.MACS:
-        removed = _removal_for_macs(model, graph, scores, config, eligible, inputs)
+        removed = _removal_for_macs(model, graph, scores, config, eligible, inputs, macs_before)
     else:
         removed = plan_removal(graph.groups, scores, config.ratio, config, eligible)
     sizes = cut_channels_(model, graph, removed)
