@@ -152,12 +152,19 @@ def resnet(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     def fine_tune(student: nn.Module) -> float:
         config = make_train_config(epochs=args.resnet_epochs, batch_size=128, lr=0.01, momentum=0.9,
-                                   weight_decay=5e-4, schedule="cosine", seed=0)
+                                   weight_decay=5e-4, schedule="cosine", seed=0,
+                                   early_stopping_patience=args.resnet_patience)
         start = time.perf_counter()
-        Trainer(student, TensorLoader(data.train, batch_size=128, shuffle=True, seed=0), config=config,
-                val_loader=val, loss=DistillationLoss(teacher, temperature=4.0, alpha=0.5),
-                progress=False).fit()
+        history = Trainer(student, TensorLoader(data.train, batch_size=128, shuffle=True, seed=0),
+                          config=config, val_loader=val,
+                          loss=DistillationLoss(teacher, temperature=4.0, alpha=0.5), progress=False).fit()
+        if args.resnet_patience is not None:
+            best = max(range(len(history)), key=lambda i: history[i].val_accuracy or 0.0)
+            print(f"kept epoch {best + 1} of {len(history)} run (best validation accuracy)", flush=True)
         return round((time.perf_counter() - start) / 60, 2)
+
+    budget = f"{args.resnet_epochs} ep" + (f", best val epoch (patience {args.resnet_patience})"
+                                           if args.resnet_patience is not None else "")
 
     row("resnet-small (fp32)", teacher)
     # Global ranking (scores normalised per group): at the same MACs it ran faster than a uniform
@@ -175,7 +182,7 @@ def resnet(args: argparse.Namespace) -> list[dict[str, Any]]:
     row(f"torchslim, MACs/2, {criterion}{tag}, no fine-tune", student,
         val_by_criterion={c: round(v[0], 4) for c, v in candidates.items()})
     minutes = fine_tune(student)
-    row(f"torchslim, MACs/2, {criterion}{tag}, distilled {args.resnet_epochs} ep", student,
+    row(f"torchslim, MACs/2, {criterion}{tag}, distilled {budget}", student,
         train_minutes=minutes)
     ts.save(student, Path(args.out) / "resnet-structured.slim")
     found = torch_pruning_for_macs(copy.deepcopy(teacher), x1, 0.5, "fc",
@@ -187,7 +194,7 @@ def resnet(args: argparse.Namespace) -> list[dict[str, Any]]:
         rival, ratio = found
         row(f"Torch-Pruning, MACs/2 (global ratio {ratio:.3f}){tag}, group L2, no fine-tune", rival)
         minutes = fine_tune(rival)
-        row(f"Torch-Pruning, MACs/2, distilled {args.resnet_epochs} ep", rival, train_minutes=minutes)
+        row(f"Torch-Pruning, MACs/2, distilled {budget}", rival, train_minutes=minutes)
     add_latency(rows, models, {"b1": x1, "b64": x64}, args)
     return rows
 
@@ -344,6 +351,9 @@ def main() -> None:
     parser.add_argument("--resnet", default="runs/bench-foundation/resnet-small/model.slim",
                         help="trained resnet-small artifact (trained here if missing)")
     parser.add_argument("--resnet-epochs", type=int, default=3)
+    parser.add_argument("--resnet-patience", type=int, default=None,
+                        help="resnet: stop after N epochs without a validation gain and keep the best "
+                             "validation epoch (the epoch count is then chosen on validation)")
     parser.add_argument("--round-to", type=int, default=1,
                         help="resnet: kept widths multiple of N (16 = one AVX-512 register of fp32)")
     parser.add_argument("--criteria", nargs="+", default=["l1", "l2", "taylor", "bn_scale"])
