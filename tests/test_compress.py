@@ -41,6 +41,15 @@ def test_compress_writes_a_smaller_artifact_that_evaluates(run: Path, capsys) ->
                                                       "fine_tune", "encode"]
     assert report["final"]["test_accuracy"] > 0.8
     assert (run / "out" / "accuracy_vs_size.png").is_file()
+    assert (run / "out" / "accuracy_vs_latency.png").is_file()
+    rows = report["rows"]
+    assert [r["name"] for r in rows] == ["baseline", "1. prune", "2. fine_tune", "3. cluster",
+                                         "4. fine_tune", "5. encode"]
+    for row in rows:  # every stage measured: accuracy, params, bytes, MACs and latency
+        assert {"test_accuracy", "params", "bytes", "flops", "latency_b1_ms",
+                "latency_batch_ms"} <= row.keys(), row["name"]
+        assert row["latency_batch_ms"] > 0
+    assert rows[1]["nonzero_params"] < rows[0]["nonzero_params"]
     capsys.readouterr()
     assert main(["evaluate", str(final), "--dataset", "digits", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -338,8 +338,7 @@ class CompressionRun:
                                                      "constraints": constraints})
             summaries.append({"stage": stage.kind, "seconds": time.perf_counter() - tick,
                               **summary})
-            rows.append(self.measure(f"{index}. {stage.kind}", model,
-                                     timing=index == len(self.recipe.stages), encoding=encoding))
+            rows.append(self.measure(f"{index}. {stage.kind}", model, timing=True, encoding=encoding))
         final = artifact.save(model, self.out / "model.slim",
                               encoding=encoding if isinstance(last, EncodeStage) else None,
                               metadata={"recipe_digest": self.recipe.digest,
@@ -355,22 +354,27 @@ class CompressionRun:
         }
         write_report(self.out, report, title=f"torchslim compress: {report['model']} on "
                      f"{self.data.name}", rows=rows)
-        plot_frontier(rows, self.out / "accuracy_vs_size.png")
+        plot_frontier(rows, self.out / "accuracy_vs_size.png", x="bytes")
+        plot_frontier(rows, self.out / "accuracy_vs_latency.png", x="latency_batch_ms")
         return {**report, "rows": rows}
 
 
-def plot_frontier(rows: list[dict[str, Any]], path: Path) -> Path:
-    """Test accuracy vs bytes on disk, one point per stage."""
+_AXES = {"bytes": ("artifact size (KiB, log scale)", 1 / 1024),
+         "latency_batch_ms": ("batched latency (ms, log scale)", 1.0)}
+
+
+def plot_frontier(rows: list[dict[str, Any]], path: Path, *, x: str = "bytes") -> Path:
+    """Test accuracy vs `x` (bytes on disk or batched latency), one point per stage."""
     from torchslim.report import new_figure, save_figure
 
+    label, scale = _AXES[x]
     fig, axis = new_figure()
-    sizes = [r["bytes"] / 1024 for r in rows]
-    accuracies = [100 * r["test_accuracy"] for r in rows]
-    axis.plot(sizes, accuracies, marker="o")
-    for row, x, y in zip(rows, sizes, accuracies, strict=True):
-        axis.annotate(row["name"], (x, y), fontsize=8, textcoords="offset points", xytext=(4, 4))
+    points = [(row["name"], row[x] * scale, 100 * row["test_accuracy"]) for row in rows if x in row]
+    axis.plot([p[1] for p in points], [p[2] for p in points], marker="o")
+    for name, px, py in points:
+        axis.annotate(name, (px, py), fontsize=8, textcoords="offset points", xytext=(4, 4))
     axis.set_xscale("log")
-    axis.set_xlabel("artifact size (KiB, log scale)")
+    axis.set_xlabel(label)
     axis.set_ylabel("test accuracy (%)")
     axis.grid(alpha=0.3)
     return save_figure(fig, path)
