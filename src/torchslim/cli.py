@@ -90,13 +90,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _run_recipe(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Run a recipe on `args.model` into `args.out`; prints the stage table."""
+    """Run a recipe on `args.model` into `args.out`; prints the stage table (under torchrun:
+    every process runs the recipe, rank 0 prints)."""
     from torchslim.compress import CompressionRun
+    from torchslim.training import distributed
 
     run = CompressionRun(recipe, args.out, model_source=args.model, resume=args.resume,
                          progress=not args.no_progress)
     report = run.run()
-    _print_table(report)
+    if distributed.is_main_process():
+        _print_table(report)
     return report
 
 
@@ -116,8 +119,12 @@ def _run_generated_recipe(data: dict[str, Any], args: argparse.Namespace) -> dic
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from torchslim.recipe import load_recipe
+    from torchslim.training import distributed
 
     report = _run_recipe(load_recipe(args.recipe), args)
+    distributed.shutdown()  # under torchrun: leave the process group before exiting
+    if not distributed.is_main_process():
+        return 0
     ratios = report["comparison"]
     print(f"\n{ratios.get('bytes_ratio', 0):.1f}x smaller on disk than the dense fp32 baseline, "
           f"test accuracy {100 * report['final']['test_accuracy']:.2f}% (baseline "
@@ -266,10 +273,31 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
     result = run_sensitivity(args.model, dataset=args.dataset, out=args.out,
                              sparsities=tuple(args.sparsities), max_drop=args.max_drop,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, workers=args.workers,
+                             ray_address=args.ray_address)
     print(result["table"])
     print(f"\nper-layer sparsities for a drop <= {args.max_drop}: {result['suggested']}")
+    run = result["execution"]
+    where = "in-process" if run["backend"] == "in-process" else (
+        f"on Ray, {run['workers'] or 'one per cluster CPU'} tasks in flight")
+    print(f"scan: {run['seconds']:.1f} s wall-clock, {where}")
     return 0
+
+
+def cmd_auto(args: argparse.Namespace) -> int:
+    from torchslim.auto import Target, auto_compress
+
+    report = auto_compress(args.model, target=Target.parse(args.target), max_drop=args.max_drop / 100,
+                           out=args.out, dataset=args.data, trials=args.trials, epochs=args.epochs,
+                           final_epochs=args.final_epochs, workers=args.workers,
+                           ray_address=args.ray_address, progress=not args.no_progress)
+    final, kind = report["final"], report["target"]["kind"]
+    print(f"chosen: trial {report['chosen']} of {len(report['trials'])} (front: {report['front']})")
+    print(f"final: {kind} {final['ratios'][kind]:.2f}x (target {report['target']['ratio']:g}x), "
+          f"validation drop {final['val_drop_points']:.2f} pt, test drop {final['test_drop_points']:.2f} "
+          f"pt (max {report['max_drop_points']:g}); search {report['total_seconds']:.0f} s")
+    print(f"wrote {args.out}/recipe.yaml, model.slim, auto.json, auto.md, front.png")
+    return 0 if final["meets_target"] and final["meets_max_drop"] else 1
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -329,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser(
         "compress", help="run a compression recipe (YAML)",
         description="Run the stages of a recipe (prune, fine_tune, cluster, encode, ...), "
-        "checkpointing each; writes OUT/model.slim and OUT/report.json/.md.")
+        "checkpointing each; writes OUT/model.slim and OUT/report.json/.md. Data-parallel: "
+        "`torchrun --nproc_per_node=N -m torchslim compress ...` (training batches split "
+        "over the N processes; rank 0 writes and prints).")
     compress.add_argument("recipe", help="a recipe file, e.g. examples/recipes/*.yaml")
     compress.add_argument("--model", help="artifact or registered name to compress instead of "
                           "the recipe's model (skips baseline training)")
@@ -420,7 +450,39 @@ def build_parser() -> argparse.ArgumentParser:
                              help="accuracy budget (fraction) for the suggested sparsities")
     sensitivity.add_argument("--out", required=True)
     sensitivity.add_argument("--no-progress", action="store_true")
+    sensitivity.add_argument("--workers", type=int, default=None, metavar="N",
+                             help="run the trials as N parallel Ray tasks on a local Ray "
+                             "(pip install 'torchslim[ray]'); default: in-process, same numbers")
+    sensitivity.add_argument("--ray-address", default=None, metavar="ADDR",
+                             help="run the trials on an existing Ray cluster ('auto', "
+                             "'ray://host:10001'); --workers then caps the tasks in flight")
     sensitivity.set_defaults(func=cmd_sensitivity)
+
+    auto = commands.add_parser(
+        "auto", help="find a compression policy for a target and an accuracy budget",
+        description="Score candidate policies (per-layer sparsity and bits from the sensitivity "
+        "scan for a size target; global structured pruning for macs/latency) with short "
+        "fine-tunes, pick on validation, rerun the chosen one with --final-epochs. Writes "
+        "OUT/recipe.yaml (rerun it with `torchslim compress`), OUT/model.slim, OUT/auto.json, "
+        "OUT/auto.md and OUT/front.png. Exit status 1 when the final model misses a goal.")
+    auto.add_argument("--model", required=True, help="artifact or registered name")
+    auto.add_argument("--data", choices=dataset_names(), help="default: the model's own dataset")
+    auto.add_argument("--target", required=True, metavar="KIND=RATIO",
+                      help="size=50 (50x smaller file), macs=2 or latency=1.5")
+    auto.add_argument("--max-drop", type=float, required=True, metavar="PTS",
+                      help="allowed accuracy drop in percentage points (validation)")
+    auto.add_argument("--out", required=True,
+                      help="output folder; a rerun reuses finished trials of the same recipes")
+    auto.add_argument("--trials", type=int, default=4, help="candidate policies to score")
+    auto.add_argument("--epochs", type=int, default=2, help="training epochs per trial")
+    auto.add_argument("--final-epochs", type=int, default=None,
+                      help="epochs for the chosen policy's final run (default: --epochs)")
+    auto.add_argument("--workers", type=int, default=None, metavar="N",
+                      help="score N trials at once as Ray tasks (pip install 'torchslim[ray]')")
+    auto.add_argument("--ray-address", default=None, metavar="ADDR",
+                      help="run the scan and the trials on an existing Ray cluster")
+    auto.add_argument("--no-progress", action="store_true")
+    auto.set_defaults(func=cmd_auto)
 
     train = commands.add_parser("train", help="train a registered model on a dataset",
                                 description="Train a model; writes OUT/model.slim, "

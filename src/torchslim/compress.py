@@ -4,6 +4,9 @@ Between stages the model is always plain (masks and codebooks baked into the wei
 small constraint table says which layers are sparse or shared. A stage that trains re-attaches
 those constraints first (zeros stay zero, shared weights stay shared), so every stage
 checkpoint is an ordinary `.slim` file and resuming never depends on in-memory state.
+
+Under `torchrun` every process runs every stage (training ones data-parallel, the others
+deterministically alike); rank 0 alone writes files and measures, and all return its report.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from torchslim.recipe import (
     Recipe,
     Stage,
 )
-from torchslim.training import Loss, TrainConfig, Trainer
+from torchslim.training import Loss, TrainConfig, Trainer, distributed
 
 __all__ = ["CompressionRun", "constrain_"]
 
@@ -78,11 +81,12 @@ class CompressionRun:
         model_source: an artifact path or registered name overriding the recipe's model.
         resume: reuse stage checkpoints (and in-stage training checkpoints) found in `out`.
         progress: show progress bars.
+        timing: measure latency after every stage (off for search trials scored on size).
     """
 
     def __init__(self, recipe: Recipe, out: str | Path, *, model_source: str | None = None,
-                 resume: bool = False, progress: bool = True) -> None:
-        self.recipe, self.out, self.progress = recipe, Path(out), progress
+                 resume: bool = False, progress: bool = True, timing: bool = True) -> None:
+        self.recipe, self.out, self.progress, self.timing = recipe, Path(out), progress, timing
         self.model_source = model_source
         self.stages_dir = self.out / "stages"
         self._check_lock(resume)
@@ -101,10 +105,27 @@ class CompressionRun:
         if resume and lock.is_file() and lock.read_text().strip() != self.recipe.digest:
             raise ConfigError(f"{self.out} holds a run of a different recipe; use another --out "
                               "or drop --resume to start over")
-        if not resume and self.stages_dir.exists():
-            shutil.rmtree(self.stages_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        lock.write_text(self.recipe.digest + "\n")
+        distributed.barrier()  # every process has read `out` before rank 0 changes it
+        if distributed.is_main_process():
+            if not resume and self.stages_dir.exists():
+                shutil.rmtree(self.stages_dir)
+            self.out.mkdir(parents=True, exist_ok=True)
+            lock.write_text(self.recipe.digest + "\n")
+        distributed.barrier()
+
+    @staticmethod
+    def _restorable(path: Path) -> bool:
+        """Whether a stage file is there to restore, seen alike by every process: all look
+        before rank 0 may write it."""
+        found = path.is_file()
+        distributed.barrier()
+        return found
+
+    @staticmethod
+    def _save(model: nn.Module, path: Path, metadata: dict[str, Any]) -> None:
+        """A stage checkpoint, written by rank 0 only."""
+        if distributed.is_main_process():
+            artifact.save(model, path, metadata=metadata)
 
     # ----------------------------------------------------------------- model and training
     def baseline(self) -> nn.Module:
@@ -121,13 +142,13 @@ class CompressionRun:
                                   "`baseline:` block to the recipe or pass --model ARTIFACT")
             return create_model(self.recipe.model)
         path = self.stages_dir / "00-baseline.slim"
-        if path.is_file():
+        if self._restorable(path):
             return artifact.load(path)
         torch.manual_seed(self.recipe.seed)
         model = create_model(self.recipe.model, pretrained=False,
                              input_shape=self.data.input_shape, num_classes=self.data.num_classes)
         self.train(model, self.recipe.baseline, self.stages_dir / "00-baseline-ckpt")
-        artifact.save(model, path, metadata={"stage": "baseline", "constraints": {}})
+        self._save(model, path, metadata={"stage": "baseline", "constraints": {}})
         return model
 
     def train(self, model: nn.Module, config: TrainConfig, checkpoint_dir: Path,
@@ -318,13 +339,14 @@ class CompressionRun:
                 stage.targets.resolve(model)
             if stage.kind in STRUCTURAL_STAGES:
                 break  # later stages may select the layers this one creates
-        rows = [self.measure("baseline", model, timing=True, encoding=encoding)]
+        main = distributed.is_main_process()  # the others run the stages, then wait
+        rows = [self.measure("baseline", model, timing=self.timing, encoding=encoding)] if main else []
         constraints: Constraints = {}
         summaries = []
         for index, stage in enumerate(self.recipe.stages, start=1):
             path = self.stages_dir / f"{index:02d}-{stage.kind}.slim"
             tick = time.perf_counter()
-            if path.is_file():
+            if self._restorable(path):
                 model = artifact.load(path)
                 saved = artifact.read_metadata(path)["metadata"]
                 constraints, summary = dict(saved["constraints"]), saved["summary"]
@@ -334,11 +356,16 @@ class CompressionRun:
                     model, summary = self.convert(index, stage, model, constraints)
                 else:
                     summary = self.run_stage(index, stage, model, constraints)
-                artifact.save(model, path, metadata={"stage": stage.kind, "summary": summary,
-                                                     "constraints": constraints})
+                self._save(model, path, metadata={"stage": stage.kind, "summary": summary,
+                                                  "constraints": constraints})
             summaries.append({"stage": stage.kind, "seconds": time.perf_counter() - tick,
                               **summary})
-            rows.append(self.measure(f"{index}. {stage.kind}", model, timing=True, encoding=encoding))
+            if main:
+                rows.append(self.measure(f"{index}. {stage.kind}", model, timing=self.timing,
+                                         encoding=encoding))
+            distributed.barrier()  # timings run while the other processes idle
+        if not main:
+            return dict(distributed.broadcast_object(None))
         final = artifact.save(model, self.out / "model.slim",
                               encoding=encoding if isinstance(last, EncodeStage) else None,
                               metadata={"recipe_digest": self.recipe.digest,
@@ -355,8 +382,9 @@ class CompressionRun:
         write_report(self.out, report, title=f"torchslim compress: {report['model']} on "
                      f"{self.data.name}", rows=rows)
         plot_frontier(rows, self.out / "accuracy_vs_size.png", x="bytes")
-        plot_frontier(rows, self.out / "accuracy_vs_latency.png", x="latency_batch_ms")
-        return {**report, "rows": rows}
+        if self.timing:
+            plot_frontier(rows, self.out / "accuracy_vs_latency.png", x="latency_batch_ms")
+        return dict(distributed.broadcast_object({**report, "rows": rows}))
 
 
 _AXES = {"bytes": ("artifact size (KiB, log scale)", 1 / 1024),
