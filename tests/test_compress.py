@@ -182,8 +182,40 @@ def test_quantize_and_qat_stages_end_in_an_int8_program(run: Path, tmp_path: Pat
     assert "int8 ops" in capsys.readouterr().out
     assert artifact.read_metadata(tmp_path / "cli" / "model.slim")["version"] == 2
     bad = {**recipe, "stages": [{"qat": {"epochs": 1}}, {"prune": {"sparsity": 0.5}}]}
-    with pytest.raises(Exception, match="must be the last stage"):
+    with pytest.raises(Exception, match="must come last"):
         parse_recipe(bad)
+
+
+def test_every_technique_chains_in_one_compress_call(run: Path, tmp_path: Path, capsys) -> None:
+    """structured prune -> distilled fine-tune -> weight prune -> cluster -> quantize -> encode."""
+    baseline = run / "out" / "stages" / "00-baseline.slim"
+    stages = [{"structured_prune": {"ratio": 0.5}},
+              {"fine_tune": {"epochs": 2, "lr": 0.05, "distill": {"teacher": "original"}}},
+              {"prune": {"sparsity": 0.6}},
+              {"cluster": {"bits": 5}},
+              {"quantize": {"method": "static", "calibration_batches": 2}},
+              {"encode": {"coder": "auto"}}]
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump({"version": 1, "dataset": "digits",
+                                                       "stages": stages}))
+    assert main(["compress", str(tmp_path / "all.yaml"), "--model", str(baseline),
+                 "--out", str(tmp_path / "all"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "all" / "report.json").read_text())
+    rows = report["rows"]
+    assert [r["name"] for r in rows] == ["baseline"] + [f"{i}. {next(iter(s))}"
+                                                        for i, s in enumerate(stages, 1)]
+    assert rows[1]["flops"] < 0.6 * rows[0]["flops"]  # channels really removed
+    assert rows[3]["nonzero_params"] < 0.5 * rows[2]["nonzero_params"]
+    assert all(r["latency_batch_ms"] > 0 for r in rows)
+    assert report["final"]["backend"] == "onnxruntime"
+    assert report["final"]["test_accuracy"] > report["baseline"]["test_accuracy"] - 0.05
+    final = tmp_path / "all" / "model.slim"
+    runtime = artifact.read_metadata(final)["runtime"]
+    assert runtime["program_coding"] == "zstd"
+    plain = artifact.save(artifact.load(final), tmp_path / "plain.slim")  # the same program, uncoded
+    assert final.stat().st_size < 0.8 * plain.stat().st_size
+    capsys.readouterr()
+    assert main(["evaluate", str(final), "--dataset", "digits", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == report["final"]["test_accuracy"]
 
 
 def test_structured_prune_cli_removes_neurons_in_steps_and_writes_a_loadable_model(

@@ -217,9 +217,10 @@ def parse_recipe(data: Any) -> Recipe:
     if encodes and encodes != [len(parsed) - 1]:
         raise ConfigError("'encode' must be the last stage, and appear once")
     conversions = [i for i, s in enumerate(parsed) if s.kind in CONVERSION_STAGES]
-    if conversions and (conversions != [len(parsed) - 1] or encodes):
-        raise ConfigError("'quantize' / 'qat' must be the last stage, appear once, and not be "
-                          "combined with 'encode' (the int8 program is the compact file)")
+    last_model_stage = len(parsed) - 1 - len(encodes)  # `encode` only codes the file
+    if conversions and conversions != [last_model_stage]:
+        raise ConfigError("'quantize' / 'qat' must come last (only 'encode' may follow), once: the "
+                          "model becomes an int8 program")
     return Recipe(model=data.get("model"), dataset=data.get("dataset"), seed=seed,
                   baseline=baseline, stages=parsed, source=data)
 
