@@ -6,7 +6,8 @@ weights the int8 kernel will use), then attaches to every selected Conv/Linear:
   as the converter will), gradients straight through;
 - an input fake-quantizer (asymmetric uint8 activations) whose range is a moving average of
   the batches seen in training, or, with `learn_scale`, a learned LSQ step size (Esser et al.
-  2020) initialised from that range.
+  2020) initialised from that range. Under torchrun the range is that of the whole global
+  batch (a max all-reduce over processes), so data-parallel QAT is the single-process QAT.
 Training is the ordinary `Trainer` (so QAT combines with distillation losses and pruning
 callbacks). `convert_qat` removes the fake-quantizers and hands the trained float model to the
 same onnxruntime static conversion as PTQ, calibrated with the learned ranges' data.
@@ -25,6 +26,7 @@ from torchslim.errors import ConfigError
 from torchslim.quantization.primitives import QuantSpec, fake_quantize, qparams_from_range
 from torchslim.select import Select
 from torchslim.structure import Edit, record_edit_, register_edit, replace_module_
+from torchslim.training import distributed
 
 __all__ = ["InputQuantizer", "WeightFakeQuant", "convert_qat", "fold_batchnorm_", "prepare_qat_"]
 
@@ -59,6 +61,8 @@ class InputQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not bool(self.initialised):
             low, high = x.detach().amin(), x.detach().amax()
+            if self.training:  # under torchrun: the range of the global batch
+                low, high = distributed.global_range(low, high)
             if not bool(self.initialised):
                 self.min_val.copy_(low)
                 self.max_val.copy_(high)
@@ -71,7 +75,8 @@ class InputQuantizer(nn.Module):
         scale, zero = qparams_from_range(self.min_val, self.max_val, ACTIVATION_SPEC)
         if self.learn_scale:
             # LSQ: the step size is a parameter; its gradient is scaled by 1/sqrt(N·qmax).
-            grad_scale = 1.0 / (x.numel() * ACTIVATION_SPEC.qmax) ** 0.5
+            numel = x.numel() * distributed.world_size()  # of the global batch
+            grad_scale = 1.0 / (numel * ACTIVATION_SPEC.qmax) ** 0.5
             learned = self.log_scale.exp()
             scale = learned * grad_scale + (learned - learned * grad_scale).detach()
         return fake_quantize(x, scale, zero.float().detach(), ACTIVATION_SPEC)

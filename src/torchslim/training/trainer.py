@@ -3,6 +3,11 @@
 Techniques plug in through `Callback`s and a `Loss`; the trainer owns the loop, the optimizer,
 the LR schedule, regularisation, early stopping, progress display, and per-epoch checkpoints
 from which a killed run resumes to the same result as an uninterrupted one.
+
+Under `torchrun` (see `training.distributed`) the same loop runs data-parallel: every process
+walks the same global batches and trains on its own shard of each through DDP, so the
+optimisation is the single-process one; metrics are summed over processes, and only rank 0
+writes checkpoints, which hold nothing that depends on the process count.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from tqdm.auto import tqdm
 from torchslim.data import TensorLoader
 from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
+from torchslim.training import distributed
 from torchslim.training.callbacks import Callback, CrossEntropy, Loss
 from torchslim.training.checkpoint import (
     capture_rng,
@@ -63,7 +69,11 @@ class Trainer:
         loss: the objective (default: cross-entropy on labels).
         callbacks: hooks run in order at each event.
         checkpoint_dir: where `last.ckpt` is written after every epoch.
-        progress: show a progress bar.
+        progress: show a progress bar (on rank 0 only under torchrun).
+
+    Under torchrun each process trains on `batch_size / world_size` samples of every batch of
+    `train_loader` (a ConfigError if that does not divide); `on_step` then gets the loss of the
+    process's own shard, while `EpochRecord` metrics are those of the whole global batch.
 
     Example:
         >>> from torchslim.data import load_dataset, TensorLoader
@@ -87,10 +97,12 @@ class Trainer:
                               "batch_size (drop_last with fewer samples than a batch?)")
         if config.early_stopping_patience is not None and val_loader is None:
             raise ConfigError("early_stopping_patience needs a val_loader (the validation split)")
-        self.device = torch.device(config.device)
+        self.device = distributed.device_for(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {config.device!r} asked for, but CUDA is not available; "
                               "use device='cpu'")
+        self.world = distributed.world_size()
+        _check_shardable(train_loader, self.world)
         self.model = model.to(self.device)
         self.train_loader = train_loader
         self.val_loader = val_loader
@@ -101,8 +113,9 @@ class Trainer:
         self.progress = progress
         self._set_dropout(config.dropout)
         example = next(iter(train_loader))[0][:2].to(self.device)
-        extra = self.loss.bind(self.model, example)  # e.g. distillation adapters
-        self.optimizer = build_optimizer([*model.parameters(), *extra], config)
+        self.extra = self.loss.bind(self.model, example)  # e.g. distillation adapters
+        self.optimizer = build_optimizer([*model.parameters(), *self.extra], config)
+        self.replica: nn.Module | None = None  # the DDP wrapper while fitting under torchrun
         self.scheduler = build_scheduler(self.optimizer, config, len(train_loader))
         self.history: list[EpochRecord] = []
         self.step = 0
@@ -133,7 +146,20 @@ class Trainer:
         else:
             torch.manual_seed(self.config.seed)
         for callback in self.callbacks:
-            callback.on_fit_start(self)
+            callback.on_fit_start(self)  # may add masks: wrap after, so DDP sees them
+        if self.world > 1:
+            self.replica = distributed.data_parallel(self.model, self.extra, self.device)
+        try:
+            self._run_epochs()
+        finally:
+            self.replica = None  # DDP holds the process group: drop it before anyone ends that
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        for callback in self.callbacks:
+            callback.on_fit_end(self)
+        return self.history
+
+    def _run_epochs(self) -> None:
         for epoch in range(self.start_epoch, self.config.epochs):
             record = self._run_epoch(epoch)
             self.history.append(record)
@@ -147,11 +173,6 @@ class Trainer:
                 log.info("early stop after epoch %d (no val gain in %d epochs)", epoch,
                          self.stale_epochs)
                 break
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
-        for callback in self.callbacks:
-            callback.on_fit_end(self)
-        return self.history
 
     def _regularised(self, loss: torch.Tensor) -> torch.Tensor:
         if self.config.l1 == 0:
@@ -159,11 +180,16 @@ class Trainer:
         penalty = sum(p.abs().sum() for p in self.model.parameters() if p.dim() > 1)
         return loss + self.config.l1 * penalty
 
-    def _train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        outputs = self.model(inputs)
+    def _train_step(self, inputs: torch.Tensor, labels: torch.Tensor,
+                    share: float = 1.0) -> tuple[float, int]:
+        """One optimizer step; `share` = world size x this shard's fraction of the batch, so
+        that DDP's gradient average is the gradient of the mean over the global batch."""
+        outputs = (self.replica or self.model)(inputs)
         loss = self.loss(outputs, labels, inputs)
         self.optimizer.zero_grad(set_to_none=True)
-        self._regularised(loss).backward()
+        self._regularised(loss if share == 1.0 else loss * share).backward()
+        if self.replica is not None:
+            self._check_gradients()
         for callback in self.callbacks:
             callback.on_before_optimizer_step(self, self.step)
         if self.config.grad_clip is not None:
@@ -175,6 +201,17 @@ class Trainer:
         correct = int((outputs.detach().argmax(dim=1) == labels).sum())
         return float(loss.detach()), correct
 
+    def _check_gradients(self) -> None:
+        """DDP waits for a gradient of every trainable parameter before it averages: one the
+        loss never reaches would stall it, so name those instead."""
+        assert self.replica is not None
+        unused = [name.removeprefix("module.model.") for name, p in self.replica.named_parameters()
+                  if p.requires_grad and p.grad is None]
+        if unused:
+            raise ConfigError(f"data-parallel training needs a gradient for every trainable "
+                              f"parameter, but the loss does not depend on {', '.join(unused)}; "
+                              "freeze them (requires_grad_(False)) or train in one process")
+
     def _run_epoch(self, epoch: int) -> EpochRecord:
         self.train_loader.set_epoch(epoch)
         for callback in self.callbacks:
@@ -182,12 +219,16 @@ class Trainer:
         self.model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
+        show = self.progress and distributed.is_main_process()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.config.epochs}",
-                   disable=None if self.progress else True,  # None: only on a terminal
+                   disable=None if show else True,  # None: only on a terminal
                    leave=False, unit="batch", mininterval=0.5)
         for inputs, labels in bar:
+            size = len(labels)
+            inputs, labels = distributed.shard(inputs), distributed.shard(labels)
+            share = self.world * len(labels) / size
             inputs, labels = inputs.to(self.device), labels.to(self.device)
-            loss, hits = self._train_step(inputs, labels)
+            loss, hits = self._train_step(inputs, labels, share)
             batch = int(labels.shape[0])
             loss_sum, correct, seen = loss_sum + loss * batch, correct + hits, seen + batch
             for callback in self.callbacks:
@@ -197,12 +238,35 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                                 refresh=False)
         seconds = time.perf_counter() - start
-        val = evaluate(self.model, self.val_loader, device=self.device) if self.val_loader else None
+        if self.world > 1:  # the whole global batch's metrics, identical on every process
+            totals = distributed.all_reduce_sum(
+                torch.tensor([loss_sum, correct, seen], dtype=torch.float64))
+            loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
+        val = self._validate()
         return EpochRecord(
             epoch=epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen,
             val_loss=val["loss"] if val else None, val_accuracy=val["accuracy"] if val else None,
             lr=float(self.optimizer.param_groups[0]["lr"]), seconds=seconds,
             samples_per_second=seen / seconds)
+
+    def _validate(self) -> dict[str, float] | None:
+        """Validation loss and accuracy; under torchrun each process evaluates its shard of
+        every batch and the sums are all-reduced, so all processes see the same numbers (and
+        take the same early-stopping decisions)."""
+        if self.val_loader is None:
+            return None
+        if self.world == 1:
+            return evaluate(self.model, self.val_loader, device=self.device)
+        shards = [(distributed.shard(x), distributed.shard(y)) for x, y in self.val_loader]
+        shards = [(x, y) for x, y in shards if len(y)]
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
+        if shards:
+            val = evaluate(self.model, shards, device=self.device)
+            totals += torch.tensor([val["loss"] * val["samples"],
+                                    round(val["accuracy"] * val["samples"]), val["samples"]],
+                                   dtype=torch.float64)
+        loss_sum, correct, samples = distributed.all_reduce_sum(totals).tolist()
+        return {"loss": loss_sum / samples, "accuracy": correct / samples, "samples": samples}
 
     def _update_early_stopping(self, record: EpochRecord) -> bool:
         if self.config.early_stopping_patience is None or record.val_accuracy is None:
@@ -216,6 +280,13 @@ class Trainer:
         return self.stale_epochs >= self.config.early_stopping_patience
 
     def _save_checkpoint(self, path: Path) -> None:
+        """Rank 0 writes (atomically) while the others wait: every process holds the same
+        state, and none of it depends on the process count, so any count can resume it."""
+        if distributed.is_main_process():
+            self._write_checkpoint(path)
+        distributed.barrier()
+
+    def _write_checkpoint(self, path: Path) -> None:
         write_checkpoint(path, {
             "config": self.config.to_dict(),
             "epoch": self.start_epoch,
@@ -256,3 +327,18 @@ class Trainer:
         """Where training stands: epochs done, steps, best validation accuracy."""
         return {"epochs_done": self.start_epoch, "steps": self.step,
                 "best_val_accuracy": self.best_accuracy if self.best_state is not None else None}
+
+
+def _check_shardable(loader: TensorLoader, world: int) -> None:
+    """Every process must get samples of every batch, the full ones in equal parts."""
+    if world == 1:
+        return
+    batch = loader.batch_size
+    last = 0 if loader.drop_last else len(loader.split) % batch
+    if batch % world or 0 < last < world:
+        problem = (f"batch_size {batch} does not split evenly over {world} processes"
+                   if batch % world else
+                   f"the last batch holds {last} samples, fewer than the {world} processes")
+        raise ConfigError(f"{problem}; each process trains on batch_size / {world} samples of "
+                          f"every batch: use a batch_size that is a multiple of {world} (and "
+                          "leaves no tiny last batch), or drop_last")
