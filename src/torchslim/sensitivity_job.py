@@ -26,16 +26,21 @@ def sensitivity_table(scan: dict[str, Any]) -> str:
 
 
 def run_sensitivity(source: str, *, dataset: str | None, out: str | Path,
-                    sparsities: tuple[float, ...], max_drop: float,
-                    progress: bool = True) -> dict[str, Any]:
-    """Scan `source` (artifact or registered name) and write sensitivity.{json,md,png}."""
+                    sparsities: tuple[float, ...], max_drop: float, progress: bool = True,
+                    workers: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
+    """Scan `source` (artifact or registered name) and write sensitivity.{json,md,png}.
+
+    `workers` > 1 or a `ray_address` runs the trials as Ray tasks (same numbers); the JSON
+    records the backend, workers and wall-clock seconds under `execution`.
+    """
     from torchslim.workflows import load_model_or_artifact
 
     model, _ = load_model_or_artifact(source)
     dataset = dataset_for(spec_of(model).name, dataset)
     data = load_dataset(dataset)
     scan = scan_sensitivity(model, TensorLoader(data.val, batch_size=1000),
-                            sparsities=sparsities, progress=progress)
+                            sparsities=sparsities, progress=progress, workers=workers,
+                            ray_address=ray_address)
     suggested = sparsities_for_drop(scan, max_drop)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

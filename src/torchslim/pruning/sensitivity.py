@@ -3,17 +3,20 @@
 The scan answers "which layers can lose most weights": it prunes a copy of the model one layer
 at a time by magnitude (no fine-tuning), measures the validation split, and
 `sparsities_for_drop` turns the curves into per-layer sparsities for an accuracy budget.
+Each (layer, sparsity) trial is independent, so `run_trials` spreads them over Ray workers
+when asked; the numbers are the same in-process.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from torchslim.api import apply_
 from torchslim.data import TensorLoader
@@ -22,6 +25,7 @@ from torchslim.measure import evaluate
 from torchslim.pruning.masks import check_sparsity
 from torchslim.pruning.unstructured import WeightPruning
 from torchslim.select import Select
+from torchslim.trials import TrialBackend, choose_backend, run_trials
 
 __all__ = ["DEFAULT_GRID", "plot_sensitivity", "scan_sensitivity", "sparsities_for_drop"]
 
@@ -30,24 +34,52 @@ DEFAULT_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 def scan_sensitivity(model: nn.Module, val_loader: TensorLoader, *,
                      sparsities: Sequence[float] = DEFAULT_GRID, targets: Select | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, workers: int | None = None,
+                     ray_address: str | None = None) -> dict[str, Any]:
     """Accuracy on `val_loader` for each selected layer pruned alone to each sparsity.
 
-    Returns `{"baseline": acc, "sparsities": [...], "layers": {name: [acc, ...]}}`.
+    The trials run through `run_trials`: in-process by default, as Ray tasks with `workers` > 1
+    or a `ray_address` (the model and data go to Ray's object store once).
+
+    Returns `{"baseline": acc, "sparsities": [...], "layers": {name: [acc, ...]},
+    "execution": {"backend", "workers", "ray_address", "seconds"}}`; `seconds` is the scan's
+    wall-clock time (including starting a local Ray).
+
+    Raises:
+        ConfigError: a sparsity outside [0, 1), no sparsities, `workers` < 1, or Ray asked for
+            and not installed.
     """
     for s in sparsities:
         check_sparsity(s)
     if not sparsities:
         raise ConfigError("give at least one sparsity to scan")
+    backend = choose_backend(workers=workers, ray_address=ray_address)
+    start = time.perf_counter()
     layers = [name for name, _ in (targets or Select()).resolve(model)]
     baseline = evaluate(model, val_loader)["accuracy"]
-    curves: dict[str, list[float]] = {}
     trials = [(name, s) for name in layers for s in sparsities]
-    for name, sparsity in tqdm(trials, desc="sensitivity", disable=None if progress else True):
-        trial = copy.deepcopy(model)
-        apply_(trial, WeightPruning(sparsity=sparsity), targets=Select(names=(name,)))
-        curves.setdefault(name, []).append(evaluate(trial, val_loader)["accuracy"])
-    return {"baseline": baseline, "sparsities": list(sparsities), "layers": curves}
+    accuracies = run_trials(partial(pruned_accuracy, model, val_loader), trials, workers=workers,
+                            ray_address=ray_address, progress=progress, desc="sensitivity")
+    curves: dict[str, list[float]] = {}
+    for (name, _), accuracy in zip(trials, accuracies, strict=True):
+        curves.setdefault(name, []).append(accuracy)
+    # workers None on a cluster: as many tasks in flight as the cluster has CPUs
+    execution = {"backend": str(backend), "ray_address": ray_address,
+                 "workers": workers if backend is TrialBackend.RAY else 1,
+                 "seconds": time.perf_counter() - start}
+    return {"baseline": baseline, "sparsities": list(sparsities), "layers": curves,
+            "execution": execution}
+
+
+def pruned_accuracy(model: nn.Module, val_loader: TensorLoader, trial: tuple[str, float]) -> float:
+    """One scan trial: accuracy of a copy of `model` with layer `trial[0]` pruned to `trial[1]`.
+
+    Module-level (not a closure) so Ray workers import it instead of unpickling code.
+    """
+    name, sparsity = trial
+    pruned = copy.deepcopy(model)
+    apply_(pruned, WeightPruning(sparsity=sparsity), targets=Select(names=(name,)))
+    return evaluate(pruned, val_loader)["accuracy"]
 
 
 def sparsities_for_drop(scan: dict[str, Any], max_drop: float) -> dict[str, float]:
