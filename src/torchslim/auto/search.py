@@ -118,7 +118,7 @@ def _train_options(model_name: str, epochs: int) -> dict[str, Any]:
     from torchslim.workflows import train_config_for
 
     defaults = train_config_for(model_name)
-    return {"epochs": epochs, "optimizer": defaults.optimizer, "lr": defaults.lr * 0.4,
+    return {"epochs": epochs, "optimizer": defaults.optimizer, "lr": float(f"{defaults.lr * 0.4:.6g}"),
             "weight_decay": defaults.weight_decay, "batch_size": defaults.batch_size,
             "schedule": "cosine"}
 
