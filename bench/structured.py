@@ -87,6 +87,23 @@ def add_latency(rows: list[dict[str, Any]], models: dict[str, nn.Module], inputs
         print(json.dumps(row), flush=True)
 
 
+class Frozen(nn.Module):
+    """`torch.jit.freeze` + `optimize_for_inference`: PyTorch's own CPU deployment path.
+
+    The frozen program is held outside the module tree (it has no `training` flag to set).
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor) -> None:
+        super().__init__()
+        with torch.no_grad():
+            traced = torch.jit.trace(model.eval(), example)
+            program = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+        object.__setattr__(self, "program", program)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
 def has_torch_pruning() -> bool:
     return importlib.util.find_spec("torch_pruning") is not None
 
@@ -332,11 +349,16 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
         if not path.is_file():
             continue
         base, pruned = original().eval(), ts.load(path).eval()
-        models = {f"{name} (unpruned)": base, f"{name}: {path.name}": pruned}
-        part = [{"section": "latency", "model": label, "params": params(model)}
-                for label, model in models.items()]
-        add_latency(part, models, {f"b{b}": example_inputs(spec_of(base), b) for b in batches}, args)
-        rows += part
+        variants = [{f"{name} (unpruned)": base, f"{name}: {path.name}": pruned}]
+        if name != "minilm":  # CPU deployment of a CNN: TorchScript, frozen (BN folded, weights prepacked)
+            example = example_inputs(spec_of(base), 1)
+            variants.append({f"{label}, TorchScript frozen": Frozen(model, example)
+                             for label, model in variants[0].items()})
+        for models in variants:  # each speedup against the unpruned model run the same way
+            part = [{"section": "latency", "model": label, "params": params(eager)}  # frozen: constants
+                    for label, eager in zip(models, variants[0].values(), strict=True)]
+            add_latency(part, models, {f"b{b}": example_inputs(spec_of(base), b) for b in batches}, args)
+            rows += part
     return rows
 
 
