@@ -21,9 +21,96 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from distill_lowrank import SECTIONS, run_sections, section
+from distill_lowrank import SECTIONS, SentenceData, distil_embeddings, run_sections, section
+from structured import add_latency, params
+
+SECTIONS.clear()  # this file's sections only (the modules imported above registered theirs)
 
 # --------------------------------------------------------------------------- minilm
+@section("minilm")
+def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """all-MiniLM-L6-v2 -> 1/3 of the heads and half of every FFN removed -> MSE distillation to
+    the fp32 sentence embeddings -> int8 dynamic on onnxruntime -> saved with the program zstd-coded.
+
+    One row per stage, each measured on the .slim file it saved, loaded back: bytes on disk and
+    their ratio to fp32, UCI probe accuracy (5-fold over all 3000 sentences) and its drop in points,
+    cosine to fp32 on the 500 sentences distillation never sees, latency at batch 32 and 1 (seq 128)
+    timed interleaved with fp32 eager. The learning rate is chosen among `--minilm-lr` by that
+    held-out cosine, never by the probe. The last row says which of the issue's goals it meets.
+    """
+    import copy
+    import time
+
+    from torch import nn
+
+    import torchslim as ts
+    from torchslim.measure import probe_accuracy
+    from torchslim.models import create_model, example_inputs, spec_of
+    from torchslim.models.minilm import embed_texts
+    from torchslim.pruning import ChannelPruning
+    from torchslim.quantization import Quantization, quantize_model
+
+    out = Path(args.out) / "minilm"
+    data = SentenceData(args.minilm_seq_train)
+    teacher = create_model("minilm").eval()
+    teacher_val = embed_texts(teacher, data.val_texts)
+
+    def heldout_cosine(model: nn.Module) -> float:
+        return float(nn.functional.cosine_similarity(embed_texts(model, data.val_texts), teacher_val).mean())
+
+    models: dict[str, nn.Module] = {}
+    rows: list[dict[str, Any]] = []
+
+    def stage(name: str, model: nn.Module, file: str, *, encoding: ts.Encoding | None = None,
+              **extra: Any) -> None:
+        path = ts.save(model, out / file, encoding=encoding)
+        saved = models[name] = ts.load(path)
+        size, probe = path.stat().st_size, probe_accuracy(embed_texts(saved, data.texts), data.labels)
+        base = rows[0] if rows else {"bytes": size, "probe_accuracy": probe}
+        rows.append({"section": "minilm", "model": name, "file": path.name,
+                     "params": getattr(saved, "weight_count", 0) or params(saved),
+                     "bytes": size, "size_ratio": round(base["bytes"] / size, 2),
+                     "probe_accuracy": round(probe, 4),
+                     "probe_drop_pt": round(100 * (base["probe_accuracy"] - probe), 2),
+                     "cosine_to_fp32_heldout": round(heldout_cosine(saved), 4), **extra})
+        print(json.dumps(rows[-1]), flush=True)  # again with its latency at the end
+
+    stage("minilm (fp32 eager)", teacher, "minilm-fp32.slim")
+    pruned = copy.deepcopy(teacher)
+    ts.apply_(pruned, ChannelPruning(ratio=0.0, per_layer={"*.attention.self": 1 / 3,
+                                                           "*.intermediate.dense": 0.5}),
+              example_inputs=example_inputs(spec_of(pruned), 2))
+    layer = pruned.bert.encoder.layer[0]
+    shape = f"{layer.attention.self.num_attention_heads} heads, FFN {layer.intermediate.dense.out_features}"
+    trained: dict[float, tuple[float, nn.Module, float]] = {}
+    for lr in args.minilm_lr:  # held-out cosine picks the learning rate
+        student = copy.deepcopy(pruned)
+        minutes = distil_embeddings(student, teacher, data, epochs=args.minilm_epochs, lr=lr)
+        trained[lr] = (heldout_cosine(student), student, minutes)
+    lr = max(trained, key=lambda key: trained[key][0])
+    _, student, minutes = trained[lr]
+    stage(f"pruned ({shape}) + distilled {args.minilm_epochs} ep, lr {lr:g}", student,
+          "minilm-pruned-distilled.slim", train_minutes=minutes,
+          heldout_cosine_by_lr={f"{key:g}": round(value[0], 4) for key, value in trained.items()})
+    start = time.perf_counter()
+    int8 = quantize_model(student, Quantization(method="dynamic"),
+                          example_inputs=example_inputs(spec_of(student), 2))
+    convert_s = round(time.perf_counter() - start, 1)
+    stage("+ int8 dynamic (onnxruntime)", int8, "minilm-pruned-int8.slim", convert_s=convert_s,
+          int8_ops=int8.report["int8_ops"], float_ops=len(int8.report["float_ops"]))
+    stage("+ int8, saved encoded (zstd program)", int8, "minilm-pruned-int8-encoded.slim",
+          encoding=ts.Encoding())
+    spec = spec_of(teacher)
+    add_latency(rows, models, {"b1": example_inputs(spec, 1), "b32": example_inputs(spec, 32)},
+                argparse.Namespace(rounds=args.minilm_rounds, repeats=args.minilm_repeats))
+    final = rows[-1]
+    goals = {"speedup_b32_at_least_4x": final["speedup_b32"] >= 4,
+             "size_ratio_at_least_6x": final["size_ratio"] >= 6,
+             "probe_drop_at_most_1.5pt": final["probe_drop_pt"] <= 1.5}
+    final.update(goals)
+    print(json.dumps({"section": "minilm", "goals": goals}), flush=True)
+    return rows
+
 
 # --------------------------------------------------------------------------- auto-lenet5
 @section("auto-lenet5")
@@ -142,14 +229,23 @@ def main() -> None:
                         help="trained LeNet-5 artifact (trained here if missing)")
     parser.add_argument("--auto-target", default="size=50")
     parser.add_argument("--auto-max-drop", type=float, default=0.2, help="points")
-    parser.add_argument("--auto-trials", type=int, default=4)
+    parser.add_argument("--auto-trials", type=int, default=2)
     parser.add_argument("--auto-epochs", type=int, default=2, help="training epochs per trial")
-    parser.add_argument("--auto-final-epochs", type=int, default=10)
+    parser.add_argument("--auto-final-epochs", type=int, default=None,
+                        help="epochs for the chosen policy's final run (default: keep the trial)")
     parser.add_argument("--auto-workers", type=int, default=None, help="Ray workers for the trials")
     parser.add_argument("--ray-model", default="runs/bench-foundation/lenet5/model.slim",
                         help="ray-scan: trained LeNet-5 artifact (trained here if missing)")
     parser.add_argument("--ray-cpus", type=int, default=2, help="ray-scan: CPUs of the local Ray")
     parser.add_argument("--ray-repeats", type=int, default=3, help="ray-scan: timed rounds")
+    # 10 epochs at 3e-4, chosen by held-out cosine: 0.884 after 10 epochs (0.875 after 5, the last
+    # 3 epochs adding 0.003), against 0.873 for 1e-3 after 7 of 10 and 0.819 for 3 epochs at 1e-4.
+    parser.add_argument("--minilm-epochs", type=int, default=10, help="minilm: distillation epochs")
+    parser.add_argument("--minilm-lr", type=float, nargs="+", default=[3e-4],
+                        help="minilm: learning rates tried; held-out cosine picks one")
+    parser.add_argument("--minilm-seq-train", type=int, default=48, help="minilm: token cap when distilling")
+    parser.add_argument("--minilm-rounds", type=int, default=9, help="minilm: interleaved latency rounds")
+    parser.add_argument("--minilm-repeats", type=int, default=5, help="minilm: timed runs per round")
     run_sections(parser.parse_args())
 
 

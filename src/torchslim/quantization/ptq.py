@@ -116,11 +116,17 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
 
 
 def _transformer_shape(model: nn.Module) -> tuple[int, int] | None:
-    """(heads, hidden) when the model holds a Hugging Face BERT encoder, else None."""
+    """(heads, attention width) when the model holds a Hugging Face BERT encoder, else None.
+
+    Read from the attention layers, not the config: structured pruning removes heads and leaves
+    the config as it was. Layers pruned to different widths: None (no fused attention).
+    """
     for module in model.modules():
         config: Any = getattr(module, "config", None)
         if getattr(config, "model_type", None) == "bert":
-            return int(config.num_attention_heads), int(config.hidden_size)
+            attention: list[Any] = [m for m in module.modules() if hasattr(m, "attention_head_size")]
+            shapes = {(int(m.num_attention_heads), int(m.all_head_size)) for m in attention}
+            return shapes.pop() if len(shapes) == 1 else None
     return None
 
 
