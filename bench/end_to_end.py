@@ -29,8 +29,9 @@ SECTIONS.clear()  # this file's sections only (the modules imported above regist
 # --------------------------------------------------------------------------- minilm
 @section("minilm")
 def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """all-MiniLM-L6-v2 -> 1/3 of the heads and half of every FFN removed -> MSE distillation to
-    the fp32 sentence embeddings -> int8 dynamic on onnxruntime -> saved with the program zstd-coded.
+    """all-MiniLM-L6-v2 -> 1/3 of the heads and half of every FFN removed (`--minilm-head-sparsity`,
+    `--minilm-ffn-sparsity`) -> MSE distillation to the fp32 sentence embeddings -> int8 dynamic on
+    onnxruntime -> saved with the program zstd-coded.
 
     One row per stage, each measured on the .slim file it saved, loaded back: bytes on disk and
     their ratio to fp32, UCI probe accuracy (5-fold over all 3000 sentences) and its drop in points,
@@ -77,8 +78,8 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     stage("minilm (fp32 eager)", teacher, "minilm-fp32.slim")
     pruned = copy.deepcopy(teacher)
-    ts.apply_(pruned, ChannelPruning(ratio=0.0, per_layer={"*.attention.self": 1 / 3,
-                                                           "*.intermediate.dense": 0.5}),
+    ts.apply_(pruned, ChannelPruning(ratio=0.0, per_layer={"*.attention.self": args.minilm_head_sparsity,
+                                                           "*.intermediate.dense": args.minilm_ffn_sparsity}),
               example_inputs=example_inputs(spec_of(pruned), 2))
     layer = pruned.bert.encoder.layer[0]
     shape = f"{layer.attention.self.num_attention_heads} heads, FFN {layer.intermediate.dense.out_features}"
@@ -244,6 +245,10 @@ def main() -> None:
     parser.add_argument("--minilm-lr", type=float, nargs="+", default=[3e-4],
                         help="minilm: learning rates tried; held-out cosine picks one")
     parser.add_argument("--minilm-seq-train", type=int, default=48, help="minilm: token cap when distilling")
+    parser.add_argument("--minilm-head-sparsity", type=float, default=1 / 3,
+                        help="minilm: fraction of every layer's attention heads removed")
+    parser.add_argument("--minilm-ffn-sparsity", type=float, default=0.5,
+                        help="minilm: fraction of every FFN's neurons removed")
     parser.add_argument("--minilm-rounds", type=int, default=9, help="minilm: interleaved latency rounds")
     parser.add_argument("--minilm-repeats", type=int, default=5, help="minilm: timed runs per round")
     run_sections(parser.parse_args())
