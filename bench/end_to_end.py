@@ -29,8 +29,8 @@ SECTIONS.clear()  # this file's sections only (the modules imported above regist
 # --------------------------------------------------------------------------- minilm
 @section("minilm")
 def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """all-MiniLM-L6-v2 -> 1/3 of the heads and half of every FFN removed (`--minilm-head-sparsity`,
-    `--minilm-ffn-sparsity`) -> MSE distillation to the fp32 sentence embeddings -> int8 dynamic on
+    """all-MiniLM-L6-v2 -> half of the heads and 3/4 of every FFN's neurons removed
+    (`--minilm-head-sparsity`, `--minilm-ffn-sparsity`) -> MSE distillation to the fp32 sentence embeddings -> int8 dynamic on
     onnxruntime -> saved with the program zstd-coded.
 
     One row per stage, each measured on the .slim file it saved, loaded back: bytes on disk and
@@ -245,9 +245,12 @@ def main() -> None:
     parser.add_argument("--minilm-lr", type=float, nargs="+", default=[3e-4],
                         help="minilm: learning rates tried; held-out cosine picks one")
     parser.add_argument("--minilm-seq-train", type=int, default=48, help="minilm: token cap when distilling")
-    parser.add_argument("--minilm-head-sparsity", type=float, default=1 / 3,
+    # The structured-pruning issue's cut (1/3 of the heads, half of each FFN) gives 3.3x at batch 32
+    # after int8, short of this goal's 4x; of the two cuts timed, half of the heads and 3/4 of each
+    # FFN is the one that reaches it (5.2x). Chosen on latency, the goal it serves, not on the probe.
+    parser.add_argument("--minilm-head-sparsity", type=float, default=0.5,
                         help="minilm: fraction of every layer's attention heads removed")
-    parser.add_argument("--minilm-ffn-sparsity", type=float, default=0.5,
+    parser.add_argument("--minilm-ffn-sparsity", type=float, default=0.75,
                         help="minilm: fraction of every FFN's neurons removed")
     parser.add_argument("--minilm-rounds", type=int, default=9, help="minilm: interleaved latency rounds")
     parser.add_argument("--minilm-repeats", type=int, default=5, help="minilm: timed runs per round")

@@ -12,7 +12,8 @@ Sections (run all, or pick with `--only`):
   differ, the photos do not).
 - `minilm`: all-MiniLM-L6-v2 without 50% of every FFN's neurons and 1/3 of the attention heads,
   then a short MSE-to-teacher-embedding distillation on the UCI sentences; UCI probe accuracy,
-  held-out cosine, latency at batch 32 / seq 128 and batch 1.
+  held-out cosine, latency at batch 32 / seq 128 and batch 1; the same with Torch-Pruning
+  (whole heads, group L2) and the same distillation budget.
 
 Latency: every model of a section is timed in the same process, interleaved over `--rounds`
 rounds, 2 threads; a speedup is the median over rounds of the baseline's time / the model's time
@@ -118,6 +119,33 @@ def torch_pruning_prune(model: nn.Module, example: torch.Tensor, ratio: float,
                                   pruning_ratio=ratio, ignored_layers=ignored,
                                   global_pruning=global_pruning, round_to=round_to)
     pruner.step()
+    return model
+
+
+def torch_pruning_minilm(model: nn.Module, example: torch.Tensor, *, heads: float,
+                         ffn: float) -> nn.Module:
+    """Torch-Pruning on the MiniLM encoder: whole heads (q/k/v together) and FFN neurons.
+
+    Group L2 magnitude, as for the CNNs. The hidden size stays (the layers writing the residual
+    stream are ignored), as in torchslim's run; HF attention keeps its head count in attributes
+    Torch-Pruning does not know, so they are set from the pruned layers afterwards.
+    """
+    import torch_pruning as tp
+    from transformers.models.bert.modeling_bert import BertSelfAttention
+
+    attentions = [m for m in model.modules() if isinstance(m, BertSelfAttention)]
+    num_heads = {linear: a.num_attention_heads for a in attentions for linear in (a.query, a.key, a.value)}
+    layers = model.bert.encoder.layer
+    ignored = [layer.attention.output.dense for layer in layers] + [layer.output.dense for layer in layers]
+    if model.bert.pooler is not None:
+        ignored.append(model.bert.pooler.dense)
+    pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ffn, ignored_layers=ignored, num_heads=num_heads,
+                                  prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=heads)
+    pruner.step()
+    for attention in attentions:
+        attention.num_attention_heads = pruner.num_heads[attention.query]
+        attention.all_head_size = attention.query.out_features
     return model
 
 
@@ -329,6 +357,15 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     minutes = distil_embeddings(student, teacher, data, epochs=args.minilm_epochs, lr=args.minilm_lr)
     row(f"torchslim, {shape}, distilled {args.minilm_epochs} ep", student, train_minutes=minutes)
     ts.save(student, Path(args.out) / "minilm-structured.slim")
+    if has_torch_pruning():  # same heads / FFN ratios, same distillation budget
+        rival = torch_pruning_minilm(copy.deepcopy(teacher), example_inputs(spec_of(teacher), 2),
+                                     heads=1 / 3, ffn=0.5)
+        layer = rival.bert.encoder.layer[0]
+        shape = (f"{layer.attention.self.num_attention_heads} heads, "
+                 f"FFN {layer.intermediate.dense.out_features}")
+        row(f"Torch-Pruning, {shape}, no fine-tune", rival)
+        minutes = distil_embeddings(rival, teacher, data, epochs=args.minilm_epochs, lr=args.minilm_lr)
+        row(f"Torch-Pruning, {shape}, distilled {args.minilm_epochs} ep", rival, train_minutes=minutes)
     add_latency(rows, models, {"b1": example_inputs(spec_of(teacher), 1),
                                "b32": example_inputs(spec_of(teacher), 32)}, args)
     return rows
