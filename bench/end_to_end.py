@@ -30,8 +30,8 @@ SECTIONS.clear()  # this file's sections only (the modules imported above regist
 @section("minilm")
 def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     """all-MiniLM-L6-v2 -> half of the heads and 3/4 of every FFN's neurons removed
-    (`--minilm-head-sparsity`, `--minilm-ffn-sparsity`) -> MSE distillation to the fp32 sentence embeddings -> int8 dynamic on
-    onnxruntime -> saved with the program zstd-coded.
+    (`--minilm-head-sparsity`, `--minilm-ffn-sparsity`) -> MSE distillation to the fp32 sentence
+    embeddings -> int8 dynamic on onnxruntime -> saved with the program zstd-coded.
 
     One row per stage, each measured on the .slim file it saved, loaded back: bytes on disk and
     their ratio to fp32, UCI probe accuracy (5-fold over all 3000 sentences) and its drop in points,

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from torchslim.auto import SizeModel, Target, auto_compress, greedy_path, pareto_front
-from torchslim.auto.search import choose
+from torchslim.auto.search import choose, latency_plan
 from torchslim.cli import main
 from torchslim.errors import ConfigError
 
@@ -53,6 +53,19 @@ def test_front_and_choice_use_ratio_and_validation_only() -> None:
     assert choose(results, Target("size", 70), max_drop=0.002) == (3, False)
 
 
+def test_latency_plan_lowers_the_int8_cuts_by_the_measured_int8_speedup() -> None:
+    plan = latency_plan(2.0, 4, int8_speedup=2.0)
+    int8 = [cut for is_int8, cut in plan if is_int8]
+    fp32 = [cut for is_int8, cut in plan if not is_int8]
+    assert len(int8) == len(fp32) == 2
+    assert min(fp32) >= 2.0 * 1.25 * 0.9  # fp32 cuts aim past the target by themselves
+    assert sorted(int8) == sorted(round(max(1.0, c / 2.0), 3) for c in fp32)
+    assert latency_plan(2.0, 1, int8_speedup=3.0) == [(True, 1.0)]  # int8 alone is enough: no pruning
+    assert all(not is_int8 for is_int8, _ in latency_plan(2.0, 3, int8_speedup=1.0))  # int8 no faster
+    assert len(latency_plan(2.0, 3, int8_speedup=1.0)) == 3
+    assert latency_plan(1.5, 4, int8_speedup=10.0) == [(True, 1.0), (False, 1.931), (False, 2.438)]
+
+
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("auto")
@@ -93,6 +106,24 @@ def test_auto_cli_macs_target_prunes_channels(digits_model: Path, tmp_path: Path
     assert final["ratios"]["macs"] >= 2
     assert code == (0 if final["meets_max_drop"] else 1)
     assert "chosen: trial 0 of 1" in capsys.readouterr().out
+
+
+def test_auto_latency_search_measures_int8_and_times_every_trial(digits_model: Path,
+                                                                  tmp_path: Path) -> None:
+    report = auto_compress(str(digits_model), target=Target("latency", 1.5), max_drop=0.05,
+                           out=tmp_path / "latency", trials=2, epochs=1, progress=False)
+    speedup = report["search"]["int8_speedup"]
+    assert speedup > 0 and "int8_error" not in report["search"]  # LeNet-300 quantizes
+    int8_trials = [r for r in report["trials"] if r["predicted"]["int8"]]
+    assert len(int8_trials) == (1 if speedup >= 1.05 else 0)
+    for r in report["trials"]:
+        assert r["ratios"]["latency"] > 0 and 0 < r["val_accuracy"] <= 1
+        rows = json.loads((Path(r["out"]) / "report.json").read_text())["rows"]
+        assert rows[-1]["name"].endswith("quantize") == r["predicted"]["int8"]
+    recipe = yaml.safe_load((tmp_path / "latency" / "recipe.yaml").read_text())
+    chosen = report["trials"][report["chosen"]]
+    assert (recipe["stages"][-1] == {"quantize": {"method": "static"}}) == chosen["predicted"]["int8"]
+    assert (tmp_path / "latency" / "model.slim").is_file()
 
 
 def test_auto_rejects_a_bad_target_before_any_work(digits_model: Path, tmp_path: Path, capsys) -> None:
