@@ -4,6 +4,8 @@ Sections (run all, or pick with `--only`):
 - `minilm`: all-MiniLM-L6-v2 through structured pruning + distillation + int8; latency at batch 32 /
   seq 128 against fp32 eager, bytes on disk, UCI probe accuracy.
 - `auto-lenet5`: `torchslim auto` on LeNet-5 with `--target size=50 --max-drop 0.2`.
+- `auto-latency`: `torchslim auto` on the small ResNet (Fashion-MNIST) with `--target latency=2
+  --max-drop 0.5`: int8 and structured-pruning candidates, latency measured per trial.
 - `ray-scan`: the sensitivity scan with 1 and 2 Ray workers (wall-clock speedup).
 
 Every ratio compares against a baseline measured in the same run (medians); model choices use
@@ -114,6 +116,44 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- auto-lenet5
+def auto_rows(report: dict[str, Any], name: str, epochs: int) -> list[dict[str, Any]]:
+    """One row per trial and one for the chosen policy's final run, on the report's target."""
+    kind = report["target"]["kind"]
+    rows = []
+    for index, trial in enumerate(report["trials"]):
+        rows.append({"section": name, "model": f"trial {index}, {epochs} ep", "predicted": trial["predicted"],
+                     f"{kind}_ratio": round(trial["ratios"][kind], 2), "bytes": trial["bytes"],
+                     "val_drop_pt": round(100 * (trial["baseline_val_accuracy"] - trial["val_accuracy"]), 2),
+                     "on_front": index in report["front"], "chosen": index == report["chosen"],
+                     "seconds": round(trial["seconds"])})
+    final = report["final"]
+    rows.append({"section": name, "model": f"chosen policy, {report['final_epochs']} ep",
+                 f"{kind}_ratio": round(final["ratios"][kind], 2), "bytes": final["bytes"],
+                 "val_drop_pt": round(final["val_drop_points"], 2),
+                 "test_accuracy": final["test_accuracy"], "test_drop_pt": round(final["test_drop_points"], 2),
+                 "baseline_test_accuracy": final["baseline_test_accuracy"],
+                 "meets_target": final["meets_target"], "meets_max_drop_val": final["meets_max_drop"],
+                 "search_seconds": round(report["total_seconds"]), **report["search"]})
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+@section("auto-latency")
+def auto_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`torchslim auto --target latency=R` on the small ResNet (Fashion-MNIST): int8 and pruning."""
+    from torchslim.auto import Target, auto_compress
+
+    source = Path(args.auto_latency_model)
+    if not source.is_file():
+        raise SystemExit(f"{source} is missing: run bench/foundation.py first (it trains the small ResNet)")
+    report = auto_compress(str(source), target=Target.parse(args.auto_latency_target),
+                           max_drop=args.auto_latency_max_drop / 100, out=Path(args.out) / "auto-latency",
+                           trials=args.auto_trials, epochs=args.auto_latency_epochs,
+                           final_epochs=args.auto_latency_final_epochs, progress=False)
+    return auto_rows(report, "auto-latency", args.auto_latency_epochs)
+
+
 @section("auto-lenet5")
 def auto_lenet5(args: argparse.Namespace) -> list[dict[str, Any]]:
     """`torchslim auto` on the trained LeNet-5: every trial, then the chosen policy's final run."""
@@ -129,25 +169,7 @@ def auto_lenet5(args: argparse.Namespace) -> list[dict[str, Any]]:
                            out=Path(args.out) / "auto-lenet5", trials=args.auto_trials,
                            epochs=args.auto_epochs, final_epochs=args.auto_final_epochs,
                            workers=args.auto_workers, progress=False)
-    rows = []
-    for index, trial in enumerate(report["trials"]):
-        rows.append({"section": "auto-lenet5", "model": f"trial {index}, {args.auto_epochs} ep",
-                     "predicted_ratio": trial["predicted"].get("size"),
-                     "size_ratio": round(trial["ratios"]["size"], 2), "bytes": trial["bytes"],
-                     "val_drop_pt": round(100 * (trial["baseline_val_accuracy"] - trial["val_accuracy"]), 2),
-                     "on_front": index in report["front"], "chosen": index == report["chosen"],
-                     "seconds": round(trial["seconds"])})
-    final = report["final"]
-    rows.append({"section": "auto-lenet5", "model": f"chosen policy, {report['final_epochs']} ep",
-                 "size_ratio": round(final["ratios"]["size"], 2), "bytes": final["bytes"],
-                 "val_drop_pt": round(final["val_drop_points"], 2),
-                 "test_accuracy": final["test_accuracy"], "test_drop_pt": round(final["test_drop_points"], 2),
-                 "baseline_test_accuracy": final["baseline_test_accuracy"],
-                 "meets_target": final["meets_target"], "meets_max_drop_val": final["meets_max_drop"],
-                 "search_seconds": round(report["total_seconds"])})
-    for row in rows:
-        print(json.dumps(row), flush=True)
-    return rows
+    return auto_rows(report, "auto-lenet5", args.auto_epochs)
 
 
 
@@ -234,6 +256,11 @@ def main() -> None:
     parser.add_argument("--auto-epochs", type=int, default=2, help="training epochs per trial")
     parser.add_argument("--auto-final-epochs", type=int, default=None,
                         help="epochs for the chosen policy's final run (default: keep the trial)")
+    parser.add_argument("--auto-latency-model", default="runs/bench-foundation/resnet-small/model.slim")
+    parser.add_argument("--auto-latency-target", default="latency=2")
+    parser.add_argument("--auto-latency-max-drop", type=float, default=0.5, help="points")
+    parser.add_argument("--auto-latency-epochs", type=int, default=1, help="training epochs per trial")
+    parser.add_argument("--auto-latency-final-epochs", type=int, default=3)
     parser.add_argument("--auto-workers", type=int, default=None, help="Ray workers for the trials")
     parser.add_argument("--ray-model", default="runs/bench-foundation/lenet5/model.slim",
                         help="ray-scan: trained LeNet-5 artifact (trained here if missing)")
