@@ -124,6 +124,8 @@ def test_auto_latency_search_measures_int8_and_times_every_trial(digits_model: P
     chosen = report["trials"][report["chosen"]]
     assert (recipe["stages"][-1] == {"quantize": {"method": "static"}}) == chosen["predicted"]["int8"]
     assert (tmp_path / "latency" / "model.slim").is_file()
+    text = (tmp_path / "latency" / "auto.md").read_text()
+    assert f"{speedup:g}x faster than fp32" in text and "Final run (1 epochs)" not in text
 
 
 def test_auto_rejects_a_bad_target_before_any_work(digits_model: Path, tmp_path: Path, capsys) -> None:

@@ -373,7 +373,10 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {i} | {r['predicted']} | {r['ratios'][kind]:.2f} | {100 * r['val_accuracy']:.2f}% "
                      f"| {drop:.2f} | {mark} |")
     final = report["final"]
-    lines += ["", f"Final run ({report['final_epochs']} epochs): {kind} {final['ratios'][kind]:.2f}x, "
+    reused = final["out"] == report["trials"][report["chosen"]]["out"]
+    heading = ("Final: the chosen trial itself (--final-epochs leaves its recipe unchanged)" if reused
+               else f"Final run ({report['final_epochs']} epochs)")
+    lines += ["", f"{heading}: {kind} {final['ratios'][kind]:.2f}x, "
               f"validation drop {final['val_drop_points']:.2f} pt, test "
               f"{100 * final['baseline_test_accuracy']:.2f}% -> {100 * final['test_accuracy']:.2f}% "
               f"({final['test_drop_points']:.2f} pt). Meets target: {final['meets_target']}; "
