@@ -43,6 +43,17 @@ def section(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return register
 
 
+def trained_artifact(path: str | Path, model_name: str, dataset: str) -> Path:
+    """`path`, after training `model_name` on `dataset` into its folder if it is not there yet."""
+    from torchslim.workflows import train_config_for, train_model
+
+    path = Path(path)
+    if not path.is_file():
+        train_model(model_name, dataset=dataset, out=path.parent, config=train_config_for(model_name),
+                    progress=False)
+    return path
+
+
 def mlp(hidden: tuple[int, ...], *, dropout: float = 0.0, input_dropout: float = 0.0) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten(), nn.Dropout(input_dropout)]
     width = 784
@@ -279,12 +290,8 @@ def resnet_decompose(args: argparse.Namespace) -> list[dict[str, Any]]:
     import torchslim as ts
     from torchslim.lowrank import ConvDecomposition
     from torchslim.measure import count_flops, measure_latency
-    from torchslim.workflows import train_config_for, train_model
 
-    source = Path(args.resnet)
-    if not source.is_file():
-        train_model("resnet-small", dataset="fashion-mnist", out=source.parent,
-                    config=train_config_for("resnet-small"), progress=False)
+    source = trained_artifact(args.resnet, "resnet-small", "fashion-mnist")
     data = load_dataset("fashion-mnist", seed=0)
     teacher = ts.load(source)
     x1, x64 = torch.randn(1, 1, 28, 28), torch.randn(64, 1, 28, 28)

@@ -23,8 +23,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from distill_lowrank import SECTIONS, SentenceData, distil_embeddings, run_sections, section
-from structured import add_latency, params
+from distill_lowrank import SECTIONS, SentenceData, distil_embeddings, run_sections, section, trained_artifact
+from structured import add_latency, head_ffn_shape, params
 
 SECTIONS.clear()  # this file's sections only (the modules imported above registered theirs)
 
@@ -83,8 +83,7 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     ts.apply_(pruned, ChannelPruning(ratio=0.0, per_layer={"*.attention.self": args.minilm_head_sparsity,
                                                            "*.intermediate.dense": args.minilm_ffn_sparsity}),
               example_inputs=example_inputs(spec_of(pruned), 2))
-    layer = pruned.bert.encoder.layer[0]
-    shape = f"{layer.attention.self.num_attention_heads} heads, FFN {layer.intermediate.dense.out_features}"
+    shape = head_ffn_shape(pruned)
     trained: dict[float, tuple[float, nn.Module, float]] = {}
     for lr in args.minilm_lr:  # held-out cosine picks the learning rate
         student = copy.deepcopy(pruned)
@@ -158,12 +157,8 @@ def auto_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 def auto_lenet5(args: argparse.Namespace) -> list[dict[str, Any]]:
     """`torchslim auto` on the trained LeNet-5: every trial, then the chosen policy's final run."""
     from torchslim.auto import Target, auto_compress
-    from torchslim.workflows import train_config_for, train_model
 
-    source = Path(args.lenet5)
-    if not source.is_file():
-        train_model("lenet5", dataset="mnist", out=source.parent, config=train_config_for("lenet5"),
-                    progress=False)
+    source = trained_artifact(args.lenet5, "lenet5", "mnist")
     target = Target.parse(args.auto_target)
     report = auto_compress(str(source), target=target, max_drop=args.auto_max_drop / 100,
                            out=Path(args.out) / "auto-lenet5", trials=args.auto_trials,
@@ -192,12 +187,8 @@ def ray_scan(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     import torchslim as ts
     from torchslim.data import TensorLoader, load_dataset
-    from torchslim.workflows import train_config_for, train_model
 
-    source = Path(args.ray_model)
-    if not source.is_file():
-        train_model("lenet5", dataset="mnist", out=source.parent, config=train_config_for("lenet5"),
-                    progress=False)
+    source = trained_artifact(args.ray_model, "lenet5", "mnist")
     model = ts.load(source).eval()
     val = TensorLoader(load_dataset("mnist").val, batch_size=1000)
     tick = time.perf_counter()

@@ -39,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from distill_lowrank import SECTIONS, SentenceData, distil_embeddings, run_sections, section
+from distill_lowrank import SECTIONS, SentenceData, distil_embeddings, run_sections, section, trained_artifact
 from quantization import photo_crops
 
 import torchslim as ts
@@ -103,6 +103,12 @@ class Frozen(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.program(x)
+
+
+def head_ffn_shape(model: nn.Module) -> str:
+    """'8 heads, FFN 768': a MiniLM's first-layer width after pruning (every layer is pruned alike)."""
+    layer = model.bert.encoder.layer[0]
+    return f"{layer.attention.self.num_attention_heads} heads, FFN {layer.intermediate.dense.out_features}"
 
 
 def has_torch_pruning() -> bool:
@@ -169,12 +175,7 @@ def torch_pruning_for_macs(model: nn.Module, example: torch.Tensor, goal: float,
 # ----------------------------------------------------------------------------- ResNet
 @section("resnet")
 def resnet(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from torchslim.workflows import train_config_for, train_model
-
-    source = Path(args.resnet)
-    if not source.is_file():
-        train_model("resnet-small", dataset="fashion-mnist", out=source.parent,
-                    config=train_config_for("resnet-small"), progress=False)
+    source = trained_artifact(args.resnet, "resnet-small", "fashion-mnist")
     data = load_dataset("fashion-mnist", seed=0)
     teacher = ts.load(source).eval()
     x1, x64 = torch.randn(1, 1, 28, 28), torch.randn(64, 1, 28, 28)
@@ -349,9 +350,7 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     student = copy.deepcopy(teacher)
     config = ChannelPruning(ratio=0.0, per_layer={"*.attention.self": 1 / 3, "*.intermediate.dense": 0.5})
     result = ts.apply_(student, config, example_inputs=example_inputs(spec_of(student), 2))
-    layer = student.bert.encoder.layer[0]
-    shape = (f"{layer.attention.self.num_attention_heads} heads, "
-             f"FFN {layer.intermediate.dense.out_features}")
+    shape = head_ffn_shape(student)
     row(f"torchslim, {shape}, no fine-tune", student, mmacs_ratio=round(
         result["macs_before"] / result["macs_after"], 2))
     minutes = distil_embeddings(student, teacher, data, epochs=args.minilm_epochs, lr=args.minilm_lr)
@@ -360,9 +359,7 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
     if has_torch_pruning():  # same heads / FFN ratios, same distillation budget
         rival = torch_pruning_minilm(copy.deepcopy(teacher), example_inputs(spec_of(teacher), 2),
                                      heads=1 / 3, ffn=0.5)
-        layer = rival.bert.encoder.layer[0]
-        shape = (f"{layer.attention.self.num_attention_heads} heads, "
-                 f"FFN {layer.intermediate.dense.out_features}")
+        shape = head_ffn_shape(rival)
         row(f"Torch-Pruning, {shape}, no fine-tune", rival)
         minutes = distil_embeddings(rival, teacher, data, epochs=args.minilm_epochs, lr=args.minilm_lr)
         row(f"Torch-Pruning, {shape}, distilled {args.minilm_epochs} ep", rival, train_minutes=minutes)

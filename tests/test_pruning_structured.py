@@ -14,6 +14,7 @@ from torchslim.api import apply_
 from torchslim.errors import ConfigError, GraphError
 from torchslim.models import create_model, example_inputs, spec_of
 from torchslim.pruning import ChannelPruning
+from torchslim.quantization.ptq import _transformer_shape
 from torchslim.select import Select
 from torchslim.structure import edits_of
 from torchslim.testing import (
@@ -201,8 +202,6 @@ def test_tiny_bert_loses_heads_and_ffn_neurons():
     assert layer.attention.self.num_attention_heads == 3 and layer.attention.output.dense.in_features == 12
     assert layer.intermediate.dense.out_features == 16 and layer.output.dense.in_features == 16
     assert model(ids).shape == (2, 16)
-    from torchslim.quantization.ptq import _transformer_shape
-
     # int8 attention fusion must see the pruned heads (3 x 4 wide), not the config's 4 x 16
     assert _transformer_shape(model) == (3, 12)
 
