@@ -143,9 +143,7 @@ def auto_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     """`torchslim auto --target latency=R` on the small ResNet (Fashion-MNIST): int8 and pruning."""
     from torchslim.auto import Target, auto_compress
 
-    source = Path(args.auto_latency_model)
-    if not source.is_file():
-        raise SystemExit(f"{source} is missing: run bench/foundation.py first (it trains the small ResNet)")
+    source = trained_artifact(args.auto_latency_model, "resnet-small", "fashion-mnist")
     report = auto_compress(str(source), target=Target.parse(args.auto_latency_target),
                            max_drop=args.auto_latency_max_drop / 100, out=Path(args.out) / "auto-latency",
                            trials=args.auto_trials, epochs=args.auto_latency_epochs,
@@ -247,7 +245,8 @@ def main() -> None:
     parser.add_argument("--auto-epochs", type=int, default=2, help="training epochs per trial")
     parser.add_argument("--auto-final-epochs", type=int, default=None,
                         help="epochs for the chosen policy's final run (default: keep the trial)")
-    parser.add_argument("--auto-latency-model", default="runs/bench-foundation/resnet-small/model.slim")
+    parser.add_argument("--auto-latency-model", default="runs/bench-foundation/resnet-small/model.slim",
+                        help="auto-latency: trained resnet-small artifact (trained here if missing)")
     parser.add_argument("--auto-latency-target", default="latency=2")
     parser.add_argument("--auto-latency-max-drop", type=float, default=0.5, help="points")
     parser.add_argument("--auto-latency-epochs", type=int, default=1, help="training epochs per trial")
