@@ -38,6 +38,10 @@ def test_loader_visits_every_sample_once_in_a_seeded_epoch_order(digits) -> None
     loader.set_epoch(1)
     second = torch.cat([labels for _, labels in loader])
     assert torch.equal(first, again) and not torch.equal(first, second)
+    loader.set_epoch(0)
+    taken = loader.take(3)
+    assert len(taken) == 3 and torch.equal(torch.cat([labels for _, labels in taken]), first[:300])
+    assert len(loader.take(100)) == 14  # a short loader gives what it has
 
 
 def test_mnist_loads_from_its_package() -> None:

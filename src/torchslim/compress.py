@@ -164,7 +164,7 @@ class CompressionRun:
     def calibration(self, batches: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Training-split batches for data-driven criteria (never validation or test)."""
         loader = TensorLoader(self.data.train, batch_size=128, shuffle=True, seed=self.recipe.seed)
-        return [batch for _, batch in zip(range(batches), loader, strict=False)]
+        return loader.take(batches)
 
     # ----------------------------------------------------------------------- stages
     def _prune(self, model: nn.Module, stage: Stage, constraints: Constraints) -> dict[str, Any]:

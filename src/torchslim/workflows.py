@@ -188,8 +188,7 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
     if data is not None:
         check_dataset_fits(data, spec)  # before calibrating: a mismatch fails here, clearly
         loader = TensorLoader(data.train, batch_size=64, shuffle=True, seed=seed)
-        calibration = [inputs for _, (inputs, _) in zip(range(calibration_batches), loader,
-                                                        strict=False)]
+        calibration = [inputs for inputs, _ in loader.take(calibration_batches)]
     quantized = quantize_model(model, config, example_inputs=example_inputs(spec, 2),
                                calibration=calibration)
     out = Path(out)
@@ -230,7 +229,7 @@ def structured_prune_job(source: str, config: Any, *, out: str | Path, dataset: 
     if data is not None:
         check_dataset_fits(data, spec)
         loader = TensorLoader(data.train, batch_size=64, shuffle=True, seed=seed)
-        calibration = [batch for _, batch in zip(range(config.calibration_batches), loader, strict=False)]
+        calibration = loader.take(config.calibration_batches)
     before = measure_model(model, path=path, data=data, threads=threads)
     result = apply_(model, config, targets=targets, calibration=calibration,
                     example_inputs=example_inputs(spec, 2))

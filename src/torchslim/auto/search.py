@@ -193,7 +193,7 @@ def measure_int8_speedup(model: Any, data: Any) -> dict[str, Any]:
 
     spec = spec_of(model)
     loader = TensorLoader(data.train, batch_size=128, shuffle=True, seed=0)
-    calibration = [x for _, (x, _) in zip(range(8), loader, strict=False)]
+    calibration = [x for x, _ in loader.take(8)]
     try:
         int8 = quantize_model(model, Quantization(method=QuantMethod.STATIC),
                               example_inputs=example_inputs(spec, 2), calibration=calibration)

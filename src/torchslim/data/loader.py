@@ -6,6 +6,7 @@ Python call per sample, which keeps both cores on the model instead of on the lo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -133,6 +134,10 @@ class TensorLoader:
     def __len__(self) -> int:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def take(self, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The first `count` batches of the current epoch (e.g. calibration data), fewer if short."""
+        return list(itertools.islice(self, count))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.split)
