@@ -303,12 +303,17 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
         return student.eval()
 
     row("mobilenet-v2 (fp32)", model)
-    ours = copy.deepcopy(model)
-    result = ts.apply_(ours, ChannelPruning(ratio=0.3), example_inputs=x1)
-    row("torchslim, 30% channels per group", ours, groups=result["groups"])
-    row("torchslim, 30%, BN statistics re-estimated", recalibrate(ours))
-    if args.mobilenet_steps:
-        row(f"torchslim, 30%, distilled {args.mobilenet_steps} steps on photo crops", distil(ours))
+    for round_to in sorted({1, args.mobilenet_round_to}):
+        # round_to > 1: kept widths rounded *up* to a multiple (at most 30% removed per group), the
+        # widths a SIMD kernel runs without padding (onnxruntime's NCHWc blocks, oneDNN's).
+        name = "torchslim, 30%" + ("" if round_to == 1 else f" rounded up to {round_to}s")
+        ours = copy.deepcopy(model)
+        result = ts.apply_(ours, ChannelPruning(ratio=0.3, round_to=round_to), example_inputs=x1)
+        row(f"{name} channels per group" if round_to == 1 else name, ours, groups=result["groups"])
+        row(f"{name}, BN statistics re-estimated", recalibrate(ours))
+        if args.mobilenet_steps:
+            row(f"{name}, distilled {args.mobilenet_steps} steps on photo crops", distil(ours))
+        ts.save(ours, Path(args.out) / mobilenet_artifact(round_to))
     if has_torch_pruning():
         rival = copy.deepcopy(model)
         head = [m for m in rival.modules() if isinstance(m, nn.Linear)][-1]  # keeps its 1000 classes
@@ -317,9 +322,13 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
         row("Torch-Pruning, 30%, BN statistics re-estimated", recalibrate(rival))
         if args.mobilenet_steps:
             row(f"Torch-Pruning, 30%, distilled {args.mobilenet_steps} steps on photo crops", distil(rival))
-    ts.save(ours, Path(args.out) / "mobilenet-v2-structured.slim")
     add_latency(rows, models, {"b1": x1, "b32": evaluation[:32]}, args)
     return rows
+
+
+def mobilenet_artifact(round_to: int) -> str:
+    """The file name the `mobilenet` section saves its pruned model under (and `latency` reads)."""
+    return "mobilenet-v2-structured.slim" if round_to == 1 else f"mobilenet-v2-structured-r{round_to}.slim"
 
 
 # ------------------------------------------------------------------------------ MiniLM
@@ -370,27 +379,40 @@ def minilm(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 @section("latency")
 def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Re-time the artifacts earlier sections saved in `--out` against their unpruned models."""
+    """Re-time the artifacts earlier sections saved in `--out` against their unpruned models.
+
+    A CNN is timed three ways, each against the unpruned model run the same way: eager PyTorch,
+    frozen TorchScript (BN folded, weights prepacked: PyTorch's CPU deployment path) and
+    onnxruntime fp32 (the ONNX program of `export_onnx`; NCHWc kernels). onnxruntime's
+    sessions do not spin-wait here: several take turns on the same cores.
+    """
     from torchslim.models import create_model, example_inputs, spec_of
+    from torchslim.quantization.runtime import OrtModule, export_onnx
 
     out = Path(args.out)
-    pairs = [("resnet", lambda: ts.load(args.resnet), out / "resnet-structured.slim", (1, 64)),
-             ("mobilenet", lambda: create_model("mobilenet-v2"), out / "mobilenet-v2-structured.slim",
-              (1, 32)),
-             ("minilm", lambda: create_model("minilm"), out / "minilm-structured.slim", (1, 32))]
+    mobilenets = [out / mobilenet_artifact(r) for r in sorted({1, args.mobilenet_round_to})]
+    pairs = [("resnet", lambda: ts.load(args.resnet), [out / "resnet-structured.slim"], (1, 64)),
+             ("mobilenet", lambda: create_model("mobilenet-v2"), mobilenets, (1, 32)),
+             ("minilm", lambda: create_model("minilm"), [out / "minilm-structured.slim"], (1, 32))]
     rows: list[dict[str, Any]] = []
-    for name, original, path, batches in pairs:
-        if not path.is_file():
+    for name, original, paths, batches in pairs:
+        paths = [path for path in paths if path.is_file()]
+        if not paths:
             continue
-        base, pruned = original().eval(), ts.load(path).eval()
-        variants = [{f"{name} (unpruned)": base, f"{name}: {path.name}": pruned}]
-        if name != "minilm":  # CPU deployment of a CNN: TorchScript, frozen (BN folded, weights prepacked)
+        base = original().eval()
+        eager = {f"{name} (unpruned)": base,
+                 **{f"{name}: {path.name}": ts.load(path).eval() for path in paths}}
+        variants = [eager]
+        if name != "minilm":
             example = example_inputs(spec_of(base), 1)
             variants.append({f"{label}, TorchScript frozen": Frozen(model, example)
-                             for label, model in variants[0].items()})
+                             for label, model in eager.items()})
+            variants.append({f"{label}, onnxruntime fp32":
+                             OrtModule(export_onnx(model, example), spin_wait=False)
+                             for label, model in eager.items()})
         for models in variants:  # each speedup against the unpruned model run the same way
-            part = [{"section": "latency", "model": label, "params": params(eager)}  # frozen: constants
-                    for label, eager in zip(models, variants[0].values(), strict=True)]
+            part = [{"section": "latency", "model": label, "params": params(model)}
+                    for label, model in zip(models, eager.values(), strict=True)]
             add_latency(part, models, {f"b{b}": example_inputs(spec_of(base), b) for b in batches}, args)
             rows += part
     return rows
@@ -414,6 +436,8 @@ def main() -> None:
                         help="resnet: kept widths multiple of N (16 = one AVX-512 register of fp32)")
     parser.add_argument("--criteria", nargs="+", default=["l1", "l2", "taylor", "bn_scale"])
     parser.add_argument("--mobilenet-steps", type=int, default=150, help="distillation steps on crops")
+    parser.add_argument("--mobilenet-round-to", type=int, default=8,
+                        help="mobilenet: also prune with kept widths rounded up to multiples of N")
     parser.add_argument("--mobilenet-lr", type=float, default=1e-4)
     parser.add_argument("--seq-train", type=int, default=48, help="token cap when distilling")
     parser.add_argument("--minilm-epochs", type=int, default=3)

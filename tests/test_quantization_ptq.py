@@ -14,7 +14,7 @@ from torchslim.errors import ArtifactError, ConfigError
 from torchslim.measure import evaluate
 from torchslim.models import create_model
 from torchslim.quantization import Quantization, quantize_model, sqnr_db
-from torchslim.quantization.runtime import OrtModule
+from torchslim.quantization.runtime import OrtModule, export_onnx
 from torchslim.safefile import read_checked, write_checked
 from torchslim.training import Trainer, make_train_config
 
@@ -189,3 +189,13 @@ def test_recurrent_layers_without_an_int8_kernel_are_reported_as_float() -> None
     assert any(op.startswith("LSTM") for op in static.report["float_ops"])  # no QDQ LSTM kernel
     on_torch = quantize_model(lstm, Quantization(backend="torch"), example_inputs=x)
     assert on_torch.report["float_ops"] == ["LSTM rnn"]  # only the head runs on torch._int_mm
+
+
+def test_fp32_program_without_spin_wait_matches_the_module(trained, digits) -> None:
+    """A float ONNX program runs as a module; `spin_wait=False` reaches onnxruntime's session."""
+    x = digits.test.images[:20]
+    program = OrtModule(export_onnx(trained, x[:2]), spin_wait=False)
+    options = program.session().get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), trained(x), atol=1e-4, rtol=1e-4)

@@ -217,12 +217,20 @@ class OrtModule(nn.Module):
 
     The session follows `torch.get_num_threads()` (re-created when it changes), so latency
     measurements at a fixed thread count apply to it too.
+
+    `spin_wait=False` stops the session's worker threads from busy-waiting for work after each
+    op. Keep the default (spinning: lowest latency) for one model per process; turn it off when
+    several sessions take turns on the same cores, as a benchmark comparing models does:
+    measured on 2 cores, the idle sessions' spinning threads made MobileNetV2 at batch 1 up to
+    3x slower and its timings bimodal.
     """
 
-    def __init__(self, program: bytes, *, weight_count: int = 0, flops: int = 0) -> None:
+    def __init__(self, program: bytes, *, weight_count: int = 0, flops: int = 0,
+                 spin_wait: bool = True) -> None:
         super().__init__()
         _onnx()
         self.program = program
+        self.spin_wait = spin_wait
         # Counts of the float model it came from: the program's weights are not parameters.
         self.weight_count, self.flops_per_sample = weight_count, flops
         self.report: dict[str, Any] = {}
@@ -238,6 +246,7 @@ class OrtModule(nn.Module):
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.add_session_config_entry("session.intra_op.allow_spinning", str(int(self.spin_wait)))
             self._session = ort.InferenceSession(self.program, options,
                                                  providers=["CPUExecutionProvider"])
             self._threads = threads
