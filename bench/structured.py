@@ -5,7 +5,8 @@ Sections (run all, or pick with `--only`):
   criterion chosen on the validation split, distillation fine-tune; the same MAC target and
   fine-tuning budget with Torch-Pruning (DepGraph, `MetaPruner`, group L2) side by side.
 - `mobilenet`: pretrained MobileNetV2, 30% of the channels of every prunable group removed
-  (torchslim and Torch-Pruning); params, MACs, latency at batch 1 and 32 (224x224), and top-1
+  (torchslim exactly, torchslim with the kept widths rounded up to multiples of
+  `--mobilenet-round-to`, and Torch-Pruning); params, MACs, latency at batch 1 and 32 (224x224), and top-1
   agreement / KL divergence with the unpruned model on 64 crops of the two sample photos
   (no ImageNet here), before and after re-estimating BatchNorm statistics on other crops, and
   after a short logit distillation on fresh crops of the same photos (optimistic: the crops
@@ -14,11 +15,13 @@ Sections (run all, or pick with `--only`):
   then a short MSE-to-teacher-embedding distillation on the UCI sentences; UCI probe accuracy,
   held-out cosine, latency at batch 32 / seq 128 and batch 1; the same with Torch-Pruning
   (whole heads, group L2) and the same distillation budget.
+- `latency`: re-times the pruned artifacts the sections above saved in `--out` against their
+  unpruned models; CNNs eager, as frozen TorchScript and on onnxruntime fp32.
 
 Latency: every model of a section is timed in the same process, interleaved over `--rounds`
-rounds, 2 threads; a speedup is the median over rounds of the baseline's time / the model's time
+rounds, `--threads` threads (2); a speedup is the median over rounds of the baseline's time / the model's time
 in that round (paired: the machine's speed drifts over minutes). Model choices use validation data only. Run:
-`python bench/structured.py --out runs/bench-structured [--only resnet mobilenet minilm]`
+`python bench/structured.py --out runs/bench-structured [--only resnet mobilenet minilm latency]`
 Torch-Pruning rows need `pip install -c constraints.txt torch-pruning` (skipped without it).
 """
 

@@ -200,7 +200,10 @@ def _add_prune_parser(commands: Any) -> None:
                        choices=["l1", "l2", "random", "taylor", "activation", "apoz", "bn_scale"],
                        help="how units are ranked (taylor/activation/apoz use training batches)")
     prune.add_argument("--scope", default="uniform", choices=["uniform", "global"])
-    prune.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N")
+    prune.add_argument("--round-to", type=int, default=1,
+                       help="keep channel counts multiples of N (rounded up); 8 or 16 for CPU "
+                            "deployment: SIMD kernels pad other widths, so an unaligned model can "
+                            "be no faster than the unpruned one")
     prune.add_argument("--per-layer", nargs="+", metavar="LAYER=RATIO", help="ratio overrides (globs ok)")
     prune.add_argument("--exclude", nargs="+", metavar="PATTERN", help="layers to leave untouched")
     prune.add_argument("--steps", type=int, default=1, help="prune -> fine-tune rounds")
