@@ -48,6 +48,15 @@ def test_bench_json_reports_latency_for_artifacts_and_names(trained: Path, capsy
         assert 0 < result["median_ms"] <= result["p90_ms"] and result["throughput"] > 0
 
 
+def test_bench_runs_a_float_artifact_on_onnxruntime(trained: Path, capsys) -> None:
+    source = str(trained / "model.slim")
+    for flags, backend in (([], "torch"), (["--onnxruntime"], "onnxruntime")):
+        assert main(["bench", source, "--batch", "2", "--threads", "1", "--repeats", "3",
+                     "--warmup", "1", "--json", *flags]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["backend"] == backend and result["median_ms"] > 0
+
+
 def test_bad_input_is_one_line_not_a_traceback(tmp_path: Path, capsys) -> None:
     assert main(["evaluate", "no-such-model"]) == 2
     assert "known models" in capsys.readouterr().err

@@ -326,10 +326,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from torchslim.workflows import load_model_or_artifact
 
     model, _ = load_model_or_artifact(args.model)
+    from torchslim.workflows import backend_of
+
     inputs = example_inputs(spec_of(model), args.batch)
+    if args.onnxruntime and backend_of(model) == "torch":
+        from torchslim.quantization.runtime import OrtModule, export_onnx
+
+        model = OrtModule(export_onnx(model, inputs[:1]))
     latency = measure_latency(model, inputs, threads=args.threads, warmup=args.warmup,
                               repeats=args.repeats)
-    from torchslim.workflows import backend_of
 
     result = {"model": args.model, "backend": backend_of(model), **latency.to_dict()}
     if args.json:
@@ -517,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="intra-op threads (default: all)")
     bench.add_argument("--warmup", type=int, default=10)
     bench.add_argument("--repeats", type=int, default=50)
+    bench.add_argument("--onnxruntime", action="store_true",
+                       help="run a float model as its ONNX program on onnxruntime, the CPU runtime "
+                            "it may be deployed with (int8 artifacts always run there)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=cmd_bench)
     return parser
