@@ -5,8 +5,9 @@ Sections (run all, or pick with `--only`):
   criterion chosen on the validation split, distillation fine-tune; the same MAC target and
   fine-tuning budget with Torch-Pruning (DepGraph, `MetaPruner`, group L2) side by side.
 - `mobilenet`: pretrained MobileNetV2, 30% of the channels of every prunable group removed
-  (torchslim exactly, torchslim with the kept widths rounded up to multiples of
-  `--mobilenet-round-to`, and Torch-Pruning); params, MACs, latency at batch 1 and 32 (224x224), and top-1
+  (torchslim and Torch-Pruning, exactly and with the kept widths rounded to multiples of
+  `--mobilenet-round-to`); params, MACs, latency at batch 1 and 32 (224x224) eager and on
+  onnxruntime fp32, and top-1
   agreement / KL divergence with the unpruned model on 64 crops of the two sample photos
   (no ImageNet here), before and after re-estimating BatchNorm statistics on other crops, and
   after a short logit distillation on fresh crops of the same photos (optimistic: the crops
@@ -50,6 +51,7 @@ from torchslim.data import TensorLoader, load_dataset
 from torchslim.distillation import DistillationLoss
 from torchslim.measure import count_flops, evaluate, measure_latency
 from torchslim.pruning import ChannelPruning
+from torchslim.quantization.runtime import OrtModule, export_onnx
 from torchslim.training import Trainer, make_train_config
 
 SECTIONS.clear()  # this file's sections only
@@ -317,15 +319,21 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.mobilenet_steps:
             row(f"{name}, distilled {args.mobilenet_steps} steps on photo crops", distil(ours))
         ts.save(ours, Path(args.out) / mobilenet_artifact(round_to))
-    if has_torch_pruning():
+    for round_to in sorted({1, args.mobilenet_round_to}) if has_torch_pruning() else []:
+        # Torch-Pruning rounds kept widths *down* (at least 30% removed per group)
+        name = "Torch-Pruning, 30%" + ("" if round_to == 1 else f" rounded down to {round_to}s")
         rival = copy.deepcopy(model)
         head = [m for m in rival.modules() if isinstance(m, nn.Linear)][-1]  # keeps its 1000 classes
-        torch_pruning_prune(rival, x1, 0.3, [head])
-        row("Torch-Pruning, 30% channels, group L2", rival)
-        row("Torch-Pruning, 30%, BN statistics re-estimated", recalibrate(rival))
+        torch_pruning_prune(rival, x1, 0.3, [head], round_to=None if round_to == 1 else round_to)
+        row(f"{name} channels, group L2" if round_to == 1 else f"{name}, group L2", rival)
+        row(f"{name}, BN statistics re-estimated", recalibrate(rival))
         if args.mobilenet_steps:
-            row(f"Torch-Pruning, 30%, distilled {args.mobilenet_steps} steps on photo crops", distil(rival))
-    add_latency(rows, models, {"b1": x1, "b32": evaluation[:32]}, args)
+            row(f"{name}, distilled {args.mobilenet_steps} steps on photo crops", distil(rival))
+    batches = {"b1": x1, "b32": evaluation[:32]}
+    add_latency(rows, models, batches, args)
+    programs = {name: OrtModule(export_onnx(candidate, x1), spin_wait=False)
+                for name, candidate in models.items()}
+    add_latency(rows, programs, {f"{label}_onnxruntime": x for label, x in batches.items()}, args)
     return rows
 
 
@@ -390,7 +398,6 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     sessions do not spin-wait here: several take turns on the same cores.
     """
     from torchslim.models import create_model, example_inputs, spec_of
-    from torchslim.quantization.runtime import OrtModule, export_onnx
 
     out = Path(args.out)
     mobilenets = [out / mobilenet_artifact(r) for r in sorted({1, args.mobilenet_round_to})]
