@@ -83,9 +83,12 @@ def interleaved_latency(models: dict[str, nn.Module], inputs: dict[str, Any], *,
 
 def add_latency(rows: list[dict[str, Any]], models: dict[str, nn.Module], inputs: dict[str, Any],
                 args: argparse.Namespace) -> None:
-    """Time every model (interleaved) and put latency and speedup vs the first one in its row."""
+    """Time every model (interleaved) and put latency and speedup vs the first one in its row
+    (rows of models not given are left untimed)."""
     timings = interleaved_latency(models, inputs, rounds=args.rounds, repeats=args.repeats)
     for row in rows:
+        if row["model"] not in timings:
+            continue
         for label in inputs:
             ms, speedup = timings[row["model"]][label]
             row[f"latency_{label}_ms"] = round(ms, 3)
@@ -265,7 +268,6 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     def row(name: str, candidate: nn.Module, **extra: Any) -> None:
         candidate.eval()
-        models[name] = candidate
         with torch.no_grad():
             logits = torch.cat([candidate(x) for x in evaluation.split(16)])
         kl = nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True,
@@ -307,28 +309,36 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"distilled {args.mobilenet_steps} steps in {time.perf_counter() - start:.0f} s", flush=True)
         return student.eval()
 
-    row("mobilenet-v2 (fp32)", model)
-    for round_to in sorted({1, args.mobilenet_round_to}):
-        # round_to > 1: kept widths rounded *up* to a multiple (at most 30% removed per group), the
-        # widths a SIMD kernel runs without padding (onnxruntime's NCHWc blocks, oneDNN's).
-        name = "torchslim, 30%" + ("" if round_to == 1 else f" rounded up to {round_to}s")
-        ours = copy.deepcopy(model)
-        result = ts.apply_(ours, ChannelPruning(ratio=0.3, round_to=round_to), example_inputs=x1)
-        row(f"{name} channels per group" if round_to == 1 else name, ours, groups=result["groups"])
-        row(f"{name}, BN statistics re-estimated", recalibrate(ours))
+    def method(name: str, pruned: nn.Module, first: str, **extra: Any) -> None:
+        """Rows for a pruned model as cut, after BN re-estimation and after distillation; the
+        last one is timed (the three share one architecture)."""
+        row(first, pruned, **extra)
+        final = recalibrate(pruned)
+        row(f"{name}, BN statistics re-estimated", final)
         if args.mobilenet_steps:
-            row(f"{name}, distilled {args.mobilenet_steps} steps on photo crops", distil(ours))
-        ts.save(ours, Path(args.out) / mobilenet_artifact(round_to))
-    for round_to in sorted({1, args.mobilenet_round_to}) if has_torch_pruning() else []:
+            final = distil(pruned)
+            row(f"{name}, distilled {args.mobilenet_steps} steps on photo crops", final)
+        models[rows[-1]["model"]] = final
+
+    row("mobilenet-v2 (fp32)", model)
+    models["mobilenet-v2 (fp32)"] = model
+    step = args.mobilenet_round_to
+    # Rounded kept widths are the ones SIMD kernels run without padding (onnxruntime's NCHWc
+    # blocks, oneDNN's): up = at most 30% removed per group, down = at least 30% (Torch-Pruning).
+    for round_to, rounding in [(1, "up")] + ([(step, "up"), (step, "down")] if step > 1 else []):
+        name = "torchslim, 30%" + ("" if round_to == 1 else f" rounded {rounding} to {round_to}s")
+        ours = copy.deepcopy(model)
+        result = ts.apply_(ours, ChannelPruning(ratio=0.3, round_to=round_to, rounding=rounding),
+                           example_inputs=x1)
+        method(name, ours, f"{name} channels per group" if round_to == 1 else name, groups=result["groups"])
+        ts.save(ours, Path(args.out) / mobilenet_artifact(round_to, rounding))
+    for round_to in sorted({1, step}) if has_torch_pruning() else []:
         # Torch-Pruning rounds kept widths *down* (at least 30% removed per group)
         name = "Torch-Pruning, 30%" + ("" if round_to == 1 else f" rounded down to {round_to}s")
         rival = copy.deepcopy(model)
         head = [m for m in rival.modules() if isinstance(m, nn.Linear)][-1]  # keeps its 1000 classes
         torch_pruning_prune(rival, x1, 0.3, [head], round_to=None if round_to == 1 else round_to)
-        row(f"{name} channels, group L2" if round_to == 1 else f"{name}, group L2", rival)
-        row(f"{name}, BN statistics re-estimated", recalibrate(rival))
-        if args.mobilenet_steps:
-            row(f"{name}, distilled {args.mobilenet_steps} steps on photo crops", distil(rival))
+        method(name, rival, f"{name} channels, group L2" if round_to == 1 else f"{name}, group L2")
     batches = {"b1": x1, "b32": evaluation[:32]}
     add_latency(rows, models, batches, args)
     programs = {name: OrtModule(export_onnx(candidate, x1), spin_wait=False)
@@ -337,9 +347,11 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def mobilenet_artifact(round_to: int) -> str:
-    """The file name the `mobilenet` section saves its pruned model under (and `latency` reads)."""
-    return "mobilenet-v2-structured.slim" if round_to == 1 else f"mobilenet-v2-structured-r{round_to}.slim"
+def mobilenet_artifact(round_to: int, rounding: str = "up") -> str:
+    """The file name the `mobilenet` section saves a pruned model under (and `latency` reads)."""
+    if round_to == 1:
+        return "mobilenet-v2-structured.slim"
+    return f"mobilenet-v2-structured-r{round_to}{'' if rounding == 'up' else '-' + rounding}.slim"
 
 
 # ------------------------------------------------------------------------------ MiniLM
@@ -400,7 +412,8 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     from torchslim.models import create_model, example_inputs, spec_of
 
     out = Path(args.out)
-    mobilenets = [out / mobilenet_artifact(r) for r in sorted({1, args.mobilenet_round_to})]
+    mobilenets = [out / mobilenet_artifact(1)] + [out / mobilenet_artifact(args.mobilenet_round_to, rounding)
+                                                  for rounding in ("up", "down")]
     pairs = [("resnet", lambda: ts.load(args.resnet), [out / "resnet-structured.slim"], (1, 64)),
              ("mobilenet", lambda: create_model("mobilenet-v2"), mobilenets, (1, 32)),
              ("minilm", lambda: create_model("minilm"), [out / "minilm-structured.slim"], (1, 32))]

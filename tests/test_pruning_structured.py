@@ -231,3 +231,14 @@ def test_pruned_model_is_a_plain_module_that_torch_compile_captures():
     # aot_eager: dynamo capture + AOT autograd without a C compiler (inductor was checked by hand)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(IMAGE), model(IMAGE))
+
+
+@pytest.mark.parametrize(("rounding", "width"), [("up", 40), ("down", 32), ("nearest", 32)])
+@pytest.mark.parametrize("scope", ["uniform", "global"])
+def test_rounding_picks_the_multiple_above_below_or_nearest(rounding: str, width: int, scope: str):
+    """48 units, 30%: 14 removed leaves 34, between the multiples of 8, 32 and 40."""
+    model = nn.Sequential(nn.Conv2d(3, 48, 3), nn.BatchNorm2d(48), nn.ReLU(), nn.Conv2d(48, 4, 1))
+    config = ChannelPruning(ratio=0.3, round_to=8, rounding=rounding, scope=scope)
+    result = apply_(model.eval(), config, example_inputs=torch.randn(1, 3, 8, 8))
+    assert model[0].out_channels == model[1].num_features == model[3].in_channels == width
+    assert result["params_after"] == 3 * 9 * width + width + 2 * width + 4 * width + 4

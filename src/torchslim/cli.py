@@ -201,9 +201,13 @@ def _add_prune_parser(commands: Any) -> None:
                        help="how units are ranked (taylor/activation/apoz use training batches)")
     prune.add_argument("--scope", default="uniform", choices=["uniform", "global"])
     prune.add_argument("--round-to", type=int, default=1,
-                       help="keep channel counts multiples of N (rounded up); 8 or 16 for CPU "
+                       help="keep channel counts multiples of N (see --rounding); 8 or 16 for CPU "
                             "deployment: SIMD kernels pad other widths, so an unaligned model can "
                             "be no faster than the unpruned one")
+    prune.add_argument("--rounding", default="up", choices=["up", "down", "nearest"],
+                       help="with --round-to: keep the multiple above the ratio's width (up: never "
+                            "more removed than asked), below it (down: at least the ratio, as "
+                            "Torch-Pruning does) or the nearest")
     prune.add_argument("--per-layer", nargs="+", metavar="LAYER=RATIO", help="ratio overrides (globs ok)")
     prune.add_argument("--exclude", nargs="+", metavar="PATTERN", help="layers to leave untouched")
     prune.add_argument("--steps", type=int, default=1, help="prune -> fine-tune rounds")

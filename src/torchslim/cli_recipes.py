@@ -85,7 +85,8 @@ def structured_options(args: argparse.Namespace, *, share: float) -> dict[str, A
     except ValueError:
         raise ConfigError(f"--per-layer takes LAYER=RATIO pairs, got {args.per_layer}") from None
     return {"ratio": round(share, 6), "target": args.target, "importance": args.importance,
-            "scope": args.scope, "round_to": args.round_to, "per_layer": per_layer}
+            "scope": args.scope, "round_to": args.round_to, "rounding": args.rounding,
+            "per_layer": per_layer}
 
 
 def prune_recipe(args: argparse.Namespace) -> dict[str, Any]:

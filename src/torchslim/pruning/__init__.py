@@ -9,7 +9,7 @@ from torchslim.pruning.schedules import (
     rewind_,
 )
 from torchslim.pruning.sensitivity import plot_sensitivity, scan_sensitivity, sparsities_for_drop
-from torchslim.pruning.structured import ChannelPruning, PruneScope, PruneTarget, prune_channels_
+from torchslim.pruning.structured import ChannelPruning, PruneScope, PruneTarget, Rounding, prune_channels_
 from torchslim.pruning.unstructured import (
     Criterion,
     Mask,
@@ -27,6 +27,7 @@ __all__ = [
     "Mask",
     "PruneScope",
     "PruneTarget",
+    "Rounding",
     "Scope",
     "WeightPruning",
     "cubic_sparsity",

@@ -30,7 +30,7 @@ from torchslim.registry import register_technique
 from torchslim.select import Select
 from torchslim.structure import Edit, record_edit_, register_edit, replace_module_
 
-__all__ = ["ChannelPruning", "PruneScope", "PruneTarget", "cut_channels_", "plan_removal",
+__all__ = ["ChannelPruning", "PruneScope", "PruneTarget", "Rounding", "cut_channels_", "plan_removal",
            "prune_channels_"]
 
 
@@ -42,6 +42,14 @@ class PruneTarget(StrEnum):
 class PruneScope(StrEnum):
     UNIFORM = "uniform"  # the same ratio in every group
     GLOBAL = "global"  # rank units of all groups together (scores normalised per group)
+
+
+class Rounding(StrEnum):
+    """Which multiple of `round_to` a group keeps when the ratio falls between two."""
+
+    UP = "up"  # never removes more than the ratio asks (the default)
+    DOWN = "down"  # removes at least the ratio (Torch-Pruning's `round_to`)
+    NEAREST = "nearest"  # the multiple closest to the unrounded width
 
 
 @validated
@@ -57,6 +65,7 @@ class ChannelPruning(TechniqueConfig):
         per_layer: ratio overrides by layer name or glob pattern (applied to the group holding
             the layer), e.g. `{"*.attention.self": 0.33, "*.intermediate.dense": 0.5}`.
         round_to: kept channel counts are multiples of this (e.g. 8 for SIMD-friendly widths).
+        rounding: `up`, `down` or `nearest`: the multiple of `round_to` kept (at least one).
         calibration_batches: batches for data-driven criteria.
         strict: fail with `GraphError` instead of excluding layers the graph cannot map.
 
@@ -76,6 +85,7 @@ class ChannelPruning(TechniqueConfig):
     scope: PruneScope = PruneScope.UNIFORM
     per_layer: dict[str, float] = Field(default_factory=dict)
     round_to: int = Field(default=1, ge=1)
+    rounding: Rounding = Rounding.UP
     calibration_batches: int = Field(default=4, ge=1)
     strict: bool = False
     seed: int = 0
@@ -87,9 +97,11 @@ def _ratio_of(group: Group, config: ChannelPruning, base: float) -> float:
     return max(overrides) if overrides else base
 
 
-def _kept(size: int, removed: int, round_to: int) -> int:
-    keep = max(size - removed, 1)
-    return min(size, math.ceil(keep / round_to) * round_to)
+def _kept(size: int, removed: int, config: ChannelPruning) -> int:
+    steps = max(size - removed, 1) / config.round_to
+    multiple = {Rounding.UP: math.ceil(steps), Rounding.DOWN: math.floor(steps),
+                Rounding.NEAREST: math.floor(steps + 0.5)}[config.rounding]
+    return min(size, max(multiple, 1) * config.round_to)
 
 
 def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, config: ChannelPruning,
@@ -101,7 +113,7 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
             if not eligible[g]:
                 continue
             size = len(group.units)
-            keep = _kept(size, int(_ratio_of(group, config, ratio) * size), config.round_to)
+            keep = _kept(size, int(_ratio_of(group, config, ratio) * size), config)
             order = np.argsort(scores[g], kind="stable")
             removed[g] = np.sort(order[:size - keep][np.isfinite(scores[g][order[:size - keep]])])
         return removed
@@ -113,11 +125,11 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
     chosen: dict[int, list[int]] = {}
     for _, g, u in pool[:budget]:
         chosen.setdefault(g, []).append(u)
-    for g, units in chosen.items():
+    for g, units in chosen.items():  # a group's chosen units are its lowest-scored ones
         size = len(groups[g].units)
-        keep = _kept(size, len(units), config.round_to)
-        ranked = sorted(units, key=lambda u: scores[g][u])
-        removed[g] = np.sort(np.array(ranked[:size - keep], dtype=int))
+        keep = _kept(size, len(units), config)
+        order = [int(u) for u in np.argsort(scores[g], kind="stable") if np.isfinite(scores[g][u])]
+        removed[g] = np.sort(np.array(order[:size - keep], dtype=int))
     return removed
 
 
