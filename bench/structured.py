@@ -8,7 +8,7 @@ Sections (run all, or pick with `--only`):
   (torchslim and Torch-Pruning, exactly and with the kept widths rounded to multiples of
   `--mobilenet-round-to`); params, MACs, latency at batch 1 and 32 (224x224) eager and on
   onnxruntime fp32, and top-1
-  agreement / KL divergence with the unpruned model on 64 crops of the two sample photos
+  agreement / KL divergence with the unpruned model on `--mobilenet-eval-crops` crops of the two sample photos
   (no ImageNet here), before and after re-estimating BatchNorm statistics on other crops, and
   after a short logit distillation on fresh crops of the same photos (optimistic: the crops
   differ, the photos do not).
@@ -259,7 +259,7 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
     from torchslim.models import create_model
 
     model = create_model("mobilenet-v2").eval()
-    evaluation, recalibration = photo_crops(64, seed=1), photo_crops(256, seed=2)
+    evaluation, recalibration = photo_crops(args.mobilenet_eval_crops, seed=1), photo_crops(256, seed=2)
     with torch.no_grad():
         reference = model(evaluation)
     x1 = evaluation[:1]
@@ -459,6 +459,8 @@ def main() -> None:
                         help="resnet: kept widths multiple of N (16 = one AVX-512 register of fp32)")
     parser.add_argument("--criteria", nargs="+", default=["l1", "l2", "taylor", "bn_scale"])
     parser.add_argument("--mobilenet-steps", type=int, default=150, help="distillation steps on crops")
+    parser.add_argument("--mobilenet-eval-crops", type=int, default=256,
+                        help="crops the agreement and KL are measured on (one crop = 1/N of agreement)")
     parser.add_argument("--mobilenet-round-to", type=int, default=8,
                         help="mobilenet: also prune with kept widths rounded up to multiples of N")
     parser.add_argument("--mobilenet-lr", type=float, default=1e-4)
