@@ -128,8 +128,8 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
     for g, units in chosen.items():  # a group's chosen units are its lowest-scored ones
         size = len(groups[g].units)
         keep = _kept(size, len(units), config)
-        order = [int(u) for u in np.argsort(scores[g], kind="stable") if np.isfinite(scores[g][u])]
-        removed[g] = np.sort(np.array(order[:size - keep], dtype=int))
+        ranked = [int(u) for u in np.argsort(scores[g], kind="stable") if np.isfinite(scores[g][u])]
+        removed[g] = np.sort(np.array(ranked[:size - keep], dtype=int))
     return removed
 
 
