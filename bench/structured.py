@@ -412,8 +412,9 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     from torchslim.models import create_model, example_inputs, spec_of
 
     out = Path(args.out)
-    mobilenets = [out / mobilenet_artifact(1)] + [out / mobilenet_artifact(args.mobilenet_round_to, rounding)
-                                                  for rounding in ("up", "down")]
+    step = args.mobilenet_round_to
+    mobilenets = [out / mobilenet_artifact(1)] + [out / mobilenet_artifact(step, rounding)
+                                                  for rounding in ("up", "down") if step > 1]
     pairs = [("resnet", lambda: ts.load(args.resnet), [out / "resnet-structured.slim"], (1, 64)),
              ("mobilenet", lambda: create_model("mobilenet-v2"), mobilenets, (1, 32)),
              ("minilm", lambda: create_model("minilm"), [out / "minilm-structured.slim"], (1, 32))]
