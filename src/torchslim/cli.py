@@ -327,11 +327,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from torchslim.measure import measure_latency
     from torchslim.models import example_inputs, spec_of
-    from torchslim.workflows import load_model_or_artifact
+    from torchslim.workflows import backend_of, load_model_or_artifact
 
     model, _ = load_model_or_artifact(args.model)
-    from torchslim.workflows import backend_of
-
     inputs = example_inputs(spec_of(model), args.batch)
     if args.onnxruntime and backend_of(model) == "torch":
         from torchslim.quantization.runtime import OrtModule, export_onnx
@@ -339,7 +337,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model = OrtModule(export_onnx(model, inputs[:1]))
     latency = measure_latency(model, inputs, threads=args.threads, warmup=args.warmup,
                               repeats=args.repeats)
-
     result = {"model": args.model, "backend": backend_of(model), **latency.to_dict()}
     if args.json:
         print(json.dumps(result, sort_keys=True))

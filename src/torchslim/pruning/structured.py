@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+from collections import Counter
 from enum import StrEnum
 from typing import Any
 
@@ -114,23 +115,25 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
                 continue
             size = len(group.units)
             keep = _kept(size, int(_ratio_of(group, config, ratio) * size), config)
-            order = np.argsort(scores[g], kind="stable")
-            removed[g] = np.sort(order[:size - keep][np.isfinite(scores[g][order[:size - keep]])])
+            removed[g] = _lowest(scores[g], size - keep)
         return removed
     pool = [(float(s / (np.mean(scores[g][np.isfinite(scores[g])]) + 1e-12)), g, u)
             for g in range(len(groups)) if eligible[g]
             for u, s in enumerate(scores[g]) if np.isfinite(s)]
     pool.sort()
     budget = int(ratio * len(pool))
-    chosen: dict[int, list[int]] = {}
-    for _, g, u in pool[:budget]:
-        chosen.setdefault(g, []).append(u)
-    for g, units in chosen.items():  # a group's chosen units are its lowest-scored ones
+    # Per-group normalisation keeps each group's order, so the units the budget picks in a group
+    # are its lowest-scored ones: only their count matters, then rounded like a uniform cut.
+    for g, count in Counter(g for _, g, _ in pool[:budget]).items():
         size = len(groups[g].units)
-        keep = _kept(size, len(units), config)
-        ranked = [int(u) for u in np.argsort(scores[g], kind="stable") if np.isfinite(scores[g][u])]
-        removed[g] = np.sort(np.array(ranked[:size - keep], dtype=int))
+        removed[g] = _lowest(scores[g], size - _kept(size, count, config))
     return removed
+
+
+def _lowest(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices (sorted) of the `count` lowest finite scores; a non-finite score keeps its unit."""
+    order = np.argsort(scores, kind="stable")
+    return np.sort(order[np.isfinite(scores[order])][:count])
 
 
 def cut_channels_(model: nn.Module, graph: ChannelGraph,
