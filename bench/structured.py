@@ -7,8 +7,8 @@ Sections (run all, or pick with `--only`):
 - `mobilenet`: pretrained MobileNetV2, 30% of the channels of every prunable group removed
   (torchslim and Torch-Pruning, exactly and with the kept widths rounded to multiples of
   `--mobilenet-round-to`); params, MACs, latency at batch 1 and 32 (224x224) eager and on
-  onnxruntime fp32, and top-1
-  agreement / KL divergence with the unpruned model on `--mobilenet-eval-crops` crops of the two sample photos
+  onnxruntime fp32, and top-1 agreement / KL divergence with the unpruned model on
+  `--mobilenet-eval-crops` crops of the two sample photos
   (no ImageNet here), before and after re-estimating BatchNorm statistics on other crops, and
   after a short logit distillation on fresh crops of the same photos (optimistic: the crops
   differ, the photos do not).
@@ -292,9 +292,9 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
                 tuned(x)
         return tuned.eval()
 
-    def distil(candidate: nn.Module) -> nn.Module:
-        """Match the unpruned logits (KL, T=1) on fresh random crops; BN statistics frozen."""
-        student = recalibrate(candidate)
+    def distil(student: nn.Module) -> nn.Module:
+        """Match the unpruned logits (KL, T=1) on fresh random crops, in place; BN statistics
+        (re-estimated before) frozen."""
         optimizer = torch.optim.AdamW(student.parameters(), lr=args.mobilenet_lr, weight_decay=0.0)
         start = time.perf_counter()
         for step in range(args.mobilenet_steps):
@@ -316,23 +316,20 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
         final = recalibrate(pruned)
         row(f"{name}, BN statistics re-estimated", final)
         if args.mobilenet_steps:
-            final = distil(pruned)
+            final = distil(final)
             row(f"{name}, distilled {args.mobilenet_steps} steps on photo crops", final)
         models[rows[-1]["model"]] = final
 
     row("mobilenet-v2 (fp32)", model)
     models["mobilenet-v2 (fp32)"] = model
-    step = args.mobilenet_round_to
-    # Rounded kept widths are the ones SIMD kernels run without padding (onnxruntime's NCHWc
-    # blocks, oneDNN's): up = at most 30% removed per group, down = at least 30% (Torch-Pruning).
-    for round_to, rounding in [(1, "up")] + ([(step, "up"), (step, "down")] if step > 1 else []):
+    for round_to, rounding in mobilenet_cuts(args.mobilenet_round_to):
         name = "torchslim, 30%" + ("" if round_to == 1 else f" rounded {rounding} to {round_to}s")
         ours = copy.deepcopy(model)
         result = ts.apply_(ours, ChannelPruning(ratio=0.3, round_to=round_to, rounding=rounding),
                            example_inputs=x1)
         method(name, ours, f"{name} channels per group" if round_to == 1 else name, groups=result["groups"])
         ts.save(ours, Path(args.out) / mobilenet_artifact(round_to, rounding))
-    for round_to in sorted({1, step}) if has_torch_pruning() else []:
+    for round_to in sorted({1, args.mobilenet_round_to}) if has_torch_pruning() else []:
         # Torch-Pruning rounds kept widths *down* (at least 30% removed per group)
         name = "Torch-Pruning, 30%" + ("" if round_to == 1 else f" rounded down to {round_to}s")
         rival = copy.deepcopy(model)
@@ -345,6 +342,14 @@ def mobilenet(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for name, candidate in models.items()}
     add_latency(rows, programs, {f"{label}_onnxruntime": x for label, x in batches.items()}, args)
     return rows
+
+
+def mobilenet_cuts(step: int) -> list[tuple[int, str]]:
+    """(round_to, rounding) of each torchslim MobileNetV2 cut: exact, then, with `step` > 1, kept
+    widths rounded up (at most 30% removed per group) and down (at least 30%, as Torch-Pruning)
+    to multiples of `step`, the widths SIMD kernels run without padding (onnxruntime's NCHWc
+    blocks, oneDNN's)."""
+    return [(1, "up")] + ([(step, "up"), (step, "down")] if step > 1 else [])
 
 
 def mobilenet_artifact(round_to: int, rounding: str = "up") -> str:
@@ -412,9 +417,7 @@ def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     from torchslim.models import create_model, example_inputs, spec_of
 
     out = Path(args.out)
-    step = args.mobilenet_round_to
-    mobilenets = [out / mobilenet_artifact(1)] + [out / mobilenet_artifact(step, rounding)
-                                                  for rounding in ("up", "down") if step > 1]
+    mobilenets = [out / mobilenet_artifact(*cut) for cut in mobilenet_cuts(args.mobilenet_round_to)]
     pairs = [("resnet", lambda: ts.load(args.resnet), [out / "resnet-structured.slim"], (1, 64)),
              ("mobilenet", lambda: create_model("mobilenet-v2"), mobilenets, (1, 32)),
              ("minilm", lambda: create_model("minilm"), [out / "minilm-structured.slim"], (1, 32))]
@@ -463,7 +466,7 @@ def main() -> None:
     parser.add_argument("--mobilenet-eval-crops", type=int, default=256,
                         help="crops the agreement and KL are measured on (one crop = 1/N of agreement)")
     parser.add_argument("--mobilenet-round-to", type=int, default=8,
-                        help="mobilenet: also prune with kept widths rounded up to multiples of N")
+                        help="mobilenet: also prune with kept widths rounded up and down to multiples of N")
     parser.add_argument("--mobilenet-lr", type=float, default=1e-4)
     parser.add_argument("--seq-train", type=int, default=48, help="token cap when distilling")
     parser.add_argument("--minilm-epochs", type=int, default=3)
