@@ -18,6 +18,7 @@ JSON spec describes; other tensors (biases, norms) are stored raw. Both load bit
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,19 @@ import zstandard
 from torch import nn
 
 from torchslim import __version__
+from torchslim.artifact_checks import (
+    Declared,
+    check_finite,
+    check_fits,
+    declared_raw,
+    meta_copy,
+    meta_skeleton,
+)
 from torchslim.encoding import decode_tensor, encode_tensor
+from torchslim.encoding.meta import TensorMeta
 from torchslim.errors import ArtifactError, ConfigError
-from torchslim.models import ModelSpec, build_model, spec_of
-from torchslim.safefile import read_checked, write_checked
+from torchslim.models import ModelSpec, build_model, get_entry, spec_of
+from torchslim.safefile import decompress_bounded, parse_document, read_checked, write_checked
 from torchslim.structure import edits_of, replay_edits_
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "Encoding", "load", "read_metadata", "save"]
@@ -43,6 +53,10 @@ PROGRAM_VERSION = 2  # an ONNX program run by onnxruntime (int8 models)
 READABLE_VERSIONS = (ARTIFACT_VERSION, ENCODED_VERSION, PROGRAM_VERSION)
 PAYLOAD = "payload"
 PROGRAM = "onnx"
+LAYOUT_LIMIT = 1 << 26  # bytes of the JSON tensor layout (~200 bytes a tensor)
+# An int8 program compresses ~1.3x (sparse ones more); a file may not claim more than this.
+PROGRAM_LIMIT = 1 << 31  # protobuf's own 2 GiB ceiling
+PROGRAM_EXPANSION = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,8 +86,8 @@ def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
     chunks: list[bytes] = []
     layout: dict[str, Any] = {}
     offset = 0
-    for name, tensor in state.items():
-        tensor = tensor.detach().cpu().contiguous()
+    for name in sorted(state):  # byte-identical files whatever the module order
+        tensor = state[name].detach().cpu().contiguous()
         if tensor.dtype == torch.float32 and tensor.dim() >= 2:
             array = tensor.numpy()
             encoded = encode_tensor(array, codebook=_codebook(array, encoding.max_codebook),
@@ -99,49 +113,72 @@ def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
     return payload, {"layout_span": [offset, len(packed)]}
 
 
-def _slice(payload: bytes, span: Any, path: Path, name: str) -> bytes:
+def _check_span(span: Any, size: int, path: Path, name: str) -> int:
+    """The length of a valid [offset, length] span of a `size`-byte payload."""
     if (not isinstance(span, list) or len(span) != 2 or not all(type(v) is int for v in span)
-            or span[0] < 0 or span[1] < 0 or span[0] + span[1] > len(payload)):
-        raise ArtifactError(f"{path}: tensor {name!r} points outside the payload ({span!r}); "
+            or span[0] < 0 or span[1] < 0 or span[0] + span[1] > size):
+        raise ArtifactError(f"{path}: tensor {name!r} points outside the payload ({str(span)[:60]}); "
                             "the file is corrupt")
+    return int(span[1])
+
+
+def _slice(payload: bytes, span: Any, path: Path, name: str) -> bytes:
+    _check_span(span, len(payload), path, name)
     return payload[span[0]:span[0] + span[1]]
 
 
 def _read_layout(data: bytes, spans: Any, path: Path) -> Any:
     packed = _slice(data, spans.get("layout_span") if isinstance(spans, dict) else None, path,
                     "(layout)")
-    try:
-        return json.loads(zstandard.ZstdDecompressor().decompress(packed, max_output_size=1 << 26))
-    except (zstandard.ZstdError, ValueError) as exc:
-        raise ArtifactError(f"{path}: the tensor layout cannot be read ({exc}); the file is "
-                            "corrupt") from exc
+    text = decompress_bounded(packed, LAYOUT_LIMIT, what=f"{path}: the tensor layout")
+    return parse_document(text, what=f"{path}: the tensor layout")
 
 
-def _decode_state(payload: torch.Tensor, spans: Any, path: Path) -> dict[str, torch.Tensor]:
-    data = payload.numpy().tobytes()
-    layout = _read_layout(data, spans, path)
-    if not isinstance(layout, dict):
-        raise ArtifactError(f"{path}: the tensor layout is missing or malformed; the file is corrupt")
-    state: dict[str, torch.Tensor] = {}
+def _declare_layout(layout: Any, path: Path, size: int) -> dict[str, Declared]:
+    """What each tensor of an encoded file's layout declares (validated metadata and spans of a
+    `size`-byte payload, nothing decoded)."""
+    if not layout:
+        raise ArtifactError(f"{path}: the tensor layout is empty; the file is corrupt")
+    declared: dict[str, Declared] = {}
     for name, entry in layout.items():
         if not isinstance(entry, dict):
-            raise ArtifactError(f"{path}: entry of tensor {name!r} is malformed")
+            raise ArtifactError(f"{path}: entry of tensor {name!r} is malformed; the file is corrupt")
         if "meta" in entry:
             streams = entry.get("streams")
             if not isinstance(streams, dict):
-                raise ArtifactError(f"{path}: tensor {name!r} has no stream table")
-            array = decode_tensor(entry["meta"], {s: _slice(data, span, path, name)
-                                                  for s, span in streams.items()})
-            state[name] = torch.from_numpy(array.copy())
+                raise ArtifactError(f"{path}: tensor {name!r} has no stream table; the file is corrupt")
+            try:
+                meta = TensorMeta.from_dict(entry["meta"])
+            except ArtifactError as exc:
+                raise ArtifactError(f"{path}: tensor {name!r}: {exc}") from None
+            if set(streams) != set(meta.streams):
+                raise ArtifactError(f"{path}: tensor {name!r} has streams {sorted(streams)[:8]}, "
+                                    f"its metadata needs {list(meta.streams)}; the file is corrupt")
+            for span in streams.values():
+                _check_span(span, size, path, name)
+            declared[name] = Declared(meta.shape, torch.float32)
+        else:
+            _check_span(entry.get("span"), size, path, name)
+            declared[name] = declared_raw(entry, name, path)
+    return declared
+
+
+def _decode_layout(data: bytes, layout: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    """Decode every tensor of a layout already checked against the architecture."""
+    state: dict[str, torch.Tensor] = {}
+    for name, entry in layout.items():
+        if "meta" in entry:
+            streams = {s: _slice(data, span, path, name) for s, span in entry["streams"].items()}
+            state[name] = torch.from_numpy(decode_tensor(entry["meta"], streams).copy())
             continue
-        try:
-            dtype = getattr(torch, str(entry["dtype"]))
-            raw = bytearray(_slice(data, entry["span"], path, name))
-            tensor = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-            state[name] = tensor.reshape([int(d) for d in entry["shape"]]).clone()
-        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"{path}: tensor {name!r} cannot be rebuilt ({exc}); the file "
-                                "is corrupt") from exc
+        declared = declared_raw(entry, name, path)
+        raw = bytearray(_slice(data, entry.get("span"), path, name))
+        if len(raw) != math.prod(declared.shape) * declared.dtype.itemsize:
+            raise ArtifactError(f"{path}: tensor {name!r} holds {len(raw)} bytes, not the "
+                                f"{math.prod(declared.shape)} {declared.dtype} its shape needs; "
+                                "the file is corrupt")
+        tensor = torch.frombuffer(raw, dtype=declared.dtype) if raw else torch.empty(0, dtype=declared.dtype)
+        state[name] = tensor.reshape(declared.shape).clone()
     return state
 
 
@@ -209,8 +246,9 @@ def _save_program(model: nn.Module, program: bytes, path: Path, spec: ModelSpec,
     return path
 
 
-def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> nn.Module:
-    from torchslim.quantization.runtime import OrtModule
+def _program_bytes(path: Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> bytes:
+    """The ONNX program of a version-2 file, decompressed within bounds and checked safe."""
+    from torchslim.runtime import check_program
 
     runtime = document.get("runtime")
     if set(tensors) != {PROGRAM} or not isinstance(runtime, dict):
@@ -220,19 +258,26 @@ def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[s
     if coding not in ("raw", "zstd"):
         raise ArtifactError(f"{path}: unknown program coding {coding!r}; upgrade torchslim")
     if coding == "zstd":
-        try:
-            program = zstandard.ZstdDecompressor().decompress(program)
-        except zstandard.ZstdError as exc:
-            raise ArtifactError(f"{path}: the coded int8 program does not decompress ({exc}); "
-                                "the file is corrupt") from exc
+        limit = min(PROGRAM_LIMIT, PROGRAM_EXPANSION * len(program) + (1 << 26))
+        program = decompress_bounded(program, limit, what=f"{path}: the int8 program")
+    check_program(program)  # no external data, known operators, our signature: before onnxruntime
+    return program
+
+
+def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> nn.Module:
+    from torchslim.quantization.runtime import OrtModule
+
+    program = _program_bytes(path, tensors, document)
+    runtime = document["runtime"]
     try:
         model = OrtModule(program,
                           weight_count=int(runtime.get("weight_count", 0)),
                           flops=int(runtime.get("flops_per_sample", 0)))
-        model.report = dict(runtime.get("report") or {})
-        setattr(model, "torchslim_spec", ModelSpec.from_dict(document["model"]))  # noqa: B010
+        report = runtime.get("report") or {}
+        model.report = dict(report) if isinstance(report, dict) else {}
+        setattr(model, "torchslim_spec", ModelSpec.from_dict(document.get("model")))  # noqa: B010
         model.session()  # parse now: a damaged program fails here, not on first use
-    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+    except (ConfigError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ArtifactError(f"{path}: the int8 program cannot be loaded ({exc})") from exc
     except Exception as exc:  # onnxruntime's own errors (invalid protobuf, ...)
         raise ArtifactError(f"{path}: onnxruntime rejects the program ({str(exc)[:200]}); the "
@@ -243,31 +288,57 @@ def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[s
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON document of an artifact (checksum verified); encoded files add "layout"."""
     path = Path(path)
-    tensors, document = read_checked(path)
-    if document.get("version") == ENCODED_VERSION and PAYLOAD in tensors:
-        document["layout"] = _read_layout(tensors[PAYLOAD].numpy().tobytes(),
-                                          document.get("payload"), path)
+    tensors, document = _read(path)
+    if document["version"] == ENCODED_VERSION:
+        document["layout"] = _read_layout(tensors[PAYLOAD].numpy().tobytes(), document.get("payload"), path)
     return document
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The file's raw tensors and its document, format and version checked (nothing decoded)."""
     tensors, document = read_checked(path)
     if document.get("format") != ARTIFACT_FORMAT:
         raise ArtifactError(f"{path} is a torchslim file but not a model artifact "
-                            f"(format {document.get('format')!r}); pass a .slim model file")
-    if document.get("version") not in READABLE_VERSIONS:
-        raise ArtifactError(f"{path} has artifact version {document.get('version')!r}; this "
+                            f"(format {str(document.get('format'))[:80]!r}); pass a .slim model file")
+    version = document.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{path} has artifact version {str(version)[:40]}; this "
                             f"torchslim ({__version__}) reads versions {list(READABLE_VERSIONS)}: "
                             "upgrade torchslim or re-save the model")
-    if document["version"] == ENCODED_VERSION:
-        if set(tensors) != {PAYLOAD}:
-            raise ArtifactError(f"{path} is an encoded artifact without its payload; it is corrupt")
-        tensors = _decode_state(tensors[PAYLOAD], document.get("payload"), path)
+    if version == ENCODED_VERSION and set(tensors) != {PAYLOAD}:
+        raise ArtifactError(f"{path} is an encoded artifact without its payload; it is corrupt")
     return tensors, document
+
+
+def _declarations(path: Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]
+                  ) -> tuple[dict[str, Declared], dict[str, Any] | None]:
+    """Every tensor the file declares, and (encoded files) the layout to decode them from."""
+    if document["version"] == ARTIFACT_VERSION:
+        return {n: Declared(tuple(t.shape), t.dtype) for n, t in tensors.items()}, None
+    data = tensors[PAYLOAD].numpy().tobytes()
+    layout = _read_layout(data, document.get("payload"), path)
+    return _declare_layout(layout, path, len(data)), layout
+
+
+def _builder(path: Path, document: dict[str, Any], model: nn.Module | None) -> Any:
+    """A function building the recorded architecture (or copying the given `model`)."""
+    if model is not None:
+        return lambda: meta_copy(model)
+    try:
+        spec = ModelSpec.from_dict(document.get("model"))
+        get_entry(spec.name)
+    except ConfigError as exc:
+        raise ArtifactError(f"{path} names an architecture this torchslim cannot build "
+                            f"({exc}); pass model= with the architecture") from None
+    return lambda: build_model(spec)
 
 
 def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     """Rebuild the model saved at `path`, in eval mode.
+
+    Safe for any bytes: nothing in the file is executed or imported, no file besides it is
+    read, and nothing it declares is allocated before it is checked against the architecture
+    (see `torchslim.artifact_checks`); whatever is wrong ends in an `ArtifactError`.
 
     Args:
         path: a file written by `save`.
@@ -276,32 +347,23 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
             recorded structural edits are replayed on it.
 
     Raises:
-        ArtifactError: the file is missing, truncated, altered, of another version, or its
-            tensors do not fit the architecture.
+        ArtifactError: the file is missing, truncated, altered, forged, of another version, or
+            its tensors do not fit the architecture.
     """
     path = Path(path)
     tensors, document = _read(path)
     if document["version"] == PROGRAM_VERSION:
         return _load_program(path, tensors, document)
+    declared, layout = _declarations(path, tensors, document)
+    build = _builder(path, document, model)
+    edits = document.get("edits", [])
+    skeleton = meta_skeleton(build, lambda m: replay_edits_(m, edits, source=str(path)), path)
+    check_fits(skeleton.state_dict(), declared, path, type(skeleton).__name__)
     if model is None:
-        try:
-            model = build_model(ModelSpec.from_dict(document["model"]))
-        except (ConfigError, KeyError) as exc:
-            raise ArtifactError(f"{path} names an architecture this torchslim cannot build "
-                                f"({exc}); pass model= with the architecture") from exc
-    replay_edits_(model, document.get("edits", []), source=str(path))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(name for name in set(expected) & set(tensors)
-                   if expected[name].shape != tensors[name].shape)
-    if missing or unexpected or wrong:
-        details = "; ".join(part for part in (
-            f"missing {missing[:5]}" if missing else "",
-            f"unexpected {unexpected[:5]}" if unexpected else "",
-            f"shape mismatch {[(n, tuple(tensors[n].shape), tuple(expected[n].shape)) for n in wrong[:5]]}"
-            if wrong else "") if part)
-        raise ArtifactError(f"{path} does not fit the {type(model).__name__} architecture: "
-                            f"{details}")
+        model = build()
+    replay_edits_(model, edits, source=str(path))
+    if layout is not None:
+        tensors = _decode_layout(tensors[PAYLOAD].numpy().tobytes(), layout, path)
+    check_finite(tensors, path)
     model.load_state_dict(tensors)
     return model.eval()

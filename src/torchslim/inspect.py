@@ -1,65 +1,86 @@
-"""What an artifact holds, per tensor: shape, sparsity, bits, layout, coders, bytes by stream."""
+"""What an artifact holds, per tensor: shape, sparsity, bits, layout, coders, bytes by stream.
+
+Inspecting is as safe as loading: the same checks run first (bounded decompression, the ONNX
+program refused if it points outside the file), and a forged file ends in an `ArtifactError`.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from torchslim.artifact import read_metadata
-from torchslim.safefile import read_checked
+from torchslim.artifact import (
+    ARTIFACT_VERSION,
+    PAYLOAD,
+    PROGRAM_VERSION,
+    _declare_layout,
+    _program_bytes,
+    _read,
+    _read_layout,
+)
+from torchslim.encoding.meta import TensorMeta
 
 __all__ = ["inspect_artifact"]
 
 
 def inspect_artifact(path: str | Path) -> dict[str, Any]:
-    """Describe an artifact (checksum verified); see `torchslim inspect`."""
+    """Describe an artifact (checksum verified); see `torchslim inspect`.
+
+    Raises:
+        ArtifactError: the file is missing, corrupt or forged.
+    """
     path = Path(path)
-    document = read_metadata(path)
-    tensors = []
-    stored = 0
-    if document["version"] == 2:
-        raw, _ = read_checked(path)
-        tensors = _program_tensors(raw["onnx"].numpy().tobytes())
+    raw, document = _read(path)
+    version = document["version"]
+    model = document.get("model")
+    name = str(model.get("name")) if isinstance(model, dict) else "?"
+    header = 0
+    if version == PROGRAM_VERSION:
+        tensors = _program_tensors(_program_bytes(path, raw, document))
+        stored = raw["onnx"].numel()  # as stored (zstd-coded or raw)
+    elif version == ARTIFACT_VERSION:
+        tensors = [_dense_row(name, tensor) for name, tensor in raw.items()]
         stored = sum(t["bytes"] for t in tensors)
-    elif document["version"] == 0:
-        raw, _ = read_checked(path)
-        for name, tensor in raw.items():
-            size = tensor.numel() * tensor.element_size()
-            stored += size
-            tensors.append({"name": name, "shape": list(tensor.shape),
-                            "sparsity": float((tensor == 0).sum()) / max(1, tensor.numel()),
-                            "bits": tensor.element_size() * 8, "layout": "dense", "coders": "",
-                            "streams": {"raw": size}, "bytes": size})
     else:
-        for name, entry in document["layout"].items():
-            if "meta" in entry:
-                meta = entry["meta"]
-                shape = meta["shape"]
-                count = int(torch.tensor(shape).prod()) if shape else 1
-                streams = dict(meta["stream_bytes"])
-                book = meta.get("codebook_size")  # bits per weight: log2 of the codebook size
-                bits = max(1, (int(book) - 1).bit_length()) if book else 32
-                coders = ", ".join(f"{k}:{v}" for k, v in meta["coders"].items())
-                sparsity = 1 - meta["nnz"] / max(1, count)
-                layout = meta["layout"]
-            else:
-                shape, streams = entry["shape"], {"raw": entry["span"][1]}
-                bits, coders, layout, sparsity = None, "", "raw " + entry["dtype"], 0.0
-            total = sum(streams.values())
-            stored += total
-            tensors.append({"name": name, "shape": shape, "sparsity": sparsity, "bits": bits,
-                            "layout": layout, "coders": coders, "streams": streams, "bytes": total})
+        spans = document.get("payload")
+        data = raw[PAYLOAD].numpy().tobytes()
+        layout = _read_layout(data, spans, path)
+        _declare_layout(layout, path, len(data))  # validates every entry's metadata and spans
+        tensors = [_encoded_row(n, e) for n, e in layout.items()]
+        header = int(spans["layout_span"][1])  # the layout itself, zstd-compressed in the payload
+        stored = sum(t["bytes"] for t in tensors) + header
     size = path.stat().st_size
-    if document["version"] == 1:  # the layout itself is stored in the payload, zstd-compressed
-        stored += int(document["payload"]["layout_span"][1])
-    return {"model": document["model"]["name"], "version": document["version"], "bytes": size,
+    return {"model": name, "version": version, "bytes": size,
             "tensor_bytes": stored, "header_bytes": size - stored, "tensors": tensors}
 
 
+def _dense_row(name: str, tensor: Any) -> dict[str, Any]:
+    size = tensor.numel() * tensor.element_size()
+    return {"name": name, "shape": list(tensor.shape),
+            "sparsity": float((tensor == 0).sum()) / max(1, tensor.numel()),
+            "bits": tensor.element_size() * 8, "layout": "dense", "coders": "",
+            "streams": {"raw": size}, "bytes": size}
+
+
+def _encoded_row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    if "meta" not in entry:
+        streams = {"raw": int(entry["span"][1])}
+        return {"name": name, "shape": entry["shape"], "sparsity": 0.0, "bits": None,
+                "layout": "raw " + str(entry["dtype"]), "coders": "", "streams": streams,
+                "bytes": sum(streams.values())}
+    meta = TensorMeta.from_dict(entry["meta"])
+    streams = dict(meta.stream_bytes)
+    book = meta.codebook_size  # bits per weight: log2 of the codebook size
+    return {"name": name, "shape": list(meta.shape),
+            "sparsity": 1 - meta.nnz / max(1, math.prod(meta.shape)),
+            "bits": max(1, (book - 1).bit_length()) if book else 32, "layout": meta.layout.value,
+            "coders": ", ".join(f"{k}:{v}" for k, v in meta.coders.items()),
+            "streams": streams, "bytes": sum(streams.values())}
+
+
 def _program_tensors(program: bytes) -> list[dict[str, Any]]:
-    """The weights (initializers) of an ONNX program: int8 weights show 8 bits."""
+    """The weights (initializers) of an ONNX program (already checked: all inline)."""
     import onnx
     from onnx import numpy_helper
 

@@ -24,10 +24,13 @@ from safetensors.torch import save_file
 
 from torchslim.errors import ArtifactError
 
-__all__ = ["flatten_state", "read_checked", "unflatten_state", "write_atomic", "write_checked"]
+__all__ = ["MAX_JSON_DEPTH", "TMP_SUFFIX", "decompress_bounded", "flatten_state", "parse_document",
+           "read_checked", "remove_leftovers", "unflatten_state", "write_atomic", "write_checked"]
 
 _DOC_KEY = "torchslim"
 _SUM_KEY = "sha256"
+TMP_SUFFIX = ".tmp"
+MAX_JSON_DEPTH = 64  # our documents nest ~8 deep; deeper is forged (and would exhaust the stack)
 
 
 def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s") -> Any:
@@ -82,17 +85,101 @@ def write_atomic(path: Path, write: Any) -> None:
     """Call `write(tmp_path)` then rename onto `path`, so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(handle)
     umask = os.umask(0)
     os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         write(Path(tmp))
+        # mkstemp makes 0600 files, and writers may re-create the file: set the usual
+        # permissions (0666 less the umask) on what was written, before it takes the name.
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete the temporary files `write_atomic` leaves when a process is killed mid-write.
+
+    Only names of its own pattern (`.NAME.XXXX.tmp`) are touched, anywhere under `folder`.
+    Returns the paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.rglob(f".*{TMP_SUFFIX}")):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def decompress_bounded(data: bytes, limit: int, *, what: str) -> bytes:
+    """zstd-decompress `data`, refusing output beyond `limit` bytes before allocating it.
+
+    Why: `ZstdDecompressor.decompress(max_output_size=...)` trusts a frame that declares its
+    content size, so a 131 KB forged frame can demand gigabytes. Streaming in bounded reads
+    never holds more than `limit` + one chunk.
+
+    Raises:
+        ArtifactError: the data is not zstd, is corrupt, or would exceed `limit`.
+    """
+    import io
+
+    import zstandard
+
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        reader = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
+            io.BytesIO(data), read_across_frames=True)
+        with reader:
+            while chunk := reader.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise ArtifactError(f"{what} decompresses to more than {limit:,} bytes, beyond "
+                                        "what this file can hold; the file is forged or corrupt")
+                chunks.append(chunk)
+    except zstandard.ZstdError as exc:
+        raise ArtifactError(f"{what} does not decompress ({exc}); the file is corrupt") from exc
+    return b"".join(chunks)
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_JSON_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def parse_document(text: str | bytes, *, what: str) -> dict[str, Any]:
+    """Parse untrusted JSON that must be an object, of bounded nesting.
+
+    Raises:
+        ArtifactError: malformed JSON, not an object, or nested deeper than `MAX_JSON_DEPTH`.
+    """
+    try:
+        document = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as exc:
+        raise ArtifactError(f"{what} holds malformed JSON ({str(exc)[:120]}); the file is corrupt") from None
+    if not isinstance(document, dict):
+        raise ArtifactError(f"{what} holds a JSON {type(document).__name__} where an object is "
+                            "expected; the file is corrupt or not a torchslim file")
+    if _depth(document) > MAX_JSON_DEPTH:
+        raise ArtifactError(f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels; the file is "
+                            "forged or corrupt")
+    return document
 
 
 def write_checked(path: Path | str, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> None:
@@ -120,14 +207,10 @@ def read_checked(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, A
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ArtifactError(f"{path} is not a readable torchslim file: it is truncated, "
                             f"altered or of another format ({exc}); re-create it") from exc
-    if _DOC_KEY not in metadata or _SUM_KEY not in metadata:
+    if not isinstance(metadata.get(_DOC_KEY), str) or not isinstance(metadata.get(_SUM_KEY), str):
         raise ArtifactError(f"{path} is a safetensors file but not a torchslim file (no "
                             "torchslim metadata); save it with torchslim.save")
     if _checksum(metadata[_DOC_KEY], tensors) != metadata[_SUM_KEY]:
         raise ArtifactError(f"{path} failed its checksum: its contents were altered or "
                             "damaged after it was written; re-create it")
-    try:
-        document = json.loads(metadata[_DOC_KEY])
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} holds malformed JSON metadata ({exc})") from exc
-    return tensors, document
+    return tensors, parse_document(metadata[_DOC_KEY], what=str(path))

@@ -79,13 +79,30 @@ class ModelSpec:
                 "num_classes": self.num_classes}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        try:
-            return cls(name=str(data["name"]), input_shape=tuple(int(d) for d in data["input_shape"]),
-                       num_classes=int(data["num_classes"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"model spec {data!r} is malformed ({exc}); it needs 'name', "
-                              "'input_shape' and 'num_classes'") from exc
+    def from_dict(cls, data: Any) -> ModelSpec:
+        """Validate a spec read from a file: exact types, bounded sizes (a forged spec must not
+        make the builder allocate gigabytes or fail deep inside a layer constructor).
+
+        Raises:
+            ConfigError: naming the field, its value and the valid range.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"model spec must be a mapping with 'name', 'input_shape' and "
+                              f"'num_classes', got {type(data).__name__}")
+        name, shape, classes = data.get("name"), data.get("input_shape"), data.get("num_classes")
+        if not isinstance(name, str) or not 0 < len(name) <= 200:
+            raise ConfigError(f"model spec 'name' must be a registered model name, got {str(name)[:80]!r}")
+        if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_SPEC_RANK
+                or any(type(d) is not int or not 1 <= d <= MAX_SPEC_DIM for d in shape)):
+            raise ConfigError(f"model spec 'input_shape' must be 1 to {MAX_SPEC_RANK} ints in "
+                              f"[1, {MAX_SPEC_DIM}], got {str(shape)[:80]}")
+        if type(classes) is not int or not 1 <= classes <= MAX_SPEC_CLASSES:
+            raise ConfigError(f"model spec 'num_classes' must be an int in [1, {MAX_SPEC_CLASSES}], "
+                              f"got {str(classes)[:40]}")
+        return cls(name=name, input_shape=tuple(shape), num_classes=classes)
+
+
+MAX_SPEC_RANK, MAX_SPEC_DIM, MAX_SPEC_CLASSES = 4, 1 << 16, 1 << 20
 
 
 _REGISTRY: dict[str, ModelEntry] = {}

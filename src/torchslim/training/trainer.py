@@ -140,13 +140,14 @@ class Trainer:
 
     def fit(self, *, resume: bool = False) -> list[EpochRecord]:
         """Run the remaining epochs; with `resume`, continue from the last checkpoint if any."""
+        torch.manual_seed(self.config.seed)
+        for callback in self.callbacks:
+            callback.on_fit_start(self)  # may add masks: wrap after, so DDP sees them
+        # Restored after the callbacks have shaped the model (masks, fake quantizers), so the
+        # checkpoint's parametrized state finds the same structure it was written from.
         if resume and self.checkpoint_path and self.checkpoint_path.is_file():
             self._load_checkpoint(self.checkpoint_path)
             log.info("resumed from %s at epoch %d", self.checkpoint_path, self.start_epoch)
-        else:
-            torch.manual_seed(self.config.seed)
-        for callback in self.callbacks:
-            callback.on_fit_start(self)  # may add masks: wrap after, so DDP sees them
         if self.world > 1:
             self.replica = distributed.data_parallel(self.model, self.extra, self.device)
         try:
