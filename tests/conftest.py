@@ -1,5 +1,10 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # shared helpers such as forgery.py
 
 
 @pytest.fixture(autouse=True)

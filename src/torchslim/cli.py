@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torchslim.data import dataset_names
@@ -96,7 +97,7 @@ def _run_recipe(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     from torchslim.training import distributed
 
     run = CompressionRun(recipe, args.out, model_source=args.model, resume=args.resume,
-                         progress=not args.no_progress)
+                         overwrite=getattr(args, "overwrite", False), progress=not args.no_progress)
     report = run.run()
     if distributed.is_main_process():
         _print_table(report)
@@ -105,13 +106,13 @@ def _run_recipe(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def _run_generated_recipe(data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Validate a recipe a command stands for, keep it as OUT/recipe.yaml, and run it."""
-    from pathlib import Path
-
     import yaml
 
     from torchslim.recipe import parse_recipe
+    from torchslim.run_folder import check_writable_folder
 
     recipe = parse_recipe(data)
+    check_writable_folder(Path(args.out))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     return _run_recipe(recipe, args)
@@ -182,6 +183,15 @@ def _prune_once(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_folder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in OUT: finished stages are reused, training resumes "
+                             "from its last epoch checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run OUT already holds and start over (without --resume or "
+                             "--overwrite, a folder holding a run is refused)")
+
+
 def _add_prune_parser(commands: Any) -> None:
     prune = commands.add_parser(
         "prune", help="remove channels/neurons/heads (--structured) or weights, then fine-tune",
@@ -217,7 +227,7 @@ def _add_prune_parser(commands: Any) -> None:
     tune.add_argument("--lr", type=float, help="default: a tenth of the model's training LR")
     tune.add_argument("--no-distill", action="store_true", help="fine-tune on labels only")
     tune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
+    _add_run_folder_options(prune)
     prune.add_argument("--no-progress", action="store_true", help="hide progress bars")
     prune.set_defaults(func=cmd_prune)
 
@@ -228,7 +238,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.method in ("qat", "binary", "ternary"):
         from torchslim.cli_recipes import training_quantize_recipe
 
-        args.resume = False
         report = _run_generated_recipe(training_quantize_recipe(args), args)
         final = report["stages"][0]
         if args.method == "qat":
@@ -359,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "Deep Compression recipe, print the before/after table and write "
                                "model.slim + a report folder.")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
+    _add_run_folder_options(demo)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=cmd_demo)
 
@@ -373,8 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--model", help="artifact or registered name to compress instead of "
                           "the recipe's model (skips baseline training)")
     compress.add_argument("--out", required=True, help="output folder")
-    compress.add_argument("--resume", action="store_true",
-                          help="continue a killed run: finished stages are reused")
+    _add_run_folder_options(compress)
     compress.add_argument("--no-progress", action="store_true", help="hide progress bars")
     compress.set_defaults(func=cmd_compress)
 
@@ -407,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--temperature", type=float, default=4.0)
     tune.add_argument("--alpha", type=float, default=0.5, help="weight of the hard-label loss")
     tune.add_argument("--seed", type=int, default=0)
-    factorize.add_argument("--resume", action="store_true", help="reuse finished stages in OUT")
+    _add_run_folder_options(factorize)
     factorize.add_argument("--no-progress", action="store_true", help="hide progress bars")
     factorize.set_defaults(func=cmd_factorize)
 
@@ -439,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train on labels only (default: distil from the float model)")
     qat.add_argument("--no-progress", action="store_true", help="hide progress bars")
     quantize.add_argument("--out", required=True, help="output folder")
+    _add_run_folder_options(quantize)
     quantize.set_defaults(func=cmd_quantize)
 
     inspect = commands.add_parser("inspect", help="per-layer sparsity, bits and bytes of a file",
@@ -533,10 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `torchslim` command."""
+    for stream in (sys.stdout, sys.stderr):  # paths that are not UTF-8 must not crash a print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if getattr(args, "out", None):
+            from torchslim.run_folder import check_writable_folder
+
+            check_writable_folder(Path(args.out))
         code: int = args.func(args)
         return code
     except SlimError as exc:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from torchslim.api import apply_, finalize_
 from torchslim.clustering import keep_shared_
 from torchslim.data import Dataset, TensorLoader, load_dataset
 from torchslim.distillation import Distill, DistillationLoss
-from torchslim.errors import ConfigError
+from torchslim.errors import ConfigError, SlimError
 from torchslim.models import create_model, dataset_for, get_entry, spec_of
 from torchslim.pruning import GradualPruning, WeightPruning
 from torchslim.pruning.schedules import iterative_sparsities, rewind_
@@ -44,9 +43,10 @@ from torchslim.recipe import (
     Recipe,
     Stage,
 )
+from torchslim.run_folder import RunFolder
 from torchslim.training import Loss, TrainConfig, Trainer, distributed
 
-__all__ = ["CompressionRun", "constrain_"]
+__all__ = ["CompressionRun", "check_stages", "constrain_"]
 
 log = logging.getLogger(__name__)
 Constraints = dict[str, str]  # layer name -> "sparse" | "shared"
@@ -63,6 +63,28 @@ def constrain_(model: nn.Module, constraints: Constraints) -> None:
             keep_shared_(module)
         else:
             set_mask_(module, weight.detach() != 0)
+
+
+def check_stages(stages: tuple[Stage, ...], model: nn.Module) -> None:
+    """Resolve every stage's selection and per-layer names on `model`, up to the first
+    structural stage (later ones may select the layers it creates).
+
+    Raises:
+        SelectionError, ConfigError: naming the stage, and the selection that matches nothing.
+    """
+    for index, stage in enumerate(stages, start=1):
+        try:
+            if stage.kind != "structured_prune":  # its selection names groups, checked when traced
+                names = {name for name, _ in stage.targets.resolve(model)}
+                per_layer = getattr(stage.config, "per_layer", None) or {}
+                unknown = sorted(set(per_layer) - names)
+                if unknown:
+                    raise ConfigError(f"per_layer names {unknown} are not among the selected "
+                                      f"layers {sorted(names)}")
+        except SlimError as exc:
+            raise type(exc)(f"stage {index} ({stage.kind}): {exc}") from None
+        if stage.kind in STRUCTURAL_STAGES:
+            break
 
 
 def forget_replaced(constraints: Constraints, replaced: list[str]) -> None:
@@ -85,11 +107,11 @@ class CompressionRun:
     """
 
     def __init__(self, recipe: Recipe, out: str | Path, *, model_source: str | None = None,
-                 resume: bool = False, progress: bool = True, timing: bool = True) -> None:
+                 resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 timing: bool = True) -> None:
         self.recipe, self.out, self.progress, self.timing = recipe, Path(out), progress, timing
         self.model_source = model_source
         self.stages_dir = self.out / "stages"
-        self._check_lock(resume)
         name, dataset = recipe.model, recipe.dataset
         if model_source and not Path(model_source).exists():
             name = model_source
@@ -99,18 +121,14 @@ class CompressionRun:
             dataset = dataset or saved.get("metadata", {}).get("dataset")
         self.data: Dataset = load_dataset(dataset_for(name, dataset), seed=recipe.seed)
         self.original: nn.Module | None = None  # the model before stage 1: `teacher: original`
+        self.folder = RunFolder(self.out)
+        self._claim(resume, overwrite)
 
-    def _check_lock(self, resume: bool) -> None:
-        lock = self.out / "recipe.lock"
-        if resume and lock.is_file() and lock.read_text().strip() != self.recipe.digest:
-            raise ConfigError(f"{self.out} holds a run of a different recipe; use another --out "
-                              "or drop --resume to start over")
+    def _claim(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0 locks `out` for this run (see `RunFolder`); the others wait for it."""
         distributed.barrier()  # every process has read `out` before rank 0 changes it
         if distributed.is_main_process():
-            if not resume and self.stages_dir.exists():
-                shutil.rmtree(self.stages_dir)
-            self.out.mkdir(parents=True, exist_ok=True)
-            lock.write_text(self.recipe.digest + "\n")
+            self.folder.claim(self.recipe.digest, resume=resume, overwrite=overwrite)
         distributed.barrier()
 
     @staticmethod
@@ -324,7 +342,33 @@ class CompressionRun:
         return {"name": label, **row}
 
     def run(self) -> dict[str, Any]:
-        """Run every stage (resuming finished ones), write model.slim and the report."""
+        """Run every stage (resuming finished ones), write model.slim and the report; the
+        output folder stays locked until the run ends (or fails)."""
+        try:
+            return self._run()
+        finally:
+            self.folder.release()
+
+    def dry_run(self) -> None:
+        """Check every stage against the model before any work: the untrained architecture (or
+        the given model) is built and every selection and per-layer name resolved on it, up to
+        the first stage that changes structure (later ones may name the layers it creates).
+
+        Raises:
+            SelectionError, ConfigError: a selection or per-layer name matching no layer.
+        """
+        if self.model_source:
+            from torchslim.workflows import load_model_or_artifact
+
+            model = load_model_or_artifact(self.model_source)[0]
+        elif self.recipe.model is None:
+            raise ConfigError("the recipe names no model; add `model:` or pass --model")
+        else:
+            model = create_model(self.recipe.model, pretrained=False,
+                                 input_shape=self.data.input_shape, num_classes=self.data.num_classes)
+        check_stages(self.recipe.stages, model)
+
+    def _run(self) -> dict[str, Any]:
         from torchslim.measure import compare
         from torchslim.report import write_report
 
@@ -332,13 +376,9 @@ class CompressionRun:
         last = self.recipe.stages[-1].config
         encoding = artifact.Encoding(coder=last.coder, index_bits=last.index_bits) \
             if isinstance(last, EncodeStage) else artifact.Encoding()
+        self.dry_run()  # a bad selection fails before any work
         model = self.baseline()
         self.original = copy.deepcopy(model).eval()
-        for stage in self.recipe.stages:  # a selection matching nothing fails before any work
-            if stage.kind != "structured_prune":  # its selection names groups, checked when traced
-                stage.targets.resolve(model)
-            if stage.kind in STRUCTURAL_STAGES:
-                break  # later stages may select the layers this one creates
         main = distributed.is_main_process()  # the others run the stages, then wait
         rows = [self.measure("baseline", model, timing=self.timing, encoding=encoding)] if main else []
         constraints: Constraints = {}

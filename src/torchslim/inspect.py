@@ -48,7 +48,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         layout = _read_layout(data, spans, path)
         _declare_layout(layout, path, len(data))  # validates every entry's metadata and spans
         tensors = [_encoded_row(n, e) for n, e in layout.items()]
-        header = int(spans["layout_span"][1])  # the layout itself, zstd-compressed in the payload
+        header = int(document["payload"]["layout_span"][1])  # the layout, zstd-coded in the payload
         stored = sum(t["bytes"] for t in tensors) + header
     size = path.stat().st_size
     return {"model": name, "version": version, "bytes": size,

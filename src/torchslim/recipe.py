@@ -36,6 +36,7 @@ from torchslim.clustering import WeightSharing
 from torchslim.config import TechniqueConfig, build_config, validated
 from torchslim.depth import LayerDropping
 from torchslim.distillation import Distill
+from torchslim.encoding.coders import parse_coder
 from torchslim.errors import ConfigError
 from torchslim.lowrank import ConvDecomposition, LowRank
 from torchslim.pruning import ChannelPruning, WeightPruning
@@ -160,17 +161,20 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.source, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _stage(index: int, item: Any) -> Stage:
+def _stage(index: int, item: Any, seed: int) -> Stage:
     if not isinstance(item, dict) or len(item) != 1:
         raise ConfigError(f"stage {index} must be a mapping with one key (the stage name), got "
                           f"{item!r}; stage names: {', '.join(sorted(STAGE_TYPES))}")
     (kind, options), = item.items()
     if kind not in STAGE_TYPES:
-        raise ConfigError(f"stage {index}: unknown stage {kind!r}; valid stages: "
+        raise ConfigError(f"stage {index}: unknown stage {str(kind)[:60]!r}; valid stages: "
                           f"{', '.join(sorted(STAGE_TYPES))}")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(f"stage {index} ({kind}): options must be a mapping (`{kind}: {{key: "
+                          f"value}}`), got a {type(options).__name__}: {str(options)[:60]}")
     options = dict(options or {})
-    targets = Select.from_dict(options.pop("targets", None))
     try:
+        targets = Select.from_dict(options.pop("targets", None))
         if kind in ("fine_tune", "distill", "qat", "lowbit"):
             block = options.pop("distill", None)
             extra: dict[str, Any] = {}
@@ -186,9 +190,21 @@ def _stage(index: int, item: Any) -> Stage:
                 config = STAGE_TYPES[kind](train=train, distill=build_config(Distill, block), **extra)
         else:
             config = build_config(STAGE_TYPES[kind], options)
+        _check_nested(config, seed)
     except ConfigError as exc:
         raise ConfigError(f"stage {index} ({kind}): {exc}") from None
     return Stage(config=config, targets=targets)
+
+
+def _check_nested(config: Any, seed: int) -> None:
+    """Options a stage only reads later (its coder, its `train:` block), checked now."""
+    if isinstance(config, EncodeStage):
+        parse_coder(config.coder)
+    if isinstance(config, GradualPrune | IterativePrune):
+        try:
+            build_config(TrainConfig, {"seed": seed, **config.train})
+        except ConfigError as exc:
+            raise ConfigError(f"train: {exc}") from None
 
 
 def parse_recipe(data: Any) -> Recipe:
@@ -205,14 +221,21 @@ def parse_recipe(data: Any) -> Recipe:
     stages = data.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError("a recipe needs a non-empty 'stages' list")
-    seed = int(data.get("seed", 0))
+    seed = data.get("seed", 0)
+    if type(seed) is not int or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {str(seed)[:40]!r}")
     baseline = None
     if data.get("baseline") is not None:
         try:
-            baseline = build_config(TrainConfig, {"seed": seed, **dict(data["baseline"])})
+            if not isinstance(data["baseline"], dict):
+                raise ConfigError(f"options must be a mapping, got {type(data['baseline']).__name__}")
+            baseline = build_config(TrainConfig, {"seed": seed, **data["baseline"]})
         except ConfigError as exc:
             raise ConfigError(f"baseline: {exc}") from None
-    parsed = tuple(_stage(i, item) for i, item in enumerate(stages))
+    for key in ("model", "dataset"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ConfigError(f"{key} must be a name (a string), got {str(data[key])[:60]!r}")
+    parsed = tuple(_stage(i, item, seed) for i, item in enumerate(stages))
     encodes = [i for i, s in enumerate(parsed) if s.kind == "encode"]
     if encodes and encodes != [len(parsed) - 1]:
         raise ConfigError("'encode' must be the last stage, and appear once")
@@ -230,8 +253,36 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist; see examples/recipes/ for examples")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {path} is {path.stat().st_size:,} bytes; a recipe is a short "
+                          f"YAML file (at most {MAX_RECIPE_BYTES:,} bytes)")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                          "save it as UTF-8") from None
+    return parse_recipe(parse_yaml(text, what=f"recipe {path}"))
+
+
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without anchors/aliases: a 1 KB "billion laughs" file cannot expand."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ConfigError(f"YAML aliases (*{event.anchor}) are not allowed in recipes (line "
+                              f"{event.start_mark.line + 1}); write the value out")
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, *, what: str) -> Any:
+    """Parse untrusted YAML safely: no Python objects, no aliases, errors as `ConfigError`."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
-    return parse_recipe(data)
+        raise ConfigError(f"{what} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} nests too deeply to be a recipe") from None

@@ -46,11 +46,19 @@ class Select:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> Select:
         """Build from a recipe mapping; unknown keys list the valid ones."""
-        data = data or {}
+        data = {} if data is None else data
         valid = {"names", "patterns", "types", "exclude"}
-        unknown = sorted(set(data) - valid)
+        if not isinstance(data, dict):
+            raise ConfigError(f"targets must be a mapping of {sorted(valid)} to lists of names, got "
+                              f"{type(data).__name__} {str(data)[:60]}")
+        unknown = sorted(str(key) for key in set(data) - valid)
         if unknown:
             raise ConfigError(f"unknown selector key(s) {unknown}; valid keys: {sorted(valid)}")
+        bad = [key for key, value in data.items()
+               if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value)]
+        if bad:
+            raise ConfigError(f"targets {bad} must be lists of strings (e.g. `names: [fc1]`), got "
+                              f"{[data[k] for k in bad]}")
         return cls(**{key: tuple(value) for key, value in data.items()})
 
     def to_dict(self) -> dict[str, list[str]]:
