@@ -25,7 +25,6 @@ Tensors = dict[str, torch.Tensor]
 def onnx_program(*, output: str = "output", nodes: tuple[Any, ...] = (),
                  initializers: tuple[Any, ...] = (), outputs: tuple[str, ...] = ()) -> bytes:
     """A tiny valid program: output = input + 1 (plus whatever `nodes` add)."""
-    import onnx
     from onnx import TensorProto, helper
 
     one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])

@@ -47,6 +47,10 @@ def _set(root: Any, path: tuple[Any, ...], value: Any) -> None:
 
 def main(workdir: Path) -> None:
     import torch
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from onnx import TensorProto, helper
+
     from forgery import (
         dense_artifact,
         encoded_artifact,
@@ -58,10 +62,6 @@ def main(workdir: Path) -> None:
         rewrite,
         zstd_bomb,
     )
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-    from onnx import TensorProto, helper
-
     from torchslim import artifact
     from torchslim.errors import ArtifactError
     from torchslim.inspect import inspect_artifact
@@ -93,7 +93,8 @@ def main(workdir: Path) -> None:
         """A program artifact with external data or odd ops; True if it must be refused."""
         kind = data.draw(st.sampled_from(["external", "op", "shape", "bomb"]))
         if kind == "external":
-            location = data.draw(st.sampled_from(["secret.bin", "../secret.bin", str(workdir / "secret.bin")]))
+            location = data.draw(st.sampled_from(["secret.bin", "../secret.bin",
+                                                  str(workdir / "secret.bin")]))
             leak = external_tensor("leak", location, len(secret) // 4 * 4)
             program = onnx_program(initializers=(leak,), outputs=("stolen",),
                                    nodes=(helper.make_node("Identity", ["leak"], ["stolen"]),))

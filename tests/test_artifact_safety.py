@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from forgery import (
     dense_artifact,
     encoded_artifact,
@@ -23,7 +24,6 @@ from forgery import (
     rewrite,
     zstd_bomb,
 )
-
 from torchslim import artifact
 from torchslim.errors import ArtifactError
 from torchslim.inspect import inspect_artifact
@@ -66,7 +66,7 @@ def test_external_data_is_refused_before_onnxruntime_reads_it(secret_cwd: Path, 
         program = onnx_program(initializers=(cond,), outputs=("stolen",), nodes=(
             helper.make_node("If", ["cond"], ["stolen"], then_branch=branch, else_branch=branch),))
     path = program_artifact(secret_cwd / "forged.slim", program)
-    with pytest.raises(ArtifactError, match="external data at 'secret.bin'"):
+    with pytest.raises(ArtifactError, match=r"external data at 'secret\.bin'"):
         artifact.load(path)
     with pytest.raises(ArtifactError, match="external data"):
         inspect_artifact(path)
@@ -187,7 +187,8 @@ def test_fuzzed_forgeries_only_raise_artifact_error_within_memory_and_time(tmp_p
     """Hypothesis forges files with valid checksums (see fuzz_artifacts.py) in a subprocess whose
     address space is capped 1.5 GiB above what torch and onnxruntime need."""
     script = Path(__file__).parent / "fuzz_artifacts.py"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(script.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
                             text=True, timeout=600, env=env, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
