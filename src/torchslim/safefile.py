@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from torchslim.errors import ArtifactError
 
@@ -182,13 +181,51 @@ def parse_document(text: str | bytes, *, what: str) -> dict[str, Any]:
     return document
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+                       torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors header of `tensors` stored in name order, byte-for-byte deterministic.
+
+    Why our own framing: the library writes its `__metadata__` from a hash map, so the same
+    tensors and document come out in a different byte order from run to run, and a resumed
+    run could never reproduce an uninterrupted run's file exactly. The layout is the format's
+    own: an 8-byte little-endian header length, the JSON header (padded with spaces to 8
+    bytes), then the tensors' bytes back to back.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"cannot store {tensor.dtype} tensor {name!r}; convert it to one of "
+                            f"{sorted(str(d) for d in _SAFETENSORS_DTYPES)}")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
 def write_checked(path: Path | str, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> None:
-    """Write tensors + a JSON document + their checksum, atomically."""
-    # Cloned so tied (storage-sharing) tensors are stored apart, as safetensors requires.
-    tensors = {name: t.detach().cpu().clone().contiguous() for name, t in tensors.items()}
+    """Write tensors + a JSON document + their checksum, atomically; the same inputs always
+    give the same bytes."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     text = json.dumps(document, sort_keys=True, separators=(",", ":"))
-    metadata = {_DOC_KEY: text, _SUM_KEY: _checksum(text, tensors)}
-    write_atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    header = _safetensors_header(tensors, {_DOC_KEY: text, _SUM_KEY: _checksum(text, tensors)})
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as handle:
+            handle.write(header)
+            for name in sorted(tensors):
+                if tensors[name].numel():
+                    handle.write(tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    write_atomic(Path(path), write)
 
 
 def read_checked(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
