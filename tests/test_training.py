@@ -192,3 +192,47 @@ def test_early_stopping_without_validation_and_missing_cuda_are_explained(digits
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             Trainer(TinyMLP(), loader, config=make_train_config(device="cuda"))
+
+
+def _dataloader_trainer(digits, tmp_path: Path, callbacks=(), **config) -> Trainer:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    train = DataLoader(TensorDataset(digits.train.images, digits.train.labels), batch_size=64,
+                       shuffle=True)
+    val = DataLoader(TensorDataset(digits.val.images, digits.val.labels), batch_size=256)
+    return Trainer(TinyMLP(), train, val_loader=val,
+                   config=make_train_config(**{"epochs": 3, "lr": 0.1, **config}),
+                   callbacks=callbacks, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_a_plain_dataloader_trains_and_resumes_exactly(digits, tmp_path: Path) -> None:
+    reference = _dataloader_trainer(digits, tmp_path / "ref")
+    history = reference.fit()
+    assert history[-1].val_accuracy > 0.8 and history[-1].train_loss < history[0].train_loss
+    with pytest.raises(KeyboardInterrupt):
+        _dataloader_trainer(digits, tmp_path / "run", callbacks=[StopAfterEpoch(1)]).fit()
+    resumed = _dataloader_trainer(digits, tmp_path / "run")
+    resumed.fit(resume=True)
+    for a, b in zip(reference.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_run_killed_during_gradual_pruning_resumes_with_its_masks(digits, tmp_path: Path) -> None:
+    """The checkpoint holds parametrized weights (masks): they exist again before it loads."""
+    from torchslim.pruning import GradualPruning, WeightPruning
+
+    def gradual() -> GradualPruning:
+        return GradualPruning(WeightPruning(sparsity=0.8), start=0, end=40, every=5)
+
+    reference = _trainer(digits, tmp_path / "ref", callbacks=[gradual()])
+    reference.fit()
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(digits, tmp_path / "run", callbacks=[gradual(), StopAfterEpoch(1)]).fit()
+    resumed = _trainer(digits, tmp_path / "run", callbacks=[gradual()])
+    resumed.fit(resume=True)
+    expected, got = reference.model.state_dict(), resumed.model.state_dict()
+    assert any(".mask" in name for name in got) and expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    weight = resumed.model.net[1].weight
+    assert float((weight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)

@@ -254,5 +254,10 @@ class OrtModule(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         session = self.session()
-        (output,) = session.run(["output"], {"input": inputs.detach().cpu().numpy()})
+        try:
+            (output,) = session.run(["output"], {"input": inputs.detach().cpu().numpy()})
+        except Exception as exc:  # onnxruntime raises its own types: one clean error instead
+            raise ConfigError(f"onnxruntime cannot run the int8 program on an input of shape "
+                              f"{tuple(inputs.shape)} and dtype {inputs.dtype} ({str(exc)[:200]}); "
+                              "pass inputs shaped like the ones it was converted with") from exc
         return torch.from_numpy(output)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -38,7 +38,17 @@ from torchslim.training.checkpoint import (
 from torchslim.training.config import TrainConfig
 from torchslim.training.optim import build_optimizer, build_scheduler
 
-__all__ = ["CHECKPOINT_NAME", "EpochRecord", "Trainer"]
+
+class Batches(Protocol):
+    """What the trainer reads: a sized iterable of (inputs, labels) batches, such as a torch
+    `DataLoader` or our in-memory `TensorLoader`."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
+
+
+__all__ = ["CHECKPOINT_NAME", "Batches", "EpochRecord", "Trainer"]
 
 CHECKPOINT_NAME = "last.ckpt"
 log = logging.getLogger(__name__)
@@ -63,7 +73,8 @@ class Trainer:
 
     Args:
         model: the module to train, in place.
-        train_loader: batches of (inputs, labels); a `TensorLoader` is re-shuffled per epoch.
+        train_loader: batches of (inputs, labels): a torch `DataLoader` (its sampler's
+            `set_epoch` is called every epoch) or a `TensorLoader` (re-shuffled per epoch).
         config: hyper-parameters (see `TrainConfig`).
         val_loader: validation batches, for the curves and early stopping.
         loss: the objective (default: cross-entropy on labels).
@@ -88,8 +99,8 @@ class Trainer:
         True
     """
 
-    def __init__(self, model: nn.Module, train_loader: TensorLoader, *, config: TrainConfig,
-                 val_loader: TensorLoader | None = None, loss: Loss | None = None,
+    def __init__(self, model: nn.Module, train_loader: Batches, *, config: TrainConfig,
+                 val_loader: Batches | None = None, loss: Loss | None = None,
                  callbacks: Sequence[Callback] = (), checkpoint_dir: str | Path | None = None,
                  progress: bool = True) -> None:
         if len(train_loader) == 0:
@@ -214,7 +225,7 @@ class Trainer:
                               "freeze them (requires_grad_(False)) or train in one process")
 
     def _run_epoch(self, epoch: int) -> EpochRecord:
-        self.train_loader.set_epoch(epoch)
+        _set_epoch(self.train_loader, epoch)
         for callback in self.callbacks:
             callback.on_epoch_start(self, epoch)
         self.model.train()
@@ -330,12 +341,26 @@ class Trainer:
                 "best_val_accuracy": self.best_accuracy if self.best_state is not None else None}
 
 
-def _check_shardable(loader: TensorLoader, world: int) -> None:
+def _set_epoch(loader: Batches, epoch: int) -> None:
+    """Re-shuffle per epoch: our `TensorLoader`, or a DataLoader's (distributed) sampler."""
+    for owner in (loader, getattr(loader, "sampler", None)):
+        set_epoch = getattr(owner, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+            return
+
+
+def _check_shardable(loader: Batches, world: int) -> None:
     """Every process must get samples of every batch, the full ones in equal parts."""
     if world == 1:
         return
-    batch = loader.batch_size
-    last = 0 if loader.drop_last else len(loader.split) % batch
+    batch = getattr(loader, "batch_size", None)
+    size = len(loader.split) if isinstance(loader, TensorLoader) else len(getattr(loader, "dataset", ()))
+    if not isinstance(batch, int):
+        raise ConfigError(f"data-parallel training shards every batch over {world} processes and "
+                          f"needs the loader's batch_size; {type(loader).__name__} has none: use a "
+                          "torch DataLoader with batch_size")
+    last = 0 if getattr(loader, "drop_last", False) else size % batch
     if batch % world or 0 < last < world:
         problem = (f"batch_size {batch} does not split evenly over {world} processes"
                    if batch % world else
