@@ -122,13 +122,13 @@ class CompressionRun:
         self.data: Dataset = load_dataset(dataset_for(name, dataset), seed=recipe.seed)
         self.original: nn.Module | None = None  # the model before stage 1: `teacher: original`
         self.folder = RunFolder(self.out)
-        self._claim(resume, overwrite)
+        self.resume, self.overwrite = resume, overwrite
 
-    def _claim(self, resume: bool, overwrite: bool) -> None:
+    def _claim(self) -> None:
         """Rank 0 locks `out` for this run (see `RunFolder`); the others wait for it."""
         distributed.barrier()  # every process has read `out` before rank 0 changes it
         if distributed.is_main_process():
-            self.folder.claim(self.recipe.digest, resume=resume, overwrite=overwrite)
+            self.folder.claim(self.recipe.digest, resume=self.resume, overwrite=self.overwrite)
         distributed.barrier()
 
     @staticmethod
@@ -343,7 +343,10 @@ class CompressionRun:
 
     def run(self) -> dict[str, Any]:
         """Run every stage (resuming finished ones), write model.slim and the report; the
-        output folder stays locked until the run ends (or fails)."""
+        output folder stays locked until the run ends (or fails). A recipe that does not fit
+        the model fails in `dry_run`, before the folder is touched."""
+        self.dry_run()
+        self._claim()
         try:
             return self._run()
         finally:
@@ -376,7 +379,6 @@ class CompressionRun:
         last = self.recipe.stages[-1].config
         encoding = artifact.Encoding(coder=last.coder, index_bits=last.index_bits) \
             if isinstance(last, EncodeStage) else artifact.Encoding()
-        self.dry_run()  # a bad selection fails before any work
         model = self.baseline()
         self.original = copy.deepcopy(model).eval()
         main = distributed.is_main_process()  # the others run the stages, then wait
