@@ -97,3 +97,30 @@ def test_gate_importance_without_gates_says_how_to_get_them():
     with pytest.raises(ConfigError, match="attach_gates_"):
         apply_(ResidualAdd(), ChannelPruning(ratio=0.5, importance="gate"),
                example_inputs=torch.randn(2, 3, 8, 8))
+
+
+def test_training_with_gates_killed_after_an_epoch_resumes_to_the_same_gates(digits, tmp_path):
+    from torchslim.training import Callback
+
+    class StopAfterFirstEpoch(Callback):
+        def on_epoch_end(self, trainer, record):
+            if record.epoch == 1:
+                raise KeyboardInterrupt  # before this epoch's checkpoint
+
+    def run(folder, callbacks=(), resume=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        gates = attach_gates_(model, digits.train.images[:2])
+        config = make_train_config(epochs=3, batch_size=64, optimizer="adam", lr=0.01, seed=0)
+        trainer = Trainer(model, TensorLoader(digits.train, batch_size=64, shuffle=True, seed=0),
+                          config=config, callbacks=callbacks, loss=GateSparsity(gates, strength=0.05),
+                          checkpoint_dir=folder, progress=False)
+        trainer.fit(resume=resume)
+        return model, gates
+
+    reference, reference_gates = run(tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", callbacks=[StopAfterFirstEpoch()])
+    model, gates = run(tmp_path / "run", resume=True)
+    assert torch.equal(gates.gates[0], reference_gates.gates[0])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters(), strict=True))
