@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from torchslim import artifact
-from torchslim.errors import ArtifactError, ConfigError
+from torchslim.errors import ArtifactError
 from torchslim.models import create_model
 from torchslim.testing import TinyMLP, assert_same_outputs
 
@@ -26,12 +26,21 @@ def test_save_load_gives_identical_outputs(tmp_path: Path, name: str) -> None:
     assert artifact.read_metadata(path)["model"]["name"] == name
 
 
-def test_unregistered_model_needs_a_spec_and_loads_into_a_given_module(tmp_path: Path) -> None:
+def test_any_module_saves_without_a_spec_and_loads_into_a_given_instance(tmp_path: Path) -> None:
     model = TinyMLP()
-    with pytest.raises(ConfigError, match="create_model"):
-        artifact.save(model, tmp_path / "m.slim")
+    x = torch.randn(3, 1, 8, 8)
+    path = artifact.save(model, tmp_path / "m.slim", example_inputs=x)
+    document = artifact.read_metadata(path)
+    assert "model" not in document
+    assert document["module"]["class"] == "torchslim.testing.TinyMLP"  # information only
+    assert document["inputs"] == {"kind": "tensor", "shape": [1, 8, 8], "dtype": "float32"}
+    with pytest.raises(ArtifactError, match=r"torchslim.testing.TinyMLP.*model=YourClass"):
+        artifact.load(path)  # never imports the class
+    reloaded = artifact.load(path, model=TinyMLP())
+    assert_same_outputs(model, reloaded, x)
+    assert reloaded.torchslim_inputs == document["inputs"]
     registered = create_model("lenet300", pretrained=False, input_shape=(1, 8, 8))
-    path = artifact.save(registered, tmp_path / "m.slim")
+    path = artifact.save(registered, tmp_path / "r.slim")
     with pytest.raises(ArtifactError, match="does not fit"):
         artifact.load(path, model=TinyMLP())
 

@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from torchslim.registry import handler_for
 from torchslim.select import Select
+from torchslim.signature import record_signature_
 
 __all__ = ["apply_", "finalize_", "parametrized_layers"]
 
@@ -41,6 +42,8 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
             is left unchanged.
     """
     handler = handler_for(config)
+    if example_inputs is not None:
+        record_signature_(model, example_inputs)  # kept by `save`: benchmarks and export need it
     snapshot = copy.deepcopy(model)
     try:
         takes_inputs = "example_inputs" in inspect.signature(handler).parameters

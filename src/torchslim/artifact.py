@@ -40,11 +40,19 @@ from torchslim.artifact_checks import (
 from torchslim.encoding import decode_tensor, encode_tensor
 from torchslim.encoding.meta import TensorMeta
 from torchslim.errors import ArtifactError, ConfigError
-from torchslim.models import ModelSpec, build_model, get_entry, spec_of
+from torchslim.models import ModelSpec, build_model, get_entry
+from torchslim.models.registry import SPEC_ATTRIBUTE
 from torchslim.safefile import decompress_bounded, parse_document, read_checked, write_checked
+from torchslim.signature import (
+    SIGNATURE_ATTRIBUTE,
+    record_signature_,
+    signature_from_dict,
+    signature_of,
+)
 from torchslim.structure import edits_of, replay_edits_
 
-__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "Encoding", "load", "read_metadata", "save"]
+__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "Encoding", "load", "read_metadata", "save",
+           "source_class"]
 
 ARTIFACT_FORMAT = "torchslim.artifact"
 ARTIFACT_VERSION = 0  # dense tensors
@@ -53,6 +61,7 @@ PROGRAM_VERSION = 2  # an ONNX program run by onnxruntime (int8 models)
 READABLE_VERSIONS = (ARTIFACT_VERSION, ENCODED_VERSION, PROGRAM_VERSION)
 PAYLOAD = "payload"
 PROGRAM = "onnx"
+SOURCE_CLASS_ATTRIBUTE = "torchslim_source_class"  # kept through int8 conversion and reloads
 LAYOUT_LIMIT = 1 << 26  # bytes of the JSON tensor layout (~200 bytes a tensor)
 # An int8 program compresses ~1.3x (sparse ones more); a file may not claim more than this.
 PROGRAM_LIMIT = 1 << 31  # protobuf's own 2 GiB ceiling
@@ -183,15 +192,21 @@ def _decode_layout(data: bytes, layout: dict[str, Any], path: Path) -> dict[str,
 
 
 def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
-         metadata: dict[str, Any] | None = None, encoding: Encoding | None = None) -> Path:
-    """Write `model` to `path` atomically; returns the path.
+         metadata: dict[str, Any] | None = None, encoding: Encoding | None = None,
+         example_inputs: Any = None) -> Path:
+    """Write any `model` to `path` atomically; returns the path.
+
+    The file holds the state, the structural edits torchslim made (replayed by `load`), the
+    input signature (from `example_inputs`, or recorded by `apply_`), and, for a model not built
+    by `torchslim.models`, its class's import path as information only: `load` never imports it.
 
     Args:
-        model: a model built by `torchslim.models.create_model` (or pass `spec`).
+        model: any module (a registered model is rebuilt by `load` on its own).
         path: destination file, conventionally `*.slim`.
-        spec: the architecture to record; default: the one attached to the model.
+        spec: the registered architecture to record; default: the one attached to the model.
         metadata: JSON-able facts to keep with the weights (training config, metrics, ...).
         encoding: write the compressed (version 1) file with these options; default: dense.
+        example_inputs: a batch the model takes, to record its input signature.
 
     Example:
         >>> import tempfile, torchslim.models as models
@@ -202,17 +217,19 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
         >>> bool(torch.equal(model(x), reloaded(x)))
         True
     """
-    spec = spec or spec_of(model)
+    spec = spec or getattr(model, SPEC_ATTRIBUTE, None)
+    if example_inputs is not None:
+        record_signature_(model, example_inputs)
     program = getattr(model, "program", None)
     if isinstance(program, bytes):
         return _save_program(model, program, Path(path), spec, metadata, encoding)
     document: dict[str, Any] = {
         "format": ARTIFACT_FORMAT,
         "version": ARTIFACT_VERSION if encoding is None else ENCODED_VERSION,
-        "model": spec.to_dict(),
         "torchslim_version": __version__,
         "torch_version": torch.__version__,
         "metadata": metadata or {},
+        **_identity(model, spec),
     }
     edits = edits_of(model)
     if edits:  # layers changed in shape (factorized, decomposed): replayed by `load`
@@ -228,13 +245,26 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
 PROGRAM_ZSTD_LEVEL = 9  # 1.3x on an int8 MiniLM in about a second; level 19 takes minutes
 
 
-def _save_program(model: nn.Module, program: bytes, path: Path, spec: ModelSpec,
+def _identity(model: nn.Module, spec: ModelSpec | None) -> dict[str, Any]:
+    """What the file says about where the model comes from: the registered spec (rebuilt by
+    `load`) or, for any other module, its class's import path (shown, never imported); and
+    its input signature when known."""
+    found: dict[str, Any] = {"model": spec.to_dict()} if isinstance(spec, ModelSpec) else {
+        "module": {"class": getattr(model, SOURCE_CLASS_ATTRIBUTE, None)
+                   or f"{type(model).__module__}.{type(model).__qualname__}"}}
+    signature = signature_of(model)
+    if signature is not None:
+        found["inputs"] = signature
+    return found
+
+
+def _save_program(model: nn.Module, program: bytes, path: Path, spec: ModelSpec | None,
                   metadata: dict[str, Any] | None, encoding: Encoding | None) -> Path:
     coding = "raw"
     if encoding is not None and encoding.coder != "raw":  # int8 weights still carry ~1.3x of entropy
         program, coding = zstandard.ZstdCompressor(level=PROGRAM_ZSTD_LEVEL).compress(program), "zstd"
     document = {
-        "format": ARTIFACT_FORMAT, "version": PROGRAM_VERSION, "model": spec.to_dict(),
+        "format": ARTIFACT_FORMAT, "version": PROGRAM_VERSION, **_identity(model, spec),
         "torchslim_version": __version__, "torch_version": torch.__version__,
         "metadata": metadata or {},
         "runtime": {"backend": "onnxruntime", "weight_count": getattr(model, "weight_count", 0),
@@ -275,7 +305,9 @@ def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[s
                           flops=int(runtime.get("flops_per_sample", 0)))
         report = runtime.get("report") or {}
         model.report = dict(report) if isinstance(report, dict) else {}
-        setattr(model, "torchslim_spec", ModelSpec.from_dict(document.get("model")))  # noqa: B010
+        if "model" in document:
+            setattr(model, SPEC_ATTRIBUTE, ModelSpec.from_dict(document["model"]))
+        _restore_identity(model, document)
         model.session()  # parse now: a damaged program fails here, not on first use
     except (ConfigError, KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ArtifactError(f"{path}: the int8 program cannot be loaded ({exc})") from exc
@@ -320,10 +352,30 @@ def _declarations(path: Path, tensors: dict[str, torch.Tensor], document: dict[s
     return _declare_layout(layout, path, len(data)), layout
 
 
+def _restore_identity(model: nn.Module, document: dict[str, Any]) -> None:
+    """Put the recorded input signature and source class back on a loaded model."""
+    if "inputs" in document:
+        setattr(model, SIGNATURE_ATTRIBUTE, signature_from_dict(document["inputs"]))
+    source = document.get("module")
+    if isinstance(source, dict) and isinstance(source.get("class"), str):
+        setattr(model, SOURCE_CLASS_ATTRIBUTE, source["class"][:300])
+
+
+def source_class(document: dict[str, Any]) -> str | None:
+    """The import path of the class a non-registered model was saved from (information only)."""
+    source = document.get("module")
+    return str(source.get("class"))[:300] if isinstance(source, dict) else None
+
+
 def _builder(path: Path, document: dict[str, Any], model: nn.Module | None) -> Any:
     """A function building the recorded architecture (or copying the given `model`)."""
     if model is not None:
         return lambda: meta_copy(model)
+    if "model" not in document:
+        raise ArtifactError(f"{path} holds a {source_class(document) or 'model'} that is not a "
+                            "torchslim reference model; loading never imports code, so build it "
+                            "yourself and pass it: load(PATH, model=YourClass(...)) (on the command "
+                            "line: --model FILE.py:FUNCTION)")
     try:
         spec = ModelSpec.from_dict(document.get("model"))
         get_entry(spec.name)
@@ -366,4 +418,5 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
         tensors = _decode_layout(tensors[PAYLOAD].numpy().tobytes(), layout, path)
     check_finite(tensors, path)
     model.load_state_dict(tensors)
+    _restore_identity(model, document)
     return model.eval()

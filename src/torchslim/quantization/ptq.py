@@ -21,6 +21,7 @@ from torch import nn
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, SelectionError
 from torchslim.quantization.runtime import OrtModule, export_onnx, optimize_onnx, quantize_onnx
+from torchslim.signature import record_signature_
 
 __all__ = ["Backend", "Calibrate", "QuantMethod", "Quantization", "float_program", "quantize_model"]
 
@@ -112,6 +113,10 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     spec = getattr(model, "torchslim_spec", None)
     if spec is not None:
         result.torchslim_spec = spec
+    else:  # any module: the file says which class it came from (information only)
+        setattr(result, "torchslim_source_class",  # noqa: B010
+                f"{type(model).__module__}.{type(model).__qualname__}")
+    record_signature_(result, example_inputs)
     return result.eval()
 
 
