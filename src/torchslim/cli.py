@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from torchslim.data import dataset_names
-from torchslim.errors import SlimError
+from torchslim.errors import ConfigError, SlimError
 from torchslim.models import model_names
 
 __all__ = ["main"]
@@ -183,6 +183,43 @@ def _prune_once(args: argparse.Namespace) -> int:
     return 0
 
 
+MODEL_HELP = ("a registered model name, a .slim artifact, or FILE.py:FUNCTION / "
+              "package.module:FUNCTION returning your nn.Module with its weights loaded")
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """The model as a positional argument or `--model SPEC`, plus `--factory` for artifacts of
+    models that are not torchslim reference models."""
+    parser.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--model", dest="model_option", metavar="SPEC", help="the same, as an option")
+    parser.add_argument("--factory", metavar="FILE.py:FUNCTION",
+                        help="builds the (uncompressed) model an artifact of your own model was made "
+                             "from; the artifact's edits are replayed on it (artifacts never import code)")
+
+
+def _model_source(args: argparse.Namespace) -> str:
+    source = args.model or args.model_option
+    if not source:
+        raise ConfigError(f"no model given; pass MODEL or --model SPEC ({MODEL_HELP})")
+    return str(source)
+
+
+def _dataset(name: str | None) -> Any:
+    """A built-in dataset by name, or the user's loaders from a data factory."""
+    from torchslim.factories import is_factory, load_data_factory
+
+    if name is None:
+        return None
+    if name in dataset_names():
+        from torchslim.data import load_dataset
+
+        return load_dataset(name)
+    if is_factory(name):
+        return load_data_factory(name)
+    raise ConfigError(f"unknown dataset {name!r}; valid: {', '.join(dataset_names())}, or "
+                      "FILE.py:FUNCTION / package.module:FUNCTION returning your DataLoaders")
+
+
 def _add_run_folder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in OUT: finished stages are reused, training resumes "
@@ -267,6 +304,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from torchslim.inspect import inspect_artifact
 
+    args.artifact = args.artifact or args.model_option
+    if not args.artifact:
+        raise ConfigError("inspect needs an artifact: torchslim inspect FILE.slim")
     result = inspect_artifact(args.artifact)
     if args.json:
         print(json.dumps(result, sort_keys=True))
@@ -317,14 +357,14 @@ def cmd_auto(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from torchslim.data import load_dataset
     from torchslim.workflows import load_model_or_artifact, measure_model
 
-    model, path = load_model_or_artifact(args.model)
-    data = load_dataset(args.dataset) if args.dataset else None
+    source = _model_source(args)
+    data = _dataset(args.dataset)
+    model, path = load_model_or_artifact(source, factory=args.factory)
     result = measure_model(model, path=path, data=data, split=args.split,
                            batch_size=args.batch_size, timing=False)
-    result["model"] = args.model
+    result["model"] = source
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -335,24 +375,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from torchslim.measure import measure_latency
-    from torchslim.models import example_inputs, spec_of
-    from torchslim.workflows import backend_of, load_model_or_artifact
+    from torchslim.workflows import backend_of, inputs_for, load_model_or_artifact
 
-    model, _ = load_model_or_artifact(args.model)
-    inputs = example_inputs(spec_of(model), args.batch)
+    source = _model_source(args)
+    model, _ = load_model_or_artifact(source, factory=args.factory)
+    inputs = inputs_for(model, args.batch)
     if args.onnxruntime and backend_of(model) == "torch":
         from torchslim.quantization.runtime import OrtModule, export_onnx
 
         model = OrtModule(export_onnx(model, inputs[:1]))
     latency = measure_latency(model, inputs, threads=args.threads, warmup=args.warmup,
                               repeats=args.repeats)
-    result = {"model": args.model, "backend": backend_of(model), **latency.to_dict()}
+    result = {"model": source, "backend": backend_of(model), **latency.to_dict()}
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         print(f"{args.model}: batch {latency.batch_size}, {latency.threads} threads, "
               f"median {latency.median_ms:.3f} ms, p90 {latency.p90_ms:.3f} ms, "
               f"{latency.throughput:,.0f} samples/s over {latency.repeats} runs")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from torchslim.export import export_model
+    from torchslim.workflows import inputs_for, load_model_or_artifact
+
+    model, _ = load_model_or_artifact(_model_source(args), factory=args.factory)
+    result = export_model(model, args.out, format=args.format, example_inputs=inputs_for(model, 2))
+    print(f"{result['format']}: {result['path']} ({result['bytes']:,} bytes), outputs match the "
+          f"module (largest relative difference {result['max_relative_difference']:.2g})")
     return 0
 
 
@@ -452,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="per-layer sparsity, bits and bytes of a file",
                                   description="Show how an artifact stores each tensor.")
-    inspect.add_argument("artifact", help="a .slim file")
+    inspect.add_argument("artifact", nargs="?", help="a .slim file")
+    inspect.add_argument("--model", dest="model_option", metavar="ARTIFACT", help="the same, as an option")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.set_defaults(func=cmd_inspect)
 
@@ -517,8 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="accuracy, params, bytes and FLOPs of a model",
         description="Measure an artifact (or a registered model's shipped weights).")
-    evaluate.add_argument("model", metavar="ARTIFACT", help="a .slim file or a model name")
-    evaluate.add_argument("--dataset", choices=dataset_names(), help="dataset for accuracy")
+    _add_model_argument(evaluate)
+    evaluate.add_argument("--dataset", metavar="DATASET",
+                          help=f"dataset for accuracy: {', '.join(dataset_names())}, or FILE.py:FUNCTION "
+                               "/ package.module:FUNCTION returning {'train': loader, 'val': loader, "
+                               "'test': loader}")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--batch-size", type=int, default=500)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -527,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="latency and throughput of a model",
                                 description="Time the forward pass on the model's own input "
                                 "shape: warm-up, repeated runs, median and p90.")
-    bench.add_argument("model", metavar="ARTIFACT", help="a .slim file or a model name")
+    _add_model_argument(bench)
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--threads", type=int, help="intra-op threads (default: all)")
     bench.add_argument("--warmup", type=int, default=10)
@@ -537,6 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "it may be deployed with (int8 artifacts always run there)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=cmd_bench)
+
+    export = commands.add_parser(
+        "export", help="write a model as ONNX or a torch.export program (.pt2)",
+        description="Export a float result (pruned, factorized, clustered) to ONNX or torch.export, "
+        "checked against the module on its recorded inputs; an int8 model's ONNX program is written "
+        "as is.")
+    _add_model_argument(export)
+    export.add_argument("--format", default="onnx", choices=["onnx", "pt2"])
+    export.add_argument("--out", required=True, help="the file to write")
+    export.set_defaults(func=cmd_export, out_is_file=True)
     return parser
 
 
@@ -552,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "out", None):
             from torchslim.run_folder import check_writable_folder
 
-            check_writable_folder(Path(args.out))
+            out = Path(args.out)
+            check_writable_folder(out.parent if getattr(args, "out_is_file", False) else out)
         code: int = args.func(args)
         return code
     except SlimError as exc:

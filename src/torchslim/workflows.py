@@ -35,23 +35,62 @@ from torchslim.models import (
     model_names,
     spec_of,
 )
+from torchslim.models.registry import SPEC_ATTRIBUTE
 from torchslim.report import write_report
 from torchslim.select import Select
+from torchslim.signature import example_for, signature_of
 from torchslim.training import TrainConfig, Trainer, make_train_config
 
 __all__ = ["backend_of", "load_model_or_artifact", "measure_model", "quantize_job", "structured_prune_job",
            "train_model"]
 
 
-def load_model_or_artifact(source: str) -> tuple[nn.Module, Path | None]:
-    """A model from an artifact path or a registered name (with its shipped weights, if any)."""
+def load_model_or_artifact(source: str, *, factory: str | None = None) -> tuple[nn.Module, Path | None]:
+    """A model from a registered name (with its shipped weights, if any), an artifact path, or
+    a factory string `FILE.py:FUNCTION` / `package.module:FUNCTION` returning the module.
+
+    An artifact of a model that is not a torchslim reference model is rebuilt on the module
+    `factory` returns (the artifact itself never imports code).
+    """
+    from torchslim.factories import build_from_factory, is_factory
+
     if source in model_names():
         return create_model(source), None
     path = Path(source)
     if path.exists():
-        return artifact.load(path), path
-    raise ConfigError(f"{source!r} is neither an artifact file nor a registered model; known "
-                      f"models: {', '.join(model_names())}")
+        base = build_from_factory(factory) if factory else None
+        return artifact.load(path, model=base), path
+    if is_factory(source):
+        return build_from_factory(source), None
+    raise ConfigError(f"{source!r} is neither an artifact file, a registered model, nor a factory "
+                      f"FILE.py:FUNCTION / package.module:FUNCTION; known models: {', '.join(model_names())}")
+
+
+def inputs_for(model: nn.Module, batch: int = 1) -> Any:
+    """A deterministic input batch for `model`: from its registered spec, else from the input
+    signature recorded when it was compressed or saved.
+
+    Raises:
+        ConfigError: neither is known.
+    """
+    spec = getattr(model, SPEC_ATTRIBUTE, None)
+    if isinstance(spec, ModelSpec):
+        return example_inputs(spec, batch)
+    signature = signature_of(model)
+    if signature is None:
+        raise ConfigError(f"the inputs of {type(model).__name__} are unknown; save it with "
+                          "torchslim.save(model, path, example_inputs=batch) (or pass example_inputs "
+                          "to apply_) so its input signature is recorded")
+    return example_for(signature, batch)
+
+
+def _sample_size(model: nn.Module) -> int:
+    first = inputs_for(model, 1)
+    if isinstance(first, dict):
+        first = next(iter(first.values()))
+    elif isinstance(first, tuple):
+        first = first[0]
+    return int(first.numel())
 
 
 def backend_of(model: nn.Module) -> str:
@@ -74,41 +113,60 @@ def artifact_bytes(model: nn.Module, path: Path | None) -> int:
         return file_bytes(artifact.save(model, Path(folder) / "model.slim"))
 
 
-def default_latency_batch(spec: ModelSpec) -> int:
-    """The batch latency is timed at: 256 small images, 32 for text and large images.
+def default_latency_batch(model: nn.Module) -> int:
+    """The batch latency is timed at: 256 small images, 32 for text and large inputs.
 
     It depends on the architecture's inputs only, so a compressed model is timed at the same
     batch as its original.
     """
-    large = get_entry(spec.name).input_kind == "tokens" or math.prod(spec.input_shape) > 3 * 64 * 64
+    spec = getattr(model, SPEC_ATTRIBUTE, None)
+    if isinstance(spec, ModelSpec):
+        large = get_entry(spec.name).input_kind == "tokens" or math.prod(spec.input_shape) > 3 * 64 * 64
+    else:
+        large = _sample_size(model) > 3 * 64 * 64
     return 32 if large else 256
 
 
-def measure_model(model: nn.Module, *, path: Path | None = None, data: Dataset | None = None,
+def _evaluate_on(model: nn.Module, data: Any, split: str, batch_size: int) -> dict[str, Any]:
+    """Accuracy on a built-in dataset's split, or on the user's loader under `split`."""
+    if isinstance(data, Dataset):
+        spec = getattr(model, SPEC_ATTRIBUTE, None)
+        if isinstance(spec, ModelSpec):
+            check_dataset_fits(data, spec)
+        metrics = evaluate(model, TensorLoader(data.split(split), batch_size=batch_size),
+                           topk=(1, 5) if data.num_classes > 5 else (1,))
+        name = data.name
+    else:
+        if split not in data:
+            raise ConfigError(f"the data factory gave no {split!r} loader (it has "
+                              f"{sorted(data)}); pick --split from those or return it")
+        metrics = evaluate(model, data[split])
+        name = "user data"
+    return {"accuracy": metrics["accuracy"], "loss": metrics["loss"], "split": split,
+            "dataset": name, "samples": int(metrics["samples"])}
+
+
+def measure_model(model: nn.Module, *, path: Path | None = None, data: Any = None,
                   split: str = "test", batch_size: int = 256, latency_batch: int | None = None,
                   threads: int | None = None, timing: bool = True) -> dict[str, Any]:
-    """Accuracy (if data is given), params, bytes, FLOPs per sample and latency of a model.
+    """Accuracy (if data is given), params, bytes, FLOPs per sample and latency of any model.
 
-    The batched latency uses `latency_batch` samples (default: `default_latency_batch`).
+    `data` is a built-in `Dataset` or a mapping of the user's loaders by split (from a data
+    factory). The batched latency uses `latency_batch` samples (default: `default_latency_batch`).
     """
-    spec = spec_of(model)
     total, nonzero = count_params(model)
     result: dict[str, Any] = {
         "backend": backend_of(model),
         "params": total, "nonzero_params": nonzero, "bytes": artifact_bytes(model, path),
-        "flops": count_flops(model, example_inputs(spec, 1)),
+        "flops": count_flops(model, inputs_for(model, 1)),
     }
     if data is not None:
-        check_dataset_fits(data, spec)
-        metrics = evaluate(model, TensorLoader(data.split(split), batch_size=batch_size),
-                           topk=(1, 5) if data.num_classes > 5 else (1,))
-        result.update(accuracy=metrics["accuracy"], loss=metrics["loss"], split=split,
-                      dataset=data.name, samples=int(metrics["samples"]))
+        result.update(_evaluate_on(model, data, split, batch_size))
     if timing:
-        latency_batch = latency_batch or default_latency_batch(spec)
+        latency_batch = latency_batch or default_latency_batch(model)
         repeats = 30 if latency_batch > 32 else 10
-        single = measure_latency(model, example_inputs(spec, 1), threads=threads, repeats=repeats)
-        batched = measure_latency(model, example_inputs(spec, latency_batch), threads=threads,
+        single = measure_latency(model, inputs_for(model, 1), threads=threads, repeats=repeats)
+        batched = measure_latency(model, inputs_for(model, latency_batch), threads=threads,
                                   repeats=repeats)
         result.update(latency_b1_ms=single.median_ms, latency_batch_ms=batched.median_ms,
                       latency_batch=latency_batch, throughput=batched.throughput,

@@ -199,7 +199,7 @@ def measure_int8_speedup(model: Any, data: Any) -> dict[str, Any]:
                               example_inputs=example_inputs(spec, 2), calibration=calibration)
     except SlimError as exc:
         return {"int8_speedup": 1.0, "int8_error": str(exc)}
-    x = example_inputs(spec, default_latency_batch(spec))
+    x = example_inputs(spec, default_latency_batch(model))
     ratios = [measure_latency(model, x, repeats=10).median_ms / measure_latency(int8, x, repeats=10).median_ms
               for _ in range(3)]
     return {"int8_speedup": round(statistics.median(ratios), 3)}

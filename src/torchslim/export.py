@@ -1,0 +1,114 @@
+"""Hand a compressed model to another runtime: an ONNX file or a `torch.export` program (.pt2).
+
+Every export is checked before it is kept: the exported program is run on a batch of the
+model's recorded inputs and must give the module's outputs (float programs within 1e-4
+relative to the output's scale). An int8 model is already an ONNX program and is written as is.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.errors import ConfigError, UnsupportedModuleError
+from torchslim.safefile import write_atomic
+
+__all__ = ["ExportFormat", "export_model"]
+
+TOLERANCE = 1e-4
+
+
+class ExportFormat(StrEnum):
+    ONNX = "onnx"
+    PT2 = "pt2"  # torch.export ExportedProgram, loadable with torch.export.load
+
+
+def _first(output: Any) -> torch.Tensor:
+    """The tensor to compare: the output itself, or the first of a tuple / dict of outputs."""
+    if isinstance(output, dict):
+        output = next(iter(output.values()))
+    if isinstance(output, tuple | list):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise UnsupportedModuleError(f"the model returns {type(output).__name__}; export checks "
+                                     "need a tensor (or a tuple/dict of tensors)")
+    return output
+
+
+def _difference(expected: Any, got: Any) -> float:
+    reference, candidate = _first(expected).float(), _first(got).float()
+    if reference.shape != candidate.shape:
+        return float("inf")
+    scale = max(1.0, float(reference.abs().max())) if reference.numel() else 1.0
+    return float((reference - candidate).abs().max()) / scale if reference.numel() else 0.0
+
+
+def _arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """How a batch is passed: a dict as keywords, a tuple as positional inputs, else one input."""
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
+
+
+def _onnx_bytes(model: nn.Module, inputs: Any) -> tuple[bytes, Any]:
+    from torchslim.quantization.runtime import OrtModule, export_onnx
+
+    program = getattr(model, "program", None)
+    if isinstance(program, bytes):  # an int8 program: as is
+        return program, model(inputs)
+    if not isinstance(inputs, torch.Tensor):
+        raise UnsupportedModuleError("ONNX export takes models with one tensor input; use --format pt2 "
+                                     "for tuple or dict inputs")
+    program = export_onnx(model, inputs)
+    return program, OrtModule(program)(inputs)
+
+
+def _pt2(model: nn.Module, inputs: Any, path: Path) -> Any:
+    if isinstance(getattr(model, "program", None), bytes):
+        raise ConfigError("an int8 model is an onnxruntime program; export it with --format onnx")
+    args, kwargs = _arguments(inputs)
+    try:
+        program = torch.export.export(model.eval(), args, kwargs)
+    except Exception as exc:
+        raise UnsupportedModuleError(f"torch.export cannot capture {type(model).__name__} "
+                                     f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+    write_atomic(path, lambda tmp: torch.export.save(program, str(tmp)))
+    return torch.export.load(str(path)).module()(*args, **kwargs)
+
+
+def export_model(model: nn.Module, path: str | Path, *, format: ExportFormat | str,
+                 example_inputs: Any) -> dict[str, Any]:
+    """Write `model` to `path` in `format` and check the result reproduces the module.
+
+    Returns the format, the file's bytes and the largest output difference (relative).
+
+    Raises:
+        UnsupportedModuleError: the exporter cannot capture the model.
+        ConfigError: an unknown format, or an export whose outputs differ from the module's.
+    """
+    try:
+        chosen = ExportFormat(format)
+    except ValueError:
+        raise ConfigError(f"unknown export format {format!r}; valid: onnx, pt2") from None
+    path = Path(path)
+    with torch.no_grad():
+        args, kwargs = _arguments(example_inputs)
+        expected = model.eval()(*args, **kwargs)
+        if chosen is ExportFormat.ONNX:
+            data, got = _onnx_bytes(model, example_inputs)
+            difference = _difference(expected, got)
+            if difference <= TOLERANCE:
+                write_atomic(path, lambda tmp: tmp.write_bytes(data))
+        else:
+            got = _pt2(model, example_inputs, path)
+            difference = _difference(expected, got)
+    if difference > TOLERANCE:
+        path.unlink(missing_ok=True)
+        raise ConfigError(f"the {chosen.value} export computes something else than the module "
+                          f"(largest relative difference {difference:.3g}); nothing was written")
+    return {"format": chosen.value, "path": str(path), "bytes": path.stat().st_size,
+            "max_relative_difference": difference}
