@@ -38,7 +38,7 @@ from torchslim.models import (
 from torchslim.models.registry import SPEC_ATTRIBUTE
 from torchslim.report import write_report
 from torchslim.select import Select
-from torchslim.signature import example_for, signature_of
+from torchslim.signature import example_for, record_signature_, signature_of
 from torchslim.training import TrainConfig, Trainer, make_train_config
 
 __all__ = ["backend_of", "load_model_or_artifact", "measure_model", "quantize_job", "structured_prune_job",
@@ -127,6 +127,16 @@ def default_latency_batch(model: nn.Module) -> int:
     return 32 if large else 256
 
 
+def _learn_inputs(model: nn.Module, loaders: Any, split: str) -> None:
+    """Record the input signature of a model that has none from the user's first batch."""
+    if isinstance(getattr(model, SPEC_ATTRIBUTE, None), ModelSpec) or signature_of(model) is not None:
+        return
+    loader = loaders.get(split) or loaders["val"]
+    batch = next(iter(loader), None)
+    if isinstance(batch, tuple | list) and batch:
+        record_signature_(model, batch[0])
+
+
 def _evaluate_on(model: nn.Module, data: Any, split: str, batch_size: int) -> dict[str, Any]:
     """Accuracy on a built-in dataset's split, or on the user's loader under `split`."""
     if isinstance(data, Dataset):
@@ -154,6 +164,8 @@ def measure_model(model: nn.Module, *, path: Path | None = None, data: Any = Non
     `data` is a built-in `Dataset` or a mapping of the user's loaders by split (from a data
     factory). The batched latency uses `latency_batch` samples (default: `default_latency_batch`).
     """
+    if data is not None and not isinstance(data, Dataset):
+        _learn_inputs(model, data, split)
     total, nonzero = count_params(model)
     result: dict[str, Any] = {
         "backend": backend_of(model),

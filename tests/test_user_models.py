@@ -1,0 +1,168 @@
+"""A user's own model and data, from files torchslim has never seen: save/load of any module
+(in a fresh process), the CLI through FILE.py:FUNCTION factories, bench and export from the
+recorded input signature, int8 programs that load on their own, and clean errors for bad factories."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchslim import apply_, artifact, finalize_
+from torchslim.cli import main
+from torchslim.factories import build_from_factory, load_data_factory
+from torchslim.pruning import WeightPruning
+
+NETS = '''
+import torch
+from torch import nn
+
+
+class SameConv(nn.Conv2d):
+    """TF-"SAME" padding: pads in forward, then convolves its own weight."""
+
+    def forward(self, x):
+        pad = self.kernel_size[0] - 1
+        x = nn.functional.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride)
+
+
+class UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = SameConv(1, 8, 3)
+        self.norm = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+def build_model():
+    torch.manual_seed(0)
+    return UserNet()
+
+
+def broken():
+    raise RuntimeError("weights file missing")
+
+
+def not_a_model():
+    return 42
+'''
+
+DATA = '''
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def loaders():
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(digits.target)
+    sets = {"train": (x[:1200], y[:1200]), "val": (x[1200:1500], y[1200:1500]), "test": (x[1500:], y[1500:])}
+    return {name: DataLoader(TensorDataset(*pair), batch_size=64, shuffle=name == "train")
+            for name, pair in sets.items()}
+
+
+def no_train():
+    return {"val": []}
+'''
+
+
+@pytest.fixture
+def user_code(tmp_path: Path) -> Path:
+    (tmp_path / "nets.py").write_text(NETS)
+    (tmp_path / "data.py").write_text(DATA)
+    return tmp_path
+
+
+def _json(capsys, argv: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_any_module_saves_and_loads_in_a_fresh_process_with_identical_outputs(user_code: Path) -> None:
+    model = build_from_factory(f"{user_code}/nets.py:build_model")
+    x = torch.randn(4, 1, 8, 8)
+    apply_(model, WeightPruning(sparsity=0.5))  # masks on the subclassed conv and the head, baked in
+    finalize_(model)
+    path = artifact.save(model, user_code / "user.slim", example_inputs=x)
+    torch.save(x, user_code / "x.pt")
+    torch.save(model(x).detach(), user_code / "y.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(user_code)!r})
+        import torchslim, nets
+        model = torchslim.load({str(path)!r}, model=nets.UserNet())
+        x = torch.load({str(user_code / "x.pt")!r}); y = torch.load({str(user_code / "y.pt")!r})
+        assert torch.equal(model(x), y), "outputs differ"
+        print("same")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert result.stdout.strip() == "same", result.stderr[-2000:]
+
+
+def test_cli_takes_factories_for_model_and_data(user_code: Path, capsys) -> None:
+    model_spec, data_spec = f"{user_code}/nets.py:build_model", f"{user_code}/data.py:loaders"
+    result = _json(capsys, ["evaluate", "--model", model_spec, "--dataset", data_spec, "--json"])
+    assert result["samples"] == 297 and 0 <= result["accuracy"] <= 1 and result["params"] > 5000
+    model = build_from_factory(model_spec)
+    path = artifact.save(model, user_code / "m.slim", example_inputs=torch.zeros(2, 1, 8, 8))
+    bench = _json(capsys, ["bench", str(path), "--factory", model_spec, "--repeats", "3", "--json"])
+    assert bench["median_ms"] > 0
+    for fmt in ("onnx", "pt2"):
+        out = user_code / f"m.{fmt}"
+        assert main(["export", str(path), "--factory", model_spec, "--format", fmt, "--out", str(out)]) == 0
+        assert out.stat().st_size > 1000
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(user_code / "m.onnx"))
+    x = torch.randn(3, 1, 8, 8)
+    (onnx_out,) = session.run(None, {"input": x.numpy()})
+    assert torch.allclose(torch.from_numpy(onnx_out), model(x), atol=1e-4)
+
+
+def test_an_int8_program_of_a_user_model_loads_and_benchmarks_on_its_own(user_code: Path, capsys) -> None:
+    from torchslim.quantization import Quantization, QuantMethod, quantize_model
+
+    loaders = load_data_factory(f"{user_code}/data.py:loaders")
+    model = build_from_factory(f"{user_code}/nets.py:build_model")
+    batches = [x for x, _ in loaders["train"]][:4]
+    int8 = quantize_model(model, Quantization(method=QuantMethod.STATIC), example_inputs=batches[0],
+                          calibration=batches)
+    path = artifact.save(int8, user_code / "q.slim")
+    assert artifact.read_metadata(path)["module"]["class"].endswith("UserNet")
+    bench = _json(capsys, ["bench", str(path), "--repeats", "3", "--json"])
+    assert bench["backend"] == "onnxruntime"
+    result = _json(capsys, ["evaluate", str(path), "--dataset", f"{user_code}/data.py:loaders", "--json"])
+    assert result["backend"] == "onnxruntime" and result["samples"] == 297
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["evaluate", "--model", "{d}/missing.py:build_model"], "does not exist"),
+    (["evaluate", "--model", "{d}/nets.py:nope"], "has no function 'nope'"),
+    (["evaluate", "--model", "{d}/nets.py:broken"], "raised RuntimeError: weights file missing"),
+    (["evaluate", "--model", "{d}/nets.py:not_a_model"], "returned a int, not an nn.Module"),
+    (["evaluate", "--model", "{d}/nets.py:build_model", "--dataset", "{d}/data.py:no_train"],
+     "missing \\['train'\\]"),
+    (["bench", "{d}/nets.py:build_model"], "inputs of UserNet are unknown"),
+])
+def test_bad_factories_are_one_clean_error(user_code: Path, capsys, argv: list[str], problem: str) -> None:
+    import re
+
+    assert main([a.format(d=user_code) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("torchslim: error:") and err.count("\n") == 1 and re.search(problem, err), err
+
+
+def test_an_artifact_of_a_user_model_without_its_factory_names_the_class(user_code: Path, capsys) -> None:
+    model = build_from_factory(f"{user_code}/nets.py:build_model")
+    path = artifact.save(model, user_code / "m.slim", example_inputs=torch.zeros(1, 1, 8, 8))
+    assert main(["bench", str(path)]) == 2
+    assert "UserNet" in capsys.readouterr().err
