@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "GraphError",
+    "NothingChangedWarning",
     "SelectionError",
     "SlimError",
     "UnsupportedModuleError",
@@ -43,3 +44,8 @@ class ArtifactError(SlimError, OSError):
 
 class DataError(SlimError, OSError):
     """A dataset is not installed or its files are unreadable; the message says how to install it."""
+
+
+class NothingChangedWarning(UserWarning):
+    """A technique ran and changed nothing (every layer skipped, or a ratio too small to remove
+    a unit). Make it an error with `warnings.simplefilter("error", NothingChangedWarning)`."""

@@ -20,7 +20,7 @@ from torch import nn
 from torchslim.errors import ConfigError
 from torchslim.graph.axes import Axis, ParamSlice
 
-__all__ = ["ChannelRule", "Coupling", "Space", "register_channel_rule", "rule_for"]
+__all__ = ["ChannelRule", "Coupling", "Space", "register_channel_rule", "resolve_rule", "rule_for"]
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,19 @@ def register_channel_rule(layer: type | str, rule: ChannelRule) -> None:
 
 
 def rule_for(module: nn.Module) -> ChannelRule | None:
-    """The rule of `module`'s exact type (or of its qualified name), if any."""
-    cls = type(module)
-    return _RULES.get(cls) or _NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    """The rule of `module`'s most specific registered class (a `Conv2d` subclass gets the
+    `Conv2d` rule), or None."""
+    return resolve_rule(module)[0]
+
+
+def resolve_rule(module: nn.Module) -> tuple[ChannelRule | None, type | None]:
+    """(rule, the class it was registered for): the first class along `module`'s MRO that has
+    a rule, by class or by qualified name."""
+    for cls in type(module).__mro__:
+        found = _RULES.get(cls) or _NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if found is not None:
+            return found, cls
+    return None, None
 
 
 def _set(**attributes: Callable[[nn.Module, int], Any]) -> Callable[[nn.Module, int], None]:
@@ -174,7 +184,8 @@ class LinearRule(ChannelRule):
 
 
 class NormRule(ChannelRule):
-    """BatchNorm (dim 1), LayerNorm over the last dim, GroupNorm with 1 or C groups."""
+    """BatchNorm (dim 1), LayerNorm over the last dim, GroupNorm (several channels a group:
+    whole groups are removed)."""
 
     def axes(self, module: nn.Module) -> dict[str, Axis]:
         params = (ParamSlice("weight", 0), ParamSlice("bias", 0, scored=False))
@@ -184,7 +195,8 @@ class NormRule(ChannelRule):
         if isinstance(module, nn.LayerNorm):
             return {"channel": Axis(params, _set(normalized_shape=lambda m, n: (n,)))}
         assert isinstance(module, nn.GroupNorm)
-        groups = (lambda m, n: n) if module.num_groups == module.num_channels else (lambda m, n: 1)
+        per = module.num_channels // module.num_groups  # channels a group normalises together
+        groups = (lambda m, n: 1) if module.num_groups == 1 else (lambda m, n: n // per)
         return {"channel": Axis(params, _set(num_channels=_size, num_groups=groups))}
 
     def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
@@ -199,9 +211,11 @@ class NormRule(ChannelRule):
                 return space  # normalises rows of another dim: channel-wise for this one
             return self.pass_through(graph, name, module, inputs, "channel", last)
         if isinstance(module, nn.GroupNorm) and module.num_groups not in (1, module.num_channels):
-            graph.block(inputs[0] if inputs else None,
-                        f"{name}: GroupNorm with {module.num_groups} groups of several channels")
-            return None
+            # A group's channels are normalised together: they go as one unit, whole groups.
+            atoms = graph.atoms(name, "channel", module.num_channels)
+            per = module.num_channels // module.num_groups
+            for start in range(0, module.num_channels, per):
+                graph.couple(Space(1, atoms[start + 1:start + per]), np.repeat(atoms[start], per - 1))
         return self.pass_through(graph, name, module, inputs, "channel", 1)
 
 

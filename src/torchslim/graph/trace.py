@@ -25,8 +25,9 @@ from torchslim.errors import GraphError
 from torchslim.graph import attention as _attention  # noqa: F401 - registers attention rules
 from torchslim.graph.atoms import AtomTable, Member
 from torchslim.graph.axes import Axis
+from torchslim.graph.inherited import check_inherited_forward
 from torchslim.graph.ops import _flat, propagate_op
-from torchslim.graph.rules import Space, rule_for
+from torchslim.graph.rules import Space, resolve_rule, rule_for
 
 __all__ = ["ChannelGraph", "Group", "trace_channels"]
 
@@ -68,6 +69,9 @@ class ChannelGraph:
                     roots[self.table.find(int(axes[(m.module, m.axis)][m.index]))] = (g, u)
             self._roots = roots
         return self._roots.get(self.table.find(int(atom)))
+
+
+OUTPUT_KEEPS_SIZE = "the model's output keeps its size"
 
 
 class _Tracer(torch.fx.Tracer):
@@ -144,18 +148,26 @@ class _Propagator(torch.fx.Interpreter):
             module = self.module.get_submodule(str(n.target))
             tensors = [(s, v) for s, v in zip([*spaces, *kw_spaces.values()],
                                               [*args, *kwargs.values()], strict=True)]
-            rule = rule_for(module)
+            rule, parent = resolve_rule(module)
             if rule is None:
                 coupler.block([s for s, _ in tensors], f"{n.target} ({type(module).__name__}) has no "
                               "channel rule; its inputs are not pruned (register_channel_rule"
                               f"({type(module).__name__}, rule) to prune through it)")
+                return None
+            refused = None if parent is type(module) or parent is None else \
+                check_inherited_forward(module, parent, [v for _, v in tensors], out)
+            if refused is not None:
+                reason = (f"{n.target}: {refused}; it is not pruned (register_channel_rule("
+                          f"{type(module).__name__}, rule) to prune it)")
+                coupler.block([s for s, _ in tensors], reason)
+                coupler.table.reasons.append(reason)  # its own channels are out even if its inputs are not
                 return None
             return rule.propagate(coupler, str(n.target), module, [s for s, _ in tensors],
                                   [v for _, v in tensors], out)
         if n.op in ("call_function", "call_method"):
             return propagate_op(coupler, n.target, n.name, args, kwargs, spaces, out)
         if n.op == "output":
-            coupler.block(spaces, "the model's output keeps its size")
+            coupler.block(spaces, OUTPUT_KEEPS_SIZE)
         return None
 
 
@@ -197,11 +209,11 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, strict: bool = Fals
     finally:
         model.train(was_training)
     excluded = list(dict.fromkeys(coupler.table.reasons))
-    if excluded and strict:
-        raise GraphError("channels cannot be mapped through: " + "; ".join(excluded))
-    for reason in excluded:
-        if "model's output" not in reason:
-            warnings.warn(f"torchslim: channels excluded from pruning: {reason}", stacklevel=2)
+    unexpected = [reason for reason in excluded if reason != OUTPUT_KEEPS_SIZE]  # that one is by design
+    if unexpected and strict:
+        raise GraphError("channels cannot be mapped through: " + "; ".join(unexpected))
+    for reason in unexpected:
+        warnings.warn(f"torchslim: channels excluded from pruning: {reason}", stacklevel=2)
     sizes = {key: len(atoms) for key, atoms in coupler.table.axes().items()}
     spaces = {k: v for k, v in propagator.spaces.items() if isinstance(v, Space)}
     return ChannelGraph(axes=coupler.axes, sizes=sizes, groups=_groups(coupler.table),

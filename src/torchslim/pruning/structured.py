@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import warnings
 from collections import Counter
 from enum import StrEnum
 from typing import Any
@@ -24,8 +25,9 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.errors import ConfigError, GraphError, SelectionError
+from torchslim.errors import ConfigError, GraphError, NothingChangedWarning, SelectionError
 from torchslim.graph import ChannelGraph, Group, cut_axis_, rule_for, trace_channels
+from torchslim.graph.trace import OUTPUT_KEEPS_SIZE
 from torchslim.pruning.importance import Importance, unit_scores
 from torchslim.registry import register_technique
 from torchslim.select import Select
@@ -277,6 +279,8 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
         model.train(was_training)
     if getattr(out, "shape", None) != getattr(reference, "shape", None):
         raise GraphError(f"pruning changed the output shape {tuple(reference.shape)} -> {tuple(out.shape)}")
+    if config.ratio > 0 and not sizes:
+        _nothing_removed(graph, config)
     if sizes:
         record_edit_(model, {"kind": "prune_channels", "sizes": sizes})
         model.__dict__.pop("torchslim_gate_scores", None)  # indices changed: the scores are spent
@@ -284,6 +288,21 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
             "sizes": sizes, "excluded": graph.excluded, "replaced": [],
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
             "macs_before": macs_before, "macs_after": _macs(model, inputs)}
+
+
+def _nothing_removed(graph: ChannelGraph, config: ChannelPruning) -> None:
+    """No silent no-op: say why nothing was removed (an error with `strict`)."""
+    reasons = [r for r in graph.excluded if r != OUTPUT_KEEPS_SIZE]
+    if reasons:
+        why = f"excluded: {'; '.join(reasons)}"
+    elif graph.groups:
+        why = f"the ratio is too small to remove a whole unit of its {len(graph.groups)} group(s)"
+    else:
+        why = "the model has no prunable channel group (only its output, which keeps its size)"
+    message = f"ChannelPruning(ratio={config.ratio}) removed nothing: {why}"
+    if config.strict:
+        raise GraphError(message)
+    warnings.warn(f"torchslim: {message}", NothingChangedWarning, stacklevel=3)
 
 
 register_technique(ChannelPruning, prune_channels_)
