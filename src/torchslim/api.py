@@ -12,17 +12,17 @@ import inspect
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim.calibration import take_pairs
 from torchslim.registry import handler_for
 from torchslim.select import Select
 from torchslim.signature import record_signature_
 
 __all__ = ["apply_", "finalize_", "parametrized_layers"]
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Batches = Iterable[Any]
 
 
 def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
@@ -33,7 +33,9 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
         model: the module to change.
         config: a technique config, e.g. `WeightPruning(sparsity=0.9)`.
         targets: the layers to touch (default: the technique's own default selection).
-        calibration: batches for criteria that look at data (Taylor, activations, k-means).
+        calibration: batches for criteria that look at data (Taylor, activations): a
+            `Calibration`, or any iterable of batches (a DataLoader of `(x, y)`, dicts, tensors),
+            read lazily up to the technique's `calibration_batches`.
         example_inputs: what the model is called with, for techniques that trace it
             (structured pruning); other techniques ignore it.
 
@@ -42,6 +44,8 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
             is left unchanged.
     """
     handler = handler_for(config)
+    if calibration is not None:  # any iterable of batches, read only as far as the technique needs
+        calibration = take_pairs(calibration, getattr(config, "calibration_batches", None) or 64)
     if example_inputs is not None:
         record_signature_(model, example_inputs)  # kept by `save`: benchmarks and export need it
     snapshot = copy.deepcopy(model)

@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
+from torchslim.calibration import take_inputs
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, SelectionError
 from torchslim.quantization.runtime import OrtModule, export_onnx, optimize_onnx, quantize_onnx
@@ -79,7 +80,7 @@ class Quantization(TechniqueConfig):
 
 
 def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: torch.Tensor,
-                   calibration: Iterable[torch.Tensor] | None = None) -> nn.Module:
+                   calibration: Iterable[Any] | None = None) -> nn.Module:
     """An int8 model computing what `model` computes: an `OrtModule` (onnxruntime backend) or
     a copy of `model` with `Int8DynamicLinear` layers (torch backend).
 
@@ -87,7 +88,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         model: the float model (left unchanged).
         config: the quantization options.
         example_inputs: one input batch (shapes and dtypes for export).
-        calibration: input batches (static only; at most `config.calibration_batches` used).
+        calibration: a `Calibration` or any iterable of batches (tensors, `(x, y)` pairs, a
+            DataLoader); static only; at most `config.calibration_batches` are read.
 
     Raises:
         ConfigError: static without calibration data, or nothing quantizable.
@@ -99,8 +101,7 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         return _torch_dynamic(model, config)
     batches = None
     if config.method == QuantMethod.STATIC:
-        batches = [b for _, b in zip(range(config.calibration_batches), calibration or [],
-                                     strict=False)]
+        batches = take_inputs(calibration, config.calibration_batches)
     transformer = _transformer_shape(model)
     program = _export(model, example_inputs, transformer)
     quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,

@@ -1,0 +1,133 @@
+"""One data contract for every technique that looks at data: `Calibration(data, transform=, num_samples=)`.
+
+`data` is any iterable of batches, read lazily and only as far as needed (a DataLoader is never
+turned into a list). A batch is understood as:
+
+- a tensor: the model's input, no labels;
+- a tuple/list `(inputs, labels, ...)`: a `(x, y)` pair as a `TensorDataset` DataLoader yields;
+- a dict (Hugging Face style): the model's keyword inputs, labels under `labels`/`label`.
+
+`transform(batch) -> inputs` (or `-> (inputs, labels)`) adapts anything else. Pruning criteria
+read `pairs()` (inputs with labels), quantizers read `inputs()`; plain lists of tensors or of
+`(x, y)` pairs, as torchslim took before, work unchanged.
+
+Example:
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> loader = DataLoader(TensorDataset(torch.randn(10, 4), torch.zeros(10).long()), batch_size=4)
+    >>> [tuple(x.shape) for x in Calibration(loader, num_samples=6).inputs()]
+    [(4, 4), (2, 4)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+
+from torchslim.errors import ConfigError
+
+__all__ = ["Calibration", "as_calibration", "take_inputs", "take_pairs"]
+
+LABEL_KEYS = ("labels", "label")
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() else 1
+    if isinstance(inputs, dict) and inputs:
+        return _batch_size(next(iter(inputs.values())))
+    if isinstance(inputs, tuple | list) and inputs:
+        return _batch_size(inputs[0])
+    return 1
+
+
+def _head(inputs: Any, count: int) -> Any:
+    """The first `count` samples of a batch (tensor, tuple or dict of tensors)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:count]
+    if isinstance(inputs, dict):
+        return {k: _head(v, count) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(_head(v, count) for v in inputs)
+    return inputs
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """(model inputs, labels or None) of one batch; see the module docstring for the forms.
+
+    Raises:
+        ConfigError: a batch of another kind (pass `transform=`).
+    """
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor | dict):
+        return batch[0], (batch[1] if len(batch) > 1 else None)
+    if isinstance(batch, dict):
+        labels = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        return {k: v for k, v in batch.items() if k not in LABEL_KEYS}, labels
+    raise ConfigError(f"cannot read a calibration batch of type {type(batch).__name__}: batches must "
+                      "be tensors, (inputs, labels) tuples or dicts; pass Calibration(data, "
+                      "transform=lambda batch: model_inputs)")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Batches for techniques that look at data (see the module docstring).
+
+    Attributes:
+        data: any iterable of batches (a DataLoader, a list, a generator function's result).
+        transform: batch -> model inputs, or -> (inputs, labels); default: `split_batch`.
+        num_samples: stop after this many samples (the last batch is cut to fit).
+    """
+
+    data: Iterable[Any]
+    transform: Callable[[Any], Any] | None = None
+    num_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not hasattr(self.data, "__iter__"):
+            raise ConfigError(f"Calibration needs an iterable of batches, got {type(self.data).__name__}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
+
+    def pairs(self) -> Iterator[tuple[Any, Any]]:
+        """(inputs, labels or None) per batch, lazily, up to `num_samples`."""
+        seen = 0
+        for batch in self.data:
+            if self.transform is not None:
+                batch = self.transform(batch)
+            inputs, labels = split_batch(batch) if self.transform is None or isinstance(batch, tuple) \
+                else (batch, None)
+            size = _batch_size(inputs)
+            if self.num_samples is not None and seen + size > self.num_samples:
+                keep = self.num_samples - seen
+                inputs = _head(inputs, keep)
+                labels = _head(labels, keep) if labels is not None else None
+                size = keep
+            yield inputs, labels
+            seen += size
+            if self.num_samples is not None and seen >= self.num_samples:
+                return
+
+    def inputs(self) -> Iterator[Any]:
+        """The model inputs of each batch, lazily."""
+        for inputs, _ in self.pairs():
+            yield inputs
+
+
+def as_calibration(data: Any) -> Calibration:
+    """`data` as a `Calibration` (itself if it already is one)."""
+    return data if isinstance(data, Calibration) else Calibration(data)
+
+
+def take_pairs(data: Any, batches: int) -> list[tuple[Any, Any]]:
+    """At most `batches` (inputs, labels) pairs, reading no further than that."""
+    return [] if data is None else list(islice(as_calibration(data).pairs(), batches))
+
+
+def take_inputs(data: Any, batches: int) -> list[Any]:
+    """At most `batches` model-input batches, reading no further than that."""
+    return [] if data is None else list(islice(as_calibration(data).inputs(), batches))

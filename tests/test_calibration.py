@@ -1,0 +1,72 @@
+"""One data contract: any iterable of batches (DataLoader tuples, dicts, bare tensors), read lazily,
+taken by pruning criteria (with labels) and by quantization (inputs only)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from torchslim import apply_
+from torchslim.calibration import Calibration, take_inputs, take_pairs
+from torchslim.errors import ConfigError
+from torchslim.pruning import WeightPruning
+
+
+class CountingLoader:
+    """An iterable of (x, y) batches that counts how many were read."""
+
+    def __init__(self, batches: int = 100) -> None:
+        self.batches, self.read = batches, 0
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            self.read += 1
+            yield torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+
+def test_every_batch_form_gives_inputs_and_labels() -> None:
+    x, y = torch.randn(10, 4), torch.arange(10) % 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    pairs = take_pairs(loader, 10)
+    assert [tuple(p[0].shape) for p in pairs] == [(4, 4), (4, 4), (2, 4)]
+    assert torch.equal(torch.cat([p[1] for p in pairs]), y)
+    dict_batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([0, 1])}
+    (inputs, labels), = take_pairs([dict_batch], 1)
+    assert set(inputs) == {"input_ids"} and torch.equal(labels, torch.tensor([0, 1]))
+    (bare, none), = take_pairs([x], 1)
+    assert bare is x and none is None
+    shifted = Calibration(loader, transform=lambda batch: batch[0] * 2)
+    assert torch.equal(next(shifted.inputs()), x[:4] * 2)
+    with pytest.raises(ConfigError, match="transform="):
+        take_pairs(["not a batch"], 1)
+
+
+def test_reading_is_lazy_and_capped_by_samples_or_batches() -> None:
+    loader = CountingLoader()
+    assert len(take_inputs(loader, 3)) == 3 and loader.read == 3
+    loader = CountingLoader()
+    sizes = [int(x.shape[0]) for x in Calibration(loader, num_samples=20).inputs()]
+    assert sizes == [8, 8, 4] and loader.read == 3
+
+
+def test_apply_takes_a_plain_dataloader_and_reads_only_what_it_needs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    loader = CountingLoader()
+    result = apply_(model, WeightPruning(sparsity=0.5, criterion="taylor", calibration_batches=2),
+                    calibration=loader)
+    assert loader.read == 2
+    assert result["sparsity"]["0"] == pytest.approx(0.5)
+
+
+def test_static_int8_calibrates_on_a_dataloader_of_pairs() -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, QuantMethod, quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(64, 4)
+    loader = DataLoader(TensorDataset(x, torch.zeros(64).long()), batch_size=16)
+    int8 = quantize_model(model, Quantization(method=QuantMethod.STATIC), example_inputs=x[:2],
+                          calibration=loader)
+    assert (int8(x) - model(x)).abs().max() < 0.1 * model(x).abs().max()
