@@ -23,10 +23,14 @@ from torchslim import (
 )
 from torchslim.api import apply_, finalize_
 from torchslim.artifact import Encoding, load, save
+from torchslim.batchnorm import RecalibrateBN, recalibrate_bn_
+from torchslim.calibration import Calibration
 from torchslim.select import Select
 
 __all__ = [
+    "Calibration",
     "Encoding",
+    "RecalibrateBN",
     "Select",
     "__version__",
     "apply_",
@@ -42,6 +46,7 @@ __all__ = [
     "measure",
     "models",
     "pruning",
+    "recalibrate_bn_",
     "report",
     "save",
     "training",

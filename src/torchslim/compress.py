@@ -298,7 +298,9 @@ class CompressionRun:
             return self._iterative(model, stage, constraints, checkpoint_dir)
         if isinstance(config, EncodeStage):
             return {"coder": config.coder}
-        raise ConfigError(f"no runner for stage {stage.kind!r}")  # pragma: no cover
+        # Any other registered technique: applied as is, with training batches if it reads data.
+        return apply_(model, config, targets=stage.targets,
+                      calibration=self.calibration(getattr(config, "calibration_batches", 8)))
 
     def convert(self, index: int, stage: Stage, model: nn.Module,
                 constraints: Constraints) -> tuple[nn.Module, dict[str, Any]]:

@@ -32,6 +32,7 @@ import yaml
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from torchslim.batchnorm import RecalibrateBN
 from torchslim.clustering import WeightSharing
 from torchslim.config import TechniqueConfig, build_config, validated
 from torchslim.depth import LayerDropping
@@ -127,7 +128,7 @@ class DistillStage(FineTune):
 STAGE_TYPES: dict[str, type] = {cls.kind: cls for cls in (
     WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune,
     DistillStage, LowRank, ConvDecomposition, LayerDropping, Quantization, QATStage, LowBitStage,
-    WeightOnly, ChannelPruning)}
+    WeightOnly, ChannelPruning, RecalibrateBN)}
 STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers", "lowbit", "weight_only",
                                "structured_prune"})
 CONVERSION_STAGES = frozenset({"quantize", "qat"})  # the model becomes an int8 program: last
