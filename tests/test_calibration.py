@@ -70,3 +70,42 @@ def test_static_int8_calibrates_on_a_dataloader_of_pairs() -> None:
     int8 = quantize_model(model, Quantization(method=QuantMethod.STATIC), example_inputs=x[:2],
                           calibration=loader)
     assert (int8(x) - model(x)).abs().max() < 0.1 * model(x).abs().max()
+
+
+class SpeechLike(nn.Module):
+    """A first layer fed raw, wide-range inputs (like a power spectrum), then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = nn.Linear(4, 16)
+        self.back = nn.Sequential(nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.back(self.front(x))
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_quantization_keeps_excluded_layers_in_float(method: str) -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, quantize_model
+
+    torch.manual_seed(0)
+    model, x = SpeechLike().eval(), torch.randn(32, 4)
+    int8 = quantize_model(model, Quantization(method=method, exclude=("front",)), example_inputs=x[:2],
+                          calibration=[x])
+    assert int8.report["excluded"] == {"front": "kept in float by exclude="}
+    assert any("front" in op for op in int8.report["float_ops"])
+    assert int8.report["int8_ops"]  # the rest is int8
+    from torchslim.errors import SelectionError
+
+    with pytest.raises(SelectionError, match="'nope'"):
+        quantize_model(model, Quantization(exclude=("nope",)), example_inputs=x[:2])
+
+
+def test_dynamic_int8_on_convolutions_warns_with_the_fix() -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, quantize_model
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    with pytest.warns(UserWarning, match="method='static'"):
+        quantize_model(model, Quantization(method="dynamic"), example_inputs=torch.randn(2, 1, 8, 8))

@@ -166,3 +166,37 @@ def test_an_artifact_of_a_user_model_without_its_factory_names_the_class(user_co
     path = artifact.save(model, user_code / "m.slim", example_inputs=torch.zeros(1, 1, 8, 8))
     assert main(["bench", str(path)]) == 2
     assert "UserNet" in capsys.readouterr().err
+
+
+def test_cli_quantizes_a_user_model_on_user_data_keeping_a_layer_in_float(user_code: Path, capsys) -> None:
+    out = user_code / "q"
+    assert main(["quantize", "--model", f"{user_code}/nets.py:build_model", "--dataset",
+                 f"{user_code}/data.py:loaders", "--method", "static", "--exclude", "head",
+                 "--threads", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "UserNet" and report["quantization"]["excluded"] == {"head": "kept in float by exclude="}
+    assert report["after"]["backend"] == "onnxruntime" and report["after"]["samples"] == 297
+    assert abs(report["after"]["accuracy"] - report["before"]["accuracy"]) < 0.05
+    result = _json(capsys, ["evaluate", str(out / "model.slim"), "--dataset", f"{user_code}/data.py:loaders",
+                            "--json"])
+    assert result["accuracy"] == report["after"]["accuracy"]
+
+
+def test_compare_measures_any_two_modules_interleaved(user_code: Path) -> None:
+    import copy
+
+    from torchslim.measure import compare
+    from torchslim.pruning import ChannelPruning
+
+    loaders = load_data_factory(f"{user_code}/data.py:loaders")
+    before = build_from_factory(f"{user_code}/nets.py:build_model")
+    after = copy.deepcopy(before)
+    x = next(iter(loaders["val"]))[0]
+    apply_(after, ChannelPruning(ratio=0.5), example_inputs=x[:2])
+    result = compare(before, after, loaders["val"], example_inputs=x, rounds=3)
+    assert result["comparison"]["macs_ratio"] > 1.5 and result["comparison"]["params_ratio"] > 1.5
+    assert result["after"]["bytes"] < result["before"]["bytes"]
+    assert {"accuracy", "median_ms"} <= result["after"].keys()
+    agreement = compare(before, after, loaders["val"], example_inputs=x, rounds=1,
+                        metric=lambda model, data: 0.5)
+    assert agreement["after"]["accuracy"] == 0.5

@@ -272,6 +272,7 @@ def _add_prune_parser(commands: Any) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from torchslim.workflows import quantize_job
 
+    args.model = _model_source(args)
     if args.method in ("qat", "binary", "ternary"):
         from torchslim.cli_recipes import training_quantize_recipe
 
@@ -289,7 +290,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = quantize_job(args.model, method=args.method, out=args.out, dataset=args.calibration,
                           bits=args.bits, calibrate=args.calibrate,
                           per_channel=not args.per_tensor, calibration_batches=args.batches,
-                          threads=args.threads, backend=args.backend)
+                          threads=args.threads, backend=args.backend, factory=args.factory,
+                          exclude=tuple(args.exclude))
     _print_table(report)
     quant = report["quantization"]
     print(f"\nint8 ops: {quant['int8_ops']}; left in float: {quant['float_ops'] or 'none'}")
@@ -476,12 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a model to int8 (dynamic: int8 weights, activations quantized at "
         "run time; static: calibrated int8 activations too, per-channel weights) and write "
         "OUT/model.slim, which evaluate and bench run on onnxruntime's int8 kernels.")
-    quantize.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="a .slim file or a model name")
+    _add_model_argument(quantize)
     quantize.add_argument("--method", default="dynamic",
                           choices=["dynamic", "static", "qat", "binary", "ternary"])
     quantize.add_argument("--bits", type=int, default=8, help="8 (the int8 kernels' width)")
-    quantize.add_argument("--calibration", choices=dataset_names(), metavar="DATASET",
-                          help="dataset whose training split calibrates (default: the model's)")
+    quantize.add_argument("--calibration", "--dataset", dest="calibration", metavar="DATASET",
+                          help="dataset whose training split calibrates (default: the model's): "
+                               f"{', '.join(dataset_names())}, or FILE.py:FUNCTION returning loaders")
+    quantize.add_argument("--exclude", nargs="+", metavar="MODULE", default=[],
+                          help="modules (names or globs) kept in float, e.g. a sensitive first layer")
     quantize.add_argument("--calibrate", default="minmax", choices=["minmax", "entropy", "percentile"])
     quantize.add_argument("--batches", type=int, default=8, help="calibration batches of 64")
     quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")

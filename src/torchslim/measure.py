@@ -161,8 +161,13 @@ def measure_latency(model: nn.Module, inputs: torch.Tensor, *, threads: int | No
                    p90_ms=p90 * 1e3, throughput=batch / median)
 
 
-def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def compare(before: Any, after: Any, data: Any = None, **options: Any) -> dict[str, Any]:
     """Ratios `before / after` for sizes and times (bigger is better), and accuracy change.
+
+    Given two measurement rows (dicts), compares them. Given two modules, measures both first
+    (`torchslim.workflows.compare_models`: accuracy on `data`, params, bytes of the real file,
+    MACs, interleaved latency; options `example_inputs=`, `metric=`) and returns the rows with
+    the comparison.
 
     Keys present in both are compared: `accuracy` gives `accuracy_delta` (after - before, in
     fraction points) and `accuracy_retention` (after / before); `params`, `nonzero_params`,
@@ -173,11 +178,15 @@ def compare(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
         >>> compare({"accuracy": 0.98, "bytes": 1000}, {"accuracy": 0.97, "bytes": 250})
         {'accuracy_delta': -0.01, 'accuracy_retention': 0.9898, 'bytes_ratio': 4.0}
     """
-    result: dict[str, float] = {}
+    if isinstance(before, nn.Module) and isinstance(after, nn.Module):
+        from torchslim.workflows import compare_models
+
+        return compare_models(before, after, data, **options)
+    result: dict[str, Any] = {}
     if "accuracy" in before and "accuracy" in after:
         result["accuracy_delta"] = round(after["accuracy"] - before["accuracy"], 6)
         result["accuracy_retention"] = round(after["accuracy"] / before["accuracy"], 4)
-    for key in ("params", "nonzero_params", "bytes", "flops", "median_ms", "latency_b1_ms",
+    for key in ("params", "nonzero_params", "bytes", "flops", "macs", "median_ms", "latency_b1_ms",
                 "latency_batch_ms"):
         if key in before and key in after and after[key]:
             result[f"{key}_ratio"] = round(before[key] / after[key], 4)

@@ -16,7 +16,7 @@ from torch import nn
 
 from torchslim import artifact
 from torchslim.config import build_config
-from torchslim.data import Dataset, TensorLoader, load_dataset
+from torchslim.data import Dataset, TensorLoader, dataset_names, load_dataset
 from torchslim.errors import ConfigError
 from torchslim.measure import (
     compare,
@@ -186,6 +186,54 @@ def measure_model(model: nn.Module, *, path: Path | None = None, data: Any = Non
     return result
 
 
+def compare_models(before: nn.Module, after: nn.Module, data: Any = None, *, example_inputs: Any = None,
+                   metric: Any = None, rounds: int = 5, batch: int | None = None) -> dict[str, Any]:
+    """Before/after of any two modules: accuracy (or `metric(model, data)`), params, non-zeros,
+    bytes of the real `.slim` file, MACs, and latency timed interleaved in this run.
+
+    Args:
+        before, after: the original and the compressed model.
+        data: batches to score on (a DataLoader of `(x, y)`, a built-in `Dataset`'s split...).
+        example_inputs: a batch both models take (default: the recorded input signature).
+        metric: `metric(model, data) -> float` replacing classification accuracy.
+        rounds: latency rounds; each times both models (10 runs each), medians over rounds.
+        batch: the batch size latency is timed at (default: the example's).
+
+    Returns:
+        {"before": row, "after": row, "comparison": ratios (see `measure.compare`),
+         "latency_spread": {"before": [min, max], "after": [...]} over rounds}.
+    """
+    from torchslim.measure import compare
+
+    if example_inputs is not None:
+        for model in (before, after):
+            known = isinstance(getattr(model, SPEC_ATTRIBUTE, None), ModelSpec)
+            if signature_of(model) is None and not known:
+                record_signature_(model, example_inputs)
+    rows = []
+    for model in (before, after):
+        total, nonzero = count_params(model)
+        row: dict[str, Any] = {"params": total, "nonzero_params": nonzero,
+                               "bytes": artifact_bytes(model, None),
+                               "macs": count_flops(model, inputs_for(model, 1)) // 2}
+        if data is not None:
+            row["accuracy"] = float(metric(model, data)) if metric else \
+                evaluate(model, TensorLoader(data.test, batch_size=500) if isinstance(data, Dataset)
+                         else data)["accuracy"]
+        rows.append(row)
+    inputs = example_inputs if example_inputs is not None and batch is None else \
+        inputs_for(before, batch or 1)
+    medians: list[list[float]] = [[], []]
+    for _ in range(rounds):  # interleaved: both models see the same machine state
+        for index, model in enumerate((before, after)):
+            medians[index].append(measure_latency(model, inputs, repeats=10).median_ms)
+    for row, times in zip(rows, medians, strict=True):
+        row["median_ms"] = sorted(times)[len(times) // 2]
+    return {"before": rows[0], "after": rows[1], "comparison": compare(rows[0], rows[1]),
+            "latency_spread": {"before": [min(medians[0]), max(medians[0])],
+                               "after": [min(medians[1]), max(medians[1])]}}
+
+
 def train_config_for(model_name: str, **overrides: Any) -> TrainConfig:
     """The model's tuned defaults, with the given options (None = keep default) on top."""
     defaults = asdict(get_entry(model_name).train_defaults)
@@ -230,15 +278,28 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
     return report
 
 
+def _user_or_builtin_data(dataset: str | None, model_name: str | None, seed: int) -> tuple[Any, str | None]:
+    """(data, its name): a built-in dataset (default: the model's own) or the user's loaders."""
+    from torchslim.factories import is_factory, load_data_factory
+
+    if dataset is not None and is_factory(dataset) and dataset not in dataset_names():
+        return load_data_factory(dataset), dataset
+    name = dataset or (get_entry(model_name).default_dataset if model_name else None)
+    return (load_dataset(name, seed=seed) if name else None), name
+
+
 def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | None = None,
                  bits: int = 8, calibrate: str = "minmax", per_channel: bool = True,
                  calibration_batches: int = 8, seed: int = 0, threads: int | None = None,
-                 backend: str = "onnxruntime") -> dict[str, Any]:
-    """Quantize a model or artifact to int8, save `out/model.slim`, measure both; the report.
+                 backend: str = "onnxruntime", factory: str | None = None,
+                 exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Quantize any model or artifact to int8, save `out/model.slim`, measure both; the report.
 
-    Calibration batches come from the training split of `dataset` (default: the model's own);
-    accuracy is measured on its test split, before and after, in the same run.
+    Calibration batches come from the training split of `dataset` (a built-in name, default:
+    the model's own, or a data factory's `train` loader); accuracy is measured on its test split
+    (a factory's `test`, else `val`), before and after, in the same run.
     """
+    from torchslim.calibration import take_inputs
     from torchslim.quantization import Quantization, quantize_model
 
     if method not in ("dynamic", "static"):
@@ -246,34 +307,39 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                           f"{method!r}; training methods run as recipe stages (qat, lowbit)")
     config = build_config(Quantization, {
         "method": method, "bits": bits, "calibrate": calibrate, "per_channel": per_channel,
-        "calibration_batches": calibration_batches, "backend": backend})
-    model, path = load_model_or_artifact(source)
-    spec = spec_of(model)
-    name = dataset or get_entry(spec.name).default_dataset
-    data = load_dataset(name, seed=seed) if name else None
+        "calibration_batches": calibration_batches, "backend": backend, "exclude": list(exclude)})
+    model, path = load_model_or_artifact(source, factory=factory)
+    spec = getattr(model, SPEC_ATTRIBUTE, None)
+    label = spec.name if isinstance(spec, ModelSpec) else type(model).__name__
+    data, name = _user_or_builtin_data(dataset, spec.name if isinstance(spec, ModelSpec) else None, seed)
     if data is None and method == "static":
-        raise ConfigError(f"static quantization needs calibration data and model {spec.name!r} "
-                          "has no default dataset; pass --calibration DATASET")
-    calibration = None
-    if data is not None:
-        check_dataset_fits(data, spec)  # before calibrating: a mismatch fails here, clearly
+        raise ConfigError(f"static quantization needs calibration data and {label} has no default "
+                          "dataset; pass --dataset DATASET (a built-in name or FILE.py:FUNCTION)")
+    calibration, split = None, "test"
+    if isinstance(data, Dataset):
+        if isinstance(spec, ModelSpec):
+            check_dataset_fits(data, spec)  # before calibrating: a mismatch fails here, clearly
         loader = TensorLoader(data.train, batch_size=64, shuffle=True, seed=seed)
         calibration = [inputs for inputs, _ in loader.take(calibration_batches)]
-    quantized = quantize_model(model, config, example_inputs=example_inputs(spec, 2),
-                               calibration=calibration)
+    elif data is not None:
+        calibration = take_inputs(data["train"], calibration_batches)
+        split = "test" if "test" in data else "val"
+        if calibration and signature_of(model) is None and not isinstance(spec, ModelSpec):
+            record_signature_(model, calibration[0])
+    quantized = quantize_model(model, config, example_inputs=inputs_for(model, 2), calibration=calibration)
     out = Path(out)
     saved = artifact.save(quantized, out / "model.slim", metadata={
         "source": source, "quantization": config.to_dict(), "dataset": name,
         "report": getattr(quantized, "report", {})})
-    before = measure_model(model, path=path, data=data, threads=threads)
-    after = measure_model(quantized, path=saved, data=data, threads=threads)
+    before = measure_model(model, path=path, data=data, split=split, threads=threads)
+    after = measure_model(quantized, path=saved, data=data, split=split, threads=threads)
     report: dict[str, Any] = {
-        "model": spec.name, "source": source, "dataset": name, "config": config.to_dict(),
+        "model": label, "source": source, "dataset": name, "config": config.to_dict(),
         "quantization": getattr(quantized, "report", {}), "before": before, "after": after,
         "comparison": compare(before, after), "artifact": str(saved)}
-    rows = [{"name": f"{spec.name} fp32 (torch)", **before},
-            {"name": f"{spec.name} int8 {method} ({backend})", **after}]
-    write_report(out, report, title=f"torchslim quantize: {spec.name}, {method} int8", rows=rows)
+    rows = [{"name": f"{label} fp32 (torch)", **before},
+            {"name": f"{label} int8 {method} ({backend})", **after}]
+    write_report(out, report, title=f"torchslim quantize: {label}, {method} int8", rows=rows)
     report["rows"] = rows
     return report
 

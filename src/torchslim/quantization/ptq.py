@@ -9,6 +9,8 @@ The report says which ops run in int8 and which stayed float (never a float mode
 
 from __future__ import annotations
 
+import fnmatch
+import warnings
 from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
@@ -59,6 +61,9 @@ class Quantization(TechniqueConfig):
             `torch._int_mm`). Layers without an int8 kernel on the chosen path (GRU and RNN
             always, LSTM under `static`, recurrent layers on torch) stay float and are listed in
             the result's `report["float_ops"]`.
+        exclude: layers kept in float, by module name or glob (`["lstm.0", "head.*"]`): e.g. a
+            first layer whose raw inputs per-tensor int8 cannot represent. Each must match a
+            module; onnxruntime backend only.
     """
 
     kind = "quantize"
@@ -69,6 +74,7 @@ class Quantization(TechniqueConfig):
     calibrate: Calibrate = Calibrate.MINMAX
     calibration_batches: int = Field(default=8, ge=1)
     backend: Backend = Backend.ONNXRUNTIME
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.bits != 8:
@@ -98,7 +104,11 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     from torchslim.measure import count_flops, count_params
 
     if config.backend == Backend.TORCH:
+        if config.exclude:
+            raise ConfigError("exclude= is supported by the onnxruntime backend; drop backend='torch'")
         return _torch_dynamic(model, config)
+    kept = excluded_modules(model, config.exclude)
+    _warn_dynamic_convolutions(model, config, kept)
     batches = None
     if config.method == QuantMethod.STATIC:
         batches = take_inputs(calibration, config.calibration_batches)
@@ -106,7 +116,10 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     program = _export(model, example_inputs, transformer)
     quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
                                       per_channel=config.per_channel, calibrate=config.calibrate.value,
-                                      transformer=transformer)
+                                      transformer=transformer,
+                                      exclude=config.exclude)
+    if kept:
+        report["excluded"] = {name: "kept in float by exclude=" for name in kept}
     flops = count_flops(model, example_inputs[:1])
     result = OrtModule(quantized, weight_count=count_params(model)[0], flops=flops)
     result.report = {"backend": "onnxruntime", "method": config.method.value,
@@ -119,6 +132,28 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
                 f"{type(model).__module__}.{type(model).__qualname__}")
     record_signature_(result, example_inputs)
     return result.eval()
+
+
+def excluded_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """The module names `patterns` keep in float; a pattern matching no module is an error."""
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unmatched:
+        raise SelectionError(f"exclude {unmatched} matched no module; modules are: {', '.join(names[:20])}")
+    return [name for name in names if any(fnmatch.fnmatch(name, p) for p in patterns)]
+
+
+def _warn_dynamic_convolutions(model: nn.Module, config: Quantization, kept: list[str]) -> None:
+    """Dynamic int8 convolutions (ConvInteger) run slower than fp32 on CPU: say so, with the fix."""
+    if config.method != QuantMethod.DYNAMIC:
+        return
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)
+             and not any(name == k or name.startswith(k + ".") for k in kept)]
+    if convs:
+        warnings.warn(f"torchslim: dynamic int8 quantizes {len(convs)} convolution(s) ({', '.join(convs[:4])}"
+                      f"{', ...' if len(convs) > 4 else ''}) into ConvInteger, measured 2.7-3x slower than "
+                      "fp32 on CPU; use method='static' for convolutional models, or exclude= them",
+                      stacklevel=3)
 
 
 def _transformer_shape(model: nn.Module) -> tuple[int, int] | None:

@@ -13,6 +13,7 @@ treat it like any model.
 
 from __future__ import annotations
 
+import fnmatch
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -147,9 +148,25 @@ def optimize_onnx(program: bytes, *, transformer: tuple[int, int]) -> bytes:
         return path.read_bytes()
 
 
+def nodes_of_modules(program: bytes, patterns: tuple[str, ...]) -> list[str]:
+    """ONNX node names that the exporter put inside the modules `patterns` name: a node
+    "/features/features.0/Conv" belongs to "features" and to "features.0"."""
+    if not patterns:
+        return []
+    import onnx
+
+    nodes = []
+    for node in onnx.load_from_string(program).graph.node:
+        scopes = node.name.strip("/").split("/")[:-1]
+        if any(fnmatch.fnmatch(scope, p) for scope in scopes for p in patterns):
+            nodes.append(node.name)
+    return nodes
+
+
 def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Tensor] | None = None,
                   per_channel: bool = True, calibrate: str = "minmax",
-                  transformer: tuple[int, int] | None = None) -> tuple[bytes, dict[str, Any]]:
+                  transformer: tuple[int, int] | None = None,
+                  exclude: tuple[str, ...] = ()) -> tuple[bytes, dict[str, Any]]:
     """Quantize an ONNX program with onnxruntime; returns (program, report).
 
     Args:
@@ -161,6 +178,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         calibrate: minmax | entropy | percentile (static activation ranges).
         transformer: (attention heads, hidden size) of a BERT-style encoder: fuse its attention,
             LayerNorm and GELU subgraphs first (onnxruntime's transformer optimizer).
+        exclude: module names (globs) whose nodes stay float (see `nodes_of_modules`).
 
     Raises:
         ConfigError: static without calibration data, unknown method, or a result in which no
@@ -185,6 +203,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         source, prepared, target = (Path(folder) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         source.write_bytes(program)
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        kept = nodes_of_modules(prepared.read_bytes(), exclude)  # named after pre-processing
+        kept += [f"{name}_MatMul" for name in kept]  # the quantizer splits a Gemm into MatMul + Add
         extra: dict[str, Any] = {}
         if transformer is not None:
             fuse_transformer(prepared, heads=transformer[0], hidden=transformer[1])
@@ -192,7 +212,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
             extra["DefaultTensorType"] = _onnx().TensorProto.FLOAT
         if method == "dynamic":
             quantize_dynamic(str(prepared), str(target), per_channel=per_channel,
-                             weight_type=QuantType.QInt8, extra_options=extra)
+                             weight_type=QuantType.QInt8, extra_options=extra, nodes_to_exclude=kept)
         else:
             batches = list(calibration or [])
             if not batches:
@@ -200,6 +220,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                                   "are measured on it); pass --calibration DATASET or batches")
             quantize_static(str(prepared), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            nodes_to_exclude=kept,
                             weight_type=QuantType.QInt8, calibrate_method=methods[calibrate],
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                            **extra})
