@@ -201,3 +201,25 @@ def test_compare_measures_any_two_modules_interleaved(user_code: Path) -> None:
     agreement = compare(before, after, loaders["val"], example_inputs=x, rounds=1,
                         metric=lambda model, data: 0.5)
     assert agreement["after"]["accuracy"] == 0.5
+
+
+def test_cli_prunes_and_fine_tunes_a_user_model_on_user_data_and_resumes(user_code: Path, capsys) -> None:
+    model_spec, data_spec = f"{user_code}/nets.py:build_model", f"{user_code}/data.py:loaders"
+    out = user_code / "p"
+    argv = ["prune", "--model", model_spec, "--dataset", data_spec, "--structured", "--ratio", "0.5",
+            "--epochs", "1", "--lr", "0.01", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "UserNet" and report["dataset"] == "user data"
+    assert report["final"]["flops"] < report["baseline"]["flops"] / 1.8  # SameConv + GroupNorm pruned
+    pruned = artifact.load(out / "model.slim", model=build_from_factory(model_spec))
+    assert (pruned.conv.out_channels, pruned.norm.num_groups) == (4, 1)
+    first = (out / "model.slim").read_bytes()
+    (out / "model.slim").unlink()
+    (out / "stages" / "02-fine_tune.slim").unlink()
+    assert main([*argv, "--resume"]) == 0  # stage files of a user model reload through the factory
+    assert (out / "model.slim").read_bytes() == first
+    capsys.readouterr()
+    result = _json(capsys, ["evaluate", str(out / "model.slim"), "--factory", model_spec,
+                            "--dataset", data_spec, "--json"])
+    assert result["accuracy"] == report["final"]["test_accuracy"]

@@ -97,7 +97,8 @@ def _run_recipe(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     from torchslim.training import distributed
 
     run = CompressionRun(recipe, args.out, model_source=args.model, resume=args.resume,
-                         overwrite=getattr(args, "overwrite", False), progress=not args.no_progress)
+                         overwrite=getattr(args, "overwrite", False), progress=not args.no_progress,
+                         factory=getattr(args, "factory", None))
     report = run.run()
     if distributed.is_main_process():
         _print_table(report)
@@ -137,6 +138,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_factorize(args: argparse.Namespace) -> int:
     from torchslim.cli_recipes import factorize_recipe
 
+    args.model = _model_source(args)
     _print_summary(_run_generated_recipe(factorize_recipe(args), args), args, latency=False)
     return 0
 
@@ -156,6 +158,7 @@ def _print_summary(report: dict[str, Any], args: argparse.Namespace, *, latency:
 def cmd_prune(args: argparse.Namespace) -> int:
     from torchslim.cli_recipes import prune_recipe
 
+    args.model = _model_source(args)
     if not 0 <= args.ratio < 1:
         raise SystemExit(f"torchslim prune: --ratio {args.ratio} must be in [0, 1) (the fraction removed)")
     if args.structured and args.epochs == 0 and args.steps == 1:  # one shot: also models without data
@@ -237,7 +240,7 @@ def _add_prune_parser(commands: Any) -> None:
         "smallest weights. Then fine-tune (distilling from the original by default); --steps N "
         "repeats prune -> fine-tune N times to reach the same final ratio. Writes OUT/model.slim, "
         "OUT/report.md and OUT/recipe.yaml.")
-    prune.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="a .slim file or a model name")
+    _add_model_argument(prune)
     prune.add_argument("--out", required=True, help="output folder")
     prune.add_argument("--structured", action="store_true", help="remove whole channels (default: weights)")
     prune.add_argument("--ratio", type=float, required=True,
@@ -258,7 +261,9 @@ def _add_prune_parser(commands: Any) -> None:
     prune.add_argument("--per-layer", nargs="+", metavar="LAYER=RATIO", help="ratio overrides (globs ok)")
     prune.add_argument("--exclude", nargs="+", metavar="PATTERN", help="layers to leave untouched")
     prune.add_argument("--steps", type=int, default=1, help="prune -> fine-tune rounds")
-    prune.add_argument("--dataset", choices=dataset_names(), help="default: the model's own")
+    prune.add_argument("--dataset", metavar="DATASET",
+                       help=f"default: the model's own; {', '.join(dataset_names())}, or FILE.py:FUNCTION "
+                            "returning {'train': loader, 'val': loader, 'test': loader}")
     tune = prune.add_argument_group("fine-tuning after each round")
     tune.add_argument("--epochs", type=int, default=1, help="epochs per round (0: none)")
     tune.add_argument("--lr", type=float, help="default: a tenth of the model's training LR")
@@ -432,8 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
         "`torchrun --nproc_per_node=N -m torchslim compress ...` (training batches split "
         "over the N processes; rank 0 writes and prints).")
     compress.add_argument("recipe", help="a recipe file, e.g. examples/recipes/*.yaml")
-    compress.add_argument("--model", help="artifact or registered name to compress instead of "
-                          "the recipe's model (skips baseline training)")
+    compress.add_argument("--model", help="artifact, registered name or FILE.py:FUNCTION to compress "
+                          "instead of the recipe's model (skips baseline training)")
+    compress.add_argument("--factory", metavar="FILE.py:FUNCTION",
+                          help="builds the uncompressed model when --model is an artifact of your own model")
     compress.add_argument("--out", required=True, help="output folder")
     _add_run_folder_options(compress)
     compress.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -445,9 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(Tucker-2, spatial separable, depthwise separable), then fine-tune with distillation "
         "from the original model; writes OUT/model.slim, OUT/report.md and OUT/recipe.yaml. "
         "Default: Linear layers at half their weights.")
-    factorize.add_argument("model", metavar="MODEL_OR_ARTIFACT", help="a .slim file or a model name")
+    _add_model_argument(factorize)
     factorize.add_argument("--out", required=True, help="output folder")
-    factorize.add_argument("--dataset", choices=dataset_names(), help="default: the model's own")
+    factorize.add_argument("--dataset", metavar="DATASET",
+                           help="default: the model's own; a built-in name or FILE.py:FUNCTION")
     lin = factorize.add_argument_group("Linear layers (give one)")
     lin.add_argument("--linear-param-ratio", type=float, metavar="R",
                      help="keep at most this fraction of each layer's weights, in (0, 1)")

@@ -40,17 +40,29 @@ def factorize_recipe(args: argparse.Namespace) -> dict[str, Any]:
     return {"version": 1, "dataset": args.dataset, "seed": args.seed, "stages": stages}
 
 
+def _defaults(args: argparse.Namespace, **overrides: Any) -> Any:
+    """Training options for the command's model: a registered model's tuned defaults, or the
+    generic ones for the user's own model, with `overrides` on top."""
+    from dataclasses import asdict
+
+    from torchslim.models import TrainDefaults
+    from torchslim.training import make_train_config
+    from torchslim.workflows import load_model_or_artifact, train_config_for
+
+    model = load_model_or_artifact(args.model, factory=getattr(args, "factory", None))[0]
+    spec = getattr(model, "torchslim_spec", None)
+    if spec is not None:
+        return train_config_for(spec.name, **overrides)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return make_train_config(**{**asdict(TrainDefaults()), **given})
+
+
 def fine_tune_options(args: argparse.Namespace, *, temperature: float = 4.0,
                       alpha: float = 0.5) -> dict[str, Any]:
     """The model's tuned training options at a tenth of its LR (or `--lr`) for `--epochs`,
     distilled from the original model unless `--no-distill`."""
-    from torchslim.models import spec_of
-    from torchslim.workflows import load_model_or_artifact, train_config_for
-
-    name = spec_of(load_model_or_artifact(args.model)[0]).name
-    defaults = train_config_for(name)
-    train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10,
-                             seed=args.seed).to_dict()
+    defaults = _defaults(args)
+    train = _defaults(args, epochs=args.epochs, lr=args.lr or defaults.lr / 10, seed=args.seed).to_dict()
     if not args.no_distill:
         train["distill"] = {"teacher": "original", "temperature": temperature, "alpha": alpha}
     return train
@@ -58,12 +70,8 @@ def fine_tune_options(args: argparse.Namespace, *, temperature: float = 4.0,
 
 def training_quantize_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe a `torchslim quantize --method qat|binary|ternary` call stands for."""
-    from torchslim.models import spec_of
-    from torchslim.workflows import load_model_or_artifact, train_config_for
-
-    name = spec_of(load_model_or_artifact(args.model)[0]).name
-    defaults = train_config_for(name)
-    train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10).to_dict()
+    defaults = _defaults(args)
+    train = _defaults(args, epochs=args.epochs, lr=args.lr or defaults.lr / 10).to_dict()
     if not args.no_distill:
         train["distill"] = {"teacher": "original", "temperature": 4.0, "alpha": 0.5}
     if args.method == "qat":

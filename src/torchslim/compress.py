@@ -24,7 +24,7 @@ from torch import nn
 from torchslim import artifact
 from torchslim.api import apply_, finalize_
 from torchslim.clustering import keep_shared_
-from torchslim.data import Dataset, TensorLoader, load_dataset
+from torchslim.data import load_dataset
 from torchslim.distillation import Distill, DistillationLoss
 from torchslim.errors import ConfigError, SlimError
 from torchslim.models import create_model, dataset_for, get_entry, spec_of
@@ -43,6 +43,7 @@ from torchslim.recipe import (
     Recipe,
     Stage,
 )
+from torchslim.run_data import BuiltinData, RunData, UserData
 from torchslim.run_folder import RunFolder
 from torchslim.training import Loss, TrainConfig, Trainer, distributed
 
@@ -63,6 +64,11 @@ def constrain_(model: nn.Module, constraints: Constraints) -> None:
             keep_shared_(module)
         else:
             set_mask_(module, weight.detach() != 0)
+
+
+def _label(model: Any) -> str:
+    spec = getattr(model, "torchslim_spec", None)
+    return str(spec.name) if spec is not None else type(model).__name__
 
 
 def check_stages(stages: tuple[Stage, ...], model: nn.Module) -> None:
@@ -108,21 +114,44 @@ class CompressionRun:
 
     def __init__(self, recipe: Recipe, out: str | Path, *, model_source: str | None = None,
                  resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 timing: bool = True) -> None:
+                 timing: bool = True, factory: str | None = None) -> None:
+        from torchslim.factories import is_factory, load_data_factory
+
         self.recipe, self.out, self.progress, self.timing = recipe, Path(out), progress, timing
-        self.model_source = model_source
+        self.model_source = model_source or (recipe.model if recipe.model and is_factory(recipe.model)
+                                             else None)
+        self.factory = factory
         self.stages_dir = self.out / "stages"
         name, dataset = recipe.model, recipe.dataset
-        if model_source and not Path(model_source).exists():
-            name = model_source
-        elif model_source:  # an artifact: its model, and the dataset it was trained on
-            saved = artifact.read_metadata(model_source)
-            name = saved["model"]["name"]
+        source = self.model_source
+        if source and Path(source).exists():  # an artifact: its model, and the dataset it was trained on
+            saved = artifact.read_metadata(source)
+            name = saved["model"]["name"] if "model" in saved else None
             dataset = dataset or saved.get("metadata", {}).get("dataset")
-        self.data: Dataset = load_dataset(dataset_for(name, dataset), seed=recipe.seed)
+        elif source:
+            name = None if is_factory(source) else source
+        if dataset is not None and is_factory(dataset):
+            self.data: RunData = UserData(load_data_factory(dataset))
+        elif name is None and dataset is None:
+            raise ConfigError("your own model needs your own data: pass --dataset FILE.py:FUNCTION "
+                              "(returning {'train': loader, 'val': loader}) or a built-in dataset name")
+        else:
+            self.data = BuiltinData(load_dataset(dataset_for(name, dataset), seed=recipe.seed))
         self.original: nn.Module | None = None  # the model before stage 1: `teacher: original`
         self.folder = RunFolder(self.out)
         self.resume, self.overwrite = resume, overwrite
+
+    def _fresh(self) -> nn.Module | None:
+        """A new uncompressed instance of a user's model (to load its stage files into), or
+        None for a registered model (artifacts rebuild those by themselves)."""
+        from torchslim.factories import build_from_factory, is_factory
+
+        if self.model_source and is_factory(self.model_source) and not Path(self.model_source).exists():
+            return build_from_factory(self.model_source)
+        return build_from_factory(self.factory) if self.factory else None
+
+    def _load(self, path: Path) -> nn.Module:
+        return artifact.load(path, model=self._fresh())
 
     def _claim(self) -> None:
         """Rank 0 locks `out` for this run (see `RunFolder`); the others wait for it."""
@@ -151,7 +180,9 @@ class CompressionRun:
         if self.model_source:
             from torchslim.workflows import load_model_or_artifact
 
-            return load_model_or_artifact(self.model_source)[0]
+            model = load_model_or_artifact(self.model_source, factory=self.factory)[0]
+            self._learn_inputs(model)
+            return model
         if self.recipe.model is None:
             raise ConfigError("the recipe names no model; add `model:` or pass --model")
         if self.recipe.baseline is None:
@@ -163,26 +194,42 @@ class CompressionRun:
         if self._restorable(path):
             return artifact.load(path)
         torch.manual_seed(self.recipe.seed)
-        model = create_model(self.recipe.model, pretrained=False,
-                             input_shape=self.data.input_shape, num_classes=self.data.num_classes)
+        model = self._untrained()
         self.train(model, self.recipe.baseline, self.stages_dir / "00-baseline-ckpt")
         self._save(model, path, metadata={"stage": "baseline", "constraints": {}})
         return model
 
+    def _untrained(self) -> nn.Module:
+        """The recipe's registered model, randomly initialised for the run's data."""
+        if not isinstance(self.data, BuiltinData):
+            raise ConfigError("a `baseline:` block trains a registered model on a built-in dataset; "
+                              "with your own data, pass your trained model (--model FILE.py:FUNCTION)")
+        assert self.recipe.model is not None
+        return create_model(self.recipe.model, pretrained=False, input_shape=self.data.data.input_shape,
+                            num_classes=self.data.data.num_classes)
+
+    def _learn_inputs(self, model: nn.Module) -> None:
+        """A user's model has no registered input shape: take it from a training batch."""
+        from torchslim.models.registry import SPEC_ATTRIBUTE
+        from torchslim.signature import record_signature_, signature_of
+
+        if getattr(model, SPEC_ATTRIBUTE, None) is None and signature_of(model) is None:
+            batch = self.calibration(1)
+            if batch:
+                record_signature_(model, batch[0][0])
+
     def train(self, model: nn.Module, config: TrainConfig, checkpoint_dir: Path,
               callbacks: tuple[Any, ...] = (), loss: Loss | None = None) -> None:
-        trainer = Trainer(model, TensorLoader(self.data.train, batch_size=config.batch_size,
-                                              shuffle=True, seed=config.seed),
-                          val_loader=TensorLoader(self.data.val, batch_size=1000), config=config,
+        trainer = Trainer(model, self.data.train_loader(config.batch_size, config.seed),
+                          val_loader=self.data.val_loader(), config=config,
                           loss=loss, callbacks=callbacks, checkpoint_dir=checkpoint_dir,
                           progress=self.progress)
         trainer.fit(resume=True)
         model.cpu()
 
-    def calibration(self, batches: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def calibration(self, batches: int = 8) -> list[tuple[Any, Any]]:
         """Training-split batches for data-driven criteria (never validation or test)."""
-        loader = TensorLoader(self.data.train, batch_size=128, shuffle=True, seed=self.recipe.seed)
-        return loader.take(batches)
+        return self.data.calibration(batches, self.recipe.seed)
 
     # ----------------------------------------------------------------------- stages
     def _prune(self, model: nn.Module, stage: Stage, constraints: Constraints) -> dict[str, Any]:
@@ -220,7 +267,7 @@ class CompressionRun:
                  checkpoint_dir: Path) -> dict[str, Any]:
         config: GradualPrune = stage.config
         train = TrainConfig(**{"seed": self.recipe.seed, **config.train})
-        steps = -(-len(self.data.train) // train.batch_size)  # per epoch
+        steps = self.data.steps_per_epoch(train.batch_size)
         start = round(config.start_epoch * steps)
         end = max(start + 1, round(config.end_fraction * train.epochs * steps))
         pruning = WeightPruning(sparsity=config.sparsity, per_layer=config.per_layer)
@@ -238,6 +285,9 @@ class CompressionRun:
         train = TrainConfig(**{"seed": self.recipe.seed, **config.train})
         initial = None
         if config.rewind:
+            if getattr(model, "torchslim_spec", None) is None:
+                raise ConfigError("rewind resets weights to the registered model's initialisation; "
+                                  "your own model has none recorded: drop `rewind`")
             torch.manual_seed(self.recipe.seed)  # the baseline's own initialisation
             initial = create_model(spec_of(model).name, pretrained=False,
                                    input_shape=spec_of(model).input_shape,
@@ -305,12 +355,12 @@ class CompressionRun:
     def convert(self, index: int, stage: Stage, model: nn.Module,
                 constraints: Constraints) -> tuple[nn.Module, dict[str, Any]]:
         """A conversion stage (quantize, qat): returns the int8 model and the summary."""
-        from torchslim.models import example_inputs
         from torchslim.quantization import quantize_model
         from torchslim.quantization.qat import convert_qat, prepare_qat_
+        from torchslim.workflows import inputs_for
 
         config = stage.config
-        example = example_inputs(spec_of(model), 2)
+        example = inputs_for(model, 2)
         if isinstance(config, QATStage):
             constrain_(model, constraints)  # pruned weights stay zero while training
             prepared = prepare_qat_(model, learn_scale=config.learn_scale)
@@ -334,9 +384,10 @@ class CompressionRun:
         from torchslim.measure import evaluate
         from torchslim.workflows import measure_model
 
-        row = measure_model(model, data=self.data, split="test", timing=timing)
+        data, split = self.data.measured()
+        row = measure_model(model, data=data, split=split, timing=timing)
         row["test_accuracy"] = row["accuracy"]
-        row["val_accuracy"] = evaluate(model, TensorLoader(self.data.val, batch_size=1000))["accuracy"]
+        row["val_accuracy"] = evaluate(model, self.data.val_loader())["accuracy"]
         row["dense_bytes"] = row["bytes"]
         with tempfile.TemporaryDirectory() as folder:
             path = artifact.save(model, Path(folder) / "m.slim", encoding=encoding)
@@ -365,12 +416,11 @@ class CompressionRun:
         if self.model_source:
             from torchslim.workflows import load_model_or_artifact
 
-            model = load_model_or_artifact(self.model_source)[0]
+            model = load_model_or_artifact(self.model_source, factory=self.factory)[0]
         elif self.recipe.model is None:
             raise ConfigError("the recipe names no model; add `model:` or pass --model")
         else:
-            model = create_model(self.recipe.model, pretrained=False,
-                                 input_shape=self.data.input_shape, num_classes=self.data.num_classes)
+            model = self._untrained()
         check_stages(self.recipe.stages, model)
 
     def _run(self) -> dict[str, Any]:
@@ -391,7 +441,7 @@ class CompressionRun:
             path = self.stages_dir / f"{index:02d}-{stage.kind}.slim"
             tick = time.perf_counter()
             if self._restorable(path):
-                model = artifact.load(path)
+                model = artifact.load(path) if stage.kind in CONVERSION_STAGES else self._load(path)
                 saved = artifact.read_metadata(path)["metadata"]
                 constraints, summary = dict(saved["constraints"]), saved["summary"]
                 log.info("stage %d (%s) restored from %s", index, stage.kind, path)
@@ -417,7 +467,7 @@ class CompressionRun:
         rows[-1]["bytes"] = final.stat().st_size
         report = {
             "recipe": self.recipe.source, "recipe_digest": self.recipe.digest,
-            "model": spec_of(model).name, "dataset": self.data.name, "seed": self.recipe.seed,
+            "model": _label(self.original), "dataset": self.data.name, "seed": self.recipe.seed,
             "test_accuracy": rows[-1]["test_accuracy"], "val_accuracy": rows[-1]["val_accuracy"],
             "baseline": rows[0], "final": rows[-1], "stages": summaries,
             "comparison": compare({**rows[0], "bytes": rows[0]["dense_bytes"]}, rows[-1]),
