@@ -29,7 +29,8 @@ import torch
 
 from torchslim.errors import ConfigError
 
-__all__ = ["Calibration", "as_calibration", "take_inputs", "take_pairs"]
+__all__ = ["Calibration", "as_calibration", "call_model", "logits_of", "move_inputs", "split_batch",
+           "take_inputs", "take_pairs"]
 
 LABEL_KEYS = ("labels", "label")
 
@@ -44,14 +45,51 @@ def _batch_size(inputs: Any) -> int:
     return 1
 
 
-def _head(inputs: Any, count: int) -> Any:
+def first_samples(inputs: Any, count: int) -> Any:
     """The first `count` samples of a batch (tensor, tuple or dict of tensors)."""
     if isinstance(inputs, torch.Tensor):
         return inputs[:count]
     if isinstance(inputs, dict):
-        return {k: _head(v, count) for k, v in inputs.items()}
+        return {k: first_samples(v, count) for k, v in inputs.items()}
     if isinstance(inputs, tuple | list):
-        return type(inputs)(_head(v, count) for v in inputs)
+        return type(inputs)(first_samples(v, count) for v in inputs)
+    return inputs
+
+
+def call_model(model: Any, inputs: Any) -> Any:
+    """`model(inputs)`, or `model(**inputs)` for a dict of keyword inputs (Hugging Face style)."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The scores a classification loss or accuracy reads from a model's outputs: the tensor
+    itself, the first of a tuple/list, or `logits` (else the first value) of a dict-like output.
+
+    Raises:
+        ConfigError: nothing tensor-like to read (pass your own loss / metric).
+    """
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, tuple | list) and outputs:
+        return logits_of(outputs[0])
+    if hasattr(outputs, "keys") and hasattr(outputs, "__getitem__"):
+        keys = list(outputs.keys())
+        if "logits" in keys:
+            return logits_of(outputs["logits"])
+        if keys:
+            return logits_of(outputs[keys[0]])
+    raise ConfigError(f"cannot read scores from a model output of type {type(outputs).__name__}; "
+                      "pass a loss (and metric) that reads it")
+
+
+def move_inputs(inputs: Any, device: Any) -> Any:
+    """Inputs (tensor, tuple or dict of tensors) on `device`."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: move_inputs(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(move_inputs(v, device) for v in inputs)
     return inputs
 
 
@@ -104,8 +142,8 @@ class Calibration:
             size = _batch_size(inputs)
             if self.num_samples is not None and seen + size > self.num_samples:
                 keep = self.num_samples - seen
-                inputs = _head(inputs, keep)
-                labels = _head(labels, keep) if labels is not None else None
+                inputs = first_samples(inputs, keep)
+                labels = first_samples(labels, keep) if labels is not None else None
                 size = keep
             yield inputs, labels
             seen += size

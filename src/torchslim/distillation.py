@@ -25,6 +25,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
+from torchslim.calibration import call_model, logits_of
 from torchslim.config import to_jsonable, validated
 from torchslim.errors import ConfigError
 from torchslim.training.callbacks import Loss
@@ -190,9 +191,9 @@ class DistillationLoss(Loss):
         self._student = _Capture(student, [s for s, _ in self.features], "the student")
         with torch.no_grad():
             was_training = student.training
-            s_out = student.eval()(example_inputs)
+            s_out = logits_of(call_model(student.eval(), example_inputs))
             student.train(was_training)
-            t_out = self.teacher(example_inputs)
+            t_out = logits_of(call_model(self.teacher, example_inputs))
         if s_out.shape != t_out.shape:
             raise ConfigError(f"student output {tuple(s_out.shape)} and teacher output "
                               f"{tuple(t_out.shape)} differ; distillation needs the same output "
@@ -210,15 +211,15 @@ class DistillationLoss(Loss):
 
     # ------------------------------------------------------------------- the loss
     def _teacher_outputs(self, inputs: torch.Tensor) -> torch.Tensor:
-        if not self.cache_teacher:
+        if not self.cache_teacher or not isinstance(inputs, torch.Tensor):
             with torch.no_grad():
-                return self.teacher(inputs)
+                return logits_of(call_model(self.teacher, inputs))
         keys = [hashlib.blake2b(row.cpu().numpy().tobytes(), digest_size=16).digest()
                 for row in inputs]
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         if missing:
             with torch.no_grad():
-                fresh = self.teacher(inputs[missing])
+                fresh = logits_of(self.teacher(inputs[missing]))
             for i, value in zip(missing, fresh, strict=True):
                 self.cache[keys[i]] = value
         return torch.stack([self.cache[key] for key in keys])
@@ -236,6 +237,7 @@ class DistillationLoss(Loss):
             raise ConfigError("DistillationLoss.bind(student, example_inputs) was not called; "
                               "pass the loss to Trainer(loss=...), which binds it")
         target = self._teacher_outputs(inputs)
+        outputs = logits_of(outputs)  # a tuple / dict / Hugging Face output: its logits
         loss = (1 - self.alpha) * self._output_term(outputs, target)
         if self.alpha > 0:
             loss = loss + self.alpha * F.cross_entropy(outputs, labels)

@@ -7,6 +7,7 @@ relative to the output's scale). An int8 model is already an ONNX program and is
 
 from __future__ import annotations
 
+import io
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,9 @@ def _pt2(model: nn.Module, inputs: Any, path: Path) -> Any:
     except Exception as exc:
         raise UnsupportedModuleError(f"torch.export cannot capture {type(model).__name__} "
                                      f"({type(exc).__name__}: {str(exc)[:300]})") from exc
-    write_atomic(path, lambda tmp: torch.export.save(program, str(tmp)))
+    buffer = io.BytesIO()  # the archive writer wants a .pt2 name or a buffer, not our temp name
+    torch.export.save(program, buffer)
+    write_atomic(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     return torch.export.load(str(path)).module()(*args, **kwargs)
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from torchslim.calibration import call_model, logits_of, move_inputs, split_batch
 from torchslim.errors import ConfigError
 
 __all__ = [
@@ -47,9 +48,13 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     total, loss_sum = 0, 0.0
     correct = dict.fromkeys(topk, 0)
     with torch.inference_mode():
-        for inputs, labels in batches:
-            inputs, labels = inputs.to(device), labels.to(device)
-            logits = model(inputs)
+        for batch in batches:
+            inputs, labels = split_batch(batch)
+            if labels is None:
+                raise ConfigError("evaluate() needs labelled batches: (inputs, labels) or a dict "
+                                  "with 'labels'; for unlabelled data compare outputs instead")
+            inputs, labels = move_inputs(inputs, device), labels.to(device)
+            logits = logits_of(call_model(model, inputs))
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             ranked = logits.topk(max(topk), dim=1).indices  # (B, max_k)
             hits = ranked.eq(labels.unsqueeze(1))  # (B, max_k)

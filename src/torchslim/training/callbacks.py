@@ -82,5 +82,7 @@ class CrossEntropy(Loss):
 
     def __call__(self, outputs: torch.Tensor, labels: torch.Tensor,
                  inputs: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(outputs, labels,
+        from torchslim.calibration import logits_of
+
+        return torch.nn.functional.cross_entropy(logits_of(outputs), labels,
                                                  label_smoothing=self.label_smoothing)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from torchslim.calibration import call_model, first_samples, logits_of, move_inputs, split_batch
 from torchslim.data import TensorLoader
 from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
@@ -123,7 +124,8 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.progress = progress
         self._set_dropout(config.dropout)
-        example = next(iter(train_loader))[0][:2].to(self.device)
+        first, _ = split_batch(next(iter(train_loader)))
+        example = move_inputs(first_samples(first, 2), self.device)
         self.extra = self.loss.bind(self.model, example)  # e.g. distillation adapters
         self.optimizer = build_optimizer([*model.parameters(), *self.extra], config)
         self.replica: nn.Module | None = None  # the DDP wrapper while fitting under torchrun
@@ -196,7 +198,7 @@ class Trainer:
                     share: float = 1.0) -> tuple[float, int]:
         """One optimizer step; `share` = world size x this shard's fraction of the batch, so
         that DDP's gradient average is the gradient of the mean over the global batch."""
-        outputs = (self.replica or self.model)(inputs)
+        outputs = call_model(self.replica or self.model, inputs)
         loss = self.loss(outputs, labels, inputs)
         self.optimizer.zero_grad(set_to_none=True)
         self._regularised(loss if share == 1.0 else loss * share).backward()
@@ -210,7 +212,7 @@ class Trainer:
         self.scheduler.step()
         for callback in self.callbacks:
             callback.on_after_optimizer_step(self, self.step)
-        correct = int((outputs.detach().argmax(dim=1) == labels).sum())
+        correct = int((logits_of(outputs).detach().argmax(dim=1) == labels).sum())
         return float(loss.detach()), correct
 
     def _check_gradients(self) -> None:
@@ -235,11 +237,16 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.config.epochs}",
                    disable=None if show else True,  # None: only on a terminal
                    leave=False, unit="batch", mininterval=0.5)
-        for inputs, labels in bar:
+        for batch in bar:
+            inputs, labels = split_batch(batch)
+            if labels is None:
+                raise ConfigError("a training batch holds no labels; give (inputs, labels) batches or a "
+                                  "dict with 'labels'")
             size = len(labels)
-            inputs, labels = distributed.shard(inputs), distributed.shard(labels)
+            if self.world > 1:
+                inputs, labels = distributed.shard(inputs), distributed.shard(labels)
             share = self.world * len(labels) / size
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            inputs, labels = move_inputs(inputs, self.device), labels.to(self.device)
             loss, hits = self._train_step(inputs, labels, share)
             batch = int(labels.shape[0])
             loss_sum, correct, seen = loss_sum + loss * batch, correct + hits, seen + batch
