@@ -63,12 +63,26 @@ def replace_layers_(model: nn.Module, names: list[str],
     Returns the names replaced and the model's parameter count before and after.
     """
     before = sum(p.numel() for p in model.parameters())
-    for name in names:
+    skipped = {name: reason for name in names if (reason := read_in_place(model, name))}
+    done = [name for name in names if name not in skipped]
+    for name in done:
         new, edit = build(name, model.get_submodule(name))
         replace_module_(model, name, new)
         record_edit_(model, edit)
-    return {"replaced": list(names), "params_before": before,
+    return {"replaced": done, "skipped": skipped, "params_before": before,
             "params_after": sum(p.numel() for p in model.parameters())}
+
+
+def read_in_place(model: nn.Module, name: str) -> str | None:
+    """Why layer `name` cannot be swapped for another module, if it cannot: its parent reads
+    its tensors instead of calling it (nn.MultiheadAttention's `out_proj`, for one), so a
+    replacement without a `.weight` would break the model."""
+    parent_name, _, _ = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return (f"{name} is read as a weight by its {type(parent).__name__} (never called), so it "
+                "cannot be replaced; it is left as it is")
+    return None
 
 
 def replay_edits_(model: nn.Module, edits: Any, *, source: str = "artifact") -> nn.Module:

@@ -150,9 +150,12 @@ class _Propagator(torch.fx.Interpreter):
                                               [*args, *kwargs.values()], strict=True)]
             rule, parent = resolve_rule(module)
             if rule is None:
-                coupler.block([s for s, _ in tensors], f"{n.target} ({type(module).__name__}) has no "
-                              "channel rule; its inputs are not pruned (register_channel_rule"
-                              f"({type(module).__name__}, rule) to prune through it)")
+                reason = (f"{n.target} ({type(module).__name__}) has no channel rule; it and its inputs "
+                          f"are not pruned (register_channel_rule({type(module).__name__}, rule) to "
+                          "prune through it)")
+                coupler.block([s for s, _ in tensors], reason)
+                if any(True for _ in module.parameters()):  # its own weights stay: say so by name
+                    coupler.table.reasons.append(reason)
                 return None
             refused = None if parent is type(module) or parent is None else \
                 check_inherited_forward(module, parent, [v for _, v in tensors], out)

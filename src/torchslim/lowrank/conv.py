@@ -258,8 +258,9 @@ def decompose_convs_(model: nn.Module, config: ConvDecomposition, *, targets: Se
                 {"kind": "decompose_conv", "layer": name, "method": config.method.value,
                  "ranks": list(plan[name])})
 
-    return {"ranks": {n: list(r) for n, r in plan.items()}, "skipped": skipped,
-            **replace_layers_(model, list(plan), build)}
+    done = replace_layers_(model, list(plan), build)
+    return {**done, "ranks": {n: list(r) for n, r in plan.items() if n in done["replaced"]},
+            "skipped": {**skipped, **done["skipped"]}}
 
 
 def _replay(model: nn.Module, edit: Edit) -> None:

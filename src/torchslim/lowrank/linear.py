@@ -9,6 +9,7 @@ reported as skipped.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.errors import ConfigError
+from torchslim.errors import ConfigError, NothingChangedWarning
 from torchslim.lowrank.ranks import break_even_rank, energy_rank, param_ratio_rank, svd_factors
 from torchslim.parametrized import weight_of
 from torchslim.registry import register_technique
@@ -151,7 +152,12 @@ def factorize_linears_(model: nn.Module, config: LowRank, *, targets: Select,
         return (factorize_linear(layer, ranks[name]),
                 {"kind": "low_rank_linear", "layer": name, "rank": ranks[name]})
 
-    return {"ranks": ranks, "skipped": skipped, **replace_layers_(model, list(ranks), build)}
+    done = replace_layers_(model, list(ranks), build)
+    ranks = {name: rank for name, rank in ranks.items() if name in done["replaced"]}
+    if not ranks:
+        why = {**skipped, **done["skipped"]} or "no layer selected"
+        warnings.warn(f"torchslim: low_rank changed nothing: {why}", NothingChangedWarning, stacklevel=3)
+    return {**done, "ranks": ranks, "skipped": {**skipped, **done["skipped"]}}
 
 
 def _replay(model: nn.Module, edit: Edit) -> None:

@@ -277,8 +277,8 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
                          "exclude it (targets exclude=...) or register_channel_rule for it") from exc
     finally:
         model.train(was_training)
-    if getattr(out, "shape", None) != getattr(reference, "shape", None):
-        raise GraphError(f"pruning changed the output shape {tuple(reference.shape)} -> {tuple(out.shape)}")
+    if _shapes(out) != _shapes(reference):  # every output of a tuple / dict keeps its shape
+        raise GraphError(f"pruning changed the output shapes {_shapes(reference)} -> {_shapes(out)}")
     if config.ratio > 0 and not sizes:
         _nothing_removed(graph, config)
     if sizes:
@@ -288,6 +288,17 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
             "sizes": sizes, "excluded": graph.excluded, "replaced": [],
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
             "macs_before": macs_before, "macs_after": _macs(model, inputs)}
+
+
+def _shapes(outputs: Any) -> Any:
+    """The shapes of a model's outputs, through tuples, lists and dicts (HF outputs too)."""
+    if isinstance(outputs, torch.Tensor):
+        return tuple(outputs.shape)
+    if isinstance(outputs, tuple | list):
+        return [_shapes(v) for v in outputs]
+    if hasattr(outputs, "items"):
+        return {k: _shapes(v) for k, v in outputs.items()}
+    return type(outputs).__name__
 
 
 def _nothing_removed(graph: ChannelGraph, config: ChannelPruning) -> None:

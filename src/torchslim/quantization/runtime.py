@@ -73,6 +73,10 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
             exporter's complaint.
     """
     _onnx()
+    if not isinstance(example_inputs, torch.Tensor):
+        raise UnsupportedModuleError(f"{type(model).__name__} takes {type(example_inputs).__name__} inputs; "
+                                     "int8 programs take one tensor input: wrap the model in a module "
+                                     "whose forward takes one tensor")
     dynamic = dynamic_input_axes(model, example_inputs)
     was_training = model.training
     model.eval()
@@ -81,7 +85,9 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
     try:
         import warnings
 
-        with warnings.catch_warnings(), torch.no_grad():
+        # Grad mode stays on: under no_grad, nn.MultiheadAttention takes its fused fast path,
+        # which the exporter cannot write (the exporter itself records no gradients).
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(model, (example_inputs,), str(target), input_names=["input"],
                               output_names=["output"], opset_version=17, dynamo=False,
