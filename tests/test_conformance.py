@@ -1,0 +1,162 @@
+"""Every technique on models torchslim has never seen (tests/user_zoo.py): a Conv2d subclass with
+TF-"SAME" padding, GroupNorm, a residual net returning a tuple, a 2-layer LSTM, a model taking
+keyword inputs, nn.MultiheadAttention. Each check asserts a change (or a refusal that names the
+layer): a silent no-op fails here."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import user_zoo as zoo
+from torch import nn
+
+from torchslim import apply_, artifact, finalize_
+from torchslim.calibration import call_model, logits_of
+from torchslim.cli import main
+from torchslim.errors import NothingChangedWarning, UnsupportedModuleError
+from torchslim.lowrank import LowRank
+from torchslim.pruning import ChannelPruning, WeightPruning
+
+NAMES = sorted(zoo.MODELS)
+ZOO = str(Path(__file__).parent / "user_zoo.py")
+# What structured pruning cannot cut, and the name it must give (everything else must shrink).
+REFUSED = {"lstm": r"lstm \(LSTM\) has no channel rule"}
+
+
+def _weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+
+
+def _run(model: nn.Module, inputs: object) -> torch.Tensor:
+    with torch.no_grad():
+        return logits_of(call_model(model, inputs))
+
+
+def _positional(inputs: object) -> tuple:
+    return tuple(inputs.values()) if isinstance(inputs, dict) else (inputs,)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unstructured_pruning_masks_every_weight_layer(name: str) -> None:
+    model, x = zoo.build(name), zoo.example(name)
+    before = _run(model, x)
+    result = apply_(model, WeightPruning(sparsity=0.5))
+    finalize_(model)
+    assert set(result["sparsity"]) == {n for n, _ in _weights(model)}
+    for layer_name, layer in _weights(model):
+        assert float((layer.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01), layer_name
+    assert not torch.equal(_run(model, x), before)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_structured_pruning_shrinks_the_model_or_names_what_it_cannot_cut(name: str) -> None:
+    model, x = zoo.build(name), zoo.example(name)
+    shapes = [tuple(t.shape) for t in (lambda o: o if isinstance(o, tuple) else (o,))(call_model(model, x))]
+    if name in REFUSED:
+        with pytest.warns(NothingChangedWarning, match=REFUSED[name]):
+            result = apply_(model, ChannelPruning(ratio=0.5), example_inputs=_positional(x))
+        assert result["params_after"] == result["params_before"]
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NothingChangedWarning)
+        result = apply_(model, ChannelPruning(ratio=0.5), example_inputs=_positional(x))
+    assert result["params_after"] < 0.75 * result["params_before"], result["sizes"]
+    out = call_model(model, x)
+    assert [tuple(t.shape) for t in (out if isinstance(out, tuple) else (out,))] == shapes
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_low_rank_factorizes_what_it_can_and_says_what_it_left(name: str) -> None:
+    model, x = zoo.build(name), zoo.example(name)
+    result = apply_(model, LowRank(param_ratio=0.5))
+    assert result["replaced"] and result["params_after"] < result["params_before"]
+    assert _run(model, x).shape == (len(next(iter(x.values())) if isinstance(x, dict) else x), 10)
+    if name == "attention":
+        assert "attention.out_proj" in result["skipped"]
+
+
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+@pytest.mark.parametrize("name", NAMES)
+def test_int8_runs_on_real_kernels_or_is_refused_clearly(name: str, method: str) -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, quantize_model
+
+    model, x = zoo.build(name), zoo.example(name, 16)
+    train = zoo.loaders(name)["train"]
+    if name == "dict_input":
+        with pytest.raises(UnsupportedModuleError, match="one tensor input"):
+            quantize_model(model, Quantization(method=method), example_inputs=x, calibration=train)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # dynamic int8 on convolutions: a known warning
+        int8 = quantize_model(model, Quantization(method=method), example_inputs=x[:2], calibration=train)
+    assert int8.report["int8_ops"], int8.report
+    reference = _run(model, x)
+    assert (int8(x) - reference).abs().max() < 0.25 * reference.abs().max() + 0.05
+    if name == "lstm" and method == "static":
+        assert any("LSTM" in op for op in int8.report["float_ops"])  # said, not silently float
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_distillation_fine_tunes_through_the_trainer_on_a_plain_dataloader(name: str) -> None:
+    from torchslim.distillation import DistillationLoss
+    from torchslim.training import Trainer, make_train_config
+
+    model, data = zoo.build(name), zoo.loaders(name)
+    before = [p.detach().clone() for p in model.parameters()]
+    history = Trainer(model, data["train"], val_loader=data["val"], progress=False,
+                      config=make_train_config(epochs=1, lr=0.01, optimizer="adam"),
+                      loss=DistillationLoss(zoo.build(name), temperature=4, alpha=0.5)).fit()
+    assert len(history) == 1 and history[0].val_accuracy is not None
+    assert torch.isfinite(torch.tensor(history[0].train_loss))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_every_model_saves_and_loads_in_a_fresh_process_with_identical_outputs(tmp_path: Path) -> None:
+    for name in NAMES:
+        model, x = zoo.build(name), zoo.example(name)
+        apply_(model, WeightPruning(sparsity=0.3))
+        finalize_(model)
+        if name not in REFUSED:
+            apply_(model, ChannelPruning(ratio=0.25), example_inputs=_positional(x))
+        artifact.save(model, tmp_path / f"{name}.slim", example_inputs=x)
+        torch.save({"x": x, "y": _run(model, x)}, tmp_path / f"{name}.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(ZOO).parent)!r})
+        import user_zoo as zoo, torchslim
+        from torchslim.calibration import call_model, logits_of
+        for name in {NAMES!r}:
+            model = torchslim.load({str(tmp_path)!r} + f"/{{name}}.slim", model=zoo.build(name))
+            saved = torch.load({str(tmp_path)!r} + f"/{{name}}.pt")
+            with torch.no_grad():
+                assert torch.equal(logits_of(call_model(model, saved["x"])), saved["y"]), name
+        print("identical")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.stdout.strip() == "identical", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["same_conv", "group_norm", "lstm"])
+def test_cli_round_trip_through_factory_strings(name: str, tmp_path: Path, capsys) -> None:
+    model_spec, data_spec = f"{ZOO}:build_{name}", f"{ZOO}:loaders_{name}"
+    structured = [] if name in REFUSED else ["--structured"]
+    out = tmp_path / "p"
+    assert main(["prune", "--model", model_spec, "--dataset", data_spec, *structured, "--ratio", "0.5",
+                 "--epochs", "1", "--lr", "0.01", "--no-progress", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    if structured:
+        assert report["final"]["params"] < report["baseline"]["params"]
+    else:
+        assert report["final"]["nonzero_params"] < report["baseline"]["nonzero_params"]
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "model.slim"), "--factory", model_spec, "--dataset", data_spec,
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == report["final"]["test_accuracy"]
