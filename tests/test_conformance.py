@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import user_zoo as zoo
 from torch import nn
 
+import user_zoo as zoo
 from torchslim import apply_, artifact, finalize_
 from torchslim.calibration import call_model, logits_of
 from torchslim.cli import main
