@@ -54,7 +54,8 @@ class ResidualTupleNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, 16, 3, padding=1)
-        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.block = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                                   nn.Conv2d(16, 16, 3, padding=1))
         self.head = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
