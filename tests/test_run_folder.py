@@ -134,3 +134,16 @@ def test_the_run_folder_lock_is_released_when_the_run_fails(tmp_path: Path) -> N
     folder.release()
     with RunFolder(tmp_path / "out") as again:
         again.claim("abc", resume=True, overwrite=False)
+
+
+def test_a_generated_recipe_never_overwrites_the_recipe_of_a_run_it_refuses(tmp_path: Path, capsys) -> None:
+    zoo = str(Path(__file__).parent / "user_zoo.py")
+    out = tmp_path / "p"
+    argv = ["prune", "--model", f"{zoo}:build_same_conv", "--dataset", f"{zoo}:loaders_same_conv",
+            "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--ratio", "0.5"]) == 0
+    kept = (out / "recipe.yaml").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--ratio", "0.3"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "recipe.yaml").read_text() == kept

@@ -110,12 +110,16 @@ def _run_generated_recipe(data: dict[str, Any], args: argparse.Namespace) -> dic
     import yaml
 
     from torchslim.recipe import parse_recipe
-    from torchslim.run_folder import check_writable_folder
+    from torchslim.run_folder import RunFolder, check_writable_folder
+    from torchslim.safefile import write_atomic
 
     recipe = parse_recipe(data)
     check_writable_folder(Path(args.out))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    if RunFolder(args.out).holds_a_run() and not (args.resume or getattr(args, "overwrite", False)):
+        raise ConfigError(f"{args.out} already holds a run; pass --resume to continue it, --overwrite "
+                          "to delete it and start over, or choose another --out")
+    text = yaml.safe_dump(data, sort_keys=False)
+    write_atomic(Path(args.out) / "recipe.yaml", lambda tmp: tmp.write_text(text))
     return _run_recipe(recipe, args)
 
 
