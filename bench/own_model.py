@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import user_zoo as zoo
 from torchslim import apply_, finalize_
-from torchslim.calibration import call_model
+from torchslim.calibration import first_samples
 from torchslim.distillation import DistillationLoss
 from torchslim.errors import SlimError
 from torchslim.lowrank import LowRank
@@ -53,44 +53,16 @@ def positional(x: Any) -> tuple[Any, ...]:
 
 
 def macs(model: nn.Module, x: Any) -> int:
-    if isinstance(x, dict):
-        return 0 if getattr(model, "program", None) is not None else _dict_macs(model, x)
-    return count_flops(model, x[:1]) // 2
-
-
-def _dict_macs(model: nn.Module, x: dict[str, torch.Tensor]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(**{k: v[:1] for k, v in x.items()})
-    return int(counter.get_total_flops()) // 2
+    return count_flops(model, first_samples(x, 1)) // 2
 
 
 def latency_ratio(base: nn.Module, other: nn.Module, x: Any, rounds: int) -> tuple[float, float, float]:
     """Median and min/max over rounds of base/other batch latency, the two timed in turn."""
-    if isinstance(x, dict):
-        base_call = _Keyword(base)
-        other_call = _Keyword(other) if getattr(other, "program", None) is None else other
-    else:
-        base_call, other_call = base, other
     ratios = []
     for _ in range(rounds):
-        a = measure_latency(base_call, x, repeats=10).median_ms
-        b = measure_latency(other_call, x, repeats=10).median_ms
-        ratios.append(a / b)
+        before = measure_latency(base, x, repeats=10).median_ms
+        ratios.append(before / measure_latency(other, x, repeats=10).median_ms)
     return statistics.median(ratios), min(ratios), max(ratios)
-
-
-class _Keyword(nn.Module):
-    """Times a keyword-input model with measure_latency's one positional batch."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
-        return call_model(self.model, batch)
 
 
 def techniques(name: str, trained: nn.Module, data: dict[str, Any], x: Any) -> dict[str, Any]:

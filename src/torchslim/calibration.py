@@ -29,19 +29,19 @@ import torch
 
 from torchslim.errors import ConfigError
 
-__all__ = ["Calibration", "as_calibration", "call_model", "logits_of", "move_inputs", "split_batch",
-           "take_inputs", "take_pairs"]
+__all__ = ["Calibration", "as_calibration", "batch_size_of", "call_model", "first_samples", "logits_of",
+           "move_inputs", "split_batch", "take_inputs", "take_pairs"]
 
 LABEL_KEYS = ("labels", "label")
 
 
-def _batch_size(inputs: Any) -> int:
+def batch_size_of(inputs: Any) -> int:
     if isinstance(inputs, torch.Tensor):
         return int(inputs.shape[0]) if inputs.dim() else 1
     if isinstance(inputs, dict) and inputs:
-        return _batch_size(next(iter(inputs.values())))
+        return batch_size_of(next(iter(inputs.values())))
     if isinstance(inputs, tuple | list) and inputs:
-        return _batch_size(inputs[0])
+        return batch_size_of(inputs[0])
     return 1
 
 
@@ -139,7 +139,7 @@ class Calibration:
                 batch = self.transform(batch)
             inputs, labels = split_batch(batch) if self.transform is None or isinstance(batch, tuple) \
                 else (batch, None)
-            size = _batch_size(inputs)
+            size = batch_size_of(inputs)
             if self.num_samples is not None and seen + size > self.num_samples:
                 keep = self.num_samples - seen
                 inputs = first_samples(inputs, keep)

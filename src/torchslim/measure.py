@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchslim.calibration import call_model, logits_of, move_inputs, split_batch
+from torchslim.calibration import batch_size_of, call_model, logits_of, move_inputs, split_batch
 from torchslim.errors import ConfigError
 
 __all__ = [
@@ -89,16 +89,18 @@ def file_bytes(path: str | Path) -> int:
     return os.path.getsize(path)
 
 
-def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
-    """FLOPs of one forward pass on `inputs` (a multiply-add counts 2); MACs = FLOPs / 2."""
+def count_flops(model: nn.Module, inputs: Any) -> int:
+    """FLOPs of one forward pass on `inputs` (a tensor, or a dict of keyword inputs; a
+    multiply-add counts 2); MACs = FLOPs / 2."""
     per_sample = getattr(model, "flops_per_sample", None)
     if isinstance(per_sample, int) and per_sample > 0:  # a converted model: counted before
-        return per_sample * int(inputs.shape[0])
+        return per_sample * batch_size_of(inputs)
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(inputs)
+    # Grad mode on: under no_grad nn.MultiheadAttention takes a fused kernel the counter misses.
+    with torch.enable_grad(), counter:
+        call_model(model, inputs)
     model.train(was_training)
     return int(counter.get_total_flops())
 
@@ -138,7 +140,8 @@ def measure_latency(model: nn.Module, inputs: torch.Tensor, *, threads: int | No
 
     Args:
         model: the module to time (run in eval mode, without autograd).
-        inputs: one batch; its first dimension is the batch size.
+        inputs: one batch (a tensor, or a dict of keyword inputs); its first dimension is the
+            batch size.
         threads: intra-op threads for the measurement (default: current setting).
         warmup: untimed runs before timing (allocations, caches, lazy init).
         repeats: timed runs; more are added until `min_seconds` have passed.
@@ -151,17 +154,17 @@ def measure_latency(model: nn.Module, inputs: torch.Tensor, *, threads: int | No
     samples: list[float] = []
     with num_threads(threads) as used, torch.inference_mode():
         for _ in range(warmup):
-            model(inputs)
+            call_model(model, inputs)
         start = time.perf_counter()
         while len(samples) < repeats or time.perf_counter() - start < min_seconds:
             tick = time.perf_counter()
-            model(inputs)
+            call_model(model, inputs)
             samples.append(time.perf_counter() - tick)
     model.train(was_training)
     ordered = sorted(samples)
     median = statistics.median(ordered)
     p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
-    batch = int(inputs.shape[0])
+    batch = batch_size_of(inputs)
     return Latency(batch_size=batch, threads=used, repeats=len(samples), median_ms=median * 1e3,
                    p90_ms=p90 * 1e3, throughput=batch / median)
 
