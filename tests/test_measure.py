@@ -69,3 +69,24 @@ def test_probe_accuracy_separates_separable_features_and_not_noise() -> None:
     separable = torch.randn(200, 8, generator=generator) + 3 * labels[:, None].float()
     assert probe_accuracy(separable, labels) > 0.95
     assert probe_accuracy(torch.randn(200, 8, generator=generator), labels) < 0.7
+
+
+def test_flops_count_recurrent_and_attention_layers() -> None:
+    from torchslim.measure import count_flops
+
+    lstm = nn.LSTM(8, 32, num_layers=2, batch_first=True)  # 4 gates x hidden x (input + hidden) per step
+    assert count_flops(lstm, torch.randn(3, 5, 8)) == 2 * 3 * 5 * (4 * 32 * (8 + 32) + 4 * 32 * (32 + 32))
+    attention = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(1, 6, 16)
+    projections = 2 * 6 * 16 * 16 * 4  # q, k, v and out projections
+    assert count_flops(nn.Sequential(), x) == 0
+    assert count_flops(_SelfAttention(attention), x) >= projections
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]

@@ -98,11 +98,35 @@ def count_flops(model: nn.Module, inputs: Any) -> int:
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
-    # Grad mode on: under no_grad nn.MultiheadAttention takes a fused kernel the counter misses.
-    with torch.enable_grad(), counter:
-        call_model(model, inputs)
-    model.train(was_training)
-    return int(counter.get_total_flops())
+    recurrent: list[int] = []  # the counter has no formula for the fused RNN kernels
+    hooks = [m.register_forward_hook(lambda m, args, out: recurrent.append(_rnn_flops(m, args[0])))
+             for m in model.modules() if isinstance(m, nn.RNNBase)]
+    try:
+        # Grad mode on: under no_grad nn.MultiheadAttention takes a fused kernel the counter misses.
+        with torch.enable_grad(), counter:
+            call_model(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return int(counter.get_total_flops()) + sum(recurrent)
+
+
+def _rnn_flops(module: nn.RNNBase, inputs: Any) -> int:
+    """Multiply-adds x 2 of an LSTM/GRU/RNN's gate matmuls over the whole sequence."""
+    if not isinstance(inputs, torch.Tensor):  # a PackedSequence: count its data's rows
+        inputs = inputs.data.unsqueeze(0)
+    if inputs.dim() == 2:  # unbatched (T, F)
+        steps, batch = inputs.shape[0], 1
+    else:
+        steps, batch = (inputs.shape[1], inputs.shape[0]) if module.batch_first else inputs.shape[:2]
+    gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+    directions = 2 if module.bidirectional else 1
+    total = 0
+    for layer in range(module.num_layers):
+        width = module.input_size if layer == 0 else module.hidden_size * directions
+        total += gates * module.hidden_size * (width + module.hidden_size) * directions
+    return 2 * total * int(steps) * int(batch)
 
 
 @contextlib.contextmanager
