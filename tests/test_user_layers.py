@@ -97,3 +97,45 @@ def test_groupnorm_loses_whole_groups_and_the_kept_groups_compute_as_before() ->
     with torch.no_grad():  # GroupNorm groups are independent: dropping a group = ignoring it downstream
         original.b.weight[:, removed] = 0
     assert torch.allclose(model(x), original(x), atol=1e-5)
+
+
+class Decoder(nn.Module):
+    """conv down, transposed conv up, conv to the output: a UNet-style path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(16, 12, 4, stride=2, padding=1)
+        self.out = nn.Conv2d(12, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.up(torch.relu(self.down(x)))))
+
+
+class Volume(nn.Module):
+    """Conv1d and Conv3d paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = nn.Conv3d(2, 8, 3, padding=1)
+        self.c1 = nn.Conv1d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = torch.relu(self.c3(x)).mean((3, 4))  # (B, C, D)
+        return self.head(torch.relu(self.c1(v)).mean(2))
+
+
+@pytest.mark.parametrize(("net", "shape"), [(Decoder, (2, 3, 8, 8)), (Volume, (2, 2, 4, 4, 4))])
+def test_transposed_conv1d_and_conv3d_layers_are_pruned(net: type, shape: tuple) -> None:
+    torch.manual_seed(0)
+    model, x = net(), torch.randn(*shape)
+    reference = model(x)
+    untouched = copy.deepcopy(model)
+    apply_(untouched, ChannelPruning(ratio=0.0), example_inputs=x)
+    assert torch.equal(untouched(x), reference)  # pruning nothing changes nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NothingChangedWarning)
+        result = apply_(model, ChannelPruning(ratio=0.5, strict=True), example_inputs=x)
+    assert result["params_after"] < 0.6 * result["params_before"]
+    assert model(x).shape == untouched(x).shape

@@ -2,8 +2,8 @@
 
 A rule answers two questions for one layer type: which axes it has (`axes`: what to slice when
 channels go), and, during tracing, how the channels of its inputs relate to its own axes and to
-its output (`propagate`). Built-in rules cover Conv1d/2d (plain, depthwise; other grouped convs
-are excluded), Linear, BatchNorm, LayerNorm, GroupNorm, Embedding and channel-wise layers
+its output (`propagate`). Built-in rules cover Conv1d/2d/3d (plain, depthwise; other grouped
+convs are excluded), ConvTranspose1d/2d/3d, Linear, BatchNorm, LayerNorm, GroupNorm, Embedding and channel-wise layers
 (activations, dropout, pooling). Attention rules live in `torchslim.graph.attention`.
 Users add their own layers with `register_channel_rule(MyLayer, rule)`.
 """
@@ -159,6 +159,32 @@ class ConvRule(ChannelRule):
         return Space(1, graph.atoms(name, "out", module.out_channels))
 
 
+class ConvTransposeRule(ChannelRule):
+    """ConvTranspose1d/2d/3d (groups=1): the weight is (in, out, *kernel), the other way round
+    from a convolution's, so `out` slices weight dim 1 and `in` weight dim 0."""
+
+    def axes(self, module: nn.Module) -> dict[str, Axis]:
+        return {"out": Axis((ParamSlice("weight", 1), ParamSlice("bias", 0, scored=False)),
+                            _set(out_channels=_size), produces=True),
+                "in": Axis((ParamSlice("weight", 0),), _set(in_channels=_size))}
+
+    def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
+                  values: list[Any], output: Any) -> Any:
+        assert isinstance(module, nn.modules.conv._ConvTransposeNd)
+        space = inputs[0] if inputs else None
+        if module.groups != 1:
+            reason = f"{name}: grouped transposed convolution (groups={module.groups}) is not pruned"
+            graph.block(space, reason)
+            graph.block(Space(1, graph.atoms(name, "out", module.out_channels)), reason)
+            return None
+        if space is not None:
+            if space.dim == 1:
+                graph.couple(space, graph.atoms(name, "in", module.in_channels))
+            else:
+                graph.block(space, f"{name}: channels arrive on dim {space.dim}, not 1")
+        return Space(1, graph.atoms(name, "out", module.out_channels))
+
+
 def _depthwise(module: nn.modules.conv._ConvNd) -> bool:
     return module.groups > 1 and module.groups == module.in_channels == module.out_channels
 
@@ -273,6 +299,8 @@ class FlattenRule(ChannelRule):
 def _register_builtins() -> None:
     for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
         register_channel_rule(conv, ConvRule())
+    for transposed in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        register_channel_rule(transposed, ConvTransposeRule())
     register_channel_rule(nn.Linear, LinearRule())
     for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm):
         register_channel_rule(norm, NormRule())
@@ -284,8 +312,9 @@ def _register_builtins() -> None:
     for kind in elementwise:
         register_channel_rule(kind, ChannelwiseRule())
     planes: tuple[type[nn.Module], ...] = (
-        nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample)
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+        nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample)
     for kind in planes:
         register_channel_rule(kind, ChannelwiseRule(dim=1))
     register_channel_rule(nn.Softmax, SoftmaxRule())
