@@ -4,7 +4,8 @@ A rule answers two questions for one layer type: which axes it has (`axes`: what
 channels go), and, during tracing, how the channels of its inputs relate to its own axes and to
 its output (`propagate`). Built-in rules cover Conv1d/2d/3d (plain, depthwise; other grouped
 convs are excluded), ConvTranspose1d/2d/3d, Linear, BatchNorm, LayerNorm, GroupNorm (whole
-groups), Embedding and channel-wise layers (activations, dropout, pooling). Attention rules live in `torchslim.graph.attention`.
+groups), Embedding and channel-wise layers (activations, dropout, pooling). Attention rules
+live in `torchslim.graph.attention`.
 Users add their own layers with `register_channel_rule(MyLayer, rule)`.
 """
 
