@@ -109,3 +109,21 @@ def test_dynamic_int8_on_convolutions_warns_with_the_fix() -> None:
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
     with pytest.warns(UserWarning, match="method='static'"):
         quantize_model(model, Quantization(method="dynamic"), example_inputs=torch.randn(2, 1, 8, 8))
+
+
+def test_fp16_layers_stay_out_of_int8_with_half_size_weights(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, quantize_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 3)).eval()
+    x = torch.randn(16, 64)
+    kept = quantize_model(model, Quantization(exclude=("0",)), example_inputs=x[:2])
+    halved = quantize_model(model, Quantization(fp16=("0",)), example_inputs=x[:2])
+    assert halved.report["excluded"] == {"0": "kept in float16 by fp16="}
+    assert halved.report["fp16_weights"] and len(halved.program) < len(kept.program) - 64 * 256 * 2 * 0.9
+    assert torch.allclose(halved(x), kept(x), atol=0.02)  # fp16 weight rounding only
+    from torchslim import artifact
+
+    reloaded = artifact.load(artifact.save(halved, tmp_path / "h.slim"))  # passes the program checks
+    assert torch.equal(reloaded(x), halved(x))

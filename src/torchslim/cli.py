@@ -300,7 +300,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           bits=args.bits, calibrate=args.calibrate,
                           per_channel=not args.per_tensor, calibration_batches=args.batches,
                           threads=args.threads, backend=args.backend, factory=args.factory,
-                          exclude=tuple(args.exclude))
+                          exclude=tuple(args.exclude), fp16=tuple(args.fp16))
     _print_table(report)
     quant = report["quantization"]
     print(f"\nint8 ops: {quant['int8_ops']}; left in float: {quant['float_ops'] or 'none'}")
@@ -499,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                                f"{', '.join(dataset_names())}, or FILE.py:FUNCTION returning loaders")
     quantize.add_argument("--exclude", nargs="+", metavar="MODULE", default=[],
                           help="modules (names or globs) kept in float, e.g. a sensitive first layer")
+    quantize.add_argument("--fp16", nargs="+", metavar="MODULE", default=[],
+                          help="modules kept out of int8 with their weights stored as float16")
     quantize.add_argument("--calibrate", default="minmax", choices=["minmax", "entropy", "percentile"])
     quantize.add_argument("--batches", type=int, default=8, help="calibration batches of 64")
     quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")

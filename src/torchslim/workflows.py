@@ -292,7 +292,7 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                  bits: int = 8, calibrate: str = "minmax", per_channel: bool = True,
                  calibration_batches: int = 8, seed: int = 0, threads: int | None = None,
                  backend: str = "onnxruntime", factory: str | None = None,
-                 exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+                 exclude: tuple[str, ...] = (), fp16: tuple[str, ...] = ()) -> dict[str, Any]:
     """Quantize any model or artifact to int8, save `out/model.slim`, measure both; the report.
 
     Calibration batches come from the training split of `dataset` (a built-in name, default:
@@ -307,7 +307,8 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                           f"{method!r}; training methods run as recipe stages (qat, lowbit)")
     config = build_config(Quantization, {
         "method": method, "bits": bits, "calibrate": calibrate, "per_channel": per_channel,
-        "calibration_batches": calibration_batches, "backend": backend, "exclude": list(exclude)})
+        "calibration_batches": calibration_batches, "backend": backend, "exclude": list(exclude),
+        "fp16": list(fp16)})
     model, path = load_model_or_artifact(source, factory=factory)
     spec = getattr(model, SPEC_ATTRIBUTE, None)
     label = spec.name if isinstance(spec, ModelSpec) else type(model).__name__

@@ -64,6 +64,8 @@ class Quantization(TechniqueConfig):
         exclude: layers kept in float, by module name or glob (`["lstm.0", "head.*"]`): e.g. a
             first layer whose raw inputs per-tensor int8 cannot represent. Each must match a
             module; onnxruntime backend only.
+        fp16: layers kept out of int8 like `exclude`, their weights stored as float16 (half the
+            bytes of float; computed in float).
     """
 
     kind = "quantize"
@@ -75,6 +77,7 @@ class Quantization(TechniqueConfig):
     calibration_batches: int = Field(default=8, ge=1)
     backend: Backend = Backend.ONNXRUNTIME
     exclude: tuple[str, ...] = ()
+    fp16: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.bits != 8:
@@ -104,11 +107,13 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     from torchslim.measure import count_flops, count_params
 
     if config.backend == Backend.TORCH:
-        if config.exclude:
-            raise ConfigError("exclude= is supported by the onnxruntime backend; drop backend='torch'")
+        if config.exclude or config.fp16:
+            raise ConfigError("exclude= and fp16= are supported by the onnxruntime backend; drop "
+                              "backend='torch'")
         return _torch_dynamic(model, config)
     kept = excluded_modules(model, config.exclude)
-    _warn_dynamic_convolutions(model, config, kept)
+    halved = excluded_modules(model, config.fp16)
+    _warn_dynamic_convolutions(model, config, kept + halved)
     batches = None
     if config.method == QuantMethod.STATIC:
         batches = take_inputs(calibration, config.calibration_batches)
@@ -117,9 +122,10 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
                                       per_channel=config.per_channel, calibrate=config.calibrate.value,
                                       transformer=transformer,
-                                      exclude=config.exclude)
-    if kept:
-        report["excluded"] = {name: "kept in float by exclude=" for name in kept}
+                                      exclude=config.exclude, fp16=config.fp16)
+    if kept or halved:
+        report["excluded"] = {**{name: "kept in float by exclude=" for name in kept},
+                              **{name: "kept in float16 by fp16=" for name in halved}}
     flops = count_flops(model, example_inputs[:1])
     result = OrtModule(quantized, weight_count=count_params(model)[0], flops=flops)
     result.report = {"backend": "onnxruntime", "method": config.method.value,

@@ -169,10 +169,40 @@ def nodes_of_modules(program: bytes, patterns: tuple[str, ...]) -> list[str]:
     return nodes
 
 
+def weights_to_fp16(program: bytes, patterns: tuple[str, ...]) -> tuple[bytes, list[str]]:
+    """Store the float weights of the nodes inside modules `patterns` as float16, each read
+    through a Cast back to float: half the bytes, float compute (CPUs have few fp16 kernels).
+
+    Returns the program and the names of the weights converted.
+    """
+    if not patterns:
+        return program, []
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    onnx = _onnx()
+    model = onnx.load_from_string(program)
+    graph = model.graph
+    nodes = set(nodes_of_modules(program, patterns))
+    wanted = {name for node in graph.node if node.name in nodes for name in node.input}
+    converted = []
+    for init in list(graph.initializer):
+        if init.name not in wanted or init.data_type != TensorProto.FLOAT:
+            continue
+        half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "_fp16")
+        graph.initializer.remove(init)
+        graph.initializer.append(half)
+        graph.node.insert(0, helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                              name=init.name + "_fp16_cast"))
+        converted.append(init.name)
+    return model.SerializeToString(), converted
+
+
 def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Tensor] | None = None,
                   per_channel: bool = True, calibrate: str = "minmax",
                   transformer: tuple[int, int] | None = None,
-                  exclude: tuple[str, ...] = ()) -> tuple[bytes, dict[str, Any]]:
+                  exclude: tuple[str, ...] = (),
+                  fp16: tuple[str, ...] = ()) -> tuple[bytes, dict[str, Any]]:
     """Quantize an ONNX program with onnxruntime; returns (program, report).
 
     Args:
@@ -185,6 +215,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         transformer: (attention heads, hidden size) of a BERT-style encoder: fuse its attention,
             LayerNorm and GELU subgraphs first (onnxruntime's transformer optimizer).
         exclude: module names (globs) whose nodes stay float (see `nodes_of_modules`).
+        fp16: module names (globs) whose nodes stay float with their weights stored as float16.
 
     Raises:
         ConfigError: static without calibration data, unknown method, or a result in which no
@@ -209,7 +240,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         source, prepared, target = (Path(folder) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         source.write_bytes(program)
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        kept = nodes_of_modules(prepared.read_bytes(), exclude)  # named after pre-processing
+        kept = nodes_of_modules(prepared.read_bytes(), exclude + fp16)  # named after pre-processing
         kept += [f"{name}_MatMul" for name in kept]  # the quantizer splits a Gemm into MatMul + Add
         extra: dict[str, Any] = {}
         if transformer is not None:
@@ -230,8 +261,10 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                             weight_type=QuantType.QInt8, calibrate_method=methods[calibrate],
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
                                            **extra})
-        result = target.read_bytes()
+        result, halved = weights_to_fp16(target.read_bytes(), fp16)
     report = quantized_ops(result)
+    if fp16:
+        report["fp16_weights"] = halved
     if not report["int8_ops"]:
         raise ConfigError(f"{method} quantization left every op in float ({report['float_ops'][:5]}); "
                           "the model has no layer with an int8 kernel for this method (dynamic "
