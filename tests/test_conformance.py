@@ -160,3 +160,16 @@ def test_cli_round_trip_through_factory_strings(name: str, tmp_path: Path, capsy
     assert main(["evaluate", str(out / "model.slim"), "--factory", model_spec, "--dataset", data_spec,
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == report["final"]["test_accuracy"]
+
+
+def test_cli_trains_and_scans_a_user_model_on_user_data(tmp_path: Path, capsys) -> None:
+    model_spec, data_spec = f"{ZOO}:build_group_norm", f"{ZOO}:loaders_group_norm"
+    assert main(["train", "--model", model_spec, "--dataset", data_spec, "--epochs", "2", "--lr", "0.01",
+                 "--optimizer", "adam", "--no-progress", "--out", str(tmp_path / "t")]) == 0
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert report["model"] == "GroupNormNet" and report["test_accuracy"] > report["initial_test_accuracy"]
+    trained = tmp_path / "t" / "model.slim"
+    assert main(["sensitivity", "--model", str(trained), "--factory", model_spec, "--dataset", data_spec,
+                 "--sparsities", "0.5", "0.9", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    scan = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
+    assert set(scan["layers"]) == {"features.0", "features.3", "head"}

@@ -53,12 +53,21 @@ TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
 
 
 def _train_config(args: argparse.Namespace, model: str) -> Any:
+    """The CLI's training options over the model's tuned defaults (generic ones for a model of
+    the user's own)."""
+    from dataclasses import asdict
+
+    from torchslim.models import TrainDefaults
+    from torchslim.training import make_train_config
     from torchslim.workflows import train_config_for
 
     values = {key: getattr(args, key) for key in TRAIN_KEYS}
     if values["milestones"] is not None:
         values["milestones"] = tuple(values["milestones"])
-    return train_config_for(model, **values)
+    if model in model_names():
+        return train_config_for(model, **values)
+    given = {key: value for key, value in values.items() if value is not None}
+    return make_train_config(**{**asdict(TrainDefaults()), **given})
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -73,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = _train_config(args, args.model)
     report = train_model(args.model, dataset=args.dataset, out=args.out, config=config,
                          pretrained=args.pretrained, resume=args.resume,
-                         progress=not args.no_progress, threads=args.threads)
+                         progress=not args.no_progress, threads=args.threads, factory=args.factory)
     _print_table(report)
     print(f"\ntest accuracy {100 * report['test_accuracy']:.2f}%  ->  {args.out}/model.slim, "
           f"{args.out}/report.json, {args.out}/report.md")
@@ -341,7 +350,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     result = run_sensitivity(args.model, dataset=args.dataset, out=args.out,
                              sparsities=tuple(args.sparsities), max_drop=args.max_drop,
                              progress=not args.no_progress, workers=args.workers,
-                             ray_address=args.ray_address)
+                             ray_address=args.ray_address, factory=args.factory)
     print(result["table"])
     print(f"\nper-layer sparsities for a drop <= {args.max_drop}: {result['suggested']}")
     run = result["execution"]
@@ -531,8 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
         "sensitivity", help="per-layer accuracy vs sparsity (validation split)",
         description="Prune one layer at a time by magnitude and measure validation accuracy; "
         "writes OUT/sensitivity.json, .md and .png.")
-    sensitivity.add_argument("--model", required=True, help="artifact or registered name")
-    sensitivity.add_argument("--dataset", choices=dataset_names())
+    sensitivity.add_argument("--model", required=True, help=MODEL_HELP)
+    sensitivity.add_argument("--factory", metavar="FILE.py:FUNCTION",
+                             help="builds the uncompressed model when --model is an artifact of your "
+                                  "own model")
+    sensitivity.add_argument("--dataset", metavar="DATASET",
+                             help="a built-in name or FILE.py:FUNCTION returning loaders (its 'val' "
+                                  "is scanned)")
     sensitivity.add_argument("--sparsities", type=float, nargs="+",
                              default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     sensitivity.add_argument("--max-drop", type=float, default=0.005,
@@ -577,9 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a model; writes OUT/model.slim, "
                                 "OUT/report.json (test_accuracy, ...), report.md and plots.",
                                 epilog=EPILOG_MODELS)
-    train.add_argument("--model", required=True, choices=model_names(), metavar="NAME")
-    train.add_argument("--dataset", choices=dataset_names(),
-                       help="default: the model's own dataset")
+    train.add_argument("--model", required=True, metavar="SPEC",
+                       help=f"a registered model ({', '.join(model_names())}) or your own: "
+                            "FILE.py:FUNCTION / package.module:FUNCTION / an artifact")
+    train.add_argument("--factory", metavar="FILE.py:FUNCTION",
+                       help="builds the uncompressed model when --model is an artifact of your own model")
+    train.add_argument("--dataset", metavar="DATASET",
+                       help=f"default: the model's own; {', '.join(dataset_names())}, or FILE.py:FUNCTION "
+                            "returning {'train': loader, 'val': loader, 'test': loader}")
     train.add_argument("--pretrained", action="store_true", help="start from shipped weights")
     train.add_argument("--out", required=True, help="output folder")
     _add_train_options(train)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torchslim.data import TensorLoader, load_dataset
-from torchslim.models import dataset_for, spec_of
+from torchslim.data import Dataset, TensorLoader
+from torchslim.errors import ConfigError
 from torchslim.pruning import plot_sensitivity, scan_sensitivity, sparsities_for_drop
 from torchslim.report import environment
 from torchslim.safefile import write_atomic
@@ -27,18 +27,25 @@ def sensitivity_table(scan: dict[str, Any]) -> str:
 
 def run_sensitivity(source: str, *, dataset: str | None, out: str | Path,
                     sparsities: tuple[float, ...], max_drop: float, progress: bool = True,
-                    workers: int | None = None, ray_address: str | None = None) -> dict[str, Any]:
-    """Scan `source` (artifact or registered name) and write sensitivity.{json,md,png}.
+                    workers: int | None = None, ray_address: str | None = None,
+                    factory: str | None = None) -> dict[str, Any]:
+    """Scan `source` (artifact, registered name or the user's `FILE.py:FUNCTION`) on the
+    validation split of `dataset` (a built-in name or the user's data factory) and write
+    sensitivity.{json,md,png}.
 
     `workers` > 1 or a `ray_address` runs the trials as Ray tasks (same numbers); the JSON
     records the backend, workers and wall-clock seconds under `execution`.
     """
-    from torchslim.workflows import load_model_or_artifact
+    from torchslim.workflows import _user_or_builtin_data, load_model_or_artifact
 
-    model, _ = load_model_or_artifact(source)
-    dataset = dataset_for(spec_of(model).name, dataset)
-    data = load_dataset(dataset)
-    scan = scan_sensitivity(model, TensorLoader(data.val, batch_size=1000),
+    model, _ = load_model_or_artifact(source, factory=factory)
+    spec = getattr(model, "torchslim_spec", None)
+    data, dataset = _user_or_builtin_data(dataset, spec.name if spec is not None else None, seed=0)
+    if data is None:
+        raise ConfigError("the scan needs validation data: pass --dataset (a built-in name or "
+                          "FILE.py:FUNCTION returning {'train': ..., 'val': ...})")
+    val = TensorLoader(data.val, batch_size=1000) if isinstance(data, Dataset) else data["val"]
+    scan = scan_sensitivity(model, val,
                             sparsities=sparsities, progress=progress, workers=workers,
                             ray_address=ray_address)
     suggested = sparsities_for_drop(scan, max_drop)

@@ -240,30 +240,53 @@ def train_config_for(model_name: str, **overrides: Any) -> TrainConfig:
     return make_train_config(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
 
+def _training_subject(source: str, *, dataset: str | None, config: TrainConfig, pretrained: bool,
+                      factory: str | None) -> tuple[nn.Module, Any, str, str]:
+    """(model, RunData, label, dataset name) for `torchslim train`: a registered model built for
+    its dataset, or the user's model (a factory or artifact) with the user's or a built-in dataset."""
+    from torchslim.run_data import BuiltinData, UserData
+
+    if source in model_names():
+        name = dataset_for(source, dataset)
+        built = load_dataset(name, seed=config.seed)
+        torch.manual_seed(config.seed)
+        model = create_model(source, pretrained=pretrained, input_shape=built.input_shape,
+                             num_classes=built.num_classes)
+        return model, BuiltinData(built), source, name
+    model = load_model_or_artifact(source, factory=factory)[0]
+    loaded, named = _user_or_builtin_data(dataset, None, config.seed)
+    if loaded is None:
+        raise ConfigError("your own model needs data: pass --dataset FILE.py:FUNCTION (returning "
+                          "{'train': loader, 'val': loader, 'test': loader}) or a built-in dataset name")
+    data = BuiltinData(loaded) if isinstance(loaded, Dataset) else UserData(loaded)
+    first = data.calibration(1, config.seed)
+    if first and signature_of(model) is None:
+        record_signature_(model, first[0][0])
+    return model, data, type(model).__name__, str(named)
+
+
 def train_model(model_name: str, *, dataset: str | None, out: str | Path, config: TrainConfig,
                 pretrained: bool = False, resume: bool = False, progress: bool = True,
-                threads: int | None = None) -> dict[str, Any]:
-    """Train a registered model, save `out/model.slim`, write the report; returns the report."""
-    dataset = dataset_for(model_name, dataset)
+                threads: int | None = None, factory: str | None = None) -> dict[str, Any]:
+    """Train a registered model (or the user's, `FILE.py:FUNCTION`), save `out/model.slim`,
+    write the report; returns the report."""
     out = Path(out)
-    data = load_dataset(dataset, seed=config.seed)
-    torch.manual_seed(config.seed)
-    model = create_model(model_name, pretrained=pretrained, input_shape=data.input_shape,
-                         num_classes=data.num_classes)
+    model, data, label, dataset = _training_subject(model_name, dataset=dataset, config=config,
+                                                   pretrained=pretrained, factory=factory)
+    measured, split = data.measured()
     # The untrained model, measured like the result so the table compares like with like.
-    initial = measure_model(model, data=data, split="test", threads=threads)
-    trainer = Trainer(model, TensorLoader(data.train, batch_size=config.batch_size, shuffle=True,
-                                          seed=config.seed),
-                      val_loader=TensorLoader(data.val, batch_size=1000), config=config,
+    initial = measure_model(model, data=measured, split=split, threads=threads)
+    trainer = Trainer(model, data.train_loader(config.batch_size, config.seed),
+                      val_loader=data.val_loader(), config=config,
                       checkpoint_dir=out / "checkpoints", progress=progress)
     history = trainer.fit(resume=resume)
     model.cpu()  # measured where it will be deployed; training may have run on a GPU
     model_path = artifact.save(model, out / "model.slim", metadata={
         "dataset": dataset, "train_config": config.to_dict(), "epochs_trained": trainer.start_epoch})
-    final = measure_model(model, path=model_path, data=data, split="test", threads=threads)
-    val = evaluate(model, TensorLoader(data.val, batch_size=1000))
+    final = measure_model(model, path=model_path, data=measured, split=split, threads=threads)
+    val = evaluate(model, data.val_loader())
     report = {
-        "model": model_name, "dataset": dataset, "seed": config.seed, "config": config.to_dict(),
+        "model": label, "dataset": dataset, "seed": config.seed, "config": config.to_dict(),
         "test_accuracy": final["accuracy"], "val_accuracy": val["accuracy"],
         "initial_test_accuracy": initial["accuracy"], "metrics": final,
         "comparison": compare(initial, final),
@@ -271,9 +294,9 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
         if history else None,
         "history": [asdict(r) for r in trainer.history], "artifact": str(model_path),
     }
-    rows = [{"name": f"{model_name} before training", **initial},
-            {"name": f"{model_name} trained ({trainer.start_epoch} epochs)", **final}]
-    write_report(out, report, title=f"torchslim train: {model_name} on {dataset}", rows=rows)
+    rows = [{"name": f"{label} before training", **initial},
+            {"name": f"{label} trained ({trainer.start_epoch} epochs)", **final}]
+    write_report(out, report, title=f"torchslim train: {label} on {dataset}", rows=rows)
     report["rows"] = rows
     return report
 
