@@ -96,6 +96,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "prune, fine-tune, share weights, fine-tune, entropy-code")
     args.recipe = str(files("torchslim.recipes") / "lenet300_deep_compression.yaml")
     args.model = None
+    if not args.overwrite and (Path(args.out) / "recipe.lock").is_file() and not args.resume:
+        # The demo's own folder: finishing or re-showing the same run is what a second call means
+        # (another recipe's run there is still refused).
+        print(f"{args.out} holds an earlier demo run: reusing its finished stages (--overwrite to "
+              "start over)")
+        args.resume = True
     return cmd_compress(args)
 
 
