@@ -11,15 +11,7 @@ from torch import nn
 from torchslim import apply_
 from torchslim.errors import GraphError, NothingChangedWarning
 from torchslim.pruning import ChannelPruning
-
-
-class SameConv(nn.Conv2d):
-    """TF-"SAME" padding: pads in forward, then convolves its own weight."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad = self.kernel_size[0] - 1
-        x = nn.functional.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
-        return nn.functional.conv2d(x, self.weight, self.bias, self.stride)
+from user_zoo import SameConv
 
 
 class StandardizedConv(nn.Conv2d):

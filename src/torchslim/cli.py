@@ -209,14 +209,18 @@ MODEL_HELP = ("a registered model name, a .slim artifact, or FILE.py:FUNCTION / 
               "package.module:FUNCTION returning your nn.Module with its weights loaded")
 
 
+def _add_factory_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--factory", metavar="FILE.py:FUNCTION",
+                        help="builds the (uncompressed) model an artifact of your own model was made "
+                             "from; the artifact's edits are replayed on it (artifacts never import code)")
+
+
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
     """The model as a positional argument or `--model SPEC`, plus `--factory` for artifacts of
     models that are not torchslim reference models."""
     parser.add_argument("model", nargs="?", metavar="MODEL", help=MODEL_HELP)
     parser.add_argument("--model", dest="model_option", metavar="SPEC", help="the same, as an option")
-    parser.add_argument("--factory", metavar="FILE.py:FUNCTION",
-                        help="builds the (uncompressed) model an artifact of your own model was made "
-                             "from; the artifact's edits are replayed on it (artifacts never import code)")
+    _add_factory_option(parser)
 
 
 def _model_source(args: argparse.Namespace) -> str:
@@ -458,8 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("recipe", help="a recipe file, e.g. examples/recipes/*.yaml")
     compress.add_argument("--model", help="artifact, registered name or FILE.py:FUNCTION to compress "
                           "instead of the recipe's model (skips baseline training)")
-    compress.add_argument("--factory", metavar="FILE.py:FUNCTION",
-                          help="builds the uncompressed model when --model is an artifact of your own model")
+    _add_factory_option(compress)
     compress.add_argument("--out", required=True, help="output folder")
     _add_run_folder_options(compress)
     compress.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -547,9 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune one layer at a time by magnitude and measure validation accuracy; "
         "writes OUT/sensitivity.json, .md and .png.")
     sensitivity.add_argument("--model", required=True, help=MODEL_HELP)
-    sensitivity.add_argument("--factory", metavar="FILE.py:FUNCTION",
-                             help="builds the uncompressed model when --model is an artifact of your "
-                                  "own model")
+    _add_factory_option(sensitivity)
     sensitivity.add_argument("--dataset", metavar="DATASET",
                              help="a built-in name or FILE.py:FUNCTION returning loaders (its 'val' "
                                   "is scanned)")
@@ -600,8 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, metavar="SPEC",
                        help=f"a registered model ({', '.join(model_names())}) or your own: "
                             "FILE.py:FUNCTION / package.module:FUNCTION / an artifact")
-    train.add_argument("--factory", metavar="FILE.py:FUNCTION",
-                       help="builds the uncompressed model when --model is an artifact of your own model")
+    _add_factory_option(train)
     train.add_argument("--dataset", metavar="DATASET",
                        help=f"default: the model's own; {', '.join(dataset_names())}, or FILE.py:FUNCTION "
                             "returning {'train': loader, 'val': loader, 'test': loader}")

@@ -130,16 +130,19 @@ def _size(module: nn.Module, size: int) -> int:
 
 # ------------------------------------------------------------------------------ built-in rules
 class ConvRule(ChannelRule):
-    """Conv1d/2d/3d: groups=1 has `out` and `in`; depthwise has one `channel` axis."""
+    """Conv1d/2d/3d and ConvTranspose1d/2d/3d: groups=1 has `out` and `in`; depthwise has one
+    `channel` axis."""
 
     def axes(self, module: nn.Module) -> dict[str, Axis]:
         assert isinstance(module, nn.modules.conv._ConvNd)
         if _depthwise(module):
             return {"channel": Axis((ParamSlice("weight", 0), ParamSlice("bias", 0, scored=False)),
                                     _set(in_channels=_size, out_channels=_size, groups=_size))}
-        return {"out": Axis((ParamSlice("weight", 0), ParamSlice("bias", 0, scored=False)),
+        # A transposed conv's weight is (in, out, *kernel), the other way round from a conv's.
+        out_dim, in_dim = (1, 0) if module.transposed else (0, 1)
+        return {"out": Axis((ParamSlice("weight", out_dim), ParamSlice("bias", 0, scored=False)),
                             _set(out_channels=_size), produces=True),
-                "in": Axis((ParamSlice("weight", 1),), _set(in_channels=_size))}
+                "in": Axis((ParamSlice("weight", in_dim),), _set(in_channels=_size))}
 
     def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
                   values: list[Any], output: Any) -> Any:
@@ -151,32 +154,6 @@ class ConvRule(ChannelRule):
             graph.block(space, f"{name}: grouped convolution (groups={module.groups}) is not pruned")
             out = graph.atoms(name, "out", module.out_channels)
             graph.block(Space(1, out), f"{name}: grouped convolution (groups={module.groups}) is not pruned")
-            return None
-        if space is not None:
-            if space.dim == 1:
-                graph.couple(space, graph.atoms(name, "in", module.in_channels))
-            else:
-                graph.block(space, f"{name}: channels arrive on dim {space.dim}, not 1")
-        return Space(1, graph.atoms(name, "out", module.out_channels))
-
-
-class ConvTransposeRule(ChannelRule):
-    """ConvTranspose1d/2d/3d (groups=1): the weight is (in, out, *kernel), the other way round
-    from a convolution's, so `out` slices weight dim 1 and `in` weight dim 0."""
-
-    def axes(self, module: nn.Module) -> dict[str, Axis]:
-        return {"out": Axis((ParamSlice("weight", 1), ParamSlice("bias", 0, scored=False)),
-                            _set(out_channels=_size), produces=True),
-                "in": Axis((ParamSlice("weight", 0),), _set(in_channels=_size))}
-
-    def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
-                  values: list[Any], output: Any) -> Any:
-        assert isinstance(module, nn.modules.conv._ConvTransposeNd)
-        space = inputs[0] if inputs else None
-        if module.groups != 1:
-            reason = f"{name}: grouped transposed convolution (groups={module.groups}) is not pruned"
-            graph.block(space, reason)
-            graph.block(Space(1, graph.atoms(name, "out", module.out_channels)), reason)
             return None
         if space is not None:
             if space.dim == 1:
@@ -298,10 +275,9 @@ class FlattenRule(ChannelRule):
 
 
 def _register_builtins() -> None:
-    for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    for conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d):
         register_channel_rule(conv, ConvRule())
-    for transposed in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-        register_channel_rule(transposed, ConvTransposeRule())
     register_channel_rule(nn.Linear, LinearRule())
     for norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm):
         register_channel_rule(norm, NormRule())
