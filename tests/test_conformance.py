@@ -173,3 +173,13 @@ def test_cli_trains_and_scans_a_user_model_on_user_data(tmp_path: Path, capsys) 
                  "--sparsities", "0.5", "0.9", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
     scan = json.loads((tmp_path / "s" / "sensitivity.json").read_text())
     assert set(scan["layers"]) == {"features.0", "features.3", "head"}
+
+
+def test_auto_searches_a_user_model_on_user_data(tmp_path: Path) -> None:
+    from torchslim.auto import Target, auto_compress
+
+    report = auto_compress(f"{ZOO}:build_same_conv", target=Target("macs", 2), max_drop=1.0,
+                           out=tmp_path / "auto", dataset=f"{ZOO}:loaders_same_conv", trials=2, epochs=1,
+                           progress=False)
+    assert report["model"] == "SameConvNet" and report["final"]["ratios"]["macs"] >= 2
+    assert (tmp_path / "auto" / "model.slim").is_file()

@@ -376,7 +376,8 @@ def cmd_auto(args: argparse.Namespace) -> int:
     report = auto_compress(args.model, target=Target.parse(args.target), max_drop=args.max_drop / 100,
                            out=args.out, dataset=args.data, trials=args.trials, epochs=args.epochs,
                            final_epochs=args.final_epochs, workers=args.workers,
-                           ray_address=args.ray_address, progress=not args.no_progress)
+                           ray_address=args.ray_address, progress=not args.no_progress,
+                           factory=args.factory)
     final, kind = report["final"], report["target"]["kind"]
     print(f"chosen: trial {report['chosen']} of {len(report['trials'])} (front: {report['front']})")
     print(f"final: {kind} {final['ratios'][kind]:.2f}x (target {report['target']['ratio']:g}x), "
@@ -575,8 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
         "fine-tunes, pick on validation, rerun the chosen one with --final-epochs. Writes "
         "OUT/recipe.yaml (rerun it with `torchslim compress`), OUT/model.slim, OUT/auto.json, "
         "OUT/auto.md and OUT/front.png. Exit status 1 when the final model misses a goal.")
-    auto.add_argument("--model", required=True, help="artifact or registered name")
-    auto.add_argument("--data", choices=dataset_names(), help="default: the model's own dataset")
+    auto.add_argument("--model", required=True, help=MODEL_HELP)
+    _add_factory_option(auto)
+    auto.add_argument("--data", "--dataset", dest="data", metavar="DATASET",
+                      help=f"default: the model's own; {', '.join(dataset_names())}, or FILE.py:FUNCTION "
+                           "returning {'train': loader, 'val': loader, 'test': loader}")
     auto.add_argument("--target", required=True, metavar="KIND=RATIO",
                       help="size=50 (50x smaller file), macs=2 or latency=1.5")
     auto.add_argument("--max-drop", type=float, required=True, metavar="PTS",

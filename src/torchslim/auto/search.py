@@ -24,11 +24,13 @@ from typing import Any
 import yaml
 
 from torchslim import artifact
-from torchslim.data import TensorLoader, load_dataset
+from torchslim.data import Dataset, TensorLoader, load_dataset
 from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
-from torchslim.models import dataset_for, spec_of
+from torchslim.models import dataset_for
+from torchslim.run_data import BuiltinData, RunData, UserData
 from torchslim.safefile import write_atomic
+from torchslim.signature import record_signature_, signature_of
 
 __all__ = ["Target", "auto_compress", "pareto_front", "run_candidate"]
 
@@ -64,6 +66,7 @@ class Candidate:
     out: str
     timing: bool
     predicted: dict[str, float] = field(default_factory=dict)
+    factory: str | None = None  # rebuilds a user's model from its artifacts (see CompressionRun)
 
 
 def run_candidate(candidate: Candidate) -> dict[str, Any]:
@@ -76,7 +79,7 @@ def run_candidate(candidate: Candidate) -> dict[str, Any]:
 
     started = time.perf_counter()
     run = CompressionRun(parse_recipe(candidate.recipe), candidate.out, model_source=candidate.source,
-                         resume=True, progress=False, timing=candidate.timing)
+                         resume=True, progress=False, timing=candidate.timing, factory=candidate.factory)
     report = run.run()
     base, final = report["baseline"], report["final"]
     ratios = {"size": base["dense_bytes"] / final["bytes"], "macs": base["flops"] / final["flops"]}
@@ -116,16 +119,19 @@ def choose(results: list[dict[str, Any]], target: Target, max_drop: float) -> tu
 
 
 # ---------------------------------------------------------------- candidate recipes
-def _train_options(model_name: str, epochs: int) -> dict[str, Any]:
+def _train_options(model_name: str | None, epochs: int) -> dict[str, Any]:
+    """Trial training options: the registered model's tuned defaults (generic ones for a model
+    of the user's own, `model_name` None), at 0.4x their learning rate."""
+    from torchslim.models import TrainDefaults
     from torchslim.workflows import train_config_for
 
-    defaults = train_config_for(model_name)
+    defaults = train_config_for(model_name) if model_name else TrainDefaults()
     return {"epochs": epochs, "optimizer": defaults.optimizer, "lr": float(f"{defaults.lr * 0.4:.6g}"),
             "weight_decay": defaults.weight_decay, "batch_size": defaults.batch_size,
             "schedule": "cosine"}
 
 
-def size_recipe(policy: Any, *, model_name: str, dataset: str, epochs: int, steps_per_epoch: int,
+def size_recipe(policy: Any, *, model_name: str | None, dataset: str, epochs: int, steps_per_epoch: int,
                 seed: int = 0) -> dict[str, Any]:
     """Gradual pruning to the policy's sparsities, clustering to its bits, a short fine-tune, coding."""
     pruned = {n: s for n, s in policy.sparsity.items() if s > 0}
@@ -143,7 +149,7 @@ def size_recipe(policy: Any, *, model_name: str, dataset: str, epochs: int, step
     return {"version": 1, "name": "auto-size", "dataset": dataset, "seed": seed, "stages": stages}
 
 
-def structured_recipe(mac_cut: float, *, model_name: str, dataset: str, epochs: int,
+def structured_recipe(mac_cut: float, *, model_name: str | None, dataset: str, epochs: int,
                       seed: int = 0) -> dict[str, Any]:
     """Global structured pruning to `mac_cut` fewer MACs, then a distilled fine-tune."""
     return {"version": 1, "name": "auto-structured", "dataset": dataset, "seed": seed, "stages": [
@@ -152,7 +158,7 @@ def structured_recipe(mac_cut: float, *, model_name: str, dataset: str, epochs: 
         {"fine_tune": {**_train_options(model_name, epochs), "distill": {"teacher": "original"}}}]}
 
 
-def int8_recipe(mac_cut: float, *, model_name: str, dataset: str, epochs: int,
+def int8_recipe(mac_cut: float, *, model_name: str | None, dataset: str, epochs: int,
                 seed: int = 0) -> dict[str, Any]:
     """Static int8 on onnxruntime, after `structured_recipe(mac_cut)` when `mac_cut` > 1."""
     stages = (structured_recipe(mac_cut, model_name=model_name, dataset=dataset, epochs=epochs,
@@ -187,19 +193,16 @@ def measure_int8_speedup(model: Any, data: Any) -> dict[str, Any]:
 
     from torchslim.errors import SlimError
     from torchslim.measure import measure_latency
-    from torchslim.models import example_inputs
     from torchslim.quantization import Quantization, QuantMethod, quantize_model
-    from torchslim.workflows import default_latency_batch
+    from torchslim.workflows import default_latency_batch, inputs_for
 
-    spec = spec_of(model)
-    loader = TensorLoader(data.train, batch_size=128, shuffle=True, seed=0)
-    calibration = [x for x, _ in loader.take(8)]
+    calibration = [x for x, _ in data.calibration(8, 0)]
     try:
         int8 = quantize_model(model, Quantization(method=QuantMethod.STATIC),
-                              example_inputs=example_inputs(spec, 2), calibration=calibration)
+                              example_inputs=inputs_for(model, 2), calibration=calibration)
     except SlimError as exc:
         return {"int8_speedup": 1.0, "int8_error": str(exc)}
-    x = example_inputs(spec, default_latency_batch(model))
+    x = inputs_for(model, default_latency_batch(model))
     ratios = [measure_latency(model, x, repeats=10).median_ms / measure_latency(int8, x, repeats=10).median_ms
               for _ in range(3)]
     return {"int8_speedup": round(statistics.median(ratios), 3)}
@@ -236,12 +239,26 @@ def _multipliers(trials: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------- the search
+def _run_data(model_name: str | None, dataset: str | None) -> tuple[RunData, str]:
+    """The search's data and the string its recipes name it by (a built-in name or the user's
+    data factory)."""
+    from torchslim.factories import is_factory, load_data_factory
+
+    if dataset is not None and is_factory(dataset):
+        return UserData(load_data_factory(dataset)), dataset
+    if model_name is None and dataset is None:
+        raise ConfigError("your own model needs your own data: pass --data FILE.py:FUNCTION (returning "
+                          "{'train': loader, 'val': loader, 'test': loader}) or a built-in dataset name")
+    built = load_dataset(dataset_for(model_name, dataset))
+    return BuiltinData(built), built.name
+
+
 def auto_compress(source: str, *, target: Target, max_drop: float, out: str | Path,
                   dataset: str | None = None, trials: int = 4, epochs: int = 2,
                   final_epochs: int | None = None, workers: int | None = None,
                   ray_address: str | None = None, progress: bool = True,
                   sparsity_levels: Sequence[float] | None = None,
-                  bit_levels: Sequence[int] | None = None) -> dict[str, Any]:
+                  bit_levels: Sequence[int] | None = None, factory: str | None = None) -> dict[str, Any]:
     """Find a policy reaching `target` within `max_drop` (accuracy fraction) of validation accuracy.
 
     `sparsity_levels` / `bit_levels` (size target) are the per-layer steps the greedy walk may
@@ -261,12 +278,15 @@ def auto_compress(source: str, *, target: Target, max_drop: float, out: str | Pa
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, _ = load_model_or_artifact(source)
-    name = spec_of(model).name
+    model, _ = load_model_or_artifact(source, factory=factory)
+    spec = getattr(model, "torchslim_spec", None)
+    name = spec.name if spec is not None else None
     if dataset is None and Path(source).is_file():
         dataset = artifact.read_metadata(source).get("metadata", {}).get("dataset")
-    data = load_dataset(dataset_for(name, dataset))
-    val = TensorLoader(data.val, batch_size=1000)
+    data, data_key = _run_data(name, dataset)
+    if signature_of(model) is None and spec is None:
+        record_signature_(model, data.calibration(1, 0)[0][0])
+    val = data.val_loader()
     timings: dict[str, float] = {}
     search: dict[str, Any] = {}
     candidates: list[Candidate] = []
@@ -289,9 +309,9 @@ def auto_compress(source: str, *, target: Target, max_drop: float, out: str | Pa
             if key in seen:
                 continue
             seen.add(key)
-            recipe = size_recipe(policy, model_name=name, dataset=data.name, epochs=epochs,
-                                 steps_per_epoch=-(-len(data.train) // batch_size))
-            candidates.append(Candidate(recipe, source, "", timing=False,
+            recipe = size_recipe(policy, model_name=name, dataset=data_key, epochs=epochs,
+                                 steps_per_epoch=data.steps_per_epoch(batch_size))
+            candidates.append(Candidate(recipe, source, "", timing=False, factory=factory,
                                         predicted={"size": round(ratio, 2), "drop": round(drop, 5)}))
         search = {"sensitivity": scan, "size_model": size_model.to_dict(),
                   "greedy_path": [{"ratio": round(r, 2), "drop": round(d, 5)} for r, d, _ in path]}
@@ -299,18 +319,19 @@ def auto_compress(source: str, *, target: Target, max_drop: float, out: str | Pa
         search = measure_int8_speedup(model, data)
         for int8, cut in latency_plan(target.ratio, trials, search["int8_speedup"]):
             build = int8_recipe if int8 else structured_recipe
-            candidates.append(Candidate(build(cut, model_name=name, dataset=data.name, epochs=epochs),
-                                        source, "", timing=True,
+            candidates.append(Candidate(build(cut, model_name=name, dataset=data_key, epochs=epochs),
+                                        source, "", timing=True, factory=factory,
                                         predicted={"macs": cut, "int8": int8}))
     else:
         for multiplier in _multipliers(trials):
             cut = round(target.ratio * multiplier, 3)
-            candidates.append(Candidate(structured_recipe(cut, model_name=name, dataset=data.name,
+            candidates.append(Candidate(structured_recipe(cut, model_name=name, dataset=data_key,
                                                           epochs=epochs),
-                                        source, "", timing=False, predicted={"macs": cut}))
+                                        source, "", timing=False, factory=factory,
+                                        predicted={"macs": cut}))
     timings["plan_seconds"] = time.perf_counter() - tick
     candidates = [Candidate(c.recipe, c.source, str(out / "trials" / f"{k:02d}-{_digest(c.recipe)}"),
-                            c.timing, c.predicted) for k, c in enumerate(candidates)]
+                            c.timing, c.predicted, factory=factory) for k, c in enumerate(candidates)]
 
     tick = time.perf_counter()
     results = run_trials(run_candidate, candidates, workers=workers, ray_address=ray_address,
@@ -325,15 +346,17 @@ def auto_compress(source: str, *, target: Target, max_drop: float, out: str | Pa
         final = results[chosen]
     else:
         final = run_candidate(Candidate(final_recipe, source, str(out / f"final-{_digest(final_recipe)}"),
-                                        timing=True))
+                                        timing=True, factory=factory))
     timings["final_seconds"] = time.perf_counter() - tick
     shutil.copyfile(Path(final["out"]) / "model.slim", out / "model.slim")
-    baseline_test = evaluate(model, TensorLoader(data.test, batch_size=1000))["accuracy"]
+    measured, split = data.measured()
+    test = TensorLoader(measured.test, batch_size=1000) if isinstance(measured, Dataset) else measured[split]
+    baseline_test = evaluate(model, test)["accuracy"]
     final_drop = final["baseline_val_accuracy"] - final["val_accuracy"]
     timings["total_seconds"] = time.perf_counter() - started
 
     report = {
-        "source": source, "model": name, "dataset": data.name,
+        "source": source, "model": name or type(model).__name__, "dataset": data.name,
         "target": {"kind": target.kind, "ratio": target.ratio}, "max_drop_points": 100 * max_drop,
         "trials": results, "front": front, "chosen": chosen, "chosen_met_on_trial": met,
         "final": {**final, "test_drop_points": 100 * (baseline_test - final["test_accuracy"]),
