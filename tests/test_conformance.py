@@ -183,3 +183,21 @@ def test_auto_searches_a_user_model_on_user_data(tmp_path: Path) -> None:
                            progress=False)
     assert report["model"] == "SameConvNet" and report["final"]["ratios"]["macs"] >= 2
     assert (tmp_path / "auto" / "model.slim").is_file()
+
+
+def test_a_hugging_face_model_built_from_a_config_names_what_is_left_alone(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16)
+    torch.manual_seed(0)
+    model, ids = transformers.GPT2LMHeadModel(config).eval(), torch.randint(0, 100, (2, 8))
+    with pytest.warns(UserWarning, match=r"left 8 weight layer\(s\).*transformer.h.0.attn.c_attn \(Conv1D\)"):
+        pruned = apply_(model, WeightPruning(sparsity=0.5))
+    assert "Conv1D" in pruned["skipped"]["transformer.h.1.mlp.c_proj"]
+    finalize_(model)
+    fresh = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.warns(NothingChangedWarning, match="tied to transformer.wte.weight"):
+        factored = apply_(fresh, LowRank(param_ratio=0.5))  # never unties the head: no growth
+    assert factored["params_after"] == factored["params_before"]
+    path = artifact.save(model, tmp_path / "gpt2.slim", example_inputs=ids)
+    reloaded = artifact.load(path, model=transformers.GPT2LMHeadModel(config))
+    assert torch.equal(_run(reloaded, ids), _run(model, ids))

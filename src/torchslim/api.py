@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch.nn.utils import parametrize
 
 from torchslim.calibration import take_pairs
 from torchslim.registry import handler_for
-from torchslim.select import Select
+from torchslim.select import Select, unselectable_weight_layers
 from torchslim.signature import record_signature_
 
 __all__ = ["apply_", "finalize_", "parametrized_layers"]
@@ -52,12 +53,29 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
     try:
         takes_inputs = "example_inputs" in inspect.signature(handler).parameters
         extra = {"example_inputs": example_inputs} if takes_inputs and example_inputs is not None else {}
-        return handler(model, config, targets=targets or Select(), calibration=calibration, **extra)
+        result = handler(model, config, targets=targets or Select(), calibration=calibration, **extra)
     except BaseException:
         model.__dict__.clear()
         model.__dict__.update(snapshot.__dict__)
         model.__class__ = snapshot.__class__
         raise
+    if targets is None and isinstance(result, dict) and PER_LAYER_KEYS & result.keys():
+        _name_unhandled_layers(model, result, str(getattr(config, "kind", type(config).__name__)))
+    return result
+
+
+PER_LAYER_KEYS = {"sparsity", "clusters", "replaced"}  # techniques that pick layers by type
+
+
+def _name_unhandled_layers(model: nn.Module, result: dict[str, Any], kind: str) -> None:
+    """No silent skips: weight layers of types the default selection cannot pick are listed
+    under `skipped` with the reason, and named in a warning."""
+    left = unselectable_weight_layers(model)
+    if left:
+        result["skipped"] = {**left, **result.get("skipped", {})}
+        names = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in list(left)[:6])
+        warnings.warn(f"torchslim: {kind} left {len(left)} weight layer(s) of types it does not handle "
+                      f"unchanged: {names}{', ...' if len(left) > 6 else ''}", stacklevel=2)
 
 
 def parametrized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

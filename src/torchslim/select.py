@@ -14,7 +14,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError, SelectionError
 
-__all__ = ["LAYER_TYPES", "Select"]
+__all__ = ["LAYER_TYPES", "Select", "unselectable_weight_layers"]
 
 LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
@@ -93,3 +93,19 @@ class Select:
             raise SelectionError(f"the selection {self.to_dict()} matched no layer of "
                                  f"{type(model).__name__}; layers are: {', '.join(layers) or 'none'}")
         return [(name, layers[name]) for name in chosen]
+
+
+def unselectable_weight_layers(model: nn.Module) -> dict[str, str]:
+    """Layers holding a weight matrix or kernel of a type no selector names (Hugging Face's GPT-2
+    `Conv1D`, a module with a raw `weight` Parameter), with the reason they were left alone.
+
+    Embedding and normalisation layers are left out: keeping them is the convention.
+    """
+    kept = (*LAYER_TYPES.values(), nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+    found = {}
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if name and isinstance(weight, nn.Parameter) and weight.dim() >= 2 and not isinstance(module, kept):
+            found[name] = (f"{type(module).__name__} is not a layer type this technique handles "
+                           f"({', '.join(LAYER_TYPES)}); it is left unchanged")
+    return found

@@ -76,12 +76,19 @@ def replace_layers_(model: nn.Module, names: list[str],
 def read_in_place(model: nn.Module, name: str) -> str | None:
     """Why layer `name` cannot be swapped for another module, if it cannot: its parent reads
     its tensors instead of calling it (nn.MultiheadAttention's `out_proj`, for one), so a
-    replacement without a `.weight` would break the model."""
+    replacement without a `.weight` would break the model; or its weight is tied to another
+    module's, so a replacement would untie them and grow the model."""
     parent_name, _, _ = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.MultiheadAttention):
         return (f"{name} is read as a weight by its {type(parent).__name__} (never called), so it "
                 "cannot be replaced; it is left as it is")
+    weight = getattr(model.get_submodule(name), "weight", None)
+    tied = [other for other, param in model.named_parameters(remove_duplicate=False)
+            if param is weight and not other.startswith(name + ".")]
+    if tied:  # e.g. a language model's output head tied to its input embedding
+        return (f"{name}'s weight is tied to {tied[0]}; replacing it would untie the two and add "
+                "parameters, so it is left as it is")
     return None
 
 
