@@ -24,10 +24,9 @@ from torch import nn
 from torchslim import artifact
 from torchslim.api import apply_, finalize_
 from torchslim.clustering import keep_shared_
-from torchslim.data import load_dataset
 from torchslim.distillation import Distill, DistillationLoss
 from torchslim.errors import ConfigError, SlimError
-from torchslim.models import create_model, dataset_for, get_entry, spec_of
+from torchslim.models import create_model, get_entry, spec_of
 from torchslim.pruning import GradualPruning, WeightPruning
 from torchslim.pruning.schedules import iterative_sparsities, rewind_
 from torchslim.pruning.unstructured import set_mask_
@@ -43,7 +42,7 @@ from torchslim.recipe import (
     Recipe,
     Stage,
 )
-from torchslim.run_data import BuiltinData, RunData, UserData
+from torchslim.run_data import BuiltinData, RunData, learn_inputs_, resolve_run_data
 from torchslim.run_folder import RunFolder
 from torchslim.training import Loss, TrainConfig, Trainer, distributed
 
@@ -115,7 +114,7 @@ class CompressionRun:
     def __init__(self, recipe: Recipe, out: str | Path, *, model_source: str | None = None,
                  resume: bool = False, overwrite: bool = False, progress: bool = True,
                  timing: bool = True, factory: str | None = None) -> None:
-        from torchslim.factories import is_factory, load_data_factory
+        from torchslim.factories import is_factory
 
         self.recipe, self.out, self.progress, self.timing = recipe, Path(out), progress, timing
         self.model_source = model_source or (recipe.model if recipe.model and is_factory(recipe.model)
@@ -130,13 +129,9 @@ class CompressionRun:
             dataset = dataset or saved.get("metadata", {}).get("dataset")
         elif source:
             name = None if is_factory(source) else source
-        if dataset is not None and is_factory(dataset):
-            self.data: RunData = UserData(load_data_factory(dataset))
-        elif name is None and dataset is None:
-            raise ConfigError("your own model needs your own data: pass --dataset FILE.py:FUNCTION "
-                              "(returning {'train': loader, 'val': loader}) or a built-in dataset name")
-        else:
-            self.data = BuiltinData(load_dataset(dataset_for(name, dataset), seed=recipe.seed))
+        data, _ = resolve_run_data(dataset, name, seed=recipe.seed, required=True)
+        assert data is not None
+        self.data: RunData = data
         self.original: nn.Module | None = None  # the model before stage 1: `teacher: original`
         self.folder = RunFolder(self.out)
         self.resume, self.overwrite = resume, overwrite
@@ -181,7 +176,7 @@ class CompressionRun:
             from torchslim.workflows import load_model_or_artifact
 
             model = load_model_or_artifact(self.model_source, factory=self.factory)[0]
-            self._learn_inputs(model)
+            learn_inputs_(model, self.data, seed=self.recipe.seed)
             return model
         if self.recipe.model is None:
             raise ConfigError("the recipe names no model; add `model:` or pass --model")
@@ -207,16 +202,6 @@ class CompressionRun:
         assert self.recipe.model is not None
         return create_model(self.recipe.model, pretrained=False, input_shape=self.data.data.input_shape,
                             num_classes=self.data.data.num_classes)
-
-    def _learn_inputs(self, model: nn.Module) -> None:
-        """A user's model has no registered input shape: take it from a training batch."""
-        from torchslim.models.registry import SPEC_ATTRIBUTE
-        from torchslim.signature import record_signature_, signature_of
-
-        if getattr(model, SPEC_ATTRIBUTE, None) is None and signature_of(model) is None:
-            batch = self.calibration(1)
-            if batch:
-                record_signature_(model, batch[0][0])
 
     def train(self, model: nn.Module, config: TrainConfig, checkpoint_dir: Path,
               callbacks: tuple[Any, ...] = (), loss: Loss | None = None) -> None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torchslim.calibration import take_pairs
-from torchslim.data import Dataset, TensorLoader
+from torch import nn
 
-__all__ = ["BuiltinData", "RunData", "UserData"]
+from torchslim.calibration import take_pairs
+from torchslim.data import Dataset, TensorLoader, dataset_names, load_dataset
+from torchslim.errors import ConfigError
+
+__all__ = ["BuiltinData", "RunData", "UserData", "learn_inputs_", "resolve_run_data"]
 
 
 class RunData:
@@ -82,3 +85,38 @@ class UserData(RunData):
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return len(self.loaders["train"])
+
+
+def resolve_run_data(dataset: str | None, model_name: str | None, *, seed: int = 0,
+                     required: bool = False) -> tuple[RunData | None, str | None]:
+    """(data, the string recipes name it by) for a `--dataset` / `dataset:` value: the user's
+    data factory, a built-in name, or (None) the registered model's own dataset.
+
+    Raises:
+        ConfigError: `required` and there is neither (a model of the user's own needs data).
+    """
+    from torchslim.factories import is_factory, load_data_factory
+    from torchslim.models import get_entry
+
+    if dataset is not None and dataset not in dataset_names() and is_factory(dataset):
+        return UserData(load_data_factory(dataset)), dataset
+    name = dataset or (get_entry(model_name).default_dataset if model_name else None)
+    if name is None:
+        if required:
+            whose = f"model {model_name!r} has no default dataset" if model_name else \
+                "your own model needs your own data"
+            raise ConfigError(f"{whose}: pass --dataset FILE.py:FUNCTION (returning {{'train': loader, "
+                              "'val': loader, 'test': loader}) or a built-in dataset name")
+        return None, None
+    return BuiltinData(load_dataset(name, seed=seed)), name
+
+
+def learn_inputs_(model: nn.Module, data: RunData, *, seed: int = 0) -> None:
+    """A model of the user's own has no registered input shape: record it from a training batch."""
+    from torchslim.models.registry import SPEC_ATTRIBUTE
+    from torchslim.signature import record_signature_, signature_of
+
+    if getattr(model, SPEC_ATTRIBUTE, None) is None and signature_of(model) is None:
+        first = data.calibration(1, seed)
+        if first:
+            record_signature_(model, first[0][0])

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from torchslim.data import Dataset, TensorLoader
-from torchslim.errors import ConfigError
 from torchslim.pruning import plot_sensitivity, scan_sensitivity, sparsities_for_drop
 from torchslim.report import environment
 from torchslim.safefile import write_atomic
@@ -36,16 +34,14 @@ def run_sensitivity(source: str, *, dataset: str | None, out: str | Path,
     `workers` > 1 or a `ray_address` runs the trials as Ray tasks (same numbers); the JSON
     records the backend, workers and wall-clock seconds under `execution`.
     """
-    from torchslim.workflows import _user_or_builtin_data, load_model_or_artifact
+    from torchslim.run_data import resolve_run_data
+    from torchslim.workflows import load_model_or_artifact
 
     model, _ = load_model_or_artifact(source, factory=factory)
     spec = getattr(model, "torchslim_spec", None)
-    data, dataset = _user_or_builtin_data(dataset, spec.name if spec is not None else None, seed=0)
-    if data is None:
-        raise ConfigError("the scan needs validation data: pass --dataset (a built-in name or "
-                          "FILE.py:FUNCTION returning {'train': ..., 'val': ...})")
-    val = TensorLoader(data.val, batch_size=1000) if isinstance(data, Dataset) else data["val"]
-    scan = scan_sensitivity(model, val,
+    data, dataset = resolve_run_data(dataset, spec.name if spec is not None else None, required=True)
+    assert data is not None
+    scan = scan_sensitivity(model, data.val_loader(),
                             sparsities=sparsities, progress=progress, workers=workers,
                             ray_address=ray_address)
     suggested = sparsities_for_drop(scan, max_drop)

@@ -16,7 +16,7 @@ from torch import nn
 
 from torchslim import artifact
 from torchslim.config import build_config
-from torchslim.data import Dataset, TensorLoader, dataset_names, load_dataset
+from torchslim.data import Dataset, TensorLoader, load_dataset
 from torchslim.errors import ConfigError
 from torchslim.measure import (
     compare,
@@ -127,16 +127,6 @@ def default_latency_batch(model: nn.Module) -> int:
     return 32 if large else 256
 
 
-def _learn_inputs(model: nn.Module, loaders: Any, split: str) -> None:
-    """Record the input signature of a model that has none from the user's first batch."""
-    if isinstance(getattr(model, SPEC_ATTRIBUTE, None), ModelSpec) or signature_of(model) is not None:
-        return
-    loader = loaders.get(split) or loaders["val"]
-    batch = next(iter(loader), None)
-    if isinstance(batch, tuple | list) and batch:
-        record_signature_(model, batch[0])
-
-
 def _evaluate_on(model: nn.Module, data: Any, split: str, batch_size: int) -> dict[str, Any]:
     """Accuracy on a built-in dataset's split, or on the user's loader under `split`."""
     if isinstance(data, Dataset):
@@ -164,8 +154,10 @@ def measure_model(model: nn.Module, *, path: Path | None = None, data: Any = Non
     `data` is a built-in `Dataset` or a mapping of the user's loaders by split (from a data
     factory). The batched latency uses `latency_batch` samples (default: `default_latency_batch`).
     """
-    if data is not None and not isinstance(data, Dataset):
-        _learn_inputs(model, data, split)
+    if data is not None and not isinstance(data, Dataset):  # the user's loaders
+        from torchslim.run_data import UserData, learn_inputs_
+
+        learn_inputs_(model, UserData(dict(data)))
     total, nonzero = count_params(model)
     result: dict[str, Any] = {
         "backend": backend_of(model),
@@ -244,7 +236,7 @@ def _training_subject(source: str, *, dataset: str | None, config: TrainConfig, 
                       factory: str | None) -> tuple[nn.Module, Any, str, str]:
     """(model, RunData, label, dataset name) for `torchslim train`: a registered model built for
     its dataset, or the user's model (a factory or artifact) with the user's or a built-in dataset."""
-    from torchslim.run_data import BuiltinData, UserData
+    from torchslim.run_data import BuiltinData, learn_inputs_, resolve_run_data
 
     if source in model_names():
         name = dataset_for(source, dataset)
@@ -254,14 +246,9 @@ def _training_subject(source: str, *, dataset: str | None, config: TrainConfig, 
                              num_classes=built.num_classes)
         return model, BuiltinData(built), source, name
     model = load_model_or_artifact(source, factory=factory)[0]
-    loaded, named = _user_or_builtin_data(dataset, None, config.seed)
-    if loaded is None:
-        raise ConfigError("your own model needs data: pass --dataset FILE.py:FUNCTION (returning "
-                          "{'train': loader, 'val': loader, 'test': loader}) or a built-in dataset name")
-    data = BuiltinData(loaded) if isinstance(loaded, Dataset) else UserData(loaded)
-    first = data.calibration(1, config.seed)
-    if first and signature_of(model) is None:
-        record_signature_(model, first[0][0])
+    data, named = resolve_run_data(dataset, None, seed=config.seed, required=True)
+    assert data is not None
+    learn_inputs_(model, data, seed=config.seed)
     return model, data, type(model).__name__, str(named)
 
 
@@ -301,16 +288,6 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
     return report
 
 
-def _user_or_builtin_data(dataset: str | None, model_name: str | None, seed: int) -> tuple[Any, str | None]:
-    """(data, its name): a built-in dataset (default: the model's own) or the user's loaders."""
-    from torchslim.factories import is_factory, load_data_factory
-
-    if dataset is not None and is_factory(dataset) and dataset not in dataset_names():
-        return load_data_factory(dataset), dataset
-    name = dataset or (get_entry(model_name).default_dataset if model_name else None)
-    return (load_dataset(name, seed=seed) if name else None), name
-
-
 def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | None = None,
                  bits: int = 8, calibrate: str = "minmax", per_channel: bool = True,
                  calibration_batches: int = 8, seed: int = 0, threads: int | None = None,
@@ -322,8 +299,8 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
     the model's own, or a data factory's `train` loader); accuracy is measured on its test split
     (a factory's `test`, else `val`), before and after, in the same run.
     """
-    from torchslim.calibration import take_inputs
     from torchslim.quantization import Quantization, quantize_model
+    from torchslim.run_data import BuiltinData, learn_inputs_, resolve_run_data
 
     if method not in ("dynamic", "static"):
         raise ConfigError(f"quantize_job runs post-training methods (dynamic, static), not "
@@ -335,21 +312,21 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
     model, path = load_model_or_artifact(source, factory=factory)
     spec = getattr(model, SPEC_ATTRIBUTE, None)
     label = spec.name if isinstance(spec, ModelSpec) else type(model).__name__
-    data, name = _user_or_builtin_data(dataset, spec.name if isinstance(spec, ModelSpec) else None, seed)
-    if data is None and method == "static":
+    found, name = resolve_run_data(dataset, spec.name if isinstance(spec, ModelSpec) else None, seed=seed)
+    if found is None and method == "static":
         raise ConfigError(f"static quantization needs calibration data and {label} has no default "
                           "dataset; pass --dataset DATASET (a built-in name or FILE.py:FUNCTION)")
-    calibration, split = None, "test"
-    if isinstance(data, Dataset):
+    calibration, data, split = None, None, "test"
+    if isinstance(found, BuiltinData):
+        data = found.data
         if isinstance(spec, ModelSpec):
             check_dataset_fits(data, spec)  # before calibrating: a mismatch fails here, clearly
         loader = TensorLoader(data.train, batch_size=64, shuffle=True, seed=seed)
         calibration = [inputs for inputs, _ in loader.take(calibration_batches)]
-    elif data is not None:
-        calibration = take_inputs(data["train"], calibration_batches)
-        split = "test" if "test" in data else "val"
-        if calibration and signature_of(model) is None and not isinstance(spec, ModelSpec):
-            record_signature_(model, calibration[0])
+    elif found is not None:
+        learn_inputs_(model, found, seed=seed)
+        calibration = [inputs for inputs, _ in found.calibration(calibration_batches, seed)]
+        data, split = found.measured()
     quantized = quantize_model(model, config, example_inputs=inputs_for(model, 2), calibration=calibration)
     out = Path(out)
     saved = artifact.save(quantized, out / "model.slim", metadata={

@@ -24,13 +24,11 @@ from typing import Any
 import yaml
 
 from torchslim import artifact
-from torchslim.data import Dataset, TensorLoader, load_dataset
+from torchslim.data import Dataset, TensorLoader
 from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
-from torchslim.models import dataset_for
-from torchslim.run_data import BuiltinData, RunData, UserData
+from torchslim.run_data import learn_inputs_, resolve_run_data
 from torchslim.safefile import write_atomic
-from torchslim.signature import record_signature_, signature_of
 
 __all__ = ["Target", "auto_compress", "pareto_front", "run_candidate"]
 
@@ -239,20 +237,6 @@ def _multipliers(trials: int) -> list[float]:
 
 
 # ----------------------------------------------------------------------- the search
-def _run_data(model_name: str | None, dataset: str | None) -> tuple[RunData, str]:
-    """The search's data and the string its recipes name it by (a built-in name or the user's
-    data factory)."""
-    from torchslim.factories import is_factory, load_data_factory
-
-    if dataset is not None and is_factory(dataset):
-        return UserData(load_data_factory(dataset)), dataset
-    if model_name is None and dataset is None:
-        raise ConfigError("your own model needs your own data: pass --data FILE.py:FUNCTION (returning "
-                          "{'train': loader, 'val': loader, 'test': loader}) or a built-in dataset name")
-    built = load_dataset(dataset_for(model_name, dataset))
-    return BuiltinData(built), built.name
-
-
 def auto_compress(source: str, *, target: Target, max_drop: float, out: str | Path,
                   dataset: str | None = None, trials: int = 4, epochs: int = 2,
                   final_epochs: int | None = None, workers: int | None = None,
@@ -283,9 +267,10 @@ def auto_compress(source: str, *, target: Target, max_drop: float, out: str | Pa
     name = spec.name if spec is not None else None
     if dataset is None and Path(source).is_file():
         dataset = artifact.read_metadata(source).get("metadata", {}).get("dataset")
-    data, data_key = _run_data(name, dataset)
-    if signature_of(model) is None and spec is None:
-        record_signature_(model, data.calibration(1, 0)[0][0])
+    found, data_key = resolve_run_data(dataset, name, required=True)
+    assert found is not None and data_key is not None
+    data = found
+    learn_inputs_(model, data)
     val = data.val_loader()
     timings: dict[str, float] = {}
     search: dict[str, Any] = {}
