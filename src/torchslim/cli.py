@@ -55,19 +55,12 @@ TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
 def _train_config(args: argparse.Namespace, model: str) -> Any:
     """The CLI's training options over the model's tuned defaults (generic ones for a model of
     the user's own)."""
-    from dataclasses import asdict
-
-    from torchslim.models import TrainDefaults
-    from torchslim.training import make_train_config
     from torchslim.workflows import train_config_for
 
     values = {key: getattr(args, key) for key in TRAIN_KEYS}
     if values["milestones"] is not None:
         values["milestones"] = tuple(values["milestones"])
-    if model in model_names():
-        return train_config_for(model, **values)
-    given = {key: value for key, value in values.items() if value is not None}
-    return make_train_config(**{**asdict(TrainDefaults()), **given})
+    return train_config_for(model if model in model_names() else None, **values)
 
 
 def _print_table(report: dict[str, Any]) -> None:

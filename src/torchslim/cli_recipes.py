@@ -40,29 +40,25 @@ def factorize_recipe(args: argparse.Namespace) -> dict[str, Any]:
     return {"version": 1, "dataset": args.dataset, "seed": args.seed, "stages": stages}
 
 
-def _defaults(args: argparse.Namespace, **overrides: Any) -> Any:
-    """Training options for the command's model: a registered model's tuned defaults, or the
-    generic ones for the user's own model, with `overrides` on top."""
-    from dataclasses import asdict
-
-    from torchslim.models import TrainDefaults
-    from torchslim.training import make_train_config
-    from torchslim.workflows import load_model_or_artifact, train_config_for
+def _registered_name(args: argparse.Namespace) -> str | None:
+    """The command's model's registered name (None for a model of the user's own)."""
+    from torchslim.workflows import load_model_or_artifact
 
     model = load_model_or_artifact(args.model, factory=getattr(args, "factory", None))[0]
     spec = getattr(model, "torchslim_spec", None)
-    if spec is not None:
-        return train_config_for(spec.name, **overrides)
-    given = {key: value for key, value in overrides.items() if value is not None}
-    return make_train_config(**{**asdict(TrainDefaults()), **given})
+    return spec.name if spec is not None else None
 
 
 def fine_tune_options(args: argparse.Namespace, *, temperature: float = 4.0,
                       alpha: float = 0.5) -> dict[str, Any]:
     """The model's tuned training options at a tenth of its LR (or `--lr`) for `--epochs`,
     distilled from the original model unless `--no-distill`."""
-    defaults = _defaults(args)
-    train = _defaults(args, epochs=args.epochs, lr=args.lr or defaults.lr / 10, seed=args.seed).to_dict()
+    from torchslim.workflows import train_config_for
+
+    name = _registered_name(args)
+    defaults = train_config_for(name)
+    train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10,
+                             seed=args.seed).to_dict()
     if not args.no_distill:
         train["distill"] = {"teacher": "original", "temperature": temperature, "alpha": alpha}
     return train
@@ -70,8 +66,11 @@ def fine_tune_options(args: argparse.Namespace, *, temperature: float = 4.0,
 
 def training_quantize_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe a `torchslim quantize --method qat|binary|ternary` call stands for."""
-    defaults = _defaults(args)
-    train = _defaults(args, epochs=args.epochs, lr=args.lr or defaults.lr / 10).to_dict()
+    from torchslim.workflows import train_config_for
+
+    name = _registered_name(args)
+    defaults = train_config_for(name)
+    train = train_config_for(name, epochs=args.epochs, lr=args.lr or defaults.lr / 10).to_dict()
     if not args.no_distill:
         train["distill"] = {"teacher": "original", "temperature": 4.0, "alpha": 0.5}
     if args.method == "qat":

@@ -226,9 +226,12 @@ def compare_models(before: nn.Module, after: nn.Module, data: Any = None, *, exa
                                "after": [min(medians[1]), max(medians[1])]}}
 
 
-def train_config_for(model_name: str, **overrides: Any) -> TrainConfig:
-    """The model's tuned defaults, with the given options (None = keep default) on top."""
-    defaults = asdict(get_entry(model_name).train_defaults)
+def train_config_for(model_name: str | None, **overrides: Any) -> TrainConfig:
+    """The registered model's tuned defaults (generic ones for a model of the user's own,
+    `model_name` None), with the given options (None = keep default) on top."""
+    from torchslim.models import TrainDefaults
+
+    defaults = asdict(get_entry(model_name).train_defaults if model_name else TrainDefaults())
     return make_train_config(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
 

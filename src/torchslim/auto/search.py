@@ -120,10 +120,9 @@ def choose(results: list[dict[str, Any]], target: Target, max_drop: float) -> tu
 def _train_options(model_name: str | None, epochs: int) -> dict[str, Any]:
     """Trial training options: the registered model's tuned defaults (generic ones for a model
     of the user's own, `model_name` None), at 0.4x their learning rate."""
-    from torchslim.models import TrainDefaults
     from torchslim.workflows import train_config_for
 
-    defaults = train_config_for(model_name) if model_name else TrainDefaults()
+    defaults = train_config_for(model_name)
     return {"epochs": epochs, "optimizer": defaults.optimizer, "lr": float(f"{defaults.lr * 0.4:.6g}"),
             "weight_decay": defaults.weight_decay, "batch_size": defaults.batch_size,
             "schedule": "cosine"}
