@@ -149,22 +149,13 @@ class _Propagator(torch.fx.Interpreter):
             tensors = [(s, v) for s, v in zip([*spaces, *kw_spaces.values()],
                                               [*args, *kwargs.values()], strict=True)]
             rule, parent = resolve_rule(module)
-            if rule is None:
-                reason = (f"{n.target} ({type(module).__name__}) has no channel rule; it and its inputs "
-                          f"are not pruned (register_channel_rule({type(module).__name__}, rule) to "
-                          "prune through it)")
-                coupler.block([s for s, _ in tensors], reason)
-                if any(True for _ in module.parameters()):  # its own weights stay: say so by name
-                    coupler.table.reasons.append(reason)
-                return None
-            refused = None if parent is type(module) or parent is None else \
-                check_inherited_forward(module, parent, [v for _, v in tensors], out)
+            refused = _refusal(str(n.target), module, rule, parent, [v for _, v in tensors], out)
             if refused is not None:
-                reason = (f"{n.target}: {refused}; it is not pruned (register_channel_rule("
-                          f"{type(module).__name__}, rule) to prune it)")
-                coupler.block([s for s, _ in tensors], reason)
-                coupler.table.reasons.append(reason)  # its own channels are out even if its inputs are not
+                coupler.block([s for s, _ in tensors], refused)
+                if any(True for _ in module.parameters()):  # its own weights stay: named even when
+                    coupler.table.reasons.append(refused)  # its inputs carry no tracked channels
                 return None
+            assert rule is not None  # _refusal names every module without one
             return rule.propagate(coupler, str(n.target), module, [s for s, _ in tensors],
                                   [v for _, v in tensors], out)
         if n.op in ("call_function", "call_method"):
@@ -172,6 +163,19 @@ class _Propagator(torch.fx.Interpreter):
         if n.op == "output":
             coupler.block(spaces, OUTPUT_KEEPS_SIZE)
         return None
+
+
+def _refusal(name: str, module: nn.Module, rule: Any, parent: Any, values: list[Any], out: Any) -> str | None:
+    """Why a module is not traced through, if it is not: no rule for its class, or a subclass of
+    a known layer whose own forward fails the check of `check_inherited_forward`."""
+    kind = type(module).__name__
+    if rule is None:
+        return (f"{name} ({kind}) has no channel rule; it and its inputs are not pruned "
+                f"(register_channel_rule({kind}, rule) to prune through it)")
+    refused = None if parent is type(module) else check_inherited_forward(module, parent, values, out)
+    if refused is None:
+        return None
+    return f"{name}: {refused}; it is not pruned (register_channel_rule({kind}, rule) to prune it)"
 
 
 def _groups(table: AtomTable) -> list[Group]:
