@@ -17,6 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchslim.calibration import take_pairs
+from torchslim.changes import Changes, observed_changes
+from torchslim.errors import NothingChangedWarning
 from torchslim.registry import handler_for
 from torchslim.select import Select, unselectable_weight_layers
 from torchslim.signature import record_signature_
@@ -27,7 +29,7 @@ Batches = Iterable[Any]
 
 
 def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
-           calibration: Batches | None = None, example_inputs: Any = None) -> dict[str, Any]:
+           calibration: Batches | None = None, example_inputs: Any = None) -> Changes:
     """Apply a technique to `model` in place and return what changed, per layer.
 
     Args:
@@ -39,6 +41,11 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
             read lazily up to the technique's `calibration_batches`.
         example_inputs: what the model is called with, for techniques that trace it
             (structured pruning); other techniques ignore it.
+
+    Returns:
+        `Changes`: per layer, what changed (`.changed`) and what was skipped with the reason
+        (`.skipped`), with the technique's own summary. A technique that changed nothing warns
+        (`NothingChangedWarning`, which `warnings.simplefilter("error", ...)` makes an error).
 
     Raises:
         ConfigError, SelectionError: bad options or a selection matching no layer; the model
@@ -59,15 +66,18 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
         model.__dict__.update(snapshot.__dict__)
         model.__class__ = snapshot.__class__
         raise
-    if targets is None and isinstance(result, dict) and PER_LAYER_KEYS & result.keys():
-        _name_unhandled_layers(model, result, str(getattr(config, "kind", type(config).__name__)))
-    return result
+    kind = str(getattr(config, "kind", type(config).__name__))
+    why_unchanged = result.pop("why_unchanged", None)
+    changes = Changes(technique=kind, **result, changed=observed_changes(snapshot, model))
+    if targets is None and getattr(config, "selects_layers", False):
+        _name_unhandled_layers(model, changes, kind)
+    if not changes.changed:
+        why = why_unchanged or "; ".join(f"{k}: {v}" for k, v in changes.skipped.items()) or "no reason given"
+        warnings.warn(f"torchslim: {kind} changed nothing: {why}", NothingChangedWarning, stacklevel=2)
+    return changes
 
 
-PER_LAYER_KEYS = {"sparsity", "clusters", "replaced"}  # techniques that pick layers by type
-
-
-def _name_unhandled_layers(model: nn.Module, result: dict[str, Any], kind: str) -> None:
+def _name_unhandled_layers(model: nn.Module, result: Changes, kind: str) -> None:
     """No silent skips: weight layers of types the default selection cannot pick are listed
     under `skipped` with the reason, and named in a warning."""
     left = unselectable_weight_layers(model)

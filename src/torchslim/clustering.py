@@ -55,6 +55,7 @@ class WeightSharing(TechniqueConfig):
     """
 
     kind = "cluster"
+    selects_layers = True
 
     bits: int = Field(default=5, ge=1, le=16)
     per_layer: dict[str, int] = Field(default_factory=dict)

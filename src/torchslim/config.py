@@ -69,9 +69,15 @@ def build_config(cls: type[T], values: dict[str, Any]) -> T:
 
 
 class TechniqueConfig:
-    """Mixin of technique configs: a `kind` name (the recipe stage key) and `to_dict`."""
+    """Mixin of technique configs: a `kind` name (the recipe stage key) and `to_dict`.
+
+    `selects_layers`: the technique picks its layers by type with a `Select` (so `apply_`
+    names the weight layers of other types it left alone); `structural`: it replaces or
+    reshapes layers (a recipe resolves later stages' selections only after it runs).
+    """
 
     kind: ClassVar[str] = ""
+    selects_layers: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         return {name: to_jsonable(value) for name, value in self.__dict__.items()

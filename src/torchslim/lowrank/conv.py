@@ -55,6 +55,7 @@ class ConvDecomposition(TechniqueConfig):
     """
 
     kind = "decompose_conv"
+    selects_layers = True
 
     method: ConvMethod = ConvMethod.TUCKER
     rank: int | None = Field(default=None, ge=1)

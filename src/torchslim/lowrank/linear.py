@@ -9,7 +9,6 @@ reported as skipped.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.errors import ConfigError, NothingChangedWarning
+from torchslim.errors import ConfigError
 from torchslim.lowrank.ranks import break_even_rank, energy_rank, param_ratio_rank, svd_factors
 from torchslim.parametrized import weight_of
 from torchslim.registry import register_technique
@@ -43,6 +42,7 @@ class LowRank(TechniqueConfig):
     """
 
     kind = "low_rank"
+    selects_layers = True
 
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0, le=1)
@@ -154,9 +154,6 @@ def factorize_linears_(model: nn.Module, config: LowRank, *, targets: Select,
 
     done = replace_layers_(model, list(ranks), build)
     ranks = {name: rank for name, rank in ranks.items() if name in done["replaced"]}
-    if not ranks:
-        why = {**skipped, **done["skipped"]} or "no layer selected"
-        warnings.warn(f"torchslim: low_rank changed nothing: {why}", NothingChangedWarning, stacklevel=3)
     return {**done, "ranks": ranks, "skipped": {**skipped, **done["skipped"]}}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-import warnings
 from collections import Counter
 from enum import StrEnum
 from typing import Any
@@ -25,7 +24,7 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.errors import ConfigError, GraphError, NothingChangedWarning, SelectionError
+from torchslim.errors import ConfigError, GraphError, SelectionError
 from torchslim.graph import ChannelGraph, Group, cut_axis_, rule_for, trace_channels
 from torchslim.graph.trace import OUTPUT_KEEPS_SIZE
 from torchslim.pruning.importance import Importance, unit_scores
@@ -210,8 +209,13 @@ def _macs(model: nn.Module, inputs: tuple[Any, ...]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(*inputs)
+    was_training = model.training
+    model.eval()  # counting must not move BatchNorm statistics
+    try:
+        with torch.no_grad(), counter:
+            model(*inputs)
+    finally:
+        model.train(was_training)
     return int(counter.get_total_flops()) // 2
 
 
@@ -279,15 +283,15 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
         model.train(was_training)
     if _shapes(out) != _shapes(reference):  # every output of a tuple / dict keeps its shape
         raise GraphError(f"pruning changed the output shapes {_shapes(reference)} -> {_shapes(out)}")
-    if config.ratio > 0 and not sizes:
-        _nothing_removed(graph, config)
+    why_unchanged = _nothing_removed(graph, config) if config.ratio > 0 and not sizes else None
     if sizes:
         record_edit_(model, {"kind": "prune_channels", "sizes": sizes})
         model.__dict__.pop("torchslim_gate_scores", None)  # indices changed: the scores are spent
     return {"groups": len(graph.groups), "removed_units": int(sum(len(r) for r in removed)),
             "sizes": sizes, "excluded": graph.excluded, "replaced": [],
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
-            "macs_before": macs_before, "macs_after": _macs(model, inputs)}
+            "macs_before": macs_before, "macs_after": _macs(model, inputs),
+            **({"why_unchanged": why_unchanged} if why_unchanged else {})}
 
 
 def _shapes(outputs: Any) -> Any:
@@ -301,8 +305,8 @@ def _shapes(outputs: Any) -> Any:
     return type(outputs).__name__
 
 
-def _nothing_removed(graph: ChannelGraph, config: ChannelPruning) -> None:
-    """No silent no-op: say why nothing was removed (an error with `strict`)."""
+def _nothing_removed(graph: ChannelGraph, config: ChannelPruning) -> str:
+    """No silent no-op: why nothing was removed (`apply_` warns with it; `strict` raises)."""
     reasons = [r for r in graph.excluded if r != OUTPUT_KEEPS_SIZE]
     if reasons:
         why = f"excluded: {'; '.join(reasons)}"
@@ -313,7 +317,7 @@ def _nothing_removed(graph: ChannelGraph, config: ChannelPruning) -> None:
     message = f"ChannelPruning(ratio={config.ratio}) removed nothing: {why}"
     if config.strict:
         raise GraphError(message)
-    warnings.warn(f"torchslim: {message}", NothingChangedWarning, stacklevel=3)
+    return message
 
 
 register_technique(ChannelPruning, prune_channels_)

@@ -57,6 +57,7 @@ class WeightPruning(TechniqueConfig):
     """
 
     kind = "prune"
+    selects_layers = True
 
     sparsity: float | None = Field(default=None, ge=0, lt=1)
     per_layer: dict[str, float] = Field(default_factory=dict)

@@ -55,6 +55,7 @@ class LowBit(TechniqueConfig):
     """
 
     kind = "lowbit"
+    selects_layers = True
 
     mode: LowBitMode = LowBitMode.BINARY
     activations: bool = False

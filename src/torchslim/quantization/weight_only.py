@@ -39,6 +39,7 @@ class WeightOnly(TechniqueConfig):
     """
 
     kind = "weight_only"
+    selects_layers = True
 
     bits: int = Field(default=4, ge=2, le=8)
     group_size: int = Field(default=32, ge=1)
