@@ -100,7 +100,8 @@ def observed_changes(before: nn.Module, after: nn.Module) -> dict[str, str]:
             continue
         now = new.get(name)
         if now is None:
-            changed[name], _ = "removed", covered.append(name)
+            changed[name] = "removed"
+            covered.append(name)
             continue
         if _base_type(now) is not _base_type(module):
             changed[name] = f"replaced: {_base_type(module).__name__} -> {_base_type(now).__name__}"
