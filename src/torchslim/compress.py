@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +21,17 @@ import torch
 from torch import nn
 
 from torchslim import artifact
-from torchslim.api import apply_, finalize_
+from torchslim.api import finalize_
 from torchslim.clustering import keep_shared_
 from torchslim.distillation import Distill, DistillationLoss
 from torchslim.errors import ConfigError, SlimError
 from torchslim.models import create_model, get_entry, spec_of
-from torchslim.pruning import GradualPruning, WeightPruning
-from torchslim.pruning.schedules import iterative_sparsities, rewind_
 from torchslim.pruning.unstructured import set_mask_
-from torchslim.recipe import (
-    CONVERSION_STAGES,
-    STRUCTURAL_STAGES,
-    EncodeStage,
-    FineTune,
-    GradualPrune,
-    IterativePrune,
-    LowBitStage,
-    QATStage,
-    Recipe,
-    Stage,
-)
+from torchslim.recipe import EncodeStage, Recipe, Stage
+from torchslim.registry import stage_type
 from torchslim.run_data import BuiltinData, RunData, learn_inputs_, resolve_run_data
 from torchslim.run_folder import RunFolder
+from torchslim.stages import apply_stage
 from torchslim.training import Loss, TrainConfig, Trainer, distributed
 
 __all__ = ["CompressionRun", "check_stages", "constrain_"]
@@ -79,7 +67,7 @@ def check_stages(stages: tuple[Stage, ...], model: nn.Module) -> None:
     """
     for index, stage in enumerate(stages, start=1):
         try:
-            if stage.kind != "structured_prune":  # its selection names groups, checked when traced
+            if getattr(stage.config, "targets_layers", True):  # not channel groups (checked when traced)
                 names = {name for name, _ in stage.targets.resolve(model)}
                 per_layer = getattr(stage.config, "per_layer", None) or {}
                 unknown = sorted(set(per_layer) - names)
@@ -88,15 +76,8 @@ def check_stages(stages: tuple[Stage, ...], model: nn.Module) -> None:
                                       f"layers {sorted(names)}")
         except SlimError as exc:
             raise type(exc)(f"stage {index} ({stage.kind}): {exc}") from None
-        if stage.kind in STRUCTURAL_STAGES:
+        if stage_type(stage.kind).structural:
             break
-
-
-def forget_replaced(constraints: Constraints, replaced: list[str]) -> None:
-    """Drop the constraints of replaced layers (and of anything inside them): they are gone."""
-    for name in replaced:
-        for layer in [c for c in constraints if c == name or c.startswith(name + ".")]:
-            del constraints[layer]
 
 
 class CompressionRun:
@@ -216,19 +197,10 @@ class CompressionRun:
         """Training-split batches for data-driven criteria (never validation or test)."""
         return self.data.calibration(batches, self.recipe.seed)
 
-    # ----------------------------------------------------------------------- stages
-    def _prune(self, model: nn.Module, stage: Stage, constraints: Constraints) -> dict[str, Any]:
-        config: WeightPruning = stage.config
-        result = apply_(model, config, targets=stage.targets,
-                        calibration=self.calibration(config.calibration_batches))
-        finalize_(model)
-        for name in result["sparsity"]:
-            constraints.setdefault(name, "sparse")
-        return result
-
-    def _fine_tune(self, model: nn.Module, config: TrainConfig, constraints: Constraints,
-                   checkpoint_dir: Path, callbacks: tuple[Any, ...] = (),
-                   distill: Distill | None = None) -> None:
+    def fine_tune(self, model: nn.Module, config: TrainConfig, constraints: Constraints,
+                  checkpoint_dir: Path, callbacks: tuple[Any, ...] = (),
+                  distill: Distill | None = None) -> None:
+        """Train with the constraints attached (zeros stay zero, shared stays shared), then bake."""
         constrain_(model, constraints)
         self.train(model, config, checkpoint_dir, callbacks, self.distill_loss(distill))
         finalize_(model)
@@ -248,117 +220,23 @@ class CompressionRun:
 
         return load_model_or_artifact(source)[0]
 
-    def _gradual(self, model: nn.Module, stage: Stage, constraints: Constraints,
-                 checkpoint_dir: Path) -> dict[str, Any]:
-        config: GradualPrune = stage.config
-        train = TrainConfig(**{"seed": self.recipe.seed, **config.train})
-        steps = self.data.steps_per_epoch(train.batch_size)
-        start = round(config.start_epoch * steps)
-        end = max(start + 1, round(config.end_fraction * train.epochs * steps))
-        pruning = WeightPruning(sparsity=config.sparsity, per_layer=config.per_layer)
-        callback = GradualPruning(pruning, targets=stage.targets, start=start, end=end,
-                                  every=config.every)
-        self._fine_tune(model, train, constraints, checkpoint_dir, (callback,))
-        names = [name for name, _ in stage.targets.resolve(model)]
-        for name in names:
-            constraints.setdefault(name, "sparse")
-        return {"start_step": start, "end_step": end}
-
-    def _iterative(self, model: nn.Module, stage: Stage, constraints: Constraints,
-                   checkpoint_dir: Path) -> dict[str, Any]:
-        config: IterativePrune = stage.config
-        train = TrainConfig(**{"seed": self.recipe.seed, **config.train})
-        initial = None
-        if config.rewind:
-            if getattr(model, "torchslim_spec", None) is None:
-                raise ConfigError("rewind resets weights to the registered model's initialisation; "
-                                  "your own model has none recorded: drop `rewind`")
-            torch.manual_seed(self.recipe.seed)  # the baseline's own initialisation
-            initial = create_model(spec_of(model).name, pretrained=False,
-                                   input_shape=spec_of(model).input_shape,
-                                   num_classes=spec_of(model).num_classes).state_dict()
-        rounds = iterative_sparsities(config.sparsity, config.rounds)
-        for index, sparsity in enumerate(rounds):
-            share = (index + 1) / config.rounds
-            per_layer = {n: 1 - (1 - s) ** share for n, s in config.per_layer.items()}
-            self._prune(model, Stage(WeightPruning(sparsity=sparsity, per_layer=per_layer),
-                                     stage.targets), constraints)
-            if initial is not None:
-                constrain_(model, constraints)
-                rewind_(model, initial)
-                finalize_(model)
-            self._fine_tune(model, train, constraints, checkpoint_dir / f"round{index}")
-        return {"round_sparsities": [round(s, 4) for s in rounds]}
-
-    def _lowbit(self, model: nn.Module, stage: Stage, constraints: Constraints,
-                checkpoint_dir: Path) -> dict[str, Any]:
-        from torchslim.quantization.lowbit import finalize_lowbit_
-
-        config: LowBitStage = stage.config
-        result = apply_(model, config.lowbit, targets=stage.targets)
-        self.train(model, replace(config.train), checkpoint_dir, loss=self.distill_loss(config.distill))
-        replaced = finalize_lowbit_(model)
-        forget_replaced(constraints, replaced["replaced"])
-        return {**result, **replaced}
+    def initial_state(self) -> dict[str, torch.Tensor]:
+        """The registered model's initialisation under the recipe's seed (lottery rewinding)."""
+        model = self.original
+        if model is None or getattr(model, "torchslim_spec", None) is None:
+            raise ConfigError("rewind resets weights to the registered model's initialisation; "
+                              "your own model has none recorded: drop `rewind`")
+        torch.manual_seed(self.recipe.seed)  # the baseline's own initialisation
+        spec = spec_of(model)
+        return create_model(spec.name, pretrained=False, input_shape=spec.input_shape,
+                            num_classes=spec.num_classes).state_dict()
 
     def run_stage(self, index: int, stage: Stage, model: nn.Module,
-                  constraints: Constraints) -> dict[str, Any]:
-        checkpoint_dir = self.stages_dir / f"{index:02d}-{stage.kind}-ckpt"
-        config = stage.config
-        if stage.kind == "prune":
-            return self._prune(model, stage, constraints)
-        if isinstance(config, QATStage):
-            raise ConfigError("qat converts the model; run it through convert()")  # pragma: no cover
-        if isinstance(config, LowBitStage):
-            return self._lowbit(model, stage, constraints, checkpoint_dir)
-        if isinstance(config, FineTune):
-            self._fine_tune(model, replace(config.train), constraints, checkpoint_dir,
-                            distill=config.distill)
-            return {"distill": config.distill.to_dict()} if config.distill else {}
-        if stage.kind == "structured_prune":
-            return apply_(model, config, targets=stage.targets,
-                          calibration=self.calibration(config.calibration_batches))
-        if stage.kind in STRUCTURAL_STAGES:
-            result = apply_(model, config, targets=stage.targets)
-            forget_replaced(constraints, result["replaced"])
-            return result
-        if stage.kind == "cluster":
-            result = apply_(model, config, targets=stage.targets)
-            finalize_(model)
-            constraints.update(dict.fromkeys(result["clusters"], "shared"))
-            return result
-        if isinstance(config, GradualPrune):
-            return self._gradual(model, stage, constraints, checkpoint_dir)
-        if isinstance(config, IterativePrune):
-            return self._iterative(model, stage, constraints, checkpoint_dir)
-        if isinstance(config, EncodeStage):
-            return {"coder": config.coder}
-        # Any other registered technique: applied as is, with training batches if it reads data.
-        return apply_(model, config, targets=stage.targets,
-                      calibration=self.calibration(getattr(config, "calibration_batches", 8)))
-
-    def convert(self, index: int, stage: Stage, model: nn.Module,
-                constraints: Constraints) -> tuple[nn.Module, dict[str, Any]]:
-        """A conversion stage (quantize, qat): returns the int8 model and the summary."""
-        from torchslim.quantization import quantize_model
-        from torchslim.quantization.qat import convert_qat, prepare_qat_
-        from torchslim.workflows import inputs_for
-
-        config = stage.config
-        example = inputs_for(model, 2)
-        if isinstance(config, QATStage):
-            constrain_(model, constraints)  # pruned weights stay zero while training
-            prepared = prepare_qat_(model, learn_scale=config.learn_scale)
-            self.train(model, replace(config.train), self.stages_dir / f"{index:02d}-qat-ckpt",
-                       loss=self.distill_loss(config.distill))
-            batches = [x for x, _ in self.calibration(8)]
-            converted = convert_qat(model, example_inputs=example, calibration=batches)
-            report: dict[str, Any] = dict(getattr(converted, "report", {}))
-            return converted, {**report, "layers": len(prepared["layers"]),
-                               "folded_batchnorm": len(prepared["folded_batchnorm"])}
-        batches = [x for x, _ in self.calibration(config.calibration_batches)]
-        converted = quantize_model(model, config, example_inputs=example, calibration=batches)
-        return converted, dict(getattr(converted, "report", {}))
+                  constraints: Constraints) -> Any:
+        """Run one stage by its registered runner (a technique without one is applied): the
+        summary, or for a converting stage (the int8 model, the summary)."""
+        runner = stage_type(stage.kind).runner or apply_stage
+        return runner(self, stage, model, constraints, self.stages_dir / f"{index:02d}-{stage.kind}-ckpt")
 
     # ------------------------------------------------------------------ measure, run
     def measure(self, label: str, model: nn.Module, *, timing: bool,
@@ -426,13 +304,14 @@ class CompressionRun:
             path = self.stages_dir / f"{index:02d}-{stage.kind}.slim"
             tick = time.perf_counter()
             if self._restorable(path):
-                model = artifact.load(path) if stage.kind in CONVERSION_STAGES else self._load(path)
+                converts = stage_type(stage.kind).converts
+                model = artifact.load(path) if converts else self._load(path)
                 saved = artifact.read_metadata(path)["metadata"]
                 constraints, summary = dict(saved["constraints"]), saved["summary"]
                 log.info("stage %d (%s) restored from %s", index, stage.kind, path)
             else:
-                if stage.kind in CONVERSION_STAGES:
-                    model, summary = self.convert(index, stage, model, constraints)
+                if stage_type(stage.kind).converts:
+                    model, summary = self.run_stage(index, stage, model, constraints)
                 else:
                     summary = self.run_stage(index, stage, model, constraints)
                 self._save(model, path, metadata={"stage": stage.kind, "summary": summary,

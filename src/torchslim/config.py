@@ -73,11 +73,16 @@ class TechniqueConfig:
 
     `selects_layers`: the technique picks its layers by type with a `Select` (so `apply_`
     names the weight layers of other types it left alone); `structural`: it replaces or
-    reshapes layers (a recipe resolves later stages' selections only after it runs).
+    reshapes layers (a recipe resolves later stages' selections only after it runs);
+    `converts`: the model becomes an int8 program (a recipe's last model stage);
+    `targets_layers`: its `targets:` names layers (not channel groups), checked up front.
     """
 
     kind: ClassVar[str] = ""
     selects_layers: ClassVar[bool] = False
+    structural: ClassVar[bool] = False
+    converts: ClassVar[bool] = False
+    targets_layers: ClassVar[bool] = True
 
     def to_dict(self) -> dict[str, Any]:
         return {name: to_jsonable(value) for name, value in self.__dict__.items()

@@ -40,6 +40,7 @@ class LayerDropping(TechniqueConfig):
     """
 
     kind = "drop_layers"
+    structural = True
 
     stack: str
     keep: tuple[int, ...] = Field(min_length=1)

@@ -24,114 +24,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ConfigDict, Field
-from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from torchslim.batchnorm import RecalibrateBN
-from torchslim.clustering import WeightSharing
-from torchslim.config import TechniqueConfig, build_config, validated
-from torchslim.depth import LayerDropping
-from torchslim.distillation import Distill
-from torchslim.encoding.coders import parse_coder
+# Importing the techniques registers them (and their recipe stages).
+from torchslim import batchnorm, clustering, depth, lowrank, pruning  # noqa: F401
+from torchslim.config import build_config
 from torchslim.errors import ConfigError
-from torchslim.lowrank import ConvDecomposition, LowRank
-from torchslim.pruning import ChannelPruning, WeightPruning
-from torchslim.quantization.lowbit import LowBit
-from torchslim.quantization.ptq import Quantization
-from torchslim.quantization.weight_only import WeightOnly
+from torchslim.quantization import weight_only  # noqa: F401
+from torchslim.registry import stage_kinds, stage_type
 from torchslim.select import Select
+from torchslim.stages import (
+    DistillStage,
+    EncodeStage,
+    FineTune,
+    GradualPrune,
+    IterativePrune,
+    LowBitStage,
+    QATStage,
+)
 from torchslim.training import TrainConfig
 
 __all__ = ["RECIPE_VERSION", "DistillStage", "EncodeStage", "FineTune", "GradualPrune",
            "IterativePrune", "LowBitStage", "QATStage", "Recipe", "Stage", "load_recipe", "parse_recipe"]
+# The stage configs live with their runners in `torchslim.stages`; they are re-exported here
+# because a recipe is where users meet them.
 
 RECIPE_VERSION = 1
-
-
-@validated
-@pydantic_dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
-class EncodeStage(TechniqueConfig):
-    """Write the compressed artifact: sparse indices + codebook indices, entropy coded."""
-
-    kind = "encode"
-    coder: str = "auto"
-    index_bits: int | None = Field(default=None, ge=1, le=16)
-
-
-@validated
-@pydantic_dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
-class GradualPrune(TechniqueConfig):
-    """Train while the sparsity ramps up cubically to `sparsity` (Zhu & Gupta 2017)."""
-
-    kind = "gradual_prune"
-    sparsity: float = Field(ge=0, lt=1)
-    per_layer: dict[str, float] = Field(default_factory=dict)
-    start_epoch: float = Field(default=0.0, ge=0)
-    end_fraction: float = Field(default=0.7, gt=0, le=1)
-    every: int = Field(default=50, ge=1)
-    train: dict[str, Any] = Field(default_factory=dict)
-
-
-@validated
-@pydantic_dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
-class IterativePrune(TechniqueConfig):
-    """`rounds` cycles of magnitude pruning then fine-tuning up to `sparsity` (Han 2015)."""
-
-    kind = "iterative_prune"
-    sparsity: float = Field(ge=0, lt=1)
-    per_layer: dict[str, float] = Field(default_factory=dict)
-    rounds: int = Field(default=3, ge=1)
-    rewind: bool = False
-    train: dict[str, Any] = Field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FineTune(TechniqueConfig):
-    """Train with every pruned weight kept at zero and every shared weight kept shared;
-    with `distill`, the loss is distillation from a teacher (by default the original model)."""
-
-    kind = "fine_tune"
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distill: Distill | None = None
-
-
-@dataclass(frozen=True)
-class QATStage(FineTune):
-    """Quantization-aware training (fake int8 in the forward), then conversion to the int8
-    onnxruntime program; optionally distilled from the original model. Must be last."""
-
-    kind = "qat"
-    learn_scale: bool = False
-
-
-@dataclass(frozen=True)
-class LowBitStage(FineTune):
-    """Train with binary/ternary weights (STE), then store them as codes + per-channel scales."""
-
-    kind = "lowbit"
-    lowbit: LowBit = field(default_factory=LowBit)
-
-
-@dataclass(frozen=True)
-class DistillStage(FineTune):
-    """`fine_tune` whose loss is always distillation (`distill:` block optional)."""
-
-    kind = "distill"
-    distill: Distill | None = field(default_factory=Distill)
-
-
-STAGE_TYPES: dict[str, type] = {cls.kind: cls for cls in (
-    WeightPruning, WeightSharing, EncodeStage, GradualPrune, IterativePrune, FineTune,
-    DistillStage, LowRank, ConvDecomposition, LayerDropping, Quantization, QATStage, LowBitStage,
-    WeightOnly, ChannelPruning, RecalibrateBN)}
-STRUCTURAL_STAGES = frozenset({"low_rank", "decompose_conv", "drop_layers", "lowbit", "weight_only",
-                               "structured_prune"})
-CONVERSION_STAGES = frozenset({"quantize", "qat"})  # the model becomes an int8 program: last
 
 
 @dataclass(frozen=True)
@@ -165,47 +87,24 @@ class Recipe:
 def _stage(index: int, item: Any, seed: int) -> Stage:
     if not isinstance(item, dict) or len(item) != 1:
         raise ConfigError(f"stage {index} must be a mapping with one key (the stage name), got "
-                          f"{item!r}; stage names: {', '.join(sorted(STAGE_TYPES))}")
+                          f"{item!r}; stage names: {', '.join(stage_kinds())}")
     (kind, options), = item.items()
-    if kind not in STAGE_TYPES:
+    if kind not in stage_kinds():
         raise ConfigError(f"stage {index}: unknown stage {str(kind)[:60]!r}; valid stages: "
-                          f"{', '.join(sorted(STAGE_TYPES))}")
+                          f"{', '.join(stage_kinds())}")
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"stage {index} ({kind}): options must be a mapping (`{kind}: {{key: "
                           f"value}}`), got a {type(options).__name__}: {str(options)[:60]}")
     options = dict(options or {})
     try:
         targets = Select.from_dict(options.pop("targets", None))
-        if kind in ("fine_tune", "distill", "qat", "lowbit"):
-            block = options.pop("distill", None)
-            extra: dict[str, Any] = {}
-            if kind == "qat":
-                extra["learn_scale"] = bool(options.pop("learn_scale", False))
-            if kind == "lowbit":
-                extra["lowbit"] = build_config(LowBit, {k: options.pop(k) for k in ("mode", "activations")
-                                                        if k in options})
-            train = build_config(TrainConfig, options)
-            if block is None:
-                config: Any = STAGE_TYPES[kind](train=train, **extra)
-            else:
-                config = STAGE_TYPES[kind](train=train, distill=build_config(Distill, block), **extra)
-        else:
-            config = build_config(STAGE_TYPES[kind], options)
-        _check_nested(config, seed)
+        cls = stage_type(kind).config
+        config = cls.from_options(options) if hasattr(cls, "from_options") else build_config(cls, options)
+        if hasattr(config, "check"):  # options the stage reads only later (coder, `train:` block)
+            config.check(seed)
     except ConfigError as exc:
         raise ConfigError(f"stage {index} ({kind}): {exc}") from None
     return Stage(config=config, targets=targets)
-
-
-def _check_nested(config: Any, seed: int) -> None:
-    """Options a stage only reads later (its coder, its `train:` block), checked now."""
-    if isinstance(config, EncodeStage):
-        parse_coder(config.coder)
-    if isinstance(config, GradualPrune | IterativePrune):
-        try:
-            build_config(TrainConfig, {"seed": seed, **config.train})
-        except ConfigError as exc:
-            raise ConfigError(f"train: {exc}") from None
 
 
 def parse_recipe(data: Any) -> Recipe:
@@ -240,7 +139,7 @@ def parse_recipe(data: Any) -> Recipe:
     encodes = [i for i, s in enumerate(parsed) if s.kind == "encode"]
     if encodes and encodes != [len(parsed) - 1]:
         raise ConfigError("'encode' must be the last stage, and appear once")
-    conversions = [i for i, s in enumerate(parsed) if s.kind in CONVERSION_STAGES]
+    conversions = [i for i, s in enumerate(parsed) if stage_type(s.kind).converts]
     last_model_stage = len(parsed) - 1 - len(encodes)  # `encode` only codes the file
     if conversions and conversions != [last_model_stage]:
         raise ConfigError("'quantize' / 'qat' must come last (only 'encode' may follow), once: the "

@@ -1,28 +1,69 @@
-"""Explicit registry of techniques: config class -> handler, and stage name -> config class."""
+"""Explicit registry of techniques and recipe stages.
+
+A technique is a config class and a handler (`apply_` finds the handler by the config's type).
+Every technique is also a recipe stage of the same `kind`, run by applying it; a stage that is
+more than one `apply_` (it trains, converts the model, or writes the file) registers a runner.
+The recipe schema, the recipe runner, the CLI and `apply_` all look techniques up here, so adding
+one means its module and its tests, never an edit to a runner.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torchslim.errors import ConfigError
 
-__all__ = ["Handler", "handler_for", "register_technique", "technique_config", "technique_kinds"]
+__all__ = ["Handler", "StageRunner", "StageType", "handler_for", "register_stage", "register_technique",
+           "stage_kinds", "stage_type", "technique_config", "technique_kinds"]
 
 Handler = Callable[..., dict[str, Any]]
+# runner(run, stage, model, constraints, checkpoint_dir) -> summary; a converting stage's
+# runner returns (the converted model, summary). `run` is the recipe run (`CompressionRun`).
+StageRunner = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class StageType:
+    """One recipe stage name: its config class, and how it runs (None: `apply_` the technique)."""
+
+    config: type
+    runner: StageRunner | None = None
+
+    @property
+    def structural(self) -> bool:
+        return bool(getattr(self.config, "structural", False))
+
+    @property
+    def converts(self) -> bool:
+        return bool(getattr(self.config, "converts", False))
 
 
 _HANDLERS: dict[type, Handler] = {}
 _KINDS: dict[str, type] = {}
+_STAGES: dict[str, StageType] = {}
 
 
 def register_technique(config_cls: type, handler: Handler) -> None:
-    """Make `apply_(model, config_cls(...))` call `handler(model, config, **context)`."""
+    """Make `apply_(model, config_cls(...))` call `handler(model, config, **context)`, and the
+    recipe stage `config_cls.kind` apply it."""
     kind = getattr(config_cls, "kind", "")
     if not kind or kind in _KINDS:
         raise ConfigError(f"technique kind {kind!r} of {config_cls.__name__} is empty or taken")
     _HANDLERS[config_cls] = handler
     _KINDS[kind] = config_cls
+    _STAGES.setdefault(kind, StageType(config_cls))
+
+
+def register_stage(config_cls: type, runner: StageRunner) -> None:
+    """A recipe stage that is more than one `apply_`: `runner` runs it. It may take over a
+    technique's stage name (`lowbit` trains with the technique, then bakes it in)."""
+    kind = getattr(config_cls, "kind", "")
+    taken = _STAGES.get(kind)
+    if not kind or (taken is not None and taken.runner is not None and taken.config is not config_cls):
+        raise ConfigError(f"stage kind {kind!r} of {config_cls.__name__} is empty or taken")
+    _STAGES[kind] = StageType(config_cls, runner)
 
 
 def handler_for(config: object) -> Handler:
@@ -35,15 +76,26 @@ def handler_for(config: object) -> Handler:
 
 
 def technique_kinds() -> list[str]:
-    """Stage names usable in recipes."""
+    """Names of the techniques `apply_` runs."""
     return sorted(_KINDS)
 
 
 def technique_config(kind: str) -> type:
-    """The config class of a stage name."""
+    """The config class of a technique name."""
     try:
         return _KINDS[kind]
     except KeyError:
         raise ConfigError(f"unknown technique {kind!r}; known: {', '.join(technique_kinds())}") from None
 
 
+def stage_kinds() -> list[str]:
+    """Stage names usable in recipes."""
+    return sorted(_STAGES)
+
+
+def stage_type(kind: str) -> StageType:
+    """How the recipe stage `kind` is configured and run."""
+    try:
+        return _STAGES[kind]
+    except KeyError:
+        raise ConfigError(f"unknown stage {kind!r}; valid stages: {', '.join(stage_kinds())}") from None

@@ -55,6 +55,7 @@ class ConvDecomposition(TechniqueConfig):
     """
 
     kind = "decompose_conv"
+    structural = True
     selects_layers = True
 
     method: ConvMethod = ConvMethod.TUCKER

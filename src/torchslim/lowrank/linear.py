@@ -42,6 +42,7 @@ class LowRank(TechniqueConfig):
     """
 
     kind = "low_rank"
+    structural = True
     selects_layers = True
 
     rank: int | None = Field(default=None, ge=1)

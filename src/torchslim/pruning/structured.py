@@ -80,6 +80,8 @@ class ChannelPruning(TechniqueConfig):
     """
 
     kind = "structured_prune"
+    structural = True
+    targets_layers = False
 
     ratio: float = Field(ge=0.0, lt=1.0)
     target: PruneTarget = PruneTarget.CHANNELS

@@ -80,6 +80,7 @@ class WeightPruning(TechniqueConfig):
 class Mask(nn.Module):
     """Parametrization `weight * mask`: gradients of pruned weights are zero."""
 
+    constraint = "sparse"  # what a recipe keeps while later stages train (see `constrain_`)
     mask: torch.Tensor
 
     def __init__(self, mask: torch.Tensor) -> None:

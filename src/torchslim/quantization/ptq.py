@@ -69,6 +69,7 @@ class Quantization(TechniqueConfig):
     """
 
     kind = "quantize"
+    converts = True
 
     method: QuantMethod = QuantMethod.DYNAMIC
     bits: int = Field(default=8, ge=2, le=8)

@@ -39,6 +39,7 @@ class WeightOnly(TechniqueConfig):
     """
 
     kind = "weight_only"
+    structural = True
     selects_layers = True
 
     bits: int = Field(default=4, ge=2, le=8)
