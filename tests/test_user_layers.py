@@ -11,6 +11,7 @@ from torch import nn
 from torchslim import apply_
 from torchslim.errors import GraphError, NothingChangedWarning
 from torchslim.pruning import ChannelPruning
+from torchslim.select import Select
 from user_zoo import SameConv
 
 
@@ -131,3 +132,60 @@ def test_transposed_conv1d_and_conv3d_layers_are_pruned(net: type, shape: tuple)
         result = apply_(model, ChannelPruning(ratio=0.5, strict=True), example_inputs=x)
     assert result["params_after"] < 0.6 * result["params_before"]
     assert model(x).shape == untouched(x).shape
+
+
+class Encoder(nn.Module):
+    """A user's transformer block: embedding, nn.MultiheadAttention, FFN, all on a residual stream."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.attention = nn.MultiheadAttention(width, 4, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, width))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        h = h + self.attention(h, h, h, need_weights=False)[0]
+        h = h + self.ffn(h)
+        return self.head(h.mean(1))
+
+
+def test_multihead_attention_embedding_width_is_pruned_with_the_residual_stream() -> None:
+    """Channels that are zero everywhere on the residual stream (produced and read) go, and the
+    model computes exactly what it did: the embedding axis is coupled to every reader and writer."""
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    dead = torch.arange(0, 32, 2)  # half the residual channels carry nothing
+    with torch.no_grad():
+        for layer in (model.embed, model.attention.out_proj, model.ffn[2]):
+            layer.weight[dead] = 0
+            layer.bias[dead] = 0
+        for weight in (model.attention.in_proj_weight, model.ffn[0].weight, model.head.weight):
+            weight[:, dead] = 0
+    x = torch.randn(3, 8, 8)
+    expected = model(x)
+    changes = apply_(model, ChannelPruning(ratio=0.5), targets=Select(names=("embed",)), example_inputs=x)
+    assert changes["sizes"]["attention"] == {"embed": 16}
+    assert model.attention.embed_dim == 16 and model.attention.num_heads == 4
+    assert model.head.in_features == 16 and model.ffn[0].in_features == 16
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_on_a_fixed_width_input_keeps_its_embedding_width_and_says_so() -> None:
+    class RawAttention(nn.Module):  # the model's own input goes straight into the attention
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model = RawAttention().eval()
+    with pytest.warns(UserWarning, match="attention: an input of the attention has a fixed width"):
+        changes = apply_(model, ChannelPruning(ratio=0.5), example_inputs=torch.randn(2, 5, 16))
+    assert changes["sizes"]["attention"] == {"heads": 2}
+    assert model.attention.embed_dim == 16

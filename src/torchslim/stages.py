@@ -19,11 +19,11 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch import nn
 
 from torchslim.api import apply_, finalize_, parametrized_layers
-from torchslim.parametrized import weight_parametrizations
 from torchslim.config import TechniqueConfig, build_config, validated
 from torchslim.distillation import Distill
 from torchslim.encoding.coders import parse_coder
 from torchslim.errors import ConfigError
+from torchslim.parametrized import weight_parametrizations
 from torchslim.pruning import GradualPruning, WeightPruning
 from torchslim.pruning.schedules import iterative_sparsities, rewind_
 from torchslim.quantization.lowbit import LowBit

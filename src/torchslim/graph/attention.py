@@ -1,10 +1,12 @@
 """Attention heads as prunable units: `nn.MultiheadAttention` and Hugging Face BERT.
 
 A head is D rows of each of the q/k/v projections plus D input columns of the output
-projection; removing it removes all of those together. The model width (embedding size) is not
-pruned here: the residual stream couples every layer of a transformer, and pruning it would
-change every LayerNorm's statistics. `nn.MultiheadAttention` insists that heads fill
-`embed_dim`, so a pruned one becomes `PrunedMultiheadAttention` (same maths, inner width H'*D).
+projection; removing it removes all of those together. The embedding width of
+`nn.MultiheadAttention` is prunable too: channel i is column i of the q/k/v projections and row
+i of the output projection, coupled to whatever feeds the attention and reads its output (in a
+transformer, the whole residual stream, its LayerNorms and embeddings). `nn.MultiheadAttention`
+insists that heads fill `embed_dim`, so a pruned one becomes `PrunedMultiheadAttention` (same
+maths, inner width H'*D, any embedding width). Hugging Face BERT's hidden size is not pruned.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ class PrunedMultiheadAttention(nn.Module):
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias)
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, num_heads: int) -> PrunedMultiheadAttention:
-        """Build from an `nn.MultiheadAttention` whose packed projections were already cut."""
+    def from_torch(cls, mha: nn.MultiheadAttention) -> PrunedMultiheadAttention:
+        """Build from an `nn.MultiheadAttention` whose packed projections were already cut (its
+        heads and embedding width are read from their shapes)."""
         head_dim = mha.head_dim
-        new = cls(mha.embed_dim, num_heads, head_dim, batch_first=mha.batch_first,
+        rows, embed_dim = mha.in_proj_weight.shape
+        new = cls(embed_dim, rows // 3 // head_dim, head_dim, batch_first=mha.batch_first,
                   bias=mha.in_proj_bias is not None)
         q, k, v = mha.in_proj_weight.detach().chunk(3)  # (H'*D, E) each
         with torch.no_grad():
@@ -95,7 +99,7 @@ def _merge_masks(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor 
 
 def _mha_heads(module: nn.Module, size: int) -> nn.Module | None:
     if isinstance(module, nn.MultiheadAttention):
-        return PrunedMultiheadAttention.from_torch(module, size)
+        return PrunedMultiheadAttention.from_torch(module)
     assert isinstance(module, PrunedMultiheadAttention)
     module.num_heads = size
     for proj in (module.q_proj, module.k_proj, module.v_proj):
@@ -104,8 +108,19 @@ def _mha_heads(module: nn.Module, size: int) -> nn.Module | None:
     return None
 
 
+def _mha_embed(module: nn.Module, size: int) -> nn.Module | None:
+    if isinstance(module, nn.MultiheadAttention):
+        return PrunedMultiheadAttention.from_torch(module)
+    assert isinstance(module, PrunedMultiheadAttention)
+    module.embed_dim = size
+    for proj in (module.q_proj, module.k_proj, module.v_proj):
+        proj.in_features = size
+    module.out_proj.out_features = size
+    return None
+
+
 class MultiheadAttentionRule(ChannelRule):
-    """Heads of `nn.MultiheadAttention` / `PrunedMultiheadAttention`; the embedding dim is kept."""
+    """Heads and embedding width of `nn.MultiheadAttention` / `PrunedMultiheadAttention`."""
 
     def axes(self, module: nn.Module) -> dict[str, Axis]:
         slices: tuple[ParamSlice, ...]
@@ -114,6 +129,7 @@ class MultiheadAttentionRule(ChannelRule):
             slices = (ParamSlice("in_proj_weight", 0, d, blocks=3),
                       ParamSlice("in_proj_bias", 0, d, scored=False, blocks=3),
                       ParamSlice("out_proj.weight", 1, d))
+            embed: tuple[ParamSlice, ...] = (ParamSlice("in_proj_weight", 1),)
         else:
             assert isinstance(module, PrunedMultiheadAttention)
             d = module.head_dim
@@ -121,18 +137,37 @@ class MultiheadAttentionRule(ChannelRule):
                            for piece in (ParamSlice(f"{proj}.weight", 0, d),
                                          ParamSlice(f"{proj}.bias", 0, d, scored=False)))
             slices += (ParamSlice("out_proj.weight", 1, d),)
-        return {"heads": Axis(slices, _mha_heads, produces=True)}
+            embed = tuple(ParamSlice(f"{proj}.weight", 1) for proj in ("q_proj", "k_proj", "v_proj"))
+        embed += (ParamSlice("out_proj.weight", 0), ParamSlice("out_proj.bias", 0, scored=False))
+        return {"heads": Axis(slices, _mha_heads, produces=True),
+                "embed": Axis(embed, _mha_embed, produces=True)}
 
     def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
                   values: list[Any], output: Any) -> Any:
         unsupported = isinstance(module, nn.MultiheadAttention) and (
             not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn)
-        graph.block(inputs, f"{name}: the embedding size of attention is not pruned")
         if unsupported:
+            graph.block(inputs, f"{name}: attention with separate key/value sizes, bias_k or "
+                        "add_zero_attn is not pruned")
             return (None, None)
         assert isinstance(module, nn.MultiheadAttention | PrunedMultiheadAttention)
         graph.atoms(name, "heads", module.num_heads)
-        return (None, None)
+        # query, key and value are read through the same projection columns: one embedding axis
+        # ties their channels to the output's; an input whose channels are not tracked (or are
+        # not on the last dim) keeps the width.
+        embed = graph.atoms(name, "embed", module.embed_dim)
+        tensors = [(space, value) for space, value in zip(inputs, values, strict=True)
+                   if isinstance(value, torch.Tensor)][:3]
+        for space, value in tensors:
+            if space is not None and space.dim == value.dim() - 1:
+                graph.couple(space, embed)
+            else:
+                graph.block(space, f"{name}: channels reach the attention on dim "
+                            f"{getattr(space, 'dim', None)}, not its embedding dim")
+                graph.block(Space(value.dim() - 1, embed), f"{name}: an input of the attention "
+                            "has a fixed width, so its embedding width is kept")
+        first = output[0] if isinstance(output, tuple) else output
+        return (Space(first.dim() - 1, embed), None)
 
 
 # -------------------------------------------------------------------------------- Hugging Face BERT
