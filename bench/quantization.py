@@ -38,7 +38,7 @@ from torchslim.data import TensorLoader, load_dataset
 from torchslim.measure import evaluate, measure_latency
 from torchslim.quantization import Quantization, quantize_model, sqnr_db
 from torchslim.quantization.ptq import float_program
-from torchslim.quantization.runtime import OrtModule, export_onnx, quantize_onnx
+from torchslim.runtime.onnx_program import OrtModule, export_onnx, quantize_onnx
 
 Candidate = tuple[str, Callable[[], nn.Module]]
 

@@ -51,7 +51,7 @@ from torchslim.data import TensorLoader, load_dataset
 from torchslim.distillation import DistillationLoss
 from torchslim.measure import count_flops, evaluate, measure_latency
 from torchslim.pruning import ChannelPruning
-from torchslim.quantization.runtime import OrtModule, export_onnx
+from torchslim.runtime.onnx_program import OrtModule, export_onnx
 from torchslim.training import Trainer, make_train_config
 
 SECTIONS.clear()  # this file's sections only

@@ -14,7 +14,7 @@ from torchslim.errors import ArtifactError, ConfigError
 from torchslim.measure import evaluate
 from torchslim.models import create_model
 from torchslim.quantization import Quantization, quantize_model, sqnr_db
-from torchslim.quantization.runtime import OrtModule, export_onnx
+from torchslim.runtime.onnx_program import OrtModule, export_onnx
 from torchslim.safefile import read_checked, write_checked
 from torchslim.training import Trainer, make_train_config
 

@@ -1,6 +1,8 @@
 """Save and load models as `.slim` artifacts: safetensors + a JSON spec, no pickle on load.
 
-An artifact records which registered architecture to rebuild (`ModelSpec`), the structural
+An artifact records which registered architecture to rebuild (the record a model registry
+attached to it; see `register_architectures`: the zoo registers itself, storage imports no
+model), or for any other module its class path as information only, the structural
 edits made to it (factorized or decomposed layers, as JSON; see `torchslim.structure`) and every
 tensor of its state_dict; `load` rebuilds the architecture, replays the edits and fills it in,
 so loading a file from anywhere never runs code from that file.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +43,6 @@ from torchslim.artifact_checks import (
 from torchslim.encoding import decode_tensor, encode_tensor
 from torchslim.encoding.meta import TensorMeta
 from torchslim.errors import ArtifactError, ConfigError
-from torchslim.models import ModelSpec, build_model, get_entry
-from torchslim.models.registry import SPEC_ATTRIBUTE
 from torchslim.safefile import decompress_bounded, parse_document, read_checked, write_checked
 from torchslim.signature import (
     SIGNATURE_ATTRIBUTE,
@@ -51,8 +52,37 @@ from torchslim.signature import (
 )
 from torchslim.structure import edits_of, replay_edits_
 
-__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "Encoding", "load", "read_metadata", "save",
-           "source_class"]
+__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "SPEC_ATTRIBUTE", "Architectures", "Encoding", "load",
+           "read_metadata", "register_architectures", "save", "source_class"]
+
+SPEC_ATTRIBUTE = "torchslim_spec"  # a registry's record of how it built a model (has `to_dict()`)
+
+
+@dataclass(frozen=True)
+class Architectures:
+    """A model registry that files can name (under `model`) and `load` can rebuild from.
+
+    `parse(record)` validates a record read from a file into a spec (types and bounds only);
+    `resolve(spec)` returns a function building that architecture with the spec attached, or
+    raises `ConfigError` for a name it does not know. Both raise `ConfigError` on bad input.
+    """
+
+    parse: Callable[[Any], Any]
+    resolve: Callable[[Any], Callable[[], nn.Module]]
+
+
+_ARCHITECTURES: list[Architectures] = []
+
+
+def register_architectures(architectures: Architectures) -> None:
+    """Let files name models of a registry (`torchslim.models` registers itself on import)."""
+    _ARCHITECTURES[:] = [architectures]
+
+
+def _architectures() -> Architectures:
+    if not _ARCHITECTURES:
+        raise ConfigError("no model registry is loaded (import torchslim)")
+    return _ARCHITECTURES[0]
 
 ARTIFACT_FORMAT = "torchslim.artifact"
 ARTIFACT_VERSION = 0  # dense tensors
@@ -191,7 +221,7 @@ def _decode_layout(data: bytes, layout: dict[str, Any], path: Path) -> dict[str,
     return state
 
 
-def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
+def save(model: nn.Module, path: str | Path, *, spec: Any = None,
          metadata: dict[str, Any] | None = None, encoding: Encoding | None = None,
          example_inputs: Any = None) -> Path:
     """Write any `model` to `path` atomically; returns the path.
@@ -203,7 +233,8 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
     Args:
         model: any module (a registered model is rebuilt by `load` on its own).
         path: destination file, conventionally `*.slim`.
-        spec: the registered architecture to record; default: the one attached to the model.
+        spec: the registered architecture to record (a `ModelSpec`); default: the one
+            attached to the model.
         metadata: JSON-able facts to keep with the weights (training config, metrics, ...).
         encoding: write the compressed (version 1) file with these options; default: dense.
         example_inputs: a batch the model takes, to record its input signature.
@@ -245,11 +276,11 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
 PROGRAM_ZSTD_LEVEL = 9  # 1.3x on an int8 MiniLM in about a second; level 19 takes minutes
 
 
-def _identity(model: nn.Module, spec: ModelSpec | None) -> dict[str, Any]:
+def _identity(model: nn.Module, spec: Any) -> dict[str, Any]:
     """What the file says about where the model comes from: the registered spec (rebuilt by
     `load`) or, for any other module, its class's import path (shown, never imported); and
     its input signature when known."""
-    found: dict[str, Any] = {"model": spec.to_dict()} if isinstance(spec, ModelSpec) else {
+    found: dict[str, Any] = {"model": spec.to_dict()} if hasattr(spec, "to_dict") else {
         "module": {"class": getattr(model, SOURCE_CLASS_ATTRIBUTE, None)
                    or f"{type(model).__module__}.{type(model).__qualname__}"}}
     signature = signature_of(model)
@@ -258,7 +289,7 @@ def _identity(model: nn.Module, spec: ModelSpec | None) -> dict[str, Any]:
     return found
 
 
-def _save_program(model: nn.Module, program: bytes, path: Path, spec: ModelSpec | None,
+def _save_program(model: nn.Module, program: bytes, path: Path, spec: Any,
                   metadata: dict[str, Any] | None, encoding: Encoding | None) -> Path:
     coding = "raw"
     if encoding is not None and encoding.coder != "raw":  # int8 weights still carry ~1.3x of entropy
@@ -295,7 +326,7 @@ def _program_bytes(path: Path, tensors: dict[str, torch.Tensor], document: dict[
 
 
 def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> nn.Module:
-    from torchslim.quantization.runtime import OrtModule
+    from torchslim.runtime.onnx_program import OrtModule
 
     program = _program_bytes(path, tensors, document)
     runtime = document["runtime"]
@@ -306,7 +337,7 @@ def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[s
         report = runtime.get("report") or {}
         model.report = dict(report) if isinstance(report, dict) else {}
         if "model" in document:
-            setattr(model, SPEC_ATTRIBUTE, ModelSpec.from_dict(document["model"]))
+            setattr(model, SPEC_ATTRIBUTE, _architectures().parse(document["model"]))
         _restore_identity(model, document)
         model.session()  # parse now: a damaged program fails here, not on first use
     except (ConfigError, KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -377,12 +408,11 @@ def _builder(path: Path, document: dict[str, Any], model: nn.Module | None) -> A
                             "yourself and pass it: load(PATH, model=YourClass(...)) (on the command "
                             "line: --model FILE.py:FUNCTION)")
     try:
-        spec = ModelSpec.from_dict(document.get("model"))
-        get_entry(spec.name)
+        architectures = _architectures()
+        return architectures.resolve(architectures.parse(document.get("model")))
     except ConfigError as exc:
         raise ArtifactError(f"{path} names an architecture this torchslim cannot build "
                             f"({exc}); pass model= with the architecture") from None
-    return lambda: build_model(spec)
 
 
 def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:

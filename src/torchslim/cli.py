@@ -405,7 +405,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model, _ = load_model_or_artifact(source, factory=args.factory)
     inputs = inputs_for(model, args.batch)
     if args.onnxruntime and backend_of(model) == "torch":
-        from torchslim.quantization.runtime import OrtModule, export_onnx
+        from torchslim.runtime.onnx_program import OrtModule, export_onnx
 
         model = OrtModule(export_onnx(model, inputs[:1]))
     latency = measure_latency(model, inputs, threads=args.threads, warmup=args.warmup,

@@ -56,7 +56,7 @@ def _arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 def _onnx_bytes(model: nn.Module, inputs: Any) -> tuple[bytes, Any]:
-    from torchslim.quantization.runtime import OrtModule, export_onnx
+    from torchslim.runtime.onnx_program import OrtModule, export_onnx
 
     program = getattr(model, "program", None)
     if isinstance(program, bytes):  # an int8 program: as is

@@ -1,7 +1,9 @@
 """Registry of reference models by name, and the spec that rebuilds one from an artifact.
 
 Artifacts store a `ModelSpec` (registered name + JSON-able build arguments) instead of a pickled
-module: loading rebuilds the architecture with `build_model(spec)` and fills in the tensors.
+module: loading rebuilds the architecture with `build_model(spec)` and fills in the tensors. The
+registry registers itself with storage (`torchslim.artifact.register_architectures`); storage
+never imports it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.artifact import SPEC_ATTRIBUTE, Architectures, register_architectures
 from torchslim.errors import ConfigError
 
 __all__ = [
@@ -28,8 +31,6 @@ __all__ = [
     "register_model",
     "spec_of",
 ]
-
-SPEC_ATTRIBUTE = "torchslim_spec"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +142,15 @@ def dataset_for(model_name: str | None, dataset: str | None) -> str:
         raise ConfigError(f"model {model_name!r} has no default dataset; pass --dataset "
                           "(or `dataset:` in a recipe)")
     return chosen
+
+
+def _resolve(spec: ModelSpec) -> Callable[[], nn.Module]:
+    """How storage rebuilds a registered model: checked now, built when called."""
+    get_entry(spec.name)
+    return lambda: build_model(spec)
+
+
+register_architectures(Architectures(parse=ModelSpec.from_dict, resolve=_resolve))
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,6 @@ from typing import Any
 from torch import nn
 
 from torchslim.api import apply_
-from torchslim.data import TensorLoader
 from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
 from torchslim.pruning.masks import check_sparsity
@@ -32,7 +31,7 @@ __all__ = ["DEFAULT_GRID", "plot_sensitivity", "scan_sensitivity", "sparsities_f
 DEFAULT_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 
 
-def scan_sensitivity(model: nn.Module, val_loader: TensorLoader, *,
+def scan_sensitivity(model: nn.Module, val_loader: Iterable[Any], *,
                      sparsities: Sequence[float] = DEFAULT_GRID, targets: Select | None = None,
                      progress: bool = True, workers: int | None = None,
                      ray_address: str | None = None) -> dict[str, Any]:
@@ -71,7 +70,7 @@ def scan_sensitivity(model: nn.Module, val_loader: TensorLoader, *,
             "execution": execution}
 
 
-def pruned_accuracy(model: nn.Module, val_loader: TensorLoader, trial: tuple[str, float]) -> float:
+def pruned_accuracy(model: nn.Module, val_loader: Iterable[Any], trial: tuple[str, float]) -> float:
     """One scan trial: accuracy of a copy of `model` with layer `trial[0]` pruned to `trial[1]`.
 
     Module-level (not a closure) so Ray workers import it instead of unpickling code.

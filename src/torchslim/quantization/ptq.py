@@ -1,7 +1,7 @@
 """Post-training int8 quantization: one config, one call, a model that runs int8 kernels.
 
 `quantize_model(model, Quantization(method="static"), calibration=batches)` exports the model,
-quantizes it with onnxruntime (see `torchslim.quantization.runtime` for why that runtime) and
+quantizes it with onnxruntime (see `torchslim.runtime.onnx_program` for why that runtime) and
 returns an `OrtModule`. Unlike `apply_`, this is a conversion, not an in-place edit: the result
 is a different kind of module (an ONNX program), so it is returned and the float model is kept.
 The report says which ops run in int8 and which stayed float (never a float model called int8).
@@ -23,7 +23,7 @@ from torch import nn
 from torchslim.calibration import take_inputs
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, SelectionError
-from torchslim.quantization.runtime import OrtModule, export_onnx, optimize_onnx, quantize_onnx
+from torchslim.runtime.onnx_program import OrtModule, export_onnx, optimize_onnx, quantize_onnx
 from torchslim.signature import record_signature_
 
 __all__ = ["Backend", "Calibrate", "QuantMethod", "Quantization", "float_program", "quantize_model"]

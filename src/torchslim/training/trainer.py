@@ -25,7 +25,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchslim.calibration import call_model, first_samples, logits_of, move_inputs, split_batch
-from torchslim.data import TensorLoader
 from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
 from torchslim.training import distributed
@@ -362,7 +361,8 @@ def _check_shardable(loader: Batches, world: int) -> None:
     if world == 1:
         return
     batch = getattr(loader, "batch_size", None)
-    size = len(loader.split) if isinstance(loader, TensorLoader) else len(getattr(loader, "dataset", ()))
+    source = getattr(loader, "split", None)  # our in-memory loader; a DataLoader has a dataset
+    size = len(source if source is not None else getattr(loader, "dataset", ()))
     if not isinstance(batch, int):
         raise ConfigError(f"data-parallel training shards every batch over {world} processes and "
                           f"needs the loader's batch_size; {type(loader).__name__} has none: use a "

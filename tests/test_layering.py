@@ -1,0 +1,57 @@
+"""The arrows of the house run one way: storage, runtime and training never import the model
+zoo or the jobs built on top of them, and `run_stage` has no ladder over stage kinds."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import torchslim
+
+SRC = Path(torchslim.__file__).parent
+BELOW_THE_ZOO = ["artifact.py", "artifact_checks.py", "safefile.py", "signature.py", "structure.py",
+                 "inspect.py", "encoding", "runtime", "training"]
+ZOO_AND_JOBS = ("torchslim.models", "torchslim.data", "torchslim.workflows", "torchslim.compress",
+                "torchslim.auto", "torchslim.cli")
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def _files(entry: str) -> list[Path]:
+    path = SRC / entry
+    return sorted(path.rglob("*.py")) if path.is_dir() else [path]
+
+
+@pytest.mark.parametrize("entry", BELOW_THE_ZOO)
+def test_storage_runtime_and_training_do_not_import_the_zoo_or_the_jobs(entry: str) -> None:
+    for path in _files(entry):
+        # docstring examples may build a reference model; the code may not
+        bad = sorted(m for m in _imports(path) if m.startswith(ZOO_AND_JOBS))
+        assert not bad, f"{path.relative_to(SRC)} imports {bad}"
+
+
+def test_the_recipe_runner_dispatches_through_the_registry() -> None:
+    from torchslim.compress import CompressionRun
+    from torchslim.registry import stage_kinds, stage_type
+
+    source = ast.unparse(ast.parse(Path(SRC / "compress.py").read_text()))
+    run_stage = next(n for n in ast.walk(ast.parse(source))
+                     if isinstance(n, ast.FunctionDef) and n.name == "run_stage")
+    assert not [n for n in ast.walk(run_stage) if isinstance(n, ast.If)]
+    assert hasattr(CompressionRun, "run_stage")
+    # every technique apply_ knows is a stage, and every stage kind resolves to a config
+    from torchslim.registry import technique_kinds
+
+    assert set(technique_kinds()) <= set(stage_kinds())
+    assert all(stage_type(kind).config.kind == kind for kind in stage_kinds())
