@@ -23,8 +23,8 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from torchslim import artifact
-from torchslim.compress import CompressionRun
-from torchslim.recipe import load_recipe
+from torchslim.apps.compress import CompressionRun
+from torchslim.apps.recipe import load_recipe
 
 RECIPES = {"lenet300": "examples/recipes/lenet300_deep_compression.yaml",
            "lenet5": "examples/recipes/lenet5_deep_compression.yaml"}

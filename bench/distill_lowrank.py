@@ -45,7 +45,7 @@ def section(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 def trained_artifact(path: str | Path, model_name: str, dataset: str) -> Path:
     """`path`, after training `model_name` on `dataset` into its folder if it is not there yet."""
-    from torchslim.workflows import train_config_for, train_model
+    from torchslim.apps.workflows import train_config_for, train_model
 
     path = Path(path)
     if not path.is_file():

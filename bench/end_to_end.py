@@ -141,7 +141,7 @@ def auto_rows(report: dict[str, Any], name: str, epochs: int) -> list[dict[str, 
 @section("auto-latency")
 def auto_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
     """`torchslim auto --target latency=R` on the small ResNet (Fashion-MNIST): int8 and pruning."""
-    from torchslim.auto import Target, auto_compress
+    from torchslim.apps.auto import Target, auto_compress
 
     source = trained_artifact(args.auto_latency_model, "resnet-small", "fashion-mnist")
     report = auto_compress(str(source), target=Target.parse(args.auto_latency_target),
@@ -154,7 +154,7 @@ def auto_latency(args: argparse.Namespace) -> list[dict[str, Any]]:
 @section("auto-lenet5")
 def auto_lenet5(args: argparse.Namespace) -> list[dict[str, Any]]:
     """`torchslim auto` on the trained LeNet-5: every trial, then the chosen policy's final run."""
-    from torchslim.auto import Target, auto_compress
+    from torchslim.apps.auto import Target, auto_compress
 
     source = trained_artifact(args.lenet5, "lenet5", "mnist")
     target = Target.parse(args.auto_target)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from torchslim.apps.workflows import train_config_for, train_model
 from torchslim.data import TensorLoader, load_dataset
 from torchslim.measure import evaluate
 from torchslim.models import create_model
 from torchslim.report import environment
-from torchslim.workflows import train_config_for, train_model
 
 TARGETS = {"lenet300": 0.982, "lenet5": 0.991, "resnet-small": 0.91, "mnist-cnn": 0.9906}
 RUNS = (("lenet300", "mnist"), ("lenet5", "mnist"), ("resnet-small", "fashion-mnist"))

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from torchslim.auto import SizeModel, Target, auto_compress, greedy_path, pareto_front
-from torchslim.auto.search import choose, latency_plan
+from torchslim.apps.auto import SizeModel, Target, auto_compress, greedy_path, pareto_front
+from torchslim.apps.auto.search import choose, latency_plan
 from torchslim.cli import main
 from torchslim.errors import ConfigError
 

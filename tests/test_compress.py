@@ -6,9 +6,9 @@ import torch
 import yaml
 
 from torchslim import artifact
+from torchslim.apps.recipe import parse_recipe
 from torchslim.cli import main
 from torchslim.errors import SelectionError
-from torchslim.recipe import parse_recipe
 
 RECIPE = {
     "version": 1, "model": "lenet300", "dataset": "digits", "seed": 0,
@@ -95,7 +95,7 @@ def test_resume_reuses_finished_stages_and_gives_the_same_model(run: Path) -> No
 
 
 def test_a_selector_matching_nothing_fails_before_any_work(tmp_path: Path) -> None:
-    from torchslim.compress import CompressionRun
+    from torchslim.apps.compress import CompressionRun
 
     recipe = parse_recipe({**RECIPE, "stages": [
         {"prune": {"sparsity": 0.5, "targets": {"names": ["fc9"]}}}, {"encode": {}}]})
@@ -117,7 +117,7 @@ def test_sensitivity_cli_writes_table_plot_and_suggestions(run: Path, capsys) ->
 
 
 def test_an_untrained_model_without_baseline_is_refused(tmp_path: Path) -> None:
-    from torchslim.compress import CompressionRun
+    from torchslim.apps.compress import CompressionRun
     from torchslim.errors import ConfigError
 
     recipe = parse_recipe({key: value for key, value in RECIPE.items() if key != "baseline"})
@@ -242,7 +242,7 @@ def test_structured_prune_cli_removes_neurons_in_steps_and_writes_a_loadable_mod
 
 def test_structured_prune_stage_with_a_selection_matching_nothing_lists_the_prunable_layers(
         run: Path, tmp_path: Path) -> None:
-    from torchslim.compress import CompressionRun
+    from torchslim.apps.compress import CompressionRun
 
     recipe = {**RECIPE, "stages": [{"structured_prune": {"ratio": 0.5, "targets": {"exclude": ["nope*"]}}}]}
     source = str(run / "out" / "stages" / "00-baseline.slim")

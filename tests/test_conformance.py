@@ -176,7 +176,7 @@ def test_cli_trains_and_scans_a_user_model_on_user_data(tmp_path: Path, capsys) 
 
 
 def test_auto_searches_a_user_model_on_user_data(tmp_path: Path) -> None:
-    from torchslim.auto import Target, auto_compress
+    from torchslim.apps.auto import Target, auto_compress
 
     report = auto_compress(f"{ZOO}:build_same_conv", target=Target("macs", 2), max_drop=1.0,
                            out=tmp_path / "auto", dataset=f"{ZOO}:loaders_same_conv", trials=2, epochs=1,

@@ -13,8 +13,9 @@ import torchslim
 SRC = Path(torchslim.__file__).parent
 BELOW_THE_ZOO = ["artifact.py", "artifact_checks.py", "safefile.py", "signature.py", "structure.py",
                  "inspect.py", "encoding", "runtime", "training"]
-ZOO_AND_JOBS = ("torchslim.models", "torchslim.data", "torchslim.workflows", "torchslim.compress",
-                "torchslim.auto", "torchslim.cli")
+ZOO_AND_JOBS = ("torchslim.models", "torchslim.data", "torchslim.apps", "torchslim.cli")
+TECHNIQUES = ["api.py", "changes.py", "registry.py", "select.py", "calibration.py", "pruning", "quantization",
+              "lowrank", "clustering.py", "depth.py", "distillation.py", "batchnorm.py", "graph"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -41,11 +42,18 @@ def test_storage_runtime_and_training_do_not_import_the_zoo_or_the_jobs(entry: s
         assert not bad, f"{path.relative_to(SRC)} imports {bad}"
 
 
+@pytest.mark.parametrize("entry", TECHNIQUES)
+def test_techniques_do_not_import_the_jobs_built_on_them(entry: str) -> None:
+    for path in _files(entry):
+        bad = sorted(m for m in _imports(path) if m.startswith(("torchslim.apps", "torchslim.cli")))
+        assert not bad, f"{path.relative_to(SRC)} imports {bad}"
+
+
 def test_the_recipe_runner_dispatches_through_the_registry() -> None:
-    from torchslim.compress import CompressionRun
+    from torchslim.apps.compress import CompressionRun
     from torchslim.registry import stage_kinds, stage_type
 
-    source = ast.unparse(ast.parse(Path(SRC / "compress.py").read_text()))
+    source = ast.unparse(ast.parse(Path(SRC / "apps" / "compress.py").read_text()))
     run_stage = next(n for n in ast.walk(ast.parse(source))
                      if isinstance(n, ast.FunctionDef) and n.name == "run_stage")
     assert not [n for n in ast.walk(run_stage) if isinstance(n, ast.If)]

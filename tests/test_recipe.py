@@ -1,7 +1,7 @@
 import pytest
 
+from torchslim.apps.recipe import load_recipe, parse_recipe
 from torchslim.errors import ConfigError
-from torchslim.recipe import load_recipe, parse_recipe
 
 
 def _recipe(**overrides):

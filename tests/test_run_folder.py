@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from torchslim.apps.recipe import load_recipe
+from torchslim.apps.run_folder import LOCK_NAME, RunFolder
 from torchslim.cli import main
 from torchslim.errors import ConfigError
-from torchslim.recipe import load_recipe
-from torchslim.run_folder import LOCK_NAME, RunFolder
 from torchslim.safefile import remove_leftovers, write_checked
 
 RECIPE = {"version": 1, "model": "lenet300", "dataset": "digits", "seed": 0,

@@ -1,4 +1,4 @@
-"""`torchslim` command line: a thin shell over `torchslim.workflows` and `torchslim.measure`."""
+"""`torchslim` command line: a thin shell over `torchslim.apps.workflows` and `torchslim.measure`."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ TRAIN_KEYS = ("epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov",
 def _train_config(args: argparse.Namespace, model: str) -> Any:
     """The CLI's training options over the model's tuned defaults (generic ones for a model of
     the user's own)."""
-    from torchslim.workflows import train_config_for
+    from torchslim.apps.workflows import train_config_for
 
     values = {key: getattr(args, key) for key in TRAIN_KEYS}
     if values["milestones"] is not None:
@@ -70,7 +70,7 @@ def _print_table(report: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from torchslim.workflows import train_model
+    from torchslim.apps.workflows import train_model
 
     config = _train_config(args, args.model)
     report = train_model(args.model, dataset=args.dataset, out=args.out, config=config,
@@ -101,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _run_recipe(recipe: Any, args: argparse.Namespace) -> dict[str, Any]:
     """Run a recipe on `args.model` into `args.out`; prints the stage table (under torchrun:
     every process runs the recipe, rank 0 prints)."""
-    from torchslim.compress import CompressionRun
+    from torchslim.apps.compress import CompressionRun
     from torchslim.training import distributed
 
     run = CompressionRun(recipe, args.out, model_source=args.model, resume=args.resume,
@@ -117,8 +117,8 @@ def _run_generated_recipe(data: dict[str, Any], args: argparse.Namespace) -> dic
     """Validate a recipe a command stands for, keep it as OUT/recipe.yaml, and run it."""
     import yaml
 
-    from torchslim.recipe import parse_recipe
-    from torchslim.run_folder import RunFolder, check_writable_folder
+    from torchslim.apps.recipe import parse_recipe
+    from torchslim.apps.run_folder import RunFolder, check_writable_folder
     from torchslim.safefile import write_atomic
 
     recipe = parse_recipe(data)
@@ -132,7 +132,7 @@ def _run_generated_recipe(data: dict[str, Any], args: argparse.Namespace) -> dic
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from torchslim.recipe import load_recipe
+    from torchslim.apps.recipe import load_recipe
     from torchslim.training import distributed
 
     report = _run_recipe(load_recipe(args.recipe), args)
@@ -148,7 +148,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_factorize(args: argparse.Namespace) -> int:
-    from torchslim.cli_recipes import factorize_recipe
+    from torchslim.apps.cli_recipes import factorize_recipe
 
     args.model = _model_source(args)
     _print_summary(_run_generated_recipe(factorize_recipe(args), args), args, latency=False)
@@ -168,7 +168,7 @@ def _print_summary(report: dict[str, Any], args: argparse.Namespace, *, latency:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from torchslim.cli_recipes import prune_recipe
+    from torchslim.apps.cli_recipes import prune_recipe
 
     args.model = _model_source(args)
     if not 0 <= args.ratio < 1:
@@ -180,11 +180,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _prune_once(args: argparse.Namespace) -> int:
-    from torchslim.cli_recipes import structured_options
+    from torchslim.apps.cli_recipes import structured_options
+    from torchslim.apps.workflows import structured_prune_job
     from torchslim.config import build_config
     from torchslim.pruning import ChannelPruning
     from torchslim.select import Select
-    from torchslim.workflows import structured_prune_job
 
     config = build_config(ChannelPruning, structured_options(args, share=args.ratio))
     report = structured_prune_job(args.model, config, out=args.out, dataset=args.dataset,
@@ -291,11 +291,11 @@ def _add_prune_parser(commands: Any) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from torchslim.workflows import quantize_job
+    from torchslim.apps.workflows import quantize_job
 
     args.model = _model_source(args)
     if args.method in ("qat", "binary", "ternary"):
-        from torchslim.cli_recipes import training_quantize_recipe
+        from torchslim.apps.cli_recipes import training_quantize_recipe
 
         report = _run_generated_recipe(training_quantize_recipe(args), args)
         final = report["stages"][0]
@@ -348,7 +348,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from torchslim.sensitivity_job import run_sensitivity
+    from torchslim.apps.sensitivity import run_sensitivity
 
     result = run_sensitivity(args.model, dataset=args.dataset, out=args.out,
                              sparsities=tuple(args.sparsities), max_drop=args.max_drop,
@@ -364,7 +364,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_auto(args: argparse.Namespace) -> int:
-    from torchslim.auto import Target, auto_compress
+    from torchslim.apps.auto import Target, auto_compress
 
     report = auto_compress(args.model, target=Target.parse(args.target), max_drop=args.max_drop / 100,
                            out=args.out, dataset=args.data, trials=args.trials, epochs=args.epochs,
@@ -381,7 +381,7 @@ def cmd_auto(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from torchslim.workflows import load_model_or_artifact, measure_model
+    from torchslim.apps.workflows import load_model_or_artifact, measure_model
 
     source = _model_source(args)
     data = _dataset(args.dataset)
@@ -398,8 +398,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from torchslim.apps.workflows import backend_of, inputs_for, load_model_or_artifact
     from torchslim.measure import measure_latency
-    from torchslim.workflows import backend_of, inputs_for, load_model_or_artifact
 
     source = _model_source(args)
     model, _ = load_model_or_artifact(source, factory=args.factory)
@@ -421,8 +421,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from torchslim.apps.workflows import inputs_for, load_model_or_artifact
     from torchslim.export import export_model
-    from torchslim.workflows import inputs_for, load_model_or_artifact
 
     model, _ = load_model_or_artifact(_model_source(args), factory=args.factory)
     result = export_model(model, args.out, format=args.format, example_inputs=inputs_for(model, 2))
@@ -656,7 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if getattr(args, "out", None):
-            from torchslim.run_folder import check_writable_folder
+            from torchslim.apps.run_folder import check_writable_folder
 
             out = Path(args.out)
             check_writable_folder(out.parent if getattr(args, "out_is_file", False) else out)

@@ -197,7 +197,7 @@ def compare(before: Any, after: Any, data: Any = None, **options: Any) -> dict[s
     """Ratios `before / after` for sizes and times (bigger is better), and accuracy change.
 
     Given two measurement rows (dicts), compares them. Given two modules, measures both first
-    (`torchslim.workflows.compare_models`: accuracy on `data`, params, bytes of the real file,
+    (`torchslim.apps.workflows.compare_models`: accuracy on `data`, params, bytes of the real file,
     MACs, interleaved latency; options `example_inputs=`, `metric=`) and returns the rows with
     the comparison.
 
@@ -211,7 +211,7 @@ def compare(before: Any, after: Any, data: Any = None, **options: Any) -> dict[s
         {'accuracy_delta': -0.01, 'accuracy_retention': 0.9898, 'bytes_ratio': 4.0}
     """
     if isinstance(before, nn.Module) and isinstance(after, nn.Module):
-        from torchslim.workflows import compare_models
+        from torchslim.apps.workflows import compare_models
 
         return compare_models(before, after, data, **options)
     result: dict[str, Any] = {}

@@ -24,10 +24,10 @@ from typing import Any
 import yaml
 
 from torchslim import artifact
+from torchslim.apps.run_data import learn_inputs_, resolve_run_data
 from torchslim.data import Dataset, TensorLoader
 from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
-from torchslim.run_data import learn_inputs_, resolve_run_data
 from torchslim.safefile import write_atomic
 
 __all__ = ["Target", "auto_compress", "pareto_front", "run_candidate"]
@@ -72,8 +72,8 @@ def run_candidate(candidate: Candidate) -> dict[str, Any]:
 
     A top-level function of plain data in, plain data out, so it runs as a Ray task too.
     """
-    from torchslim.compress import CompressionRun
-    from torchslim.recipe import parse_recipe
+    from torchslim.apps.compress import CompressionRun
+    from torchslim.apps.recipe import parse_recipe
 
     started = time.perf_counter()
     run = CompressionRun(parse_recipe(candidate.recipe), candidate.out, model_source=candidate.source,
@@ -120,7 +120,7 @@ def choose(results: list[dict[str, Any]], target: Target, max_drop: float) -> tu
 def _train_options(model_name: str | None, epochs: int) -> dict[str, Any]:
     """Trial training options: the registered model's tuned defaults (generic ones for a model
     of the user's own, `model_name` None), at 0.4x their learning rate."""
-    from torchslim.workflows import train_config_for
+    from torchslim.apps.workflows import train_config_for
 
     defaults = train_config_for(model_name)
     return {"epochs": epochs, "optimizer": defaults.optimizer, "lr": float(f"{defaults.lr * 0.4:.6g}"),
@@ -188,10 +188,10 @@ def measure_int8_speedup(model: Any, data: Any) -> dict[str, Any]:
     """
     import statistics
 
+    from torchslim.apps.workflows import default_latency_batch, inputs_for
     from torchslim.errors import SlimError
     from torchslim.measure import measure_latency
     from torchslim.quantization import Quantization, QuantMethod, quantize_model
-    from torchslim.workflows import default_latency_batch, inputs_for
 
     calibration = [x for x, _ in data.calibration(8, 0)]
     try:
@@ -220,7 +220,7 @@ def _with_epochs(recipe: dict[str, Any], epochs: int) -> dict[str, Any]:
 
 def _digest(recipe: dict[str, Any]) -> str:
     """A short name for a recipe: a rerun finds (and resumes) the same trial folder."""
-    from torchslim.recipe import parse_recipe
+    from torchslim.apps.recipe import parse_recipe
 
     return parse_recipe(recipe).digest[:8]
 
@@ -250,9 +250,9 @@ def auto_compress(source: str, *, target: Target, max_drop: float, out: str | Pa
     Writes OUT/recipe.yaml (the chosen policy at `final_epochs`), OUT/model.slim, OUT/auto.json,
     OUT/auto.md and OUT/front.png; trial runs live in OUT/trials (reused when resuming).
     """
+    from torchslim.apps.workflows import load_model_or_artifact
     from torchslim.pruning import scan_sensitivity
     from torchslim.trials import run_trials
-    from torchslim.workflows import load_model_or_artifact
 
     if trials < 1 or epochs < 1:
         raise ConfigError(f"--trials and --epochs must be >= 1, got {trials} and {epochs}")
@@ -278,7 +278,12 @@ def auto_compress(source: str, *, target: Target, max_drop: float, out: str | Pa
     tick = time.perf_counter()
     if target.kind == "size":
         batch_size = int(_train_options(name, epochs)["batch_size"])
-        from torchslim.auto.allocation import BIT_LEVELS, SPARSITY_LEVELS, greedy_path, measure_size_model
+        from torchslim.apps.auto.allocation import (
+            BIT_LEVELS,
+            SPARSITY_LEVELS,
+            greedy_path,
+            measure_size_model,
+        )
 
         levels = [s for s in (sparsity_levels or SPARSITY_LEVELS) if s > 0]
         scan = scan_sensitivity(model, val, sparsities=levels, progress=progress, workers=workers,

@@ -42,7 +42,7 @@ def factorize_recipe(args: argparse.Namespace) -> dict[str, Any]:
 
 def _registered_name(args: argparse.Namespace) -> str | None:
     """The command's model's registered name (None for a model of the user's own)."""
-    from torchslim.workflows import load_model_or_artifact
+    from torchslim.apps.workflows import load_model_or_artifact
 
     model = load_model_or_artifact(args.model, factory=getattr(args, "factory", None))[0]
     spec = getattr(model, "torchslim_spec", None)
@@ -53,7 +53,7 @@ def fine_tune_options(args: argparse.Namespace, *, temperature: float = 4.0,
                       alpha: float = 0.5) -> dict[str, Any]:
     """The model's tuned training options at a tenth of its LR (or `--lr`) for `--epochs`,
     distilled from the original model unless `--no-distill`."""
-    from torchslim.workflows import train_config_for
+    from torchslim.apps.workflows import train_config_for
 
     name = _registered_name(args)
     defaults = train_config_for(name)
@@ -66,7 +66,7 @@ def fine_tune_options(args: argparse.Namespace, *, temperature: float = 4.0,
 
 def training_quantize_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe a `torchslim quantize --method qat|binary|ternary` call stands for."""
-    from torchslim.workflows import train_config_for
+    from torchslim.apps.workflows import train_config_for
 
     name = _registered_name(args)
     defaults = train_config_for(name)

@@ -32,12 +32,7 @@ import yaml
 
 # Importing the techniques registers them (and their recipe stages).
 from torchslim import batchnorm, clustering, depth, lowrank, pruning  # noqa: F401
-from torchslim.config import build_config
-from torchslim.errors import ConfigError
-from torchslim.quantization import weight_only  # noqa: F401
-from torchslim.registry import stage_kinds, stage_type
-from torchslim.select import Select
-from torchslim.stages import (
+from torchslim.apps.stages import (
     DistillStage,
     EncodeStage,
     FineTune,
@@ -46,11 +41,16 @@ from torchslim.stages import (
     LowBitStage,
     QATStage,
 )
+from torchslim.config import build_config
+from torchslim.errors import ConfigError
+from torchslim.quantization import weight_only  # noqa: F401
+from torchslim.registry import stage_kinds, stage_type
+from torchslim.select import Select
 from torchslim.training import TrainConfig
 
 __all__ = ["RECIPE_VERSION", "DistillStage", "EncodeStage", "FineTune", "GradualPrune",
            "IterativePrune", "LowBitStage", "QATStage", "Recipe", "Stage", "load_recipe", "parse_recipe"]
-# The stage configs live with their runners in `torchslim.stages`; they are re-exported here
+# The stage configs live with their runners in `torchslim.apps.stages`; they are re-exported here
 # because a recipe is where users meet them.
 
 RECIPE_VERSION = 1

@@ -155,7 +155,7 @@ def measure_model(model: nn.Module, *, path: Path | None = None, data: Any = Non
     factory). The batched latency uses `latency_batch` samples (default: `default_latency_batch`).
     """
     if data is not None and not isinstance(data, Dataset):  # the user's loaders
-        from torchslim.run_data import UserData, learn_inputs_
+        from torchslim.apps.run_data import UserData, learn_inputs_
 
         learn_inputs_(model, UserData(dict(data)))
     total, nonzero = count_params(model)
@@ -239,7 +239,7 @@ def _training_subject(source: str, *, dataset: str | None, config: TrainConfig, 
                       factory: str | None) -> tuple[nn.Module, Any, str, str]:
     """(model, RunData, label, dataset name) for `torchslim train`: a registered model built for
     its dataset, or the user's model (a factory or artifact) with the user's or a built-in dataset."""
-    from torchslim.run_data import BuiltinData, learn_inputs_, resolve_run_data
+    from torchslim.apps.run_data import BuiltinData, learn_inputs_, resolve_run_data
 
     if source in model_names():
         name = dataset_for(source, dataset)
@@ -302,8 +302,8 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
     the model's own, or a data factory's `train` loader); accuracy is measured on its test split
     (a factory's `test`, else `val`), before and after, in the same run.
     """
+    from torchslim.apps.run_data import BuiltinData, learn_inputs_, resolve_run_data
     from torchslim.quantization import Quantization, quantize_model
-    from torchslim.run_data import BuiltinData, learn_inputs_, resolve_run_data
 
     if method not in ("dynamic", "static"):
         raise ConfigError(f"quantize_job runs post-training methods (dynamic, static), not "

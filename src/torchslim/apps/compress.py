@@ -22,16 +22,16 @@ from torch import nn
 
 from torchslim import artifact
 from torchslim.api import finalize_
+from torchslim.apps.recipe import EncodeStage, Recipe, Stage
+from torchslim.apps.run_data import BuiltinData, RunData, learn_inputs_, resolve_run_data
+from torchslim.apps.run_folder import RunFolder
+from torchslim.apps.stages import apply_stage
 from torchslim.clustering import keep_shared_
 from torchslim.distillation import Distill, DistillationLoss
 from torchslim.errors import ConfigError, SlimError
 from torchslim.models import create_model, get_entry, spec_of
 from torchslim.pruning.unstructured import set_mask_
-from torchslim.recipe import EncodeStage, Recipe, Stage
 from torchslim.registry import stage_type
-from torchslim.run_data import BuiltinData, RunData, learn_inputs_, resolve_run_data
-from torchslim.run_folder import RunFolder
-from torchslim.stages import apply_stage
 from torchslim.training import Loss, TrainConfig, Trainer, distributed
 
 __all__ = ["CompressionRun", "check_stages", "constrain_"]
@@ -154,7 +154,7 @@ class CompressionRun:
     def baseline(self) -> nn.Module:
         """The model to compress: given artifact/name, or the recipe's model (trained if asked)."""
         if self.model_source:
-            from torchslim.workflows import load_model_or_artifact
+            from torchslim.apps.workflows import load_model_or_artifact
 
             model = load_model_or_artifact(self.model_source, factory=self.factory)[0]
             learn_inputs_(model, self.data, seed=self.recipe.seed)
@@ -216,7 +216,7 @@ class CompressionRun:
         if source == "original":
             assert self.original is not None, "run() sets the original model first"
             return copy.deepcopy(self.original)
-        from torchslim.workflows import load_model_or_artifact
+        from torchslim.apps.workflows import load_model_or_artifact
 
         return load_model_or_artifact(source)[0]
 
@@ -244,8 +244,8 @@ class CompressionRun:
         """Validation/test accuracy, counts, FLOPs, dense and encoded bytes of one model."""
         import tempfile
 
+        from torchslim.apps.workflows import measure_model
         from torchslim.measure import evaluate
-        from torchslim.workflows import measure_model
 
         data, split = self.data.measured()
         row = measure_model(model, data=data, split=split, timing=timing)
@@ -277,7 +277,7 @@ class CompressionRun:
             SelectionError, ConfigError: a selection or per-layer name matching no layer.
         """
         if self.model_source:
-            from torchslim.workflows import load_model_or_artifact
+            from torchslim.apps.workflows import load_model_or_artifact
 
             model = load_model_or_artifact(self.model_source, factory=self.factory)[0]
         elif self.recipe.model is None:

@@ -34,8 +34,8 @@ def run_sensitivity(source: str, *, dataset: str | None, out: str | Path,
     `workers` > 1 or a `ray_address` runs the trials as Ray tasks (same numbers); the JSON
     records the backend, workers and wall-clock seconds under `execution`.
     """
-    from torchslim.run_data import resolve_run_data
-    from torchslim.workflows import load_model_or_artifact
+    from torchslim.apps.run_data import resolve_run_data
+    from torchslim.apps.workflows import load_model_or_artifact
 
     model, _ = load_model_or_artifact(source, factory=factory)
     spec = getattr(model, "torchslim_spec", None)

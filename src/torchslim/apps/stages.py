@@ -32,8 +32,8 @@ from torchslim.registry import register_stage
 from torchslim.training import TrainConfig
 
 if TYPE_CHECKING:
-    from torchslim.compress import CompressionRun, Constraints
-    from torchslim.recipe import Stage
+    from torchslim.apps.compress import CompressionRun, Constraints
+    from torchslim.apps.recipe import Stage
 
 __all__ = ["DistillStage", "EncodeStage", "FineTune", "GradualPrune", "IterativePrune", "LowBitStage",
            "QATStage", "apply_stage", "forget_replaced"]
@@ -205,8 +205,8 @@ def _gradual(run: CompressionRun, stage: Stage, model: nn.Module, constraints: C
 
 def _iterative(run: CompressionRun, stage: Stage, model: nn.Module, constraints: Constraints,
                checkpoint_dir: Path) -> dict[str, Any]:
-    from torchslim.compress import constrain_
-    from torchslim.recipe import Stage
+    from torchslim.apps.compress import constrain_
+    from torchslim.apps.recipe import Stage
 
     config: IterativePrune = stage.config
     train = TrainConfig(**{"seed": run.recipe.seed, **config.train})
@@ -244,8 +244,8 @@ def _encode(run: CompressionRun, stage: Stage, model: nn.Module, constraints: Co
 
 def _quantize(run: CompressionRun, stage: Stage, model: nn.Module, constraints: Constraints,
               checkpoint_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
+    from torchslim.apps.workflows import inputs_for
     from torchslim.quantization import quantize_model
-    from torchslim.workflows import inputs_for
 
     config: Quantization = stage.config
     batches = [x for x, _ in run.calibration(config.calibration_batches)]
@@ -255,9 +255,9 @@ def _quantize(run: CompressionRun, stage: Stage, model: nn.Module, constraints: 
 
 def _qat(run: CompressionRun, stage: Stage, model: nn.Module, constraints: Constraints,
          checkpoint_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
-    from torchslim.compress import constrain_
+    from torchslim.apps.compress import constrain_
+    from torchslim.apps.workflows import inputs_for
     from torchslim.quantization.qat import convert_qat, prepare_qat_
-    from torchslim.workflows import inputs_for
 
     config: QATStage = stage.config
     example = inputs_for(model, 2)
