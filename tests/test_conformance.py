@@ -10,6 +10,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -185,19 +186,53 @@ def test_auto_searches_a_user_model_on_user_data(tmp_path: Path) -> None:
     assert (tmp_path / "auto" / "model.slim").is_file()
 
 
-def test_a_hugging_face_model_built_from_a_config_names_what_is_left_alone(tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+def _gpt2(transformers: Any) -> tuple[nn.Module, Any, torch.Tensor]:
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=16)
     torch.manual_seed(0)
-    model, ids = transformers.GPT2LMHeadModel(config).eval(), torch.randint(0, 100, (2, 8))
-    with pytest.warns(UserWarning, match=r"left 8 weight layer\(s\).*transformer.h.0.attn.c_attn \(Conv1D\)"):
+    return transformers.GPT2LMHeadModel(config).eval(), config, torch.randint(0, 100, (2, 8))
+
+
+CONV1D = [f"transformer.h.{i}.{layer}" for i in range(2)
+          for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def test_gpt2_conv1d_layers_are_pruned_as_the_linears_they_are_and_reload(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    model, config, ids = _gpt2(transformers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NothingChangedWarning)
         pruned = apply_(model, WeightPruning(sparsity=0.5))
-    assert "Conv1D" in pruned["skipped"]["transformer.h.1.mlp.c_proj"]
+    assert set(CONV1D) < set(pruned.changed) and not pruned.skipped
+    assert pruned.changed["transformer.h.1.mlp.c_proj"] == "Conv1D as Linear; weight parametrized (Mask)"
     finalize_(model)
-    fresh = transformers.GPT2LMHeadModel(config).eval()
-    with pytest.warns(NothingChangedWarning, match="tied to transformer.wte.weight"):
-        factored = apply_(fresh, LowRank(param_ratio=0.5))  # never unties the head: no growth
-    assert factored["params_after"] == factored["params_before"]
+    assert float((model.transformer.h[0].mlp.c_fc.weight == 0).float().mean()) > 0.3
     path = artifact.save(model, tmp_path / "gpt2.slim", example_inputs=ids)
     reloaded = artifact.load(path, model=transformers.GPT2LMHeadModel(config))
     assert torch.equal(_run(reloaded, ids), _run(model, ids))
+
+
+@pytest.mark.parametrize("technique", ["low_rank", "weight_only", "cluster", "torch_int8"])
+def test_every_layer_technique_handles_gpt2_conv1d_and_never_unties_the_head(technique: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    from torchslim.clustering import WeightSharing
+    from torchslim.quantization.torch_int8 import quantize_linears_int8_
+    from torchslim.quantization.weight_only import WeightOnly
+
+    model, _, ids = _gpt2(transformers)
+    before = _run(model, ids)
+    configs = {"low_rank": LowRank(rank=8), "weight_only": WeightOnly(bits=8, group_size=32),
+               "cluster": WeightSharing(bits=6)}
+    if technique == "torch_int8":
+        result: dict[str, Any] = quantize_linears_int8_(model)
+        changed = result["replaced"]
+    else:
+        result = apply_(model, configs[technique])
+        changed = list(result.changed)
+    assert set(CONV1D) <= set(changed)
+    if technique in ("low_rank", "weight_only", "torch_int8"):  # replacing the head would untie it
+        assert "tied to transformer.wte.weight" in result["skipped"]["lm_head"]
+        assert model.lm_head.weight is model.transformer.wte.weight
+    after = _run(model, ids)
+    assert after.shape == before.shape and not torch.equal(after, before)
+    if technique != "low_rank":  # 8-bit and 64-value codebooks: close to the original
+        assert float((after - before).abs().max()) < 0.05

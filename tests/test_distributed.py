@@ -27,6 +27,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, TensorDataset
 
 from torchslim.data import Dataset, Split, TensorLoader, load_dataset
 from torchslim.distillation import DistillationLoss
@@ -38,7 +39,7 @@ from torchslim.select import Select
 from torchslim.training import Callback, Trainer, make_train_config
 from torchslim.training import distributed as dist_utils
 
-SCENARIOS = ("plain", "pruned_distilled", "qat", "qat_lsq")
+SCENARIOS = ("plain", "pruned_distilled", "qat", "qat_lsq", "dataloader")
 ATOL = 1e-5  # 1 vs 2 processes: same steps, float sums in another order
 EPOCHS = 3
 
@@ -81,6 +82,11 @@ def make_trainer(scenario: str, data: Dataset, *, epochs: int = 2,
         prepare_qat_(model, learn_scale=True)
     if stop_at is not None:
         options["callbacks"] = [StopAt(stop_at)]
+    if scenario == "dataloader":  # a user's plain DataLoader: shuffled alike in every process
+        loader = DataLoader(TensorDataset(train.images, train.labels), batch_size=64, shuffle=True)
+        return Trainer(model, loader, val_loader=DataLoader(TensorDataset(data.val.images, data.val.labels),
+                                                            batch_size=50),
+                       config=config, checkpoint_dir=checkpoint_dir, progress=False, **options)
     return Trainer(model, TensorLoader(train, batch_size=64, shuffle=True),
                    val_loader=TensorLoader(data.val, batch_size=50), config=config,
                    checkpoint_dir=checkpoint_dir, progress=False, **options)

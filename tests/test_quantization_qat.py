@@ -85,3 +85,15 @@ def test_qat_trains_in_the_trainer_and_converts_to_int8(digits, learn_scale: boo
     assert int8.report["qat"] and int8.report["int8_ops"]
     assert evaluate(int8, test)["accuracy"] >= float_accuracy - 0.02
     assert hasattr(qat.fc1, "input_quantizer")  # converting does not change the QAT model
+
+
+def test_layers_left_out_of_qat_stay_in_float_after_conversion() -> None:
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    prepare_qat_(model, targets=ts.Select(types=("Linear",), exclude=("2",)))
+    x = torch.randn(32, 8)
+    model(x)  # observe input ranges
+    int8 = convert_qat(model, example_inputs=x[:2], calibration=[x])
+    report = int8.report
+    assert report["qat"] and "2" in report["excluded"] and "0" not in report["excluded"]

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from torchslim.calibration import take_pairs
 from torchslim.changes import Changes, observed_changes
 from torchslim.errors import NothingChangedWarning
+from torchslim.linear_layers import hf_conv1d_layers, is_hf_conv1d, linearize_
 from torchslim.registry import handler_for
 from torchslim.select import Select, unselectable_weight_layers
 from torchslim.signature import record_signature_
@@ -58,6 +59,7 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
         record_signature_(model, example_inputs)  # kept by `save`: benchmarks and export need it
     snapshot = copy.deepcopy(model)
     try:
+        _linearize_selected(model, config, targets)
         takes_inputs = "example_inputs" in inspect.signature(handler).parameters
         extra = {"example_inputs": example_inputs} if takes_inputs and example_inputs is not None else {}
         result = handler(model, config, targets=targets or Select(), calibration=calibration, **extra)
@@ -75,6 +77,18 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
         why = why_unchanged or "; ".join(f"{k}: {v}" for k, v in changes.skipped.items()) or "no reason given"
         warnings.warn(f"torchslim: {kind} changed nothing: {why}", NothingChangedWarning, stacklevel=2)
     return changes
+
+
+def _linearize_selected(model: nn.Module, config: object, targets: Select | None) -> None:
+    """Hugging Face `Conv1D` layers the technique will touch become the `nn.Linear`s they are
+    (recorded, replayed on load): every technique then handles them as Linear layers."""
+    if not hf_conv1d_layers(model):
+        return
+    if getattr(config, "selects_layers", False):
+        chosen = (targets or Select()).resolve(model)
+        linearize_(model, [name for name, layer in chosen if is_hf_conv1d(layer)])
+    elif getattr(config, "structural", False):
+        linearize_(model)
 
 
 def _name_unhandled_layers(model: nn.Module, result: Changes, kind: str) -> None:

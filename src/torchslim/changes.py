@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim.linear_layers import as_linear, is_hf_conv1d
+
 __all__ = ["Changes", "observed_changes"]
 
 
@@ -103,11 +105,15 @@ def observed_changes(before: nn.Module, after: nn.Module) -> dict[str, str]:
             changed[name] = "removed"
             covered.append(name)
             continue
+        what = []
+        if is_hf_conv1d(module) and _base_type(now) is nn.Linear:  # the same layer, weight transposed
+            what.append("Conv1D as Linear")
+            module = as_linear(module)
         if _base_type(now) is not _base_type(module):
             changed[name] = f"replaced: {_base_type(module).__name__} -> {_base_type(now).__name__}"
             covered.append(name)
             continue
-        what = [f"{key} parametrized ({', '.join(type(p).__name__ for p in plist)})"
+        what += [f"{key} parametrized ({', '.join(type(p).__name__ for p in plist)})"
                 for key, plist in getattr(now, "parametrizations", {}).items()
                 if not parametrize.is_parametrized(module, key)]
         what += _tensor_changes(module, now)

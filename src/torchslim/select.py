@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.errors import ConfigError, SelectionError
+from torchslim.linear_layers import is_hf_conv1d
 
 __all__ = ["LAYER_TYPES", "Select", "unselectable_weight_layers"]
 
@@ -29,7 +30,8 @@ class Select:
     """Layers chosen by exact `names`, glob `patterns` (`blocks.*.conv1`) and `types` (by name).
 
     With no `names` or `patterns`, every layer of the given `types` is chosen (default types:
-    Linear and Conv). `exclude` holds names or patterns removed from the result.
+    Linear and Conv; `Linear` includes Hugging Face's transposed `Conv1D`). `exclude` holds
+    names or patterns removed from the result.
 
     Example:
         >>> from torchslim.models import create_model
@@ -76,8 +78,9 @@ class Select:
         if unknown:
             raise ConfigError(f"unknown layer type(s) {unknown}; known: {sorted(LAYER_TYPES)}")
         kinds = tuple(LAYER_TYPES[t] for t in self.types)
+        linear = "Linear" in self.types  # Hugging Face's Conv1D is a Linear with its weight transposed
         layers = {name: module for name, module in model.named_modules()
-                  if name and isinstance(module, kinds)}
+                  if name and (isinstance(module, kinds) or (linear and is_hf_conv1d(module)))}
         problems = [f"name {n!r}" for n in self.names if n not in layers]
         problems += [f"pattern {p!r}" for p in self.patterns
                      if not fnmatch.filter(layers, p)]
@@ -105,7 +108,8 @@ def unselectable_weight_layers(model: nn.Module) -> dict[str, str]:
     found = {}
     for name, module in model.named_modules():
         weight = module._parameters.get("weight")
-        if name and isinstance(weight, nn.Parameter) and weight.dim() >= 2 and not isinstance(module, kept):
+        if (name and isinstance(weight, nn.Parameter) and weight.dim() >= 2 and not isinstance(module, kept)
+                and not is_hf_conv1d(module)):
             found[name] = (f"{type(module).__name__} is not a layer type this technique handles "
                            f"({', '.join(LAYER_TYPES)}); it is left unchanged")
     return found

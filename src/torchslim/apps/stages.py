@@ -29,6 +29,7 @@ from torchslim.pruning.schedules import iterative_sparsities, rewind_
 from torchslim.quantization.lowbit import LowBit
 from torchslim.quantization.ptq import Quantization
 from torchslim.registry import register_stage
+from torchslim.select import Select
 from torchslim.training import TrainConfig
 
 if TYPE_CHECKING:
@@ -262,7 +263,8 @@ def _qat(run: CompressionRun, stage: Stage, model: nn.Module, constraints: Const
     config: QATStage = stage.config
     example = inputs_for(model, 2)
     constrain_(model, constraints)  # pruned weights stay zero while training
-    prepared = prepare_qat_(model, learn_scale=config.learn_scale)
+    chosen = None if stage.targets == Select() else stage.targets  # default: QAT's own (Linear, Conv2d)
+    prepared = prepare_qat_(model, targets=chosen, learn_scale=config.learn_scale)
     run.train(model, replace(config.train), checkpoint_dir, loss=run.distill_loss(config.distill))
     batches = [x for x, _ in run.calibration(8)]
     converted = convert_qat(model, example_inputs=example, calibration=batches)

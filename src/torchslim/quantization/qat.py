@@ -175,9 +175,15 @@ def convert_qat(model: nn.Module, *, example_inputs: torch.Tensor,
 
     from torchslim.quantization.ptq import Quantization, QuantMethod, quantize_model
 
+    # Layers of the kinds QAT prepares that were left out of it (targets=) stay in float: they
+    # were trained without fake quantization, so converting them would be a silent PTQ.
+    left_out = tuple(name for name, layer in model.named_modules()
+                     if name and isinstance(layer, nn.Linear | nn.Conv2d)
+                     and not hasattr(layer, "input_quantizer")
+                     and not any(hasattr(m, "input_quantizer") for m in layer.modules() if m is not layer))
     plain = strip_qat_(copy.deepcopy(model)).eval()
-    result = quantize_model(plain, Quantization(method=QuantMethod.STATIC), example_inputs=example_inputs,
-                            calibration=calibration)
+    result = quantize_model(plain, Quantization(method=QuantMethod.STATIC, exclude=left_out),
+                            example_inputs=example_inputs, calibration=calibration)
     report: dict[str, Any] = getattr(result, "report")  # noqa: B009 - set by quantize_model
     report["qat"] = True
     return result

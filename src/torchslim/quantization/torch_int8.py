@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.linear_layers import is_hf_conv1d, linearize_
 from torchslim.parametrized import weight_of
 from torchslim.select import Select
 from torchslim.structure import Edit, register_edit, replace_layers_, replace_module_
@@ -68,8 +69,9 @@ class Int8DynamicLinear(nn.Module):
 
 def quantize_linears_int8_(model: nn.Module, *, targets: Select | None = None) -> dict[str, Any]:
     """Replace the selected Linear layers by `Int8DynamicLinear` in place; returns the names."""
-    names = [n for n, m in (targets or Select(types=("Linear",))).resolve(model)
-             if isinstance(m, nn.Linear)]
+    chosen = (targets or Select(types=("Linear",))).resolve(model)
+    linearize_(model, [n for n, m in chosen if is_hf_conv1d(m)])  # GPT-2's Conv1D is a Linear
+    names = [n for n, _ in chosen if isinstance(model.get_submodule(n), nn.Linear)]
 
     def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
         assert isinstance(layer, nn.Linear)
