@@ -60,29 +60,28 @@ SPEC_ATTRIBUTE = "torchslim_spec"  # a registry's record of how it built a model
 
 @dataclass(frozen=True)
 class Architectures:
-    """A model registry that files can name (under `model`) and `load` can rebuild from.
+    """A source of architectures that files can name (under `key`) and `load` can rebuild.
 
-    `parse(record)` validates a record read from a file into a spec (types and bounds only);
-    `resolve(spec)` returns a function building that architecture with the spec attached, or
-    raises `ConfigError` for a name it does not know. Both raise `ConfigError` on bad input.
+    `describe(model)` is the record to write for a model of this source (None: not one of
+    its models); `parse(record)` validates a record read from a file into a spec (types and
+    bounds only); `resolve(spec)` returns a function building that architecture, or raises
+    `ConfigError` for one it does not know. The model zoo (`model`) and Hugging Face
+    (`hf`, rebuilt from the recorded config) register themselves; storage imports neither.
     """
 
+    key: str
+    describe: Callable[[nn.Module], dict[str, Any] | None]
     parse: Callable[[Any], Any]
     resolve: Callable[[Any], Callable[[], nn.Module]]
 
 
-_ARCHITECTURES: list[Architectures] = []
+_ARCHITECTURES: dict[str, Architectures] = {}
 
 
 def register_architectures(architectures: Architectures) -> None:
-    """Let files name models of a registry (`torchslim.models` registers itself on import)."""
-    _ARCHITECTURES[:] = [architectures]
+    """Let files name (and `load` rebuild) the models of a source; the last one for a key wins."""
+    _ARCHITECTURES[architectures.key] = architectures
 
-
-def _architectures() -> Architectures:
-    if not _ARCHITECTURES:
-        raise ConfigError("no model registry is loaded (import torchslim)")
-    return _ARCHITECTURES[0]
 
 ARTIFACT_FORMAT = "torchslim.artifact"
 ARTIFACT_VERSION = 0  # dense tensors
@@ -280,7 +279,10 @@ def _identity(model: nn.Module, spec: Any) -> dict[str, Any]:
     """What the file says about where the model comes from: the registered spec (rebuilt by
     `load`) or, for any other module, its class's import path (shown, never imported); and
     its input signature when known."""
-    found: dict[str, Any] = {"model": spec.to_dict()} if hasattr(spec, "to_dict") else {
+    records = {"model": spec.to_dict()} if hasattr(spec, "to_dict") else {
+        key: record for key, source in _ARCHITECTURES.items()
+        if (record := source.describe(model)) is not None}
+    found: dict[str, Any] = dict(list(records.items())[:1]) or {
         "module": {"class": getattr(model, SOURCE_CLASS_ATTRIBUTE, None)
                    or f"{type(model).__module__}.{type(model).__qualname__}"}}
     signature = signature_of(model)
@@ -300,7 +302,8 @@ def _save_program(model: nn.Module, program: bytes, path: Path, spec: Any,
         "metadata": metadata or {},
         "runtime": {"backend": "onnxruntime", "weight_count": getattr(model, "weight_count", 0),
                     "flops_per_sample": getattr(model, "flops_per_sample", 0),
-                    "report": getattr(model, "report", {}), "program_coding": coding},
+                    "report": getattr(model, "report", {}), "program_coding": coding,
+                    **({"input_keys": model.input_keys} if getattr(model, "input_keys", None) else {})},
     }
     tensor = torch.frombuffer(bytearray(program), dtype=torch.uint8).clone()
     write_checked(path, {PROGRAM: tensor}, document)
@@ -325,6 +328,16 @@ def _program_bytes(path: Path, tensors: dict[str, torch.Tensor], document: dict[
     return program
 
 
+def _input_keys(value: Any) -> list[str] | None:
+    """The keyword inputs a program packs (see `PackedInputs`): a short list of names, or None."""
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not 1 <= len(value) <= 16
+            or not all(isinstance(k, str) and k.isidentifier() and len(k) <= 64 for k in value)):
+        raise ConfigError(f"input_keys must be 1 to 16 names, got {str(value)[:80]}")
+    return list(value)
+
+
 def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[str, Any]) -> nn.Module:
     from torchslim.runtime.onnx_program import OrtModule
 
@@ -333,11 +346,12 @@ def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[s
     try:
         model = OrtModule(program,
                           weight_count=int(runtime.get("weight_count", 0)),
-                          flops=int(runtime.get("flops_per_sample", 0)))
+                          flops=int(runtime.get("flops_per_sample", 0)),
+                          input_keys=_input_keys(runtime.get("input_keys")))
         report = runtime.get("report") or {}
         model.report = dict(report) if isinstance(report, dict) else {}
         if "model" in document:
-            setattr(model, SPEC_ATTRIBUTE, _architectures().parse(document["model"]))
+            setattr(model, SPEC_ATTRIBUTE, _ARCHITECTURES["model"].parse(document["model"]))
         _restore_identity(model, document)
         model.session()  # parse now: a damaged program fails here, not on first use
     except (ConfigError, KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -402,14 +416,15 @@ def _builder(path: Path, document: dict[str, Any], model: nn.Module | None) -> A
     """A function building the recorded architecture (or copying the given `model`)."""
     if model is not None:
         return lambda: meta_copy(model)
-    if "model" not in document:
+    keys = [key for key in _ARCHITECTURES if key in document]
+    if not keys:
         raise ArtifactError(f"{path} holds a {source_class(document) or 'model'} that is not a "
                             "torchslim reference model; loading never imports code, so build it "
                             "yourself and pass it: load(PATH, model=YourClass(...)) (on the command "
                             "line: --model FILE.py:FUNCTION)")
     try:
-        architectures = _architectures()
-        return architectures.resolve(architectures.parse(document.get("model")))
+        source = _ARCHITECTURES[keys[0]]
+        return source.resolve(source.parse(document[keys[0]]))
     except ConfigError as exc:
         raise ArtifactError(f"{path} names an architecture this torchslim cannot build "
                             f"({exc}); pass model= with the architecture") from None

@@ -640,7 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checked against the module on its recorded inputs; an int8 model's ONNX program is written "
         "as is.")
     _add_model_argument(export)
-    export.add_argument("--format", default="onnx", choices=["onnx", "pt2"])
+    export.add_argument("--format", default="onnx", choices=["onnx", "pt2", "hf"],
+                        help="onnx (one tensor input), pt2 (torch.export), hf (a save_pretrained "
+                             "folder; Hugging Face models)")
     export.add_argument("--out", required=True, help="the file to write")
     export.set_defaults(func=cmd_export, out_is_file=True)
     return parser

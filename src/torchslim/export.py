@@ -1,4 +1,5 @@
-"""Hand a compressed model to another runtime: an ONNX file or a `torch.export` program (.pt2).
+"""Hand a compressed model to another runtime: an ONNX file, a `torch.export` program (.pt2),
+or (Hugging Face models) a `save_pretrained` folder that `transformers` loads directly.
 
 Every export is checked before it is kept: the exported program is run on a batch of the
 model's recorded inputs and must give the module's outputs (float programs within 1e-4
@@ -26,6 +27,7 @@ TOLERANCE = 1e-4
 class ExportFormat(StrEnum):
     ONNX = "onnx"
     PT2 = "pt2"  # torch.export ExportedProgram, loadable with torch.export.load
+    HF = "hf"  # a save_pretrained folder (Hugging Face models)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -83,6 +85,28 @@ def _pt2(model: nn.Module, inputs: Any, path: Path) -> Any:
     return torch.export.load(str(path)).module()(*args, **kwargs)
 
 
+def _hf_folder(model: nn.Module, path: Path, inputs: Any) -> Any:
+    """Write the folder beside its destination, check it reloads, then move it into place."""
+    import shutil
+    import tempfile
+
+    from torchslim.huggingface import load_hf_folder, save_hf_folder
+
+    if path.exists():
+        raise ConfigError(f"{path} exists; export --format hf writes a new folder: pick another --out "
+                          "or remove it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_hf_folder(model, staging)
+        args, kwargs = _arguments(inputs)
+        got = load_hf_folder(staging)(*args, **kwargs)
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return got
+
+
 def export_model(model: nn.Module, path: str | Path, *, format: ExportFormat | str,
                  example_inputs: Any) -> dict[str, Any]:
     """Write `model` to `path` in `format` and check the result reproduces the module.
@@ -96,7 +120,7 @@ def export_model(model: nn.Module, path: str | Path, *, format: ExportFormat | s
     try:
         chosen = ExportFormat(format)
     except ValueError:
-        raise ConfigError(f"unknown export format {format!r}; valid: onnx, pt2") from None
+        raise ConfigError(f"unknown export format {format!r}; valid: onnx, pt2, hf") from None
     path = Path(path)
     with torch.no_grad():
         args, kwargs = _arguments(example_inputs)
@@ -106,12 +130,21 @@ def export_model(model: nn.Module, path: str | Path, *, format: ExportFormat | s
             difference = _difference(expected, got)
             if difference <= TOLERANCE:
                 write_atomic(path, lambda tmp: tmp.write_bytes(data))
+        elif chosen is ExportFormat.HF:
+            got = _hf_folder(model, path, example_inputs)
+            difference = _difference(expected, got)
         else:
             got = _pt2(model, example_inputs, path)
             difference = _difference(expected, got)
     if difference > TOLERANCE:
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path)
         path.unlink(missing_ok=True)
         raise ConfigError(f"the {chosen.value} export computes something else than the module "
                           f"(largest relative difference {difference:.3g}); nothing was written")
-    return {"format": chosen.value, "path": str(path), "bytes": path.stat().st_size,
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]
+    size = sum(f.stat().st_size for f in files)
+    return {"format": chosen.value, "path": str(path), "bytes": size,
             "max_relative_difference": difference}

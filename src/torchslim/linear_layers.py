@@ -12,7 +12,7 @@ from torch import nn
 
 from torchslim.structure import Edit, read_in_place, record_edit_, register_edit, replace_module_
 
-__all__ = ["as_linear", "hf_conv1d_layers", "is_hf_conv1d", "linearize_"]
+__all__ = ["as_linear", "hf_conv1d_layers", "is_hf_conv1d", "linearize_", "restore_hf_conv1d_"]
 
 HF_CONV1D = "transformers.pytorch_utils.Conv1D"
 
@@ -68,3 +68,23 @@ def _replay(model: nn.Module, edit: Edit) -> None:
 
 
 register_edit("hf_conv1d_as_linear", _replay)
+
+
+def restore_hf_conv1d_(model: nn.Module) -> list[str]:
+    """Put back, as `Conv1D`, the layers `linearize_` turned into Linear (for `save_pretrained`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from torchslim.structure import edits_of
+
+    names = [str(n) for edit in edits_of(model) if edit.get("kind") == "hf_conv1d_as_linear"
+             for n in edit["layers"]]
+    for name in names:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        conv = Conv1D(linear.out_features, linear.in_features)
+        with torch.no_grad():
+            conv.weight.copy_(linear.weight.detach().t())
+            if linear.bias is not None:
+                conv.bias.copy_(linear.bias.detach())
+        replace_module_(model, name, conv.to(linear.weight.dtype))
+    return names

@@ -104,12 +104,12 @@ class CompressionRun:
         self.stages_dir = self.out / "stages"
         name, dataset = recipe.model, recipe.dataset
         source = self.model_source
-        if source and Path(source).exists():  # an artifact: its model, and the dataset it was trained on
+        if source and Path(source).is_file():  # an artifact: its model, and the dataset it was trained on
             saved = artifact.read_metadata(source)
             name = saved["model"]["name"] if "model" in saved else None
             dataset = dataset or saved.get("metadata", {}).get("dataset")
         elif source:
-            name = None if is_factory(source) else source
+            name = None if is_factory(source) or Path(source).is_dir() else source
         data, _ = resolve_run_data(dataset, name, seed=recipe.seed, required=True)
         assert data is not None
         self.data: RunData = data

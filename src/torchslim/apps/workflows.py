@@ -46,23 +46,31 @@ __all__ = ["backend_of", "load_model_or_artifact", "measure_model", "quantize_jo
 
 
 def load_model_or_artifact(source: str, *, factory: str | None = None) -> tuple[nn.Module, Path | None]:
-    """A model from a registered name (with its shipped weights, if any), an artifact path, or
-    a factory string `FILE.py:FUNCTION` / `package.module:FUNCTION` returning the module.
+    """A model from a registered name (with its shipped weights, if any), an artifact path, a
+    local Hugging Face model folder, or a factory string `FILE.py:FUNCTION` /
+    `package.module:FUNCTION` returning the module.
 
     An artifact of a model that is not a torchslim reference model is rebuilt on the module
     `factory` returns (the artifact itself never imports code).
     """
     from torchslim.factories import build_from_factory, is_factory
+    from torchslim.huggingface import is_hf_folder, load_hf_folder
 
     if source in model_names():
         return create_model(source), None
     path = Path(source)
+    if is_hf_folder(path):  # a local Hugging Face model folder (config.json + weights)
+        return load_hf_folder(path), None
+    if path.is_dir():
+        raise ConfigError(f"{source} is a folder without a config.json: pass a .slim file, a "
+                          "Hugging Face model folder (save_pretrained), a registered model or a factory")
     if path.exists():
         base = build_from_factory(factory) if factory else None
         return artifact.load(path, model=base), path
     if is_factory(source):
         return build_from_factory(source), None
-    raise ConfigError(f"{source!r} is neither an artifact file, a registered model, nor a factory "
+    raise ConfigError(f"{source!r} is neither an artifact file, a Hugging Face model folder, a "
+                      "registered model, nor a factory "
                       f"FILE.py:FUNCTION / package.module:FUNCTION; known models: {', '.join(model_names())}")
 
 

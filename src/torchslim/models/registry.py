@@ -150,7 +150,13 @@ def _resolve(spec: ModelSpec) -> Callable[[], nn.Module]:
     return lambda: build_model(spec)
 
 
-register_architectures(Architectures(parse=ModelSpec.from_dict, resolve=_resolve))
+def _describe(model: nn.Module) -> dict[str, Any] | None:
+    spec = getattr(model, SPEC_ATTRIBUTE, None)
+    return spec.to_dict() if isinstance(spec, ModelSpec) else None
+
+
+register_architectures(Architectures(key="model", describe=_describe, parse=ModelSpec.from_dict,
+                                     resolve=_resolve))
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

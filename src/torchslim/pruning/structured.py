@@ -196,7 +196,9 @@ def _example(model: nn.Module, example_inputs: Any, calibration: Any) -> tuple[A
     if example_inputs is not None:
         return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if calibration:
-        return (next(iter(calibration))[0][:2],)
+        from torchslim.calibration import first_samples, split_batch
+
+        return (first_samples(split_batch(next(iter(calibration)))[0], 2),)
     from torchslim.models import example_inputs as spec_example
     from torchslim.models import spec_of
 

@@ -20,10 +20,18 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from torchslim.calibration import take_inputs
+from torchslim.calibration import first_samples, take_inputs
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, SelectionError
-from torchslim.runtime.onnx_program import OrtModule, export_onnx, optimize_onnx, quantize_onnx
+from torchslim.runtime.onnx_program import (
+    OrtModule,
+    PackedInputs,
+    export_onnx,
+    optimize_onnx,
+    pack_inputs,
+    packable_keys,
+    quantize_onnx,
+)
 from torchslim.signature import record_signature_
 
 __all__ = ["Backend", "Calibrate", "QuantMethod", "Quantization", "float_program", "quantize_model"]
@@ -119,7 +127,13 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     if config.method == QuantMethod.STATIC:
         batches = take_inputs(calibration, config.calibration_batches)
     transformer = _transformer_shape(model)
-    program = _export(model, example_inputs, transformer)
+    keys = packable_keys(example_inputs)  # keyword inputs (Hugging Face): one packed program input
+    if keys is not None:
+        batches = None if batches is None else [pack_inputs(b, keys) for b in batches]
+        assert isinstance(example_inputs, dict)
+        program = _export(PackedInputs(model, keys), pack_inputs(example_inputs, keys), transformer)
+    else:
+        program = _export(model, example_inputs, transformer)
     quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
                                       per_channel=config.per_channel, calibrate=config.calibrate.value,
                                       transformer=transformer,
@@ -127,8 +141,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     if kept or halved:
         report["excluded"] = {**{name: "kept in float by exclude=" for name in kept},
                               **{name: "kept in float16 by fp16=" for name in halved}}
-    flops = count_flops(model, example_inputs[:1])
-    result = OrtModule(quantized, weight_count=count_params(model)[0], flops=flops)
+    flops = count_flops(model, first_samples(example_inputs, 1))
+    result = OrtModule(quantized, weight_count=count_params(model)[0], flops=flops, input_keys=keys)
     result.report = {"backend": "onnxruntime", "method": config.method.value,
                      "config": config.to_dict(), **report}
     spec = getattr(model, "torchslim_spec", None)

@@ -14,6 +14,7 @@ treat it like any model.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -26,8 +27,8 @@ from torch import nn
 
 from torchslim.errors import ConfigError, UnsupportedModuleError
 
-__all__ = ["OrtModule", "dynamic_input_axes", "export_onnx", "optimize_onnx", "quantize_onnx",
-           "quantized_ops"]
+__all__ = ["OrtModule", "PackedInputs", "dynamic_input_axes", "export_onnx", "optimize_onnx", "pack_inputs",
+           "packable_keys", "quantize_onnx", "quantized_ops"]
 
 INSTALL_HINT = "pip install -c constraints.txt 'torchslim[onnx]'"
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")  # ops that carry weights
@@ -64,6 +65,48 @@ def dynamic_input_axes(model: nn.Module, example_inputs: torch.Tensor) -> dict[i
     return {0: "batch", 1: "sequence"} if token_ids or recurrent else {0: "batch"}
 
 
+def packable_keys(inputs: Any) -> list[str] | None:
+    """The keys of a dict batch whose tensors can travel as one (B, K, ...) program input: all
+    integer tensors of one shape (Hugging Face's input_ids, attention_mask, token_type_ids)."""
+    if not isinstance(inputs, dict) or not inputs:
+        return None
+    tensors = list(inputs.values())
+    same = all(isinstance(t, torch.Tensor) and not t.is_floating_point() and t.shape == tensors[0].shape
+               for t in tensors)
+    return [str(k) for k in inputs] if same else None
+
+
+def pack_inputs(inputs: dict[str, torch.Tensor], keys: list[str]) -> torch.Tensor:
+    """The dict batch as one tensor (B, K, ...), keys in `keys` order."""
+    missing = [k for k in keys if k not in inputs]
+    if missing:
+        raise ConfigError(f"the int8 program takes {keys}; the batch lacks {missing}")
+    return torch.stack([inputs[k] for k in keys], dim=1)
+
+
+class PackedInputs(nn.Module):
+    """Calls `model(**dict)` from one packed tensor (B, K, ...), returning its logits (the
+    first tensor output): how a keyword-input model (Hugging Face) becomes a one-input program.
+    Decoders run without their key/value cache."""
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, list(keys)
+        parameters = inspect.signature(model.forward).parameters
+        self.extra = {"use_cache": False} if "use_cache" in parameters else {}
+        # An all-ones mask means what no mask means; given explicitly it keeps transformers off
+        # its packed-sequence detection (torch.diff), which the ONNX exporter cannot write.
+        self.ones_mask = "attention_mask" in parameters and "attention_mask" not in self.keys
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        from torchslim.calibration import logits_of
+
+        inputs = {k: packed[:, i] for i, k in enumerate(self.keys)}
+        if self.ones_mask:
+            inputs["attention_mask"] = torch.ones_like(packed[:, 0])
+        return logits_of(self.model(**inputs, **self.extra))
+
+
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
     """The model as an ONNX program (opset 17) with a dynamic batch (and sequence) dimension
     (see `dynamic_input_axes`).
@@ -77,7 +120,8 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
         raise UnsupportedModuleError(f"{type(model).__name__} takes {type(example_inputs).__name__} inputs; "
                                      "int8 programs take one tensor input: wrap the model in a module "
                                      "whose forward takes one tensor")
-    dynamic = dynamic_input_axes(model, example_inputs)
+    dynamic = ({0: "batch", 2: "sequence"} if isinstance(model, PackedInputs) and example_inputs.dim() == 3
+               else dynamic_input_axes(model, example_inputs))
     was_training = model.training
     model.eval()
     folder = tempfile.TemporaryDirectory()
@@ -286,10 +330,11 @@ class OrtModule(nn.Module):
     """
 
     def __init__(self, program: bytes, *, weight_count: int = 0, flops: int = 0,
-                 spin_wait: bool = True) -> None:
+                 spin_wait: bool = True, input_keys: list[str] | None = None) -> None:
         super().__init__()
         _onnx()
         self.program = program
+        self.input_keys = input_keys  # a keyword-input model: dict batches are packed (PackedInputs)
         self.spin_wait = spin_wait
         # Counts of the float model it came from: the program's weights are not parameters.
         self.weight_count, self.flops_per_sample = weight_count, flops
@@ -312,7 +357,12 @@ class OrtModule(nn.Module):
             self._threads = threads
         return self._session
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | None = None, **keywords: torch.Tensor) -> torch.Tensor:
+        if self.input_keys is not None and (keywords or isinstance(inputs, dict)):
+            inputs = pack_inputs(dict(inputs or {}, **keywords), self.input_keys)
+        if not isinstance(inputs, torch.Tensor):
+            takes = f"a dict of {self.input_keys}" if self.input_keys else "one tensor"
+            raise ConfigError(f"the int8 program takes {takes}, got {type(inputs).__name__}")
         session = self.session()
         try:
             (output,) = session.run(["output"], {"input": inputs.detach().cpu().numpy()})

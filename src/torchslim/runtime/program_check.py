@@ -32,7 +32,7 @@ MICROSOFT_OPS = frozenset({
     "FastGelu", "FusedConv", "FusedGemm", "FusedMatMul", "Gelu", "LayerNormalization",
     "MatMulIntegerToFloat", "QAttention", "QGemm", "QLinearAdd", "QLinearAveragePool",
     "QLinearConcat", "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearMul", "QLinearSigmoid",
-    "QuickGelu", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+    "QEmbedLayerNormalization", "QuickGelu", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
     "SimplifiedLayerNormalization", "DequantizeLinear", "QuantizeLinear", "NhwcConv",
 })
 # Ops whose output size is read from the *values* of an input (not only from shapes).

@@ -1,0 +1,199 @@
+"""Hugging Face models, first-class: recorded by their config, rebuilt from it, loaded from a
+local folder, written back as a `save_pretrained` folder.
+
+`save` records a `transformers` model by its class name and config (JSON); `load` rebuilds it
+with that class from the config (on the meta device first, to check every tensor the file
+declares), replays the edits and fills in the weights: no model argument, no network, no remote
+code (`auto_map` is refused), and bounded sizes. A local folder (config.json + weights) is a
+model source for every CLI command. `transformers` is imported only when one of these is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.artifact import Architectures, register_architectures
+from torchslim.errors import ConfigError
+
+__all__ = ["is_hf_folder", "is_hf_model", "load_hf_folder", "save_hf_folder"]
+
+PRETRAINED = "transformers.modeling_utils.PreTrainedModel"
+INSTALL_HINT = "pip install -c constraints.txt 'torchslim[text]'"
+MAX_CONFIG_INT = 1 << 24  # widths, vocabularies, positions: larger is a forged file
+MAX_LAYERS = 512
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers",
+              "num_decoder_layers", "n_layers")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+ATTENTION = ("eager", "sdpa")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """Whether `module` is a `transformers` `PreTrainedModel` (checked by class name)."""
+    return any(f"{cls.__module__}.{cls.__qualname__}" == PRETRAINED for cls in type(module).__mro__)
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("this model is a Hugging Face transformers model; install transformers: "
+                          f"{INSTALL_HINT}") from None
+    return transformers
+
+
+def _model_class(name: Any) -> type:
+    """A model class of `transformers` itself, by name (never code from elsewhere)."""
+    transformers = _transformers()
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ConfigError(f"{str(name)[:80]!r} is not a model class of transformers "
+                          f"{transformers.__version__}")
+    return cls
+
+
+# ----------------------------------------------------------------------------- storage
+def _describe(model: nn.Module) -> dict[str, Any] | None:
+    if not is_hf_model(model):
+        return None
+    config = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[operator,union-attr]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    attention = getattr(model.config, "_attn_implementation", None)
+    return {"class": type(model).__name__, "config": config,
+            "dtype": str(dtype).removeprefix("torch."),
+            "attn_implementation": attention if attention in ATTENTION else "eager"}
+
+
+def _check_config(value: Any, where: str = "config") -> None:
+    """Bounded, plain JSON: a forged config must not make the builder loop or allocate for long."""
+    if isinstance(value, dict):
+        if "auto_map" in value:
+            raise ConfigError(f"{where} asks for remote code (auto_map); torchslim never runs it")
+        for key, item in value.items():
+            if key in LAYER_KEYS and not (type(item) is int and 0 <= item <= MAX_LAYERS):
+                raise ConfigError(f"{where}.{key} must be an int in [0, {MAX_LAYERS}], got {str(item)[:40]}")
+            _check_config(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        if len(value) > 4096:
+            raise ConfigError(f"{where} is a list of {len(value)} items; a config holds short lists")
+        for item in value:
+            _check_config(item, where)
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_CONFIG_INT:
+        raise ConfigError(f"{where} = {value} is out of range (|value| <= {MAX_CONFIG_INT})")
+    elif isinstance(value, str) and len(value) > 10_000:
+        raise ConfigError(f"{where} is a string of {len(value)} characters")
+
+
+def _parse(record: Any) -> dict[str, Any]:
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise ConfigError("a Hugging Face record needs 'class' and a 'config' mapping")
+    name, dtype = record.get("class"), record.get("dtype", "float32")
+    attention = record.get("attn_implementation")
+    if not isinstance(name, str) or not name.isidentifier() or len(name) > 100:
+        raise ConfigError(f"'class' must be a transformers model class name, got {str(name)[:80]!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"'dtype' must be one of {sorted(DTYPES)}, got {str(dtype)[:40]!r}")
+    if attention not in (*ATTENTION, None):
+        raise ConfigError(f"'attn_implementation' must be one of {ATTENTION}, got {str(attention)[:40]!r}")
+    config = record["config"]
+    if not isinstance(config.get("model_type"), str):
+        raise ConfigError("the recorded config names no model_type")
+    _check_config(config)
+    return {"class": name, "config": config, "dtype": dtype, "attn_implementation": attention or "eager"}
+
+
+def _resolve(spec: dict[str, Any]) -> Callable[[], nn.Module]:
+    transformers = _transformers()
+    cls = _model_class(spec["class"])
+    options = {k: v for k, v in spec["config"].items() if k != "model_type"}
+    try:
+        config = transformers.AutoConfig.for_model(spec["config"]["model_type"], **options)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"transformers cannot make a {spec['config']['model_type']!r} config "
+                          f"({str(exc)[:200]})") from None
+
+    def build() -> nn.Module:
+        model = cls._from_config(config, attn_implementation=spec["attn_implementation"])  # type: ignore[attr-defined]
+        return model.to(DTYPES[spec["dtype"]])
+
+    return build
+
+
+register_architectures(Architectures(key="hf", describe=_describe, parse=_parse, resolve=_resolve))
+
+
+# ------------------------------------------------------------------------------- folders
+def is_hf_folder(source: str | Path) -> bool:
+    """Whether `source` is a local Hugging Face model folder (it has a config.json)."""
+    return Path(source).is_dir() and (Path(source) / "config.json").is_file()
+
+
+def load_hf_folder(folder: str | Path) -> nn.Module:
+    """The model a local `save_pretrained` folder holds, in eval mode; never reaches the network.
+
+    Raises:
+        ConfigError: no weights in the folder, a config without a known architecture, or one
+            that asks for remote code.
+    """
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{folder}/config.json cannot be read as JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{folder}/config.json is not a JSON object")
+    _check_config(config, f"{folder}/config.json")
+    weights = [name for name in WEIGHT_FILES if (folder / name).is_file()]
+    if not weights:
+        raise ConfigError(f"{folder} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+                          "save the model with save_pretrained(folder)")
+    names = config.get("architectures") or []
+    if not names:
+        raise ConfigError(f"{folder}/config.json lists no 'architectures'; save the model with "
+                          "save_pretrained so the folder names its class")
+    cls = _model_class(names[0])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: nothing to fetch
+    model = cls.from_pretrained(str(folder), local_files_only=True)  # type: ignore[attr-defined]
+    assert isinstance(model, nn.Module)
+    return model.eval()
+
+
+def save_hf_folder(model: nn.Module, folder: str | Path) -> Path:
+    """Write `model` as a `save_pretrained` folder `transformers` loads directly.
+
+    GPT-2's Conv1D layers that torchslim handled as Linear go back to their own layout; a model
+    whose layers were replaced by other modules (factorized, int8) is not a transformers
+    architecture any more and is refused with the alternatives.
+
+    Raises:
+        ConfigError: not a Hugging Face model, or its structure no longer matches its config.
+    """
+    import copy
+
+    from torchslim.linear_layers import restore_hf_conv1d_
+    from torchslim.structure import EDITS_ATTRIBUTE, edits_of
+
+    if not is_hf_model(model):
+        raise ConfigError(f"{type(model).__name__} is not a Hugging Face model; export it with "
+                          "--format onnx or pt2")
+    other = sorted({e.get("kind", "?") for e in edits_of(model)} - {"hf_conv1d_as_linear"})
+    if other:
+        raise ConfigError(f"the model's layers were changed by {', '.join(other)}, so it no longer "
+                          "matches its transformers config; export it with --format onnx or pt2 "
+                          "(or keep the .slim file, which loads with torchslim.load)")
+    plain = copy.deepcopy(model)
+    restore_hf_conv1d_(plain)
+    if hasattr(plain, EDITS_ATTRIBUTE):
+        delattr(plain, EDITS_ATTRIBUTE)
+    folder = Path(folder)
+    plain.save_pretrained(str(folder))  # type: ignore[operator]
+    return folder
