@@ -1,0 +1,161 @@
+"""Hugging Face models built from configs in code (nothing downloaded): stored by their config
+and rebuilt without a model argument (also in a fresh process), forged records refused, a local
+save_pretrained folder as a CLI model, `export --format hf`, and int8 programs for encoders and
+decoder LMs on onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from forgery import rewrite
+from torchslim import apply_, artifact, finalize_
+from torchslim.calibration import call_model, logits_of
+from torchslim.cli import main
+from torchslim.errors import ArtifactError, ConfigError
+from torchslim.pruning import WeightPruning
+
+transformers = pytest.importorskip("transformers")
+
+
+def _run(model: torch.nn.Module, inputs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return logits_of(call_model(model, inputs))
+
+
+def gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=32)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, vocab_size=100, max_position_embeddings=32)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+IDS = {"input_ids": torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))}
+LOAD_IN_FRESH_PROCESS = textwrap.dedent("""
+    import sys, torch, torchslim
+    model = torchslim.load(sys.argv[1])   # no model argument: rebuilt from the recorded config
+    ids = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize("build", [gpt2, bert])
+def test_a_pruned_model_loads_from_its_config_in_a_fresh_process(build: Any, tmp_path: Path) -> None:
+    model = build()
+    apply_(model, WeightPruning(sparsity=0.5))
+    finalize_(model)
+    path = artifact.save(model, tmp_path / "m.slim", example_inputs=IDS)
+    assert "hf" in artifact.read_metadata(path) and "module" not in artifact.read_metadata(path)
+    torch.save(IDS["input_ids"], tmp_path / "ids.pt")
+    subprocess.run([sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(path), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), _run(model, IDS))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d["hf"].update({"class": "AutoTokenizer"}), "not a model class of transformers"),
+    (lambda d: d["hf"]["config"].update({"auto_map": {"AutoModel": "evil.Model"}}), "remote code"),
+    (lambda d: d["hf"]["config"].update({"n_layer": 100_000}), "n_layer must be an int"),
+    (lambda d: d["hf"]["config"].update({"n_embd": 1 << 30}), "out of range"),
+])
+def test_a_forged_config_is_refused_before_anything_is_built(tmp_path: Path, change: Any,
+                                                             message: str) -> None:
+    path = artifact.save(gpt2(), tmp_path / "m.slim")
+    forged = rewrite(path, lambda tensors, document: change(document))
+    with pytest.raises(ArtifactError, match=message):
+        artifact.load(forged)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    model = bert()
+    model.save_pretrained(str(tmp_path / "bert"))
+    (tmp_path / "data.py").write_text(textwrap.dedent("""
+        import torch
+        from torch.utils.data import DataLoader, Dataset
+
+        class Texts(Dataset):
+            def __init__(self, n, seed):
+                self.ids = torch.randint(0, 100, (n, 12), generator=torch.Generator().manual_seed(seed))
+            def __len__(self):
+                return len(self.ids)
+            def __getitem__(self, i):
+                return {"input_ids": self.ids[i], "attention_mask": torch.ones(12, dtype=torch.long),
+                        "labels": self.ids[i, 0] % 2}
+
+        def loaders():
+            return {"train": DataLoader(Texts(64, 0), batch_size=16, shuffle=True),
+                    "val": DataLoader(Texts(32, 1), batch_size=16)}
+    """))
+    return tmp_path
+
+
+def test_a_local_folder_goes_through_prune_quantize_evaluate_and_export(folder: Path, capsys: Any) -> None:
+    pytest.importorskip("onnxruntime")
+    model, data = str(folder / "bert"), f"{folder / 'data.py'}:loaders"
+    assert main(["prune", "--model", model, "--dataset", data, "--ratio", "0.5", "--epochs", "1",
+                 "--out", str(folder / "p"), "--no-progress"]) == 0
+    pruned = artifact.load(folder / "p" / "model.slim")  # no model argument
+    weight = pruned.bert.encoder.layer[0].intermediate.dense.weight
+    assert float((weight == 0).float().mean()) > 0.4
+    assert main(["quantize", "--model", str(folder / "p" / "model.slim"), "--dataset", data,
+                 "--method", "dynamic", "--out", str(folder / "q")]) == 0
+    int8 = artifact.load(folder / "q" / "model.slim")
+    assert "QAttention" in int8.report["int8_ops"]  # onnxruntime's fused attention on a plain BERT
+    batch = {"input_ids": torch.randint(0, 100, (3, 12)),
+             "attention_mask": torch.ones(3, 12, dtype=torch.long)}
+    assert float((_run(int8, batch) - _run(pruned, batch)).abs().max()) < 0.05
+    capsys.readouterr()
+    assert main(["evaluate", str(folder / "q" / "model.slim"), "--dataset", data, "--split", "val",
+                 "--json"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1
+    assert main(["export", str(folder / "p" / "model.slim"), "--format", "hf", "--out",
+                 str(folder / "hf")]) == 0
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder / "hf")).eval()
+    torch.testing.assert_close(_run(reloaded, batch), _run(pruned, batch))
+
+
+def test_a_folder_without_weights_is_named_with_the_fix(folder: Path) -> None:
+    from torchslim.huggingface import load_hf_folder
+
+    (folder / "bert" / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"no weights .*save_pretrained"):
+        load_hf_folder(folder / "bert")
+
+
+@pytest.mark.parametrize("build", [gpt2, llama])
+def test_decoder_language_models_run_as_int8_programs_at_any_length(build: Any, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, quantize_model
+
+    model = build()
+    int8 = quantize_model(model, Quantization(method="dynamic"), example_inputs=IDS)
+    assert int8.report["int8_ops"].get("MatMulInteger", 0) >= 8
+    longer = {"input_ids": torch.randint(0, 100, (3, 13))}
+    expected = model(**longer, use_cache=False).logits
+    got = _run(int8, longer)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) < 0.5 * float(expected.abs().max())
+    reloaded = artifact.load(artifact.save(int8, tmp_path / "int8.slim"))
+    assert torch.equal(_run(reloaded, longer), got)
