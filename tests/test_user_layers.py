@@ -189,3 +189,20 @@ def test_attention_on_a_fixed_width_input_keeps_its_embedding_width_and_says_so(
         changes = apply_(model, ChannelPruning(ratio=0.5), example_inputs=torch.randn(2, 5, 16))
     assert changes["sizes"]["attention"] == {"heads": 2}
     assert model.attention.embed_dim == 16
+
+
+def test_a_head_ratio_rounds_to_the_nearest_head_count() -> None:
+    class Heads(nn.Module):  # 12 heads on a fixed-width input: only heads are prunable
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(48, 12, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model = Heads().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the embedding width is kept: the input is fixed
+        changes = apply_(model, ChannelPruning(ratio=0.33), example_inputs=torch.randn(2, 5, 48))
+    assert changes["sizes"]["attention"] == {"heads": 8}  # 0.33 x 12 = 3.96 -> 4 heads go

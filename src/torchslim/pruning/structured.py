@@ -117,7 +117,7 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
             if not eligible[g]:
                 continue
             size = len(group.units)
-            keep = _kept(size, int(_ratio_of(group, config, ratio) * size), config)
+            keep = _kept(size, _removal_count(group, _ratio_of(group, config, ratio)), config)
             removed[g] = _lowest(scores[g], size - keep)
         return removed
     pool = [(float(s / (np.mean(scores[g][np.isfinite(scores[g])]) + 1e-12)), g, u)
@@ -131,6 +131,15 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
         size = len(groups[g].units)
         removed[g] = _lowest(scores[g], size - _kept(size, count, config))
     return removed
+
+
+def _removal_count(group: Group, ratio: float) -> int:
+    """Units to remove at `ratio`: attention heads round to the nearest count (a third of 12
+    heads given as 0.33 is 4), channels and neurons round down (0.29 of 100 stays 28, as before)."""
+    exact = ratio * len(group.units)
+    if any(axis == "heads" for _, axis in group.layers):
+        return math.floor(exact + 0.5)
+    return int(exact)
 
 
 def _lowest(scores: np.ndarray, count: int) -> np.ndarray:
