@@ -159,3 +159,60 @@ def test_decoder_language_models_run_as_int8_programs_at_any_length(build: Any, 
     assert float((got - expected).abs().max()) < 0.5 * float(expected.abs().max())
     reloaded = artifact.load(artifact.save(int8, tmp_path / "int8.slim"))
     assert torch.equal(_run(reloaded, longer), got)
+
+
+def _zero_half(model: torch.nn.Module) -> None:
+    """Zero the second key/value group of every Llama attention (its kv head, the query heads
+    reading it, their output columns) and every odd MLP neuron: they contribute nothing."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention, mlp, d = layer.self_attn, layer.mlp, layer.self_attn.head_dim
+            attention.k_proj.weight[d:] = 0
+            attention.v_proj.weight[d:] = 0
+            attention.q_proj.weight[2 * d:] = 0
+            attention.o_proj.weight[:, 2 * d:] = 0
+            for projection in (mlp.gate_proj, mlp.up_proj):
+                projection.weight[1::2] = 0
+            mlp.down_proj.weight[:, 1::2] = 0
+
+
+def test_llama_loses_whole_key_value_groups_and_neurons_and_computes_the_same(tmp_path: Path,
+                                                                             ) -> None:
+    from torchslim.pruning import ChannelPruning
+
+    model = llama()
+    _zero_half(model)
+    expected = _run(model, IDS)
+    changes = apply_(model, ChannelPruning(ratio=0.5), example_inputs=IDS)
+    attention = model.model.layers[0].self_attn
+    # 2 of 4 query heads and 1 of 2 key/value heads stay: the grouping is kept
+    assert (attention.q_proj.out_features, attention.k_proj.out_features) == (16, 8)
+    assert attention.num_key_value_groups == 2 and model.config.num_key_value_heads == 1
+    assert model.config.num_attention_heads == 2 and model.config.intermediate_size == 32
+    assert "model.layers.1.mlp.down_proj" in changes.changed
+    torch.testing.assert_close(_run(model, IDS), expected, atol=1e-5, rtol=1e-5)
+    generated = model.generate(**IDS, max_new_tokens=3, do_sample=False)
+    assert generated.shape == (2, 11)
+    reloaded = artifact.load(artifact.save(model, tmp_path / "llama.slim", example_inputs=IDS))
+    assert torch.equal(_run(reloaded, IDS), _run(model, IDS))
+    from torchslim.huggingface import load_hf_folder, save_hf_folder
+
+    save_hf_folder(model, tmp_path / "hf")  # pruned alike everywhere: the config says it
+    torch.testing.assert_close(_run(load_hf_folder(tmp_path / "hf"), IDS), _run(model, IDS))
+
+
+@pytest.mark.parametrize("build", [gpt2, bert])
+def test_packed_and_bert_style_attention_lose_heads_and_neurons_and_reload(build: Any,
+                                                                          tmp_path: Path) -> None:
+    from torchslim.huggingface import save_hf_folder
+    from torchslim.pruning import ChannelPruning
+
+    model = build()
+    before, heads = sum(p.numel() for p in model.parameters()), model.config.num_attention_heads
+    apply_(model, ChannelPruning(ratio=0.5), example_inputs=IDS)
+    assert sum(p.numel() for p in model.parameters()) < 0.75 * before
+    assert model.config.num_attention_heads == heads // 2
+    reloaded = artifact.load(artifact.save(model, tmp_path / "m.slim", example_inputs=IDS))
+    assert torch.equal(_run(reloaded, IDS), _run(model, IDS))
+    with pytest.raises(ConfigError, match="head size is hidden_size / num_attention_heads"):
+        save_hf_folder(model, tmp_path / "hf")

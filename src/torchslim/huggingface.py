@@ -65,7 +65,10 @@ def _model_class(name: Any) -> type:
 def _describe(model: nn.Module) -> dict[str, Any] | None:
     if not is_hf_model(model):
         return None
-    config = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[operator,union-attr]
+    from torchslim.graph.hf_blocks import ORIGINAL_CONFIG
+
+    original = getattr(model, ORIGINAL_CONFIG, None) or model.config  # edits replay on top of it
+    config = json.loads(original.to_json_string(use_diff=False))  # type: ignore[operator,union-attr]
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     attention = getattr(model.config, "_attn_implementation", None)
     return {"class": type(model).__name__, "config": config,
@@ -121,8 +124,11 @@ def _resolve(spec: dict[str, Any]) -> Callable[[], nn.Module]:
         raise ConfigError(f"transformers cannot make a {spec['config']['model_type']!r} config "
                           f"({str(exc)[:200]})") from None
 
-    def build() -> nn.Module:
-        model = cls._from_config(config, attn_implementation=spec["attn_implementation"])  # type: ignore[attr-defined]
+    def build() -> nn.Module:  # a config of its own each time: replayed edits update it
+        import copy
+
+        model = cls._from_config(copy.deepcopy(config),  # type: ignore[attr-defined]
+                                 attn_implementation=spec["attn_implementation"])
         return model.to(DTYPES[spec["dtype"]])
 
     return build
@@ -179,21 +185,34 @@ def save_hf_folder(model: nn.Module, folder: str | Path) -> Path:
     """
     import copy
 
+    from torchslim.graph.hf_blocks import ORIGINAL_CONFIG
     from torchslim.linear_layers import restore_hf_conv1d_
     from torchslim.structure import EDITS_ATTRIBUTE, edits_of
 
     if not is_hf_model(model):
         raise ConfigError(f"{type(model).__name__} is not a Hugging Face model; export it with "
                           "--format onnx or pt2")
-    other = sorted({e.get("kind", "?") for e in edits_of(model)} - {"hf_conv1d_as_linear"})
+    other = sorted({e.get("kind", "?") for e in edits_of(model)} - {"hf_conv1d_as_linear", "prune_channels"})
     if other:
         raise ConfigError(f"the model's layers were changed by {', '.join(other)}, so it no longer "
                           "matches its transformers config; export it with --format onnx or pt2 "
                           "(or keep the .slim file, which loads with torchslim.load)")
     plain = copy.deepcopy(model)
     restore_hf_conv1d_(plain)
-    if hasattr(plain, EDITS_ATTRIBUTE):
-        delattr(plain, EDITS_ATTRIBUTE)
+    for attribute in (EDITS_ATTRIBUTE, ORIGINAL_CONFIG):
+        if hasattr(plain, attribute):
+            delattr(plain, attribute)
+    with torch.device("meta"):  # what transformers will build from the config we write
+        expected = type(plain)._from_config(copy.deepcopy(plain.config))  # type: ignore[attr-defined]
+    shapes = {k: tuple(v.shape) for k, v in expected.state_dict().items()}
+    differ = [k for k, v in plain.state_dict().items() if shapes.get(k) != tuple(v.shape)]
+    if differ:
+        raise ConfigError(f"{differ[0]} and {len(differ) - 1} more tensors differ from what the "
+                          "transformers config can describe: layers pruned to different sizes, or heads "
+                          "removed from an architecture whose head size is hidden_size / "
+                          "num_attention_heads (BERT, GPT-2, OPT; Llama-style configs name head_dim); "
+                          "prune every layer alike (scope uniform, no per_layer), or only MLP neurons, "
+                          "or export with --format onnx / pt2 (the .slim file loads with torchslim.load)")
     folder = Path(folder)
     plain.save_pretrained(str(folder))  # type: ignore[operator]
     return folder

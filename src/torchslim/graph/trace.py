@@ -165,6 +165,20 @@ class _Propagator(torch.fx.Interpreter):
         return None
 
 
+def _propagate_root(model: nn.Module, rule: Any, coupler: _Coupler, inputs: tuple[Any, ...]) -> None:
+    """Map the channels of a model whose own class has a rule: the rule sees it whole."""
+    from torchslim.calibration import call_model
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = call_model(model, inputs[0]) if len(inputs) == 1 else model(*inputs)
+    finally:
+        model.train(was_training)
+    rule.propagate(coupler, "", model, [None] * len(inputs), list(inputs), out)
+
+
 def _refusal(name: str, module: nn.Module, rule: Any, parent: Any, values: list[Any], out: Any) -> str | None:
     """Why a module is not traced through, if it is not: no rule for its class, or a subclass of
     a known layer whose own forward fails the check of `check_inherited_forward`."""
@@ -205,16 +219,21 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, strict: bool = Fals
         [(['0', '1', '3'], 8)]
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    gm = _symbolic(model, len(inputs))
     coupler = _Coupler(model)
-    propagator = _Propagator(gm, coupler)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            propagator.run(*inputs)
-    finally:
-        model.train(was_training)
+    root_rule = rule_for(model)
+    if root_rule is not None:  # a model with a rule of its own (transformers): one node, no fx
+        gm, propagator = None, None
+        _propagate_root(model, root_rule, coupler, inputs)
+    else:
+        gm = _symbolic(model, len(inputs))
+        propagator = _Propagator(gm, coupler)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                propagator.run(*inputs)
+        finally:
+            model.train(was_training)
     excluded = list(dict.fromkeys(coupler.table.reasons))
     unexpected = [reason for reason in excluded if reason != OUTPUT_KEEPS_SIZE]  # that one is by design
     if unexpected and strict:
@@ -222,6 +241,6 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, strict: bool = Fals
     for reason in unexpected:
         warnings.warn(f"torchslim: channels excluded from pruning: {reason}", stacklevel=2)
     sizes = {key: len(atoms) for key, atoms in coupler.table.axes().items()}
-    spaces = {k: v for k, v in propagator.spaces.items() if isinstance(v, Space)}
+    spaces = {k: v for k, v in propagator.spaces.items() if isinstance(v, Space)} if propagator else {}
     return ChannelGraph(axes=coupler.axes, sizes=sizes, groups=_groups(coupler.table),
                         excluded=excluded, spaces=spaces, gm=gm, table=coupler.table)

@@ -23,9 +23,10 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
+from torchslim.calibration import call_model
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, GraphError, SelectionError
-from torchslim.graph import ChannelGraph, Group, cut_axis_, rule_for, trace_channels
+from torchslim.graph import ChannelGraph, Group, cut_axis_, refresh_counts_, rule_for, trace_channels
 from torchslim.graph.trace import OUTPUT_KEEPS_SIZE
 from torchslim.pruning.importance import Importance, unit_scores
 from torchslim.registry import register_technique
@@ -133,11 +134,31 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
     return removed
 
 
+def _by_position(model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, ...]:
+    """Keyword inputs in the order of forward's parameters (for tracing)."""
+    import inspect
+
+    names = [p for p in inspect.signature(model.forward).parameters if p in inputs]
+    if len(names) != len(inputs) or (list(inputs) != names[:len(inputs)] and set(names) != set(inputs)):
+        raise ConfigError(f"the keyword inputs {sorted(inputs)} are not all parameters of "
+                          f"{type(model).__name__}.forward; pass example_inputs as a tuple")
+    return tuple(inputs[name] for name in names)
+
+
+def _call(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    """The model on its example inputs: one dict is keyword inputs (Hugging Face style)."""
+    return call_model(model, inputs[0]) if len(inputs) == 1 else model(*inputs)
+
+
+ATTENTION_QUERIES = ("q_proj", "query", "c_attn", "q_lin")  # a group holding these is heads
+
+
 def _removal_count(group: Group, ratio: float) -> int:
     """Units to remove at `ratio`: attention heads round to the nearest count (a third of 12
     heads given as 0.33 is 4), channels and neurons round down (0.29 of 100 stays 28, as before)."""
     exact = ratio * len(group.units)
-    if any(axis == "heads" for _, axis in group.layers):
+    if any(axis == "heads" or module.rsplit(".", 1)[-1] in ATTENTION_QUERIES
+           for module, axis in group.layers):
         return math.floor(exact + 0.5)
     return int(exact)
 
@@ -161,6 +182,7 @@ def cut_channels_(model: nn.Module, graph: ChannelGraph,
         keep = [i for i in range(graph.sizes[(module, axis)]) if i not in gone]
         _cut(model, module, axis, keep)
         sizes.setdefault(module, {})[axis] = len(keep)
+    refresh_counts_(model)  # transformers blocks: head counts (and config) follow the new shapes
     return sizes
 
 
@@ -179,6 +201,7 @@ def _replay(model: nn.Module, edit: Edit) -> None:
     for module, axes in edit["sizes"].items():
         for axis, size in axes.items():
             _cut(model, module, axis, list(range(int(size))))
+    refresh_counts_(model)
 
 
 register_edit("prune_channels", _replay)
@@ -202,12 +225,14 @@ def _eligible(graph: ChannelGraph, targets: Select) -> list[bool]:
 
 
 def _example(model: nn.Module, example_inputs: Any, calibration: Any) -> tuple[Any, ...]:
-    if example_inputs is not None:
-        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if calibration:
+    if example_inputs is None and calibration:
         from torchslim.calibration import first_samples, split_batch
 
-        return (first_samples(split_batch(next(iter(calibration)))[0], 2),)
+        example_inputs = first_samples(split_batch(next(iter(calibration)))[0], 2)
+    if isinstance(example_inputs, dict) and rule_for(model) is None:
+        return _by_position(model, example_inputs)  # fx traces positional inputs
+    if example_inputs is not None:
+        return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     from torchslim.models import example_inputs as spec_example
     from torchslim.models import spec_of
 
@@ -226,7 +251,7 @@ def _macs(model: nn.Module, inputs: tuple[Any, ...]) -> int:
     model.eval()  # counting must not move BatchNorm statistics
     try:
         with torch.no_grad(), counter:
-            model(*inputs)
+            _call(model, inputs)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops()) // 2
@@ -279,7 +304,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        reference = model(*inputs)
+        reference = _call(model, inputs)
     params_before, macs_before = sum(p.numel() for p in model.parameters()), _macs(model, inputs)
     if config.target is PruneTarget.MACS:
         removed = _removal_for_macs(model, graph, scores, config, eligible, inputs, macs_before)
@@ -288,7 +313,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
     sizes = cut_channels_(model, graph, removed)
     try:
         with torch.no_grad():
-            out = model(*inputs)
+            out = _call(model, inputs)
     except Exception as exc:
         raise GraphError(f"the pruned model no longer runs ({exc}); a layer or op is mapped wrongly: "
                          "exclude it (targets exclude=...) or register_channel_rule for it") from exc

@@ -1,0 +1,243 @@
+"""Structured pruning of Hugging Face transformers: attention heads and MLP neurons, found by
+the projections each block holds, without tracing the model.
+
+Why at the module level: transformers' forwards branch on configs, caches and masks, so fx
+cannot trace most of them (and the hidden width they share through the residual stream is kept
+anyway). What is pruned lives inside a block: the heads of an attention layer (q/k/v rows and
+output-projection columns; with grouped-query attention a key/value head goes with the query
+heads that read it, so the grouping stays consistent) and the neurons of an MLP (the rows of
+its up and gate projections with the columns of its down projection). Blocks are recognised by
+their projections' names across families (Llama/Mistral/Qwen2/Gemma `q_proj..o_proj` +
+`gate_proj/up_proj/down_proj`, OPT/BART/GPT-Neo/Phi `out_proj|dense` + `fc1/fc2`, GPT-2's
+packed `c_attn` + `c_fc/c_proj`, BERT/RoBERTa/ELECTRA/ViT `query/key/value` + `intermediate`).
+After a cut, `refresh_counts_` sets each block's head counts from its projections' shapes, and
+the config where the model is pruned alike everywhere (so `save_pretrained` folders reload).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from torchslim.graph.rules import ChannelRule, Coupling, Space, register_channel_rule
+
+__all__ = ["AttentionBlock", "MLPBlock", "find_blocks", "refresh_counts_"]
+
+ORIGINAL_CONFIG = "torchslim_original_config"  # what storage rebuilds before replaying edits
+
+
+@dataclass(frozen=True)
+class AttentionBlock:
+    """One attention layer: its projections (dotted names) and sizes."""
+
+    name: str
+    q: str
+    k: str
+    v: str
+    out: str
+    head_dim: int
+    packed: bool = False  # GPT-2: q, k and v are thirds of one projection (`q` names it)
+
+
+@dataclass(frozen=True)
+class MLPBlock:
+    """One MLP: the projections making its neurons (`ins`) and the one reading them (`out`)."""
+
+    name: str
+    ins: tuple[str, ...]
+    out: str
+
+
+def _linear(module: nn.Module, child: str) -> nn.Linear | None:
+    found = getattr(module, child, None)
+    return found if isinstance(found, nn.Linear) else None
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _head_dim(module: nn.Module, config: Any) -> int | None:
+    for attribute in ("head_dim", "attention_head_size", "key_value_proj_dim"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    return hidden // heads if isinstance(heads, int) and isinstance(hidden, int) and heads else None
+
+
+def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[MLPBlock]]:
+    """The attention layers and MLPs of a transformers model, recognised by their projections."""
+    config = getattr(model, "config", None)
+    attentions: list[AttentionBlock] = []
+    mlps: list[MLPBlock] = []
+    for name, module in model.named_modules():
+        children = {child for child, _ in module.named_children()}
+        dim = _head_dim(module, config)
+        if {"q_proj", "k_proj", "v_proj"} <= children and dim:
+            out = next((c for c in ("o_proj", "out_proj", "dense") if _linear(module, c)), None)
+            if out and all(_linear(module, c) for c in ("q_proj", "k_proj", "v_proj")):
+                attentions.append(AttentionBlock(name, _join(name, "q_proj"), _join(name, "k_proj"),
+                                                 _join(name, "v_proj"), _join(name, out), dim))
+        elif {"query", "key", "value"} <= children and dim:  # BERT family: output in the parent
+            parent_name, _, _ = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            output = getattr(parent, "output", None)
+            if output is not None and _linear(output, "dense"):
+                attentions.append(AttentionBlock(
+                    name, _join(name, "query"), _join(name, "key"), _join(name, "value"),
+                    _join(parent_name, "output.dense"), dim))
+        elif dim and _linear(module, "c_attn") and _linear(module, "c_proj"):
+            attentions.append(AttentionBlock(name, _join(name, "c_attn"), "", "", _join(name, "c_proj"),
+                                             dim, packed=True))
+        for ins, out in ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("c_fc",), "c_proj"),
+                         (("lin1",), "lin2"), (("wi_0", "wi_1"), "wo"), (("wi",), "wo")):
+            if all(_linear(module, c) for c in (*ins, out)):
+                mlps.append(MLPBlock(name, tuple(_join(name, c) for c in ins), _join(name, out)))
+                break
+        intermediate = getattr(module, "intermediate", None)
+        output = getattr(module, "output", None)
+        if intermediate is not None and output is not None and _linear(intermediate, "dense") \
+                and _linear(output, "dense") and not _linear(module, "dense"):
+            mlps.append(MLPBlock(name, (_join(name, "intermediate.dense"),), _join(name, "output.dense")))
+    return attentions, mlps
+
+
+def _couple_attention(graph: Coupling, model: nn.Module, block: AttentionBlock) -> None:
+    d = block.head_dim
+    q_layer = model.get_submodule(block.q)
+    assert isinstance(q_layer, nn.Linear)
+    out_layer = model.get_submodule(block.out)
+    assert isinstance(out_layer, nn.Linear)
+    if block.packed:  # [q | k | v] thirds of one projection: head h is the same slice of each
+        width = q_layer.out_features // 3
+        rows = graph.atoms(block.q, "out", q_layer.out_features)
+        q_rows, k_rows, v_rows = rows[:width], rows[width:2 * width], rows[2 * width:]
+    else:
+        k_layer, v_layer = model.get_submodule(block.k), model.get_submodule(block.v)
+        assert isinstance(k_layer, nn.Linear) and isinstance(v_layer, nn.Linear)
+        width = q_layer.out_features
+        q_rows = graph.atoms(block.q, "out", width)
+        k_rows = graph.atoms(block.k, "out", k_layer.out_features)
+        v_rows = graph.atoms(block.v, "out", v_layer.out_features)
+    columns = graph.atoms(block.out, "in", out_layer.in_features)
+    heads, kv_heads = width // d, len(k_rows) // d
+    if heads == 0 or kv_heads == 0 or heads % kv_heads or len(columns) != width:
+        graph.block(Space(0, q_rows), f"{block.name}: heads of {d} do not tile its projections")
+        return
+    per_group = heads // kv_heads  # query heads reading one key/value head: they go together
+    graph.couple(Space(0, q_rows), columns)  # output-projection column i reads q/v row i's head
+    for g in range(kv_heads):
+        unit = np.concatenate([q_rows[g * per_group * d:(g + 1) * per_group * d],
+                               k_rows[g * d:(g + 1) * d], v_rows[g * d:(g + 1) * d]])
+        graph.couple(Space(0, unit[1:]), np.repeat(unit[0], len(unit) - 1))
+
+
+def _couple_mlp(graph: Coupling, model: nn.Module, block: MLPBlock) -> None:
+    out_layer = model.get_submodule(block.out)
+    assert isinstance(out_layer, nn.Linear)
+    columns = graph.atoms(block.out, "in", out_layer.in_features)
+    for name in block.ins:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, nn.Linear)
+        if layer.out_features != out_layer.in_features:
+            graph.block(Space(0, columns), f"{block.name}: {name} and {block.out} disagree on the width")
+            return
+        graph.couple(Space(0, graph.atoms(name, "out", layer.out_features)), columns)
+
+
+class TransformersRule(ChannelRule):
+    """A transformers model (or a submodule that is one) as a single node: its heads and MLP
+    neurons are prunable, its hidden width and vocabulary are kept."""
+
+    def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
+                  values: list[Any], output: Any) -> Any:
+        graph.block(inputs, f"{name or type(module).__name__}: the hidden size of a transformers model "
+                    "is not pruned")
+        attentions, mlps = find_blocks(module)
+        prefixed = _Prefixed(graph, name)
+        for block in attentions:
+            _couple_attention(prefixed, module, block)
+        for mlp in mlps:
+            _couple_mlp(prefixed, module, mlp)
+        return None
+
+
+class _Prefixed:
+    """The coupling seen from a submodule: its names are prefixed with the submodule's."""
+
+    def __init__(self, graph: Coupling, prefix: str) -> None:
+        self.graph, self.prefix = graph, prefix
+
+    def atoms(self, module: str, axis: str, size: int) -> np.ndarray:
+        return self.graph.atoms(_join(self.prefix, module), axis, size)
+
+    def couple(self, space: Space, atoms: np.ndarray) -> None:
+        self.graph.couple(space, atoms)
+
+    def block(self, spaces: Any, reason: str) -> None:
+        self.graph.block(spaces, reason)
+
+
+def _set_first(module: Any, names: tuple[str, ...], value: int) -> None:
+    for attribute in names:
+        if isinstance(getattr(module, attribute, None), int):
+            setattr(module, attribute, value)
+
+
+def refresh_counts_(model: nn.Module) -> None:
+    """Set every attention block's head counts from its projections' shapes, and the config's
+    counts where every block agrees (the original config is kept for storage)."""
+    import copy
+
+    attentions, mlps = find_blocks(model)
+    heads_seen, kv_seen, widths = set(), set(), set()
+    for block in attentions:
+        module = model.get_submodule(block.name)
+        q = model.get_submodule(block.q)
+        assert isinstance(q, nn.Linear)
+        if block.packed:
+            heads = kv = q.out_features // 3 // block.head_dim
+            _set_first(module, ("split_size",), heads * block.head_dim)
+        else:
+            k = model.get_submodule(block.k)
+            assert isinstance(k, nn.Linear)
+            heads, kv = q.out_features // block.head_dim, k.out_features // block.head_dim
+        _set_first(module, ("num_heads",), heads)
+        _set_first(module, ("num_attention_heads",), heads)
+        _set_first(module, ("n_heads",), heads)
+        _set_first(module, ("all_head_size", "inner_dim"), heads * block.head_dim)
+        _set_first(module, ("num_key_value_heads",), kv)
+        _set_first(module, ("num_key_value_groups",), max(heads // max(kv, 1), 1))
+        heads_seen.add(heads)
+        kv_seen.add(kv)
+    for mlp in mlps:
+        out = model.get_submodule(mlp.out)
+        assert isinstance(out, nn.Linear)
+        widths.add(out.in_features)
+    config = getattr(model, "config", None)
+    if config is None or not (attentions or mlps):
+        return
+    if not hasattr(model, ORIGINAL_CONFIG):
+        setattr(model, ORIGINAL_CONFIG, copy.deepcopy(config))
+    if len(heads_seen) == 1:
+        _set_config(config, ("num_attention_heads", "n_head", "n_heads"), heads_seen.pop())
+    if len(kv_seen) == 1 and isinstance(getattr(config, "num_key_value_heads", None), int):
+        config.num_key_value_heads = kv_seen.pop()
+    if len(widths) == 1:
+        _set_config(config, ("intermediate_size", "n_inner", "ffn_dim", "d_ff"), widths.pop())
+
+
+def _set_config(config: Any, names: tuple[str, ...], value: int) -> None:
+    """Set the first of `names` the config has (GPT-2's `n_inner` may be None: it is set too)."""
+    for attribute in names:
+        if hasattr(config, attribute):
+            setattr(config, attribute, value)
+            return
+
+
+register_channel_rule("transformers.modeling_utils.PreTrainedModel", TransformersRule())
