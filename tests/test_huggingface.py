@@ -216,3 +216,22 @@ def test_packed_and_bert_style_attention_lose_heads_and_neurons_and_reload(build
     assert torch.equal(_run(reloaded, IDS), _run(model, IDS))
     with pytest.raises(ConfigError, match="head size is hidden_size / num_attention_heads"):
         save_hf_folder(model, tmp_path / "hf")
+
+
+def test_a_language_model_distils_from_its_teacher_on_dict_batches() -> None:
+    import copy
+
+    from torchslim.distillation import DistillationLoss
+    from torchslim.training import Trainer, make_train_config
+
+    student = gpt2()
+    teacher = copy.deepcopy(student)
+    apply_(student, WeightPruning(sparsity=0.5))
+    ids = IDS["input_ids"]
+    batches = [{"input_ids": ids, "labels": ids}] * 3  # Hugging Face style: labels in the dict
+    before = student.transformer.h[0].mlp.c_fc.parametrizations.weight.original.detach().clone()
+    loss = DistillationLoss(teacher, temperature=2.0, alpha=0.5)
+    history = Trainer(student, batches, config=make_train_config(epochs=2, lr=0.01, batch_size=2),
+                      loss=loss, progress=False).fit()
+    assert len(history) == 2 and history[-1].train_loss < history[0].train_loss
+    assert not torch.equal(student.transformer.h[0].mlp.c_fc.parametrizations.weight.original, before)

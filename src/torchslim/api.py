@@ -11,6 +11,7 @@ import copy
 import inspect
 import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -20,6 +21,7 @@ from torchslim.calibration import take_pairs
 from torchslim.changes import Changes, observed_changes
 from torchslim.errors import NothingChangedWarning
 from torchslim.linear_layers import hf_conv1d_layers, is_hf_conv1d, linearize_
+from torchslim.parametrized import foreign_parametrized, weight_parametrizations
 from torchslim.registry import handler_for
 from torchslim.select import Select, unselectable_weight_layers
 from torchslim.signature import record_signature_
@@ -53,6 +55,11 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
             is left unchanged.
     """
     handler = handler_for(config)
+    default_targets = targets is None
+    foreign = foreign_parametrized(model) if getattr(config, "selects_layers", False) else {}
+    if foreign:  # the model's own parametrizations (weight_norm): never selected, named below
+        chosen = targets or Select()
+        targets = replace(chosen, exclude=(*chosen.exclude, *foreign))
     if calibration is not None:  # any iterable of batches, read only as far as the technique needs
         calibration = take_pairs(calibration, getattr(config, "calibration_batches", None) or 64)
     if example_inputs is not None:
@@ -71,8 +78,10 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
     kind = str(getattr(config, "kind", type(config).__name__))
     why_unchanged = result.pop("why_unchanged", None)
     changes = Changes(technique=kind, **result, changed=observed_changes(snapshot, model))
-    if targets is None and getattr(config, "selects_layers", False):
+    if default_targets and getattr(config, "selects_layers", False):
         _name_unhandled_layers(model, changes, kind)
+    if foreign:
+        changes["skipped"] = {**foreign, **changes.get("skipped", {})}
     if not changes.changed:
         why = why_unchanged or "; ".join(f"{k}: {v}" for k, v in changes.skipped.items()) or "no reason given"
         warnings.warn(f"torchslim: {kind} changed nothing: {why}", NothingChangedWarning, stacklevel=2)
@@ -103,9 +112,10 @@ def _name_unhandled_layers(model: nn.Module, result: Changes, kind: str) -> None
 
 
 def parametrized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Layers carrying a torchslim parametrization on their weight."""
+    """Layers carrying torchslim parametrizations (only) on their weight."""
     return [(name, m) for name, m in model.named_modules()
-            if parametrize.is_parametrized(m, "weight")]
+            if parametrize.is_parametrized(m, "weight")
+            and all(getattr(p, "torchslim_parametrization", False) for p in weight_parametrizations(m))]
 
 
 def finalize_(model: nn.Module) -> nn.Module:

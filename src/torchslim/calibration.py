@@ -26,11 +26,13 @@ from itertools import islice
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from torchslim.errors import ConfigError
 
-__all__ = ["Calibration", "as_calibration", "batch_size_of", "call_model", "first_samples", "logits_of",
-           "move_inputs", "split_batch", "take_inputs", "take_pairs"]
+__all__ = ["Calibration", "as_calibration", "batch_size_of", "call_model", "correct_predictions",
+           "first_samples", "logits_of", "move_inputs", "split_batch", "take_inputs", "take_pairs",
+           "token_cross_entropy"]
 
 LABEL_KEYS = ("labels", "label")
 
@@ -91,6 +93,25 @@ def move_inputs(inputs: Any, device: Any) -> Any:
     if isinstance(inputs, tuple | list):
         return type(inputs)(move_inputs(v, device) for v in inputs)
     return inputs
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0
+                        ) -> torch.Tensor:
+    """Cross-entropy of class scores (N, C) against labels (N,), or of a language model's
+    (N, T, V) against (N, T) token labels, averaged per token (-100 labels are ignored)."""
+    if logits.dim() > 2 and labels.dim() == logits.dim() - 1:
+        logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+
+
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Samples classified right (argmax of (N, C) scores); for a language model's (N, T, V)
+    scores, each sample counts its fraction of tokens predicted right (-100 labels ignored)."""
+    if logits.dim() > 2 and labels.dim() == logits.dim() - 1:
+        kept = labels != -100
+        hits = ((logits.argmax(dim=-1) == labels) & kept).sum(dim=-1).float()
+        return float((hits / kept.sum(dim=-1).clamp(min=1)).sum())
+    return float((logits.argmax(dim=1) == labels).sum())
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:

@@ -100,6 +100,8 @@ def kmeans_codebook(values: np.ndarray, clusters: int, *, init: CentroidInit = C
 class SharedWeights(nn.Module):
     """Parametrization `weight = codebook[index]` where kept, exactly +0.0 where pruned."""
 
+    torchslim_parametrization = True  # ours: finalize_ bakes it in
+
     constraint = "shared"  # what a recipe keeps while later stages train (see `constrain_`)
     index: torch.Tensor
     keep: torch.Tensor

@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from torchslim.calibration import call_model, logits_of
+from torchslim.calibration import call_model, logits_of, token_cross_entropy
 from torchslim.config import to_jsonable, validated
 from torchslim.errors import ConfigError
 from torchslim.training.callbacks import Loss
@@ -82,6 +82,8 @@ def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: 
         >>> float(soft_target_loss(logits, logits, 4.0))
         0.0
     """
+    if student.dim() > 2:  # a language model's (batch, tokens, vocabulary): averaged per token
+        student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     log_p_student = F.log_softmax(student / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
     kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
@@ -240,7 +242,7 @@ class DistillationLoss(Loss):
         outputs = logits_of(outputs)  # a tuple / dict / Hugging Face output: its logits
         loss = (1 - self.alpha) * self._output_term(outputs, target)
         if self.alpha > 0:
-            loss = loss + self.alpha * F.cross_entropy(outputs, labels)
+            loss = loss + self.alpha * token_cross_entropy(outputs, labels)
         if self.features:
             hints = [F.mse_loss(self.adapters[str(i)](self._student.outputs[s]),
                                 self._teacher.outputs[t])

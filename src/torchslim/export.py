@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.calibration import logits_of
 from torchslim.errors import ConfigError, UnsupportedModuleError
 from torchslim.safefile import write_atomic
 
@@ -57,15 +58,68 @@ def _arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
 
 
+class _Keywords(nn.Module):
+    """`model(**inputs)` from positional tensors (the exporter's convention), returning the
+    logits; decoders run without their cache, and an all-ones attention mask is passed
+    explicitly (what no mask means) so transformers skips code the exporter cannot write."""
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        super().__init__()
+        import inspect
+
+        self.model, self.keys = model, keys
+        parameters = inspect.signature(model.forward).parameters
+        self.extra = {"use_cache": False} if "use_cache" in parameters else {}
+        self.ones_mask = ("attention_mask" in parameters and "attention_mask" not in keys
+                          and "input_ids" in keys)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        from torchslim.calibration import logits_of
+
+        inputs = dict(zip(self.keys, tensors, strict=True))
+        if self.ones_mask:
+            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        return logits_of(self.model(**inputs, **self.extra))
+
+
+def _onnx_keywords(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[bytes, Any]:
+    """A keyword-input model (Hugging Face) as an ONNX program with one named input per key
+    (batch, and the sequence of 2-D inputs, left free) and one output `logits`."""
+    import tempfile
+    import warnings
+
+    import onnxruntime as ort
+
+    keys = list(inputs)
+    axes = {k: ({0: "batch", 1: "sequence"} if v.dim() == 2 else {0: "batch"}) for k, v in inputs.items()}
+    with tempfile.TemporaryDirectory() as folder:
+        target = Path(folder) / "model.onnx"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(_Keywords(model, keys).eval(), tuple(inputs.values()), str(target),
+                                  input_names=keys, output_names=["logits"], opset_version=17, dynamo=False,
+                                  dynamic_axes={**axes, "logits": {0: "batch"}})
+        except Exception as exc:  # the exporter raises many types: name it
+            raise UnsupportedModuleError(f"{type(model).__name__} cannot be exported to ONNX "
+                                         f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+        program = target.read_bytes()
+    session = ort.InferenceSession(program, providers=["CPUExecutionProvider"])
+    (out,) = session.run(["logits"], {k: v.numpy() for k, v in inputs.items()})
+    return program, torch.from_numpy(out)
+
+
 def _onnx_bytes(model: nn.Module, inputs: Any) -> tuple[bytes, Any]:
     from torchslim.runtime.onnx_program import OrtModule, export_onnx
 
     program = getattr(model, "program", None)
     if isinstance(program, bytes):  # an int8 program: as is
         return program, model(inputs)
+    if isinstance(inputs, dict) and all(isinstance(v, torch.Tensor) for v in inputs.values()):
+        return _onnx_keywords(model, inputs)
     if not isinstance(inputs, torch.Tensor):
-        raise UnsupportedModuleError("ONNX export takes models with one tensor input; use --format pt2 "
-                                     "for tuple or dict inputs")
+        raise UnsupportedModuleError("ONNX export takes one tensor or a dict of tensors (keyword inputs); "
+                                     "use --format pt2 for tuple inputs")
     program = export_onnx(model, inputs)
     return program, OrtModule(program)(inputs)
 
@@ -127,7 +181,8 @@ def export_model(model: nn.Module, path: str | Path, *, format: ExportFormat | s
         expected = model.eval()(*args, **kwargs)
         if chosen is ExportFormat.ONNX:
             data, got = _onnx_bytes(model, example_inputs)
-            difference = _difference(expected, got)
+            reference = logits_of(expected) if isinstance(example_inputs, dict) else expected
+            difference = _difference(reference, got)
             if difference <= TOLERANCE:
                 write_atomic(path, lambda tmp: tmp.write_bytes(data))
         elif chosen is ExportFormat.HF:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["original_weight", "weight_of", "weight_parametrizations"]
+__all__ = ["foreign_parametrized", "original_weight", "weight_of", "weight_parametrizations"]
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
@@ -31,3 +31,17 @@ def original_weight(module: nn.Module) -> torch.Tensor:
     original = module.parametrizations["weight"].original  # type: ignore[index,union-attr]
     assert isinstance(original, torch.Tensor)
     return original
+
+
+def foreign_parametrized(model: nn.Module) -> dict[str, str]:
+    """Layers whose weight carries a parametrization that is not torchslim's (a model's own
+    weight_norm, say), with the reason techniques leave them alone: baking masks or codebooks
+    into such a weight would also remove the model's own parametrization."""
+    found = {}
+    for name, module in model.named_modules():
+        theirs = [type(p).__name__ for p in weight_parametrizations(module)
+                  if not getattr(p, "torchslim_parametrization", False)]
+        if name and theirs:
+            found[name] = (f"its weight is parametrized by the model itself ({', '.join(theirs)}); "
+                           "it is left unchanged")
+    return found

@@ -10,6 +10,8 @@ the list, and `artifact.load` rebuilds the registered architecture, replays the 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -80,9 +82,13 @@ def read_in_place(model: nn.Module, name: str) -> str | None:
     module's, so a replacement would untie them and grow the model."""
     parent_name, _, _ = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    child = name.rpartition(".")[2]
     if isinstance(parent, nn.MultiheadAttention):
         return (f"{name} is read as a weight by its {type(parent).__name__} (never called), so it "
                 "cannot be replaced; it is left as it is")
+    if f"self.{child}.weight" in _forward_source(type(parent)):  # type: ignore[arg-type]  # T5: wo.weight.dtype
+        return (f"{name}'s weight is read by {type(parent).__name__}.forward, so a replacement "
+                "without one would break it; it is left as it is")
     weight = getattr(model.get_submodule(name), "weight", None)
     tied = [other for other, param in model.named_parameters(remove_duplicate=False)
             if param is weight and not other.startswith(name + ".")]
@@ -90,6 +96,15 @@ def read_in_place(model: nn.Module, name: str) -> str | None:
         return (f"{name}'s weight is tied to {tied[0]}; replacing it would untie the two and add "
                 "parameters, so it is left as it is")
     return None
+
+
+@functools.cache
+def _forward_source(cls: type) -> str:
+    """The source of a module class's forward ('' when it has none to read)."""
+    try:
+        return inspect.getsource(cls.forward)  # type: ignore[attr-defined]
+    except (OSError, TypeError, AttributeError):
+        return ""
 
 
 def replay_edits_(model: nn.Module, edits: Any, *, source: str = "artifact") -> nn.Module:

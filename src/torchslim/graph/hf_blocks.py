@@ -83,6 +83,9 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[MLPBlock]]
             if out and all(_linear(module, c) for c in ("q_proj", "k_proj", "v_proj")):
                 attentions.append(AttentionBlock(name, _join(name, "q_proj"), _join(name, "k_proj"),
                                                  _join(name, "v_proj"), _join(name, out), dim))
+        elif {"query", "key", "value", "dense"} <= children and dim and _linear(module, "dense"):  # ALBERT
+            attentions.append(AttentionBlock(name, _join(name, "query"), _join(name, "key"),
+                                             _join(name, "value"), _join(name, "dense"), dim))
         elif {"query", "key", "value"} <= children and dim:  # BERT family: output in the parent
             parent_name, _, _ = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -95,7 +98,8 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[MLPBlock]]
             attentions.append(AttentionBlock(name, _join(name, "c_attn"), "", "", _join(name, "c_proj"),
                                              dim, packed=True))
         for ins, out in ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("c_fc",), "c_proj"),
-                         (("lin1",), "lin2"), (("wi_0", "wi_1"), "wo"), (("wi",), "wo")):
+                         (("lin1",), "lin2"), (("wi_0", "wi_1"), "wo"), (("wi",), "wo"),
+                         (("ffn",), "ffn_output")):
             if all(_linear(module, c) for c in (*ins, out)):
                 mlps.append(MLPBlock(name, tuple(_join(name, c) for c in ins), _join(name, out)))
                 break
@@ -152,7 +156,12 @@ def _couple_mlp(graph: Coupling, model: nn.Module, block: MLPBlock) -> None:
 
 class TransformersRule(ChannelRule):
     """A transformers model (or a submodule that is one) as a single node: its heads and MLP
-    neurons are prunable, its hidden width and vocabulary are kept."""
+    neurons are prunable, its hidden width and vocabulary are kept. A model without attention
+    or MLP blocks (a transformers CNN: ResNet, ConvNeXt, MobileNetV2) is traced like any other."""
+
+    def applies(self, module: nn.Module) -> bool:
+        attentions, mlps = find_blocks(module)
+        return bool(attentions or mlps)
 
     def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
                   values: list[Any], output: Any) -> Any:

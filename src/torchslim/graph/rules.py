@@ -61,6 +61,11 @@ class ChannelRule:
     def axes(self, module: nn.Module) -> dict[str, Axis]:
         return {}
 
+    def applies(self, module: nn.Module) -> bool:
+        """Whether this rule takes `module` (a rule for a broad base class may decline a module
+        it has nothing to say about, which is then traced through like any other)."""
+        return True
+
     def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
                   values: list[Any], output: Any) -> Any:
         """Couple input channels to the layer's axes; return the output's channel spaces."""
@@ -112,7 +117,7 @@ def resolve_rule(module: nn.Module) -> tuple[ChannelRule | None, type | None]:
     a rule, by class or by qualified name."""
     for cls in type(module).__mro__:
         found = _RULES.get(cls) or _NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if found is not None:
+        if found is not None and found.applies(module):
             return found, cls
     return None, None
 

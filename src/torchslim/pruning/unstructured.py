@@ -80,6 +80,8 @@ class WeightPruning(TechniqueConfig):
 class Mask(nn.Module):
     """Parametrization `weight * mask`: gradients of pruned weights are zero."""
 
+    torchslim_parametrization = True  # ours: finalize_ bakes it in
+
     constraint = "sparse"  # what a recipe keeps while later stages train (see `constrain_`)
     mask: torch.Tensor
 

@@ -83,6 +83,8 @@ def lowbit_codes(weight: torch.Tensor, mode: LowBitMode | str) -> tuple[torch.Te
 class LowBitWeight(nn.Module):
     """Parametrization: the low-bit weight in the forward, straight-through in the backward."""
 
+    torchslim_parametrization = True  # ours: finalize_ bakes it in
+
     def __init__(self, mode: LowBitMode) -> None:
         super().__init__()
         self.mode = mode

@@ -37,6 +37,8 @@ ACTIVATION_SPEC = QuantSpec(bits=8, symmetric=False, signed=False)
 class WeightFakeQuant(nn.Module):
     """Parametrization: the weight through its per-output-channel int8 grid (STE)."""
 
+    torchslim_parametrization = True  # ours: finalize_ bakes it in
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         flat = weight.detach().reshape(weight.shape[0], -1)
         scale, zero = qparams_from_range(flat.amin(1), flat.amax(1), WEIGHT_SPEC)

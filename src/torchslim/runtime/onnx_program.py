@@ -66,12 +66,13 @@ def dynamic_input_axes(model: nn.Module, example_inputs: torch.Tensor) -> dict[i
 
 
 def packable_keys(inputs: Any) -> list[str] | None:
-    """The keys of a dict batch whose tensors can travel as one (B, K, ...) program input: all
-    integer tensors of one shape (Hugging Face's input_ids, attention_mask, token_type_ids)."""
+    """The keys of a dict batch whose tensors can travel as one (B, K, ...) program input:
+    tensors of one shape and dtype (Hugging Face's input_ids + attention_mask, or a single
+    pixel_values / input_values / input_features)."""
     if not isinstance(inputs, dict) or not inputs:
         return None
     tensors = list(inputs.values())
-    same = all(isinstance(t, torch.Tensor) and not t.is_floating_point() and t.shape == tensors[0].shape
+    same = all(isinstance(t, torch.Tensor) and t.shape == tensors[0].shape and t.dtype == tensors[0].dtype
                for t in tensors)
     return [str(k) for k in inputs] if same else None
 
@@ -96,7 +97,8 @@ class PackedInputs(nn.Module):
         self.extra = {"use_cache": False} if "use_cache" in parameters else {}
         # An all-ones mask means what no mask means; given explicitly it keeps transformers off
         # its packed-sequence detection (torch.diff), which the ONNX exporter cannot write.
-        self.ones_mask = "attention_mask" in parameters and "attention_mask" not in self.keys
+        self.ones_mask = ("attention_mask" in parameters and "attention_mask" not in self.keys
+                          and self.keys[:1] == ["input_ids"])
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
         from torchslim.calibration import logits_of
@@ -120,8 +122,11 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
         raise UnsupportedModuleError(f"{type(model).__name__} takes {type(example_inputs).__name__} inputs; "
                                      "int8 programs take one tensor input: wrap the model in a module "
                                      "whose forward takes one tensor")
-    dynamic = ({0: "batch", 2: "sequence"} if isinstance(model, PackedInputs) and example_inputs.dim() == 3
-               else dynamic_input_axes(model, example_inputs))
+    packed_ids = example_inputs.dim() == 3 and not example_inputs.is_floating_point()
+    if isinstance(model, PackedInputs):
+        dynamic = {0: "batch", 2: "sequence"} if packed_ids else {0: "batch"}
+    else:
+        dynamic = dynamic_input_axes(model, example_inputs)
     was_training = model.training
     model.eval()
     folder = tempfile.TemporaryDirectory()

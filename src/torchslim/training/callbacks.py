@@ -82,7 +82,6 @@ class CrossEntropy(Loss):
 
     def __call__(self, outputs: torch.Tensor, labels: torch.Tensor,
                  inputs: torch.Tensor) -> torch.Tensor:
-        from torchslim.calibration import logits_of
+        from torchslim.calibration import logits_of, token_cross_entropy
 
-        return torch.nn.functional.cross_entropy(logits_of(outputs), labels,
-                                                 label_smoothing=self.label_smoothing)
+        return token_cross_entropy(logits_of(outputs), labels, label_smoothing=self.label_smoothing)

@@ -24,7 +24,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from torchslim.calibration import call_model, first_samples, logits_of, move_inputs, split_batch
+from torchslim.calibration import (
+    call_model,
+    correct_predictions,
+    first_samples,
+    logits_of,
+    move_inputs,
+    split_batch,
+)
 from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
 from torchslim.training import distributed
@@ -194,7 +201,7 @@ class Trainer:
         return loss + self.config.l1 * penalty
 
     def _train_step(self, inputs: torch.Tensor, labels: torch.Tensor,
-                    share: float = 1.0) -> tuple[float, int]:
+                    share: float = 1.0) -> tuple[float, float]:
         """One optimizer step; `share` = world size x this shard's fraction of the batch, so
         that DDP's gradient average is the gradient of the mean over the global batch."""
         outputs = call_model(self.replica or self.model, inputs)
@@ -211,8 +218,7 @@ class Trainer:
         self.scheduler.step()
         for callback in self.callbacks:
             callback.on_after_optimizer_step(self, self.step)
-        correct = int((logits_of(outputs).detach().argmax(dim=1) == labels).sum())
-        return float(loss.detach()), correct
+        return float(loss.detach()), correct_predictions(logits_of(outputs).detach(), labels)
 
     def _check_gradients(self) -> None:
         """DDP waits for a gradient of every trainable parameter before it averages: one the
@@ -230,7 +236,7 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_epoch_start(self, epoch)
         self.model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen = 0.0, 0.0, 0
         start = time.perf_counter()
         show = self.progress and distributed.is_main_process()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.config.epochs}",
@@ -259,7 +265,7 @@ class Trainer:
         if self.world > 1:  # the whole global batch's metrics, identical on every process
             totals = distributed.all_reduce_sum(
                 torch.tensor([loss_sum, correct, seen], dtype=torch.float64))
-            loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
+            loss_sum, correct, seen = float(totals[0]), float(totals[1]), int(totals[2])
         val = self._validate()
         return EpochRecord(
             epoch=epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen,
