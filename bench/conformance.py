@@ -214,6 +214,7 @@ TECHNIQUES: dict[str, Callable[[nn.Module, Any], tuple[nn.Module, str]]] = {
 
 LOAD = """
 import json, sys, torch, torchslim
+torch.set_num_threads(1)  # as in the run that made the outputs: conv reductions follow threads
 from torchslim.calibration import call_model, logits_of
 rows = []
 for path, inputs, expected in json.loads(sys.argv[1]):

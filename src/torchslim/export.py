@@ -91,7 +91,8 @@ def _onnx_keywords(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[b
     import onnxruntime as ort
 
     keys = list(inputs)
-    axes = {k: ({0: "batch", 1: "sequence"} if v.dim() == 2 else {0: "batch"}) for k, v in inputs.items()}
+    # each input its own length name: an encoder-decoder's two sequences differ
+    axes = {k: ({0: "batch", 1: f"{k}_length"} if v.dim() == 2 else {0: "batch"}) for k, v in inputs.items()}
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / "model.onnx"
         try:
