@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -288,28 +289,57 @@ def save_load(arch: str, rows: list[dict[str, Any]], folder: Path) -> dict[str, 
 
 
 def torch_pruning_cell(arch: str) -> dict[str, Any]:
+    """Torch-Pruning's DepGraph on the same model: group L2, 50%, whole heads (its `num_heads`
+    map from each q/k/v projection to its module's head count), the output head ignored. Its
+    result keeps transformers' head-count attributes as they were, so they are set afterwards
+    from the new shapes (as its README asks users to do by hand)."""
+    from torchslim.graph import refresh_counts_
+
     row: dict[str, Any] = {"arch": arch, "technique": "structured", "tool": "torch-pruning"}
     try:
         import torch_pruning as tp
     except ImportError:
         return {**row, "status": "skipped", "detail": "torch-pruning is not installed"}
     model, x = build(arch)
-    before = _params(model)
+    before, reference = _params(model), _run(model, x)
+    heads: dict[nn.Module, int] = {}
+    for module in model.modules():
+        count = next((getattr(module, a) for a in ("num_attention_heads", "num_heads", "n_heads")
+                      if isinstance(getattr(module, a, None), int)), None)
+        for names in (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"),
+                      ("q", "k", "v")):
+            layers = [getattr(module, n, None) for n in names]
+            if count and all(isinstance(layer, nn.Linear) for layer in layers):
+                heads.update(dict.fromkeys(layers, count))
+    ignored = [m for n, m in model.named_modules() if n.endswith(("lm_head", "classifier", "score"))]
+    def timed_out(*_: Any) -> None:
+        raise TimeoutError(f"no result within {TP_SECONDS} s")
+
+    signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(TP_SECONDS)
     try:
-        heads = {m: m.num_attention_heads for m in model.modules()
-                 if isinstance(getattr(m, "num_attention_heads", None), int)
-                 and any(isinstance(c, nn.Linear) for c in m.children())}
-        heads_out = [m for n, m in model.named_modules() if n.endswith(("lm_head", "classifier"))]
-        pruner = tp.pruner.MetaPruner(model, example_inputs=x,
-                                      importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=0.5, num_heads=heads or None, ignored_layers=heads_out)
-        pruner.step()
-        _run(model, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(model, example_inputs=x,
+                                          importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                          pruning_ratio=0.5, num_heads=heads, prune_num_heads=bool(heads),
+                                          prune_head_dims=False, ignored_layers=ignored,
+                                          output_transform=logits_of)  # ModelOutput -> logits
+            pruner.step()
+            refresh_counts_(model)
+            out = _run(model, x)
         after = _params(model)
-        status = "ok" if after < before else "fail"
-        return {**row, "status": status, "detail": f"params {before:,} -> {after:,}"}
-    except Exception as exc:
+        if out.shape != reference.shape or after >= before:
+            detail = f"output {tuple(out.shape)}, params {before:,} -> {after:,}"
+            return {**row, "status": "fail", "detail": detail}
+        return {**row, "status": "ok", "detail": f"params {before:,} -> {after:,}"}
+    except Exception as exc:  # any error is a failed cell
         return {**row, "status": "fail", "detail": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    finally:
+        signal.alarm(0)
+
+
+TP_SECONDS = 120
 
 
 def main() -> int:
