@@ -18,6 +18,7 @@ from torchslim.artifact import (
     _program_bytes,
     _read,
     _read_layout,
+    source_class,
 )
 from torchslim.encoding.meta import TensorMeta
 
@@ -33,8 +34,13 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     raw, document = _read(path)
     version = document["version"]
-    model = document.get("model")
-    name = str(model.get("name")) if isinstance(model, dict) else "?"
+    model, hf = document.get("model"), document.get("hf")
+    if isinstance(model, dict):
+        name = str(model.get("name"))[:200]
+    elif isinstance(hf, dict):  # a Hugging Face model: its transformers class
+        name = f"transformers {str(hf.get('class'))[:100]}"
+    else:
+        name = str(source_class(document) or "?")
     header = 0
     if version == PROGRAM_VERSION:
         tensors = _program_tensors(_program_bytes(path, raw, document))
