@@ -58,7 +58,7 @@ def main() -> int:
         print(f"int8 dynamic vs fp32 eager, batch {size} x seq 128, {args.threads} threads: "
               f"{median:.2f}x (rounds {low:.2f}-{high:.2f}x; fp32 {ms:.1f} ms)")
     pruned = load_hf_folder(model_dir())
-    changes = apply_(pruned, ChannelPruning(ratio=0.0, per_layer={"*.attention.self.query": 1 / 3,
+    changes = apply_(pruned, ChannelPruning(ratio=0.0, per_layer={"*.attention.self": 1 / 3,
                                                                   "*.intermediate.dense": 0.5}),
                      example_inputs=batch(2, 16))
     layer = pruned.encoder.layer[0]
