@@ -166,7 +166,15 @@ def _run_on_ray(ray: ModuleType, function: Callable[[T], R], items: list[T], *, 
                 for ref in done:
                     results[pending.pop(ref)] = ray.get(ref)
                     bar.update(1)
-    finally:
-        for ref in pending:  # a trial failed (or Ctrl-C): do not leave the others running
+    except KeyboardInterrupt:  # the user stops the scan: do not leave the others running
+        for ref in pending:
             ray.cancel(ref)
+        raise
+    except BaseException:
+        # A trial failed: let the few in flight end instead of cancelling them. Cancelling a
+        # task while it completes aborted the whole driver process in Ray 2.60 ("Tried to
+        # complete task that was not pending"), seen when a scan followed a failed one.
+        if pending:
+            ray.wait(list(pending), num_returns=len(pending))
+        raise
     return results
