@@ -18,6 +18,7 @@ from torch import nn
 
 from torchslim.calibration import logits_of
 from torchslim.errors import ConfigError, UnsupportedModuleError
+from torchslim.runtime.onnx_program import KeywordCall
 from torchslim.safefile import write_atomic
 
 __all__ = ["ExportFormat", "export_model"]
@@ -58,28 +59,11 @@ def _arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
 
 
-class _Keywords(nn.Module):
-    """`model(**inputs)` from positional tensors (the exporter's convention), returning the
-    logits; decoders run without their cache, and an all-ones attention mask is passed
-    explicitly (what no mask means) so transformers skips code the exporter cannot write."""
-
-    def __init__(self, model: nn.Module, keys: list[str]) -> None:
-        super().__init__()
-        import inspect
-
-        self.model, self.keys = model, keys
-        parameters = inspect.signature(model.forward).parameters
-        self.extra = {"use_cache": False} if "use_cache" in parameters else {}
-        self.ones_mask = ("attention_mask" in parameters and "attention_mask" not in keys
-                          and "input_ids" in keys)
+class _Keywords(KeywordCall):
+    """`model(**inputs)` from positional tensors, the exporter's convention."""
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        from torchslim.calibration import logits_of
-
-        inputs = dict(zip(self.keys, tensors, strict=True))
-        if self.ones_mask:
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        return logits_of(self.model(**inputs, **self.extra))
+        return self.call(dict(zip(self.keys, tensors, strict=True)))
 
 
 def _onnx_keywords(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[bytes, Any]:

@@ -97,26 +97,30 @@ def _merge_masks(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor 
     return merged
 
 
-def _mha_heads(module: nn.Module, size: int) -> nn.Module | None:
-    if isinstance(module, nn.MultiheadAttention):
-        return PrunedMultiheadAttention.from_torch(module)
-    assert isinstance(module, PrunedMultiheadAttention)
+def _mha_resize(update: Any) -> Any:
+    """A resize for an attention axis: `nn.MultiheadAttention` (whose heads must fill its width)
+    becomes a `PrunedMultiheadAttention` read from its cut tensors; a pruned one gets `update`."""
+    def resize(module: nn.Module, size: int) -> nn.Module | None:
+        if isinstance(module, nn.MultiheadAttention):
+            return PrunedMultiheadAttention.from_torch(module)
+        assert isinstance(module, PrunedMultiheadAttention)
+        update(module, size)
+        return None
+    return resize
+
+
+def _set_heads(module: PrunedMultiheadAttention, size: int) -> None:
     module.num_heads = size
     for proj in (module.q_proj, module.k_proj, module.v_proj):
         proj.out_features = size * module.head_dim
     module.out_proj.in_features = size * module.head_dim
-    return None
 
 
-def _mha_embed(module: nn.Module, size: int) -> nn.Module | None:
-    if isinstance(module, nn.MultiheadAttention):
-        return PrunedMultiheadAttention.from_torch(module)
-    assert isinstance(module, PrunedMultiheadAttention)
+def _set_embed(module: PrunedMultiheadAttention, size: int) -> None:
     module.embed_dim = size
     for proj in (module.q_proj, module.k_proj, module.v_proj):
         proj.in_features = size
     module.out_proj.out_features = size
-    return None
 
 
 class MultiheadAttentionRule(ChannelRule):
@@ -139,8 +143,8 @@ class MultiheadAttentionRule(ChannelRule):
             slices += (ParamSlice("out_proj.weight", 1, d),)
             embed = tuple(ParamSlice(f"{proj}.weight", 1) for proj in ("q_proj", "k_proj", "v_proj"))
         embed += (ParamSlice("out_proj.weight", 0), ParamSlice("out_proj.bias", 0, scored=False))
-        return {"heads": Axis(slices, _mha_heads, produces=True),
-                "embed": Axis(embed, _mha_embed, produces=True)}
+        return {"heads": Axis(slices, _mha_resize(_set_heads), produces=True),
+                "embed": Axis(embed, _mha_resize(_set_embed), produces=True)}
 
     def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
                   values: list[Any], output: Any) -> Any:

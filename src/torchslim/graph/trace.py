@@ -165,15 +165,20 @@ class _Propagator(torch.fx.Interpreter):
         return None
 
 
-def _propagate_root(model: nn.Module, rule: Any, coupler: _Coupler, inputs: tuple[Any, ...]) -> None:
-    """Map the channels of a model whose own class has a rule: the rule sees it whole."""
+def run_example(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
+    """The model on its example inputs: one dict is keyword inputs (Hugging Face style)."""
     from torchslim.calibration import call_model
 
+    return call_model(model, inputs[0]) if len(inputs) == 1 else model(*inputs)
+
+
+def _propagate_root(model: nn.Module, rule: Any, coupler: _Coupler, inputs: tuple[Any, ...]) -> None:
+    """Map the channels of a model whose own class has a rule: the rule sees it whole."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = call_model(model, inputs[0]) if len(inputs) == 1 else model(*inputs)
+            out = run_example(model, inputs)
     finally:
         model.train(was_training)
     rule.propagate(coupler, "", model, [None] * len(inputs), list(inputs), out)

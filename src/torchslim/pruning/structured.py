@@ -23,11 +23,10 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from torchslim.calibration import call_model
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, GraphError, SelectionError
 from torchslim.graph import ChannelGraph, Group, cut_axis_, refresh_counts_, rule_for, trace_channels
-from torchslim.graph.trace import OUTPUT_KEEPS_SIZE
+from torchslim.graph.trace import OUTPUT_KEEPS_SIZE, run_example
 from torchslim.pruning.importance import Importance, unit_scores
 from torchslim.registry import register_technique
 from torchslim.select import Select
@@ -145,11 +144,6 @@ def _by_position(model: nn.Module, inputs: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(inputs[name] for name in names)
 
 
-def _call(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
-    """The model on its example inputs: one dict is keyword inputs (Hugging Face style)."""
-    return call_model(model, inputs[0]) if len(inputs) == 1 else model(*inputs)
-
-
 ATTENTION_QUERIES = ("q_proj", "query", "c_attn", "q_lin")  # a group holding these is heads
 
 
@@ -251,7 +245,7 @@ def _macs(model: nn.Module, inputs: tuple[Any, ...]) -> int:
     model.eval()  # counting must not move BatchNorm statistics
     try:
         with torch.no_grad(), counter:
-            _call(model, inputs)
+            run_example(model, inputs)
     finally:
         model.train(was_training)
     return int(counter.get_total_flops()) // 2
@@ -304,7 +298,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        reference = _call(model, inputs)
+        reference = run_example(model, inputs)
     params_before, macs_before = sum(p.numel() for p in model.parameters()), _macs(model, inputs)
     if config.target is PruneTarget.MACS:
         removed = _removal_for_macs(model, graph, scores, config, eligible, inputs, macs_before)
@@ -313,7 +307,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
     sizes = cut_channels_(model, graph, removed)
     try:
         with torch.no_grad():
-            out = _call(model, inputs)
+            out = run_example(model, inputs)
     except Exception as exc:
         raise GraphError(f"the pruned model no longer runs ({exc}); a layer or op is mapped wrongly: "
                          "exclude it (targets exclude=...) or register_channel_rule for it") from exc

@@ -27,8 +27,8 @@ from torch import nn
 
 from torchslim.errors import ConfigError, UnsupportedModuleError
 
-__all__ = ["OrtModule", "PackedInputs", "dynamic_input_axes", "export_onnx", "optimize_onnx", "pack_inputs",
-           "packable_keys", "quantize_onnx", "quantized_ops"]
+__all__ = ["KeywordCall", "OrtModule", "PackedInputs", "dynamic_input_axes", "export_onnx", "optimize_onnx",
+           "pack_inputs", "packable_keys", "quantize_onnx", "quantized_ops"]
 
 INSTALL_HINT = "pip install -c constraints.txt 'torchslim[onnx]'"
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")  # ops that carry weights
@@ -85,28 +85,36 @@ def pack_inputs(inputs: dict[str, torch.Tensor], keys: list[str]) -> torch.Tenso
     return torch.stack([inputs[k] for k in keys], dim=1)
 
 
-class PackedInputs(nn.Module):
-    """Calls `model(**dict)` from one packed tensor (B, K, ...), returning its logits (the
-    first tensor output): how a keyword-input model (Hugging Face) becomes a one-input program.
-    Decoders run without their key/value cache."""
+class KeywordCall(nn.Module):
+    """Calls `model(**inputs)` for an exporter, returning its logits (the first tensor output).
+
+    Decoders run without their key/value cache. Given `input_ids` alone, an all-ones attention
+    mask is passed explicitly: it means what no mask means, and keeps transformers off its
+    packed-sequence detection (torch.diff), which the ONNX exporter cannot write.
+    """
 
     def __init__(self, model: nn.Module, keys: list[str]) -> None:
         super().__init__()
         self.model, self.keys = model, list(keys)
         parameters = inspect.signature(model.forward).parameters
         self.extra = {"use_cache": False} if "use_cache" in parameters else {}
-        # An all-ones mask means what no mask means; given explicitly it keeps transformers off
-        # its packed-sequence detection (torch.diff), which the ONNX exporter cannot write.
         self.ones_mask = ("attention_mask" in parameters and "attention_mask" not in self.keys
-                          and self.keys[:1] == ["input_ids"])
+                          and "input_ids" in self.keys)
 
-    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+    def call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         from torchslim.calibration import logits_of
 
-        inputs = {k: packed[:, i] for i, k in enumerate(self.keys)}
         if self.ones_mask:
-            inputs["attention_mask"] = torch.ones_like(packed[:, 0])
+            inputs = {**inputs, "attention_mask": torch.ones_like(inputs["input_ids"])}
         return logits_of(self.model(**inputs, **self.extra))
+
+
+class PackedInputs(KeywordCall):
+    """A keyword-input model (Hugging Face) as a one-input program: its tensors packed as one
+    (B, K, ...) tensor, keys in `keys` order."""
+
+    def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        return self.call({k: packed[:, i] for i, k in enumerate(self.keys)})
 
 
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
