@@ -206,3 +206,34 @@ def test_a_head_ratio_rounds_to_the_nearest_head_count() -> None:
         warnings.simplefilter("ignore")  # the embedding width is kept: the input is fixed
         changes = apply_(model, ChannelPruning(ratio=0.33), example_inputs=torch.randn(2, 5, 48))
     assert changes["sizes"]["attention"] == {"heads": 8}  # 0.33 x 12 = 3.96 -> 4 heads go
+
+
+class ChecksAndPads(nn.Module):
+    """Shape checks and padding arithmetic in forward, as Hugging Face's vision models do:
+    `if x.shape[1] != ...: raise`, `int(...)` of a shape, unpacking a shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.body = nn.Conv2d(8, 8, 3)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != self.stem.in_channels:
+            raise ValueError("wrong channel count")
+        x = torch.relu(self.stem(x))
+        height, width = x.shape[2:]  # unpacked: iterated while tracing
+        pad = int(max(3 - width % 2, 0))  # int() of a traced shape
+        x = nn.functional.pad(x, (pad, pad, pad * (height > 4), pad))
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def test_forward_with_shape_checks_int_and_loops_is_traced_on_the_example_inputs() -> None:
+    model = ChecksAndPads().eval()
+    inputs = torch.randn(2, 3, 12, 12)
+    changes = apply_(model, ChannelPruning(ratio=0.5), example_inputs=inputs)
+    assert model.stem.out_channels == 4 and model.body.out_channels == 4
+    assert "stem" in changes.changed
+    assert model(inputs).shape == (2, 4)
+    with pytest.raises(ValueError, match="wrong channel count"):  # the check is still there
+        model(torch.randn(2, 1, 12, 12))

@@ -29,7 +29,7 @@ ELEMENTWISE = {
     "sqrt", "rsqrt", "clamp", "clamp_min", "clamp_max", "square", "sin", "cos", "erf", "sign",
     "pow", "masked_fill", "expand", "expand_as", "max_pool1d", "max_pool2d", "avg_pool1d",
     "avg_pool2d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "interpolate", "identity", "requires_grad_", "cpu",
+    "adaptive_max_pool2d", "interpolate", "identity", "requires_grad_", "cpu", "pad",
 }
 BINARY = {"add", "sub", "mul", "truediv", "div", "iadd", "isub", "imul", "itruediv", "maximum",
           "minimum", "add_", "mul_", "sub_", "div_", "rsub", "floordiv"}

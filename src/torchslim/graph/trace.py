@@ -75,8 +75,96 @@ OUTPUT_KEEPS_SIZE = "the model's output keeps its size"
 
 
 class _Tracer(torch.fx.Tracer):
+    """fx tracing that evaluates a branch condition on the example inputs instead of giving up.
+
+    Code such as `if pixel_values.shape[1] != self.num_channels: raise ...` (Hugging Face's vision
+    models) or `for block in torch.split(...)` needs a real value while tracing. The graph traced
+    so far computes it: it is run on the example inputs and the branch taken is recorded, as
+    `torch.export` specializes on its example inputs. The graph serves only to map channels on
+    those same inputs, so the specialization is exact for it.
+    """
+
+    def __init__(self, inputs: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.inputs = inputs
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return rule_for(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+    def _concrete(self, proxy: torch.fx.Proxy) -> Any:
+        reads = _reads_values(proxy.node)
+        if reads is not None:
+            raise torch.fx.proxy.TraceError(
+                f"the forward branches on the values of {reads}, not only on shapes")
+        graph = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        graph.graph_copy(self.graph, env)
+        graph.output(env[proxy.node])
+        module = torch.fx.GraphModule(self.root, graph)
+        # fx patches Module.__call__/__getattr__ while tracing; run the partial graph unpatched
+        from torch.fx import _symbolic_trace as fx_trace
+
+        patched = nn.Module.__call__, nn.Module.__getattr__
+        nn.Module.__call__ = fx_trace._orig_module_call  # type: ignore[method-assign]
+        nn.Module.__getattr__ = fx_trace._orig_module_getattr  # type: ignore[method-assign]
+        try:
+            with torch.no_grad():
+                return module(*self.inputs)
+        finally:
+            nn.Module.__call__, nn.Module.__getattr__ = patched  # type: ignore[method-assign]
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _ConcreteProxy(node, self)
+
+    def to_bool(self, obj: torch.fx.Proxy) -> bool:
+        return bool(self._concrete(obj))
+
+    def iter(self, obj: torch.fx.Proxy) -> Any:
+        return iter([obj[index] for index in range(len(self._concrete(obj)))])
+
+
+SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_floating_point"}
+SHAPE_METHODS = {"size", "dim", "numel", "is_floating_point", "is_contiguous"}
+
+
+def _reads_values(node: torch.fx.Node) -> str | None:
+    """The first node whose tensor values `node` depends on (not only its shape), or None.
+
+    A branch on shapes is the same for every input of these shapes; a branch on values may go
+    the other way on the next batch, so it is never specialized."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if (current.op == "call_function" and current.target is getattr
+                and current.args[1] in SHAPE_ATTRIBUTES) or \
+                (current.op == "call_method" and current.target in SHAPE_METHODS):
+            continue  # metadata only: its input's values are not read
+        if current.op in ("placeholder", "call_module", "get_attr"):
+            return current.name
+        stack.extend(current.all_input_nodes)
+    return None
+
+
+class _ConcreteProxy(torch.fx.Proxy):
+    """A proxy that `int()`, `float()` and `len()` evaluate on the example inputs (padding
+    arithmetic on shapes, as in Hugging Face's MobileNetV2)."""
+
+    tracer: _Tracer
+
+    def __int__(self) -> int:
+        return int(self.tracer._concrete(self))
+
+    def __index__(self) -> int:
+        return int(self.tracer._concrete(self))
+
+    def __float__(self) -> float:
+        return float(self.tracer._concrete(self))
+
+    def __len__(self) -> int:
+        return len(self.tracer._concrete(self))
 
 
 class _Coupler:
@@ -112,9 +200,9 @@ def _concrete_args(model: nn.Module, given: int) -> dict[str, Any]:
             if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
 
 
-def _symbolic(model: nn.Module, count: int) -> torch.fx.GraphModule:
+def _symbolic(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
     try:
-        graph = _Tracer().trace(model, concrete_args=_concrete_args(model, count) or None)
+        graph = _Tracer(inputs).trace(model, concrete_args=_concrete_args(model, len(inputs)) or None)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
         raise GraphError(f"cannot trace {type(model).__name__} with torch.fx: {exc}. Make the layer "
                          "whose forward branches on tensor values a leaf with "
@@ -230,7 +318,7 @@ def trace_channels(model: nn.Module, example_inputs: Any, *, strict: bool = Fals
         gm, propagator = None, None
         _propagate_root(model, root_rule, coupler, inputs)
     else:
-        gm = _symbolic(model, len(inputs))
+        gm = _symbolic(model, inputs)
         propagator = _Propagator(gm, coupler)
         was_training = model.training
         model.eval()
