@@ -120,7 +120,7 @@ class _Tracer(torch.fx.Tracer):
         return bool(self._concrete(obj))
 
     def iter(self, obj: torch.fx.Proxy) -> Any:
-        return iter([obj[index] for index in range(len(self._concrete(obj)))])
+        return iter([obj[index] for index in range(len(self._concrete(obj)))])  # type: ignore[index]
 
 
 SHAPE_ATTRIBUTES = {"shape", "ndim", "dtype", "device", "is_floating_point"}
