@@ -32,6 +32,7 @@ __all__ = [
     "file_bytes",
     "measure_latency",
     "num_threads",
+    "perplexity",
     "probe_accuracy",
 ]
 
@@ -240,3 +241,56 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor | Any, *, folds:
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     scores = cross_val_score(LogisticRegression(max_iter=2000), x, y, cv=splitter)
     return float(scores.mean())
+
+
+def perplexity(model: nn.Module, tokens: torch.Tensor, *, window: int = 512, batch_size: int = 8,
+               max_tokens: int | None = None) -> dict[str, Any]:
+    """Perplexity of a causal language model on a token stream: exp(mean next-token loss).
+
+    The stream is cut into consecutive, non-overlapping windows of `window` tokens (the
+    convention of the GPTQ and SparseGPT papers, with 2048 there); in each window every token
+    after the first is predicted from the ones before it in the window. A shorter last window is
+    dropped, so every model is scored on the same tokens.
+
+    Args:
+        model: takes `input_ids` (B, T) and returns logits (B, T, vocab) (or an output with
+            `.logits`).
+        tokens: 1-D token ids.
+        max_tokens: score only the first `max_tokens` tokens (a quicker, noisier estimate).
+
+    Returns:
+        {"perplexity", "loss" (mean nats per token), "tokens" (scored), "window"}.
+
+    Raises:
+        ConfigError: fewer tokens than one window, or a model that returns no token logits.
+    """
+    stream = tokens.reshape(-1)[:max_tokens] if max_tokens else tokens.reshape(-1)
+    count = stream.numel() // window
+    if count == 0:
+        raise ConfigError(f"{stream.numel()} tokens are fewer than one window of {window}: give more "
+                          "text or a smaller window")
+    windows = stream[:count * window].reshape(count, window)
+    was_training = model.training
+    model.eval()
+    total, scored = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, count, batch_size):
+                ids = windows[start:start + batch_size]
+                inputs: dict[str, Any] = {"input_ids": ids}
+                if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+                    inputs["use_cache"] = False  # one pass per window: no cache to build
+                logits = logits_of(call_model(model, inputs))
+                if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+                    raise ConfigError(f"{type(model).__name__} returned logits of shape "
+                                      f"{tuple(logits.shape)} for input_ids {tuple(ids.shape)}; "
+                                      "perplexity needs a causal language model (B, T, vocab)")
+                loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                   ids[:, 1:].reshape(-1), reduction="sum")
+                total += float(loss)
+                scored += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    mean = total / scored
+    return {"perplexity": float(torch.tensor(mean).exp()), "loss": mean, "tokens": scored,
+            "window": window}

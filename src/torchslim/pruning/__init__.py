@@ -1,6 +1,7 @@
 """Pruning: unstructured weight masks, structured channel removal, schedules, sensitivity."""
 
 from torchslim.pruning.importance import Importance, unit_scores
+from torchslim.pruning.one_shot import SparseGPT, Wanda
 from torchslim.pruning.schedules import (
     GradualPruning,
     cubic_sparsity,
@@ -29,6 +30,8 @@ __all__ = [
     "PruneTarget",
     "Rounding",
     "Scope",
+    "SparseGPT",
+    "Wanda",
     "WeightPruning",
     "cubic_sparsity",
     "iterative_prune_",

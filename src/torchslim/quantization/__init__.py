@@ -1,6 +1,7 @@
 """Quantization: affine primitives (pure math), observers, and int8 post-training quantization
 executed by onnxruntime's integer kernels (`quantize_model`, returning an `OrtModule`)."""
 
+from torchslim.quantization.gptq import GPTQ
 from torchslim.quantization.lowbit import LowBit, LowBitMode, finalize_lowbit_
 from torchslim.quantization.observers import Observer, ObserverKind
 from torchslim.quantization.primitives import (
@@ -16,6 +17,7 @@ from torchslim.quantization.ptq import Backend, Calibrate, Quantization, QuantMe
 from torchslim.quantization.weight_only import WeightOnly
 
 __all__ = [
+    "GPTQ",
     "Backend",
     "Calibrate",
     "LowBit",

@@ -2,7 +2,9 @@
 
 Each selected Linear keeps `codes` (integers in [-2^(b-1), 2^(b-1)-1], one per weight) and one
 symmetric scale per `group_size` consecutive input weights of a row (GPTQ/AWQ-style storage,
-round-to-nearest codes). The forward dequantizes and runs the float matmul: the point is the
+round-to-nearest codes); asymmetric grids (`symmetric=False`) keep codes in [0, 2^b - 1] and a
+zero point per group too. GPTQ (`torchslim.quantization.gptq`) writes the same layer with codes
+chosen to correct each other's error. The forward dequantizes and runs the float matmul: the point is the
 file (and memory) size, not speed. Saved with `Encoding()`, the codes take about `bits` bits
 each (a codebook of at most 2^bits values); the replacement is a recorded structural edit.
 """
@@ -44,40 +46,62 @@ class WeightOnly(TechniqueConfig):
 
     bits: int = Field(default=4, ge=2, le=8)
     group_size: int = Field(default=32, ge=1)
+    symmetric: bool = True
+
+
+def grid(bits: int, group_size: int, symmetric: bool) -> QuantSpec:
+    """The integer grid of weight-only codes: signed symmetric, or unsigned with a zero point."""
+    return QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, signed=symmetric)
 
 
 class GroupedWeightLinear(nn.Module):
-    """`F.linear(x, codes * scales)` with per-group scales; a Linear stored compactly."""
+    """`F.linear(x, (codes - zeros) * scales)` with per-group scales (and zero points when
+    asymmetric); a Linear stored compactly."""
 
-    def __init__(self, in_features: int, out_features: int, *, group_size: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, *, group_size: int, bias: bool,
+                 asymmetric: bool = False) -> None:
         super().__init__()
         self.group_size = group_size
         self.codes = nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
         self.scales = nn.Parameter(torch.ones(out_features, in_features // group_size),
                                    requires_grad=False)
+        self.zeros = nn.Parameter(torch.zeros(out_features, in_features // group_size),
+                                  requires_grad=False) if asymmetric else None
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def weight(self) -> torch.Tensor:
         out_features, in_features = self.codes.shape
         groups = self.codes.reshape(out_features, -1, self.group_size)  # (out, G, g)
+        if self.zeros is not None:
+            groups = groups - self.zeros[:, :, None]
         return (groups * self.scales[:, :, None]).reshape(out_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(), self.bias)
 
 
-def _grouped(layer: nn.Linear, config: WeightOnly) -> GroupedWeightLinear:
-    spec = QuantSpec(bits=config.bits, group_size=config.group_size)
-    weight = weight_of(layer).detach().float()
-    scale, zero = qparams_from_range(*tensor_range(weight, spec), spec)  # (out, G)
-    new = GroupedWeightLinear(layer.in_features, layer.out_features, group_size=config.group_size,
-                              bias=layer.bias is not None)
+def grouped_linear(layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
+                   zeros: torch.Tensor | None) -> GroupedWeightLinear:
+    """A `GroupedWeightLinear` holding `codes` (out, in), `scales` and `zeros` (out, groups)."""
+    new = GroupedWeightLinear(layer.in_features, layer.out_features,
+                              group_size=layer.in_features // scales.shape[1],
+                              bias=layer.bias is not None, asymmetric=zeros is not None)
     with torch.no_grad():
-        new.codes.copy_(quantize(weight, scale, zero, spec).float())
-        new.scales.copy_(scale)
+        new.codes.copy_(codes.float())
+        new.scales.copy_(scales)
+        if zeros is not None and new.zeros is not None:
+            new.zeros.copy_(zeros.float())
         if layer.bias is not None and new.bias is not None:
             new.bias.copy_(layer.bias)
     return new
+
+
+def _grouped(layer: nn.Linear, config: WeightOnly) -> GroupedWeightLinear:
+    spec = grid(config.bits, config.group_size, config.symmetric)
+    weight = weight_of(layer).detach().float()
+    scale, zero = qparams_from_range(*tensor_range(weight, spec), spec)  # (out, G)
+    return grouped_linear(layer, quantize(weight, scale, zero, spec), scale,
+                          None if config.symmetric else zero)
 
 
 def weight_only_(model: nn.Module, config: WeightOnly, *, targets: Select,
@@ -93,7 +117,8 @@ def weight_only_(model: nn.Module, config: WeightOnly, *, targets: Select,
     def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
         assert isinstance(layer, nn.Linear)
         return _grouped(layer, config), {"kind": "weight_only", "layer": name,
-                                         "group_size": config.group_size}
+                                         "group_size": config.group_size,
+                                         "asymmetric": not config.symmetric}
 
     return {"bits": config.bits, **replace_layers_(model, [n for n, _ in layers], build)}
 
@@ -104,7 +129,7 @@ def _replay(model: nn.Module, edit: Edit) -> None:
         raise TypeError(f"{edit['layer']} is a {type(layer).__name__}, not a Linear")
     replace_module_(model, edit["layer"], GroupedWeightLinear(
         layer.in_features, layer.out_features, group_size=int(edit["group_size"]),
-        bias=layer.bias is not None))
+        bias=layer.bias is not None, asymmetric=bool(edit.get("asymmetric", False))))
 
 
 register_technique(WeightOnly, weight_only_)

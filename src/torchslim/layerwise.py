@@ -1,0 +1,196 @@
+"""Sequential, block-by-block calibration for the one-shot methods of language models.
+
+SparseGPT, Wanda and GPTQ compress each Linear from statistics of its inputs. Taken from the
+dense model, those inputs drift from what the compressed model will feed the layer; so, as in
+the papers, the model's repeated blocks (a decoder's layers) are compressed one at a time: the
+calibration activations entering block i are the outputs of blocks 0..i-1 *already compressed*.
+Only one block's activations are held at a time (memory: calibration tokens x hidden width, not
+x depth), and the statistics of a block's Linears are gathered in one pass over them.
+
+A model without a stack of repeated blocks (a CNN, a small MLP) is calibrated in one pass over
+the whole model: the same statistics, without the sequential refresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.calibration import call_model
+from torchslim.errors import ConfigError
+
+__all__ = ["InputStatistics", "compress_layerwise", "repeated_blocks"]
+
+LOG = logging.getLogger("torchslim")
+
+
+@dataclass
+class InputStatistics:
+    """What one Linear's calibration inputs tell: `hessian` = 2/n Σ x xᵀ (SparseGPT, GPTQ) and
+    `sq_norm` = Σ x² per input feature (Wanda), over `samples` input rows."""
+
+    hessian: torch.Tensor | None
+    sq_norm: torch.Tensor
+    samples: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]).float()
+        count = rows.shape[0]
+        total = self.samples + count
+        self.sq_norm += rows.pow(2).sum(0).double()
+        if self.hessian is not None:
+            # a running mean of 2 x xᵀ (the product in float32, the sum in float64)
+            self.hessian.mul_(self.samples / total).add_((rows.T @ rows).double(), alpha=2.0 / total)
+        self.samples = total
+
+
+def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The model's largest `ModuleList` of same-class blocks holding Linears (a transformer's
+    layers), with its name; None if it has none."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and \
+                len({type(block) for block in module}) == 1 and \
+                any(isinstance(m, nn.Linear) for m in module[0].modules()) and \
+                (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    return best
+
+
+class _Captured(Exception):
+    """Raised by the hook on the first block: the model's forward stops there."""
+
+
+@dataclass
+class _BlockInputs:
+    args: list[tuple[Any, ...]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _block_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> _BlockInputs:
+    captured = _BlockInputs()
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.args.append(args)
+        captured.kwargs.append(kwargs)
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for inputs in batches:
+            extra = {"use_cache": False} if _takes_use_cache(model) else {}
+            try:
+                with torch.no_grad():
+                    call_model(model, inputs if not extra else _with(inputs, extra))
+            except _Captured:
+                continue
+            raise ConfigError("the model's forward never reached its first block; calibration "
+                              "needs the blocks on the path from the inputs")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "use_cache", None) is not None
+
+
+def _with(inputs: Any, extra: dict[str, Any]) -> Any:
+    if isinstance(inputs, dict):
+        return {**inputs, **extra}
+    return {"input_ids": inputs, **extra}
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ConfigError(f"a block returned {type(output).__name__}; sequential calibration needs "
+                      "blocks returning the hidden states (a tensor or a tuple starting with one)")
+
+
+@torch.no_grad()
+def _run_block(block: nn.Module, hidden: list[torch.Tensor], rest: list[tuple[Any, ...]],
+               kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    return [_first_tensor(block(h, *args, **extra))
+            for h, args, extra in zip(hidden, rest, kwargs, strict=True)]
+
+
+@torch.no_grad()
+def _gather(layers: list[tuple[str, nn.Linear]], run: Callable[[], Any], *,
+            hessian: bool) -> dict[str, InputStatistics]:
+    stats = {name: InputStatistics(
+        hessian=torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64) if hessian else None,
+        sq_norm=torch.zeros(layer.in_features, dtype=torch.float64)) for name, layer in layers}
+    handles = [layer.register_forward_hook(
+        lambda _m, args, _out, s=stats[name]: s.add(args[0].detach())) for name, layer in layers]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], batches: list[Any],
+                       compress: Callable[[str, nn.Linear, InputStatistics], None], *,
+                       hessian: bool, label: str) -> dict[str, Any]:
+    """Calibrate and `compress(name, layer, statistics)` every Linear of `layers`, block by block.
+
+    Args:
+        layers: the selected Linears (qualified names); others are left alone.
+        batches: calibration model inputs (token-id tensors or dicts).
+        compress: edits one layer in place from its input statistics.
+        hessian: gather the input Hessian (SparseGPT, GPTQ) besides the squared norms (Wanda).
+        label: the technique's name, for progress lines.
+
+    Returns:
+        {"blocks": number of blocks calibrated one after the other (0: one pass), "seconds"}.
+    """
+    if not batches:
+        raise ConfigError(f"{label} needs calibration data: pass calibration=batches of token ids "
+                          "(e.g. 128 sequences of 512 tokens)")
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        stack = repeated_blocks(model)
+        if stack is None:
+            stats = _gather(layers, lambda: [call_model(model, b) for b in batches], hessian=hessian)
+            for name, layer in layers:
+                compress(name, layer, stats[name])
+            return {"blocks": 0, "seconds": time.perf_counter() - start}
+        prefix, blocks = stack
+        inputs = _block_inputs(model, blocks[0], batches)
+        hidden = [args[0] if args else kwargs.pop("hidden_states")
+                  for args, kwargs in zip(inputs.args, inputs.kwargs, strict=True)]
+        rest = [args[1:] for args in inputs.args]
+        for index, block in enumerate(blocks):
+            where = f"{prefix}.{index}." if prefix else f"{index}."
+            mine = [(name, layer) for name, layer in layers if name.startswith(where)]
+            if mine:
+                stats = _gather(mine, partial(_run_block, block, hidden, rest, inputs.kwargs),
+                                hessian=hessian)
+                for name, layer in mine:
+                    compress(name, layer, stats[name])
+            # the compressed block's outputs feed the next one
+            hidden = _run_block(block, hidden, rest, inputs.kwargs)
+            LOG.info("%s: block %d/%d done (%d layers), %.0f s", label, index + 1, len(blocks),
+                     len(mine), time.perf_counter() - start)
+        outside = [name for name, _ in layers if not name.startswith(f"{prefix}.")]
+        if outside:  # e.g. lm_head: calibrated on the compressed stack's final activations
+            stats = _gather([(n, dict(layers)[n]) for n in outside],
+                            lambda: [call_model(model, b) for b in batches], hessian=hessian)
+            for name in outside:
+                compress(name, dict(layers)[name], stats[name])
+        return {"blocks": len(blocks), "seconds": time.perf_counter() - start}
+    finally:
+        model.train(was_training)
