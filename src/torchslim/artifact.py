@@ -264,12 +264,32 @@ def save(model: nn.Module, path: str | Path, *, spec: Any = None,
     edits = edits_of(model)
     if edits:  # layers changed in shape (factorized, decomposed): replayed by `load`
         document["edits"] = edits
-    tensors = dict(model.state_dict())
+    tensors = computed_state(model)
     if encoding is not None:
         payload, document["payload"] = _encode_state(tensors, encoding)
         tensors = {PAYLOAD: payload}
     write_checked(Path(path), tensors, document)
     return Path(path)
+
+
+def computed_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every parametrized tensor (a pruning mask, a weight-sharing codebook)
+    stored as the value the model computes with, under its plain name: the file describes the
+    model's weights, and `load` rebuilds the architecture without the parametrizations (as
+    `finalize_` would leave it)."""
+    from torch.nn.utils import parametrize
+
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        prefix = f"{name}." if name else ""
+        for tensor_name in list(getattr(module, "parametrizations", {})):
+            inner = f"{prefix}parametrizations.{tensor_name}."
+            for key in [k for k in state if k.startswith(inner)]:
+                del state[key]
+            state[f"{prefix}{tensor_name}"] = getattr(module, tensor_name).detach()
+    return state
 
 
 PROGRAM_ZSTD_LEVEL = 9  # 1.3x on an int8 MiniLM in about a second; level 19 takes minutes

@@ -167,10 +167,45 @@ def _print_summary(report: dict[str, Any], args: argparse.Namespace, *, latency:
           f"{args.out}/report.md, {args.out}/recipe.yaml")
 
 
+LANGUAGE_METHODS = ("wanda", "sparsegpt", "gptq", "rtn")
+
+
+def _language_job(args: argparse.Namespace, config: Any) -> int:
+    from torchslim.apps.language import compress_language_model
+
+    report = compress_language_model(args.model, config, out=args.out, dataset=args.dataset or "python-docs",
+                                     sequences=args.calibration_sequences, length=args.sequence_length,
+                                     eval_tokens=args.eval_tokens or None, seed=args.seed)
+    print(f"{args.method}: perplexity {report['perplexity_before']:.3f} -> {report['perplexity_after']:.3f} "
+          f"({report['perplexity_ratio']:.3f}x, {report['perplexity_tokens']:,} held-out tokens), "
+          f"{report['changed']} layers changed, {len(report['skipped'])} skipped, calibration "
+          f"{report['calibration']['seconds']:.0f} s  ->  {args.out}/model.slim, {args.out}/report.json")
+    return 0
+
+
+def _add_language_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("language models (wanda, sparsegpt, gptq, rtn)")
+    group.add_argument("--calibration-sequences", type=int, default=128,
+                       help="calibration windows drawn from the dataset's calibration split")
+    group.add_argument("--sequence-length", type=int, default=512, help="tokens per window")
+    group.add_argument("--eval-tokens", type=int, default=16384,
+                       help="held-out tokens scored before and after (0: the whole split)")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from torchslim.apps.cli_recipes import prune_recipe
 
     args.model = _model_source(args)
+    if args.method in LANGUAGE_METHODS:
+        from torchslim.config import build_config
+        from torchslim.pruning import SparseGPT, Wanda
+
+        kind = Wanda if args.method == "wanda" else SparseGPT
+        return _language_job(args, build_config(kind, {
+            "sparsity": args.sparsity, "pattern": args.pattern,
+            "calibration_batches": -(-args.calibration_sequences // 8)}))
+    if args.ratio is None:
+        raise SystemExit("torchslim prune: --ratio is required (the fraction removed)")
     if not 0 <= args.ratio < 1:
         raise SystemExit(f"torchslim prune: --ratio {args.ratio} must be in [0, 1) (the fraction removed)")
     if args.structured and args.epochs == 0 and args.steps == 1:  # one shot: also models without data
@@ -259,8 +294,13 @@ def _add_prune_parser(commands: Any) -> None:
     _add_model_argument(prune)
     prune.add_argument("--out", required=True, help="output folder")
     prune.add_argument("--structured", action="store_true", help="remove whole channels (default: weights)")
-    prune.add_argument("--ratio", type=float, required=True,
+    prune.add_argument("--ratio", type=float,
                        help="fraction removed, in [0, 1): of channels, MACs (--target) or weights")
+    prune.add_argument("--method", default="magnitude", choices=["magnitude", "wanda", "sparsegpt"],
+                       help="wanda / sparsegpt: one-shot pruning of a language model from "
+                            "calibration text (with --sparsity, --pattern, --dataset)")
+    prune.add_argument("--sparsity", type=float, default=0.5, help="wanda/sparsegpt: fraction removed")
+    prune.add_argument("--pattern", metavar="N:M", help="wanda/sparsegpt: remove N of every M weights (2:4)")
     prune.add_argument("--target", default="channels", choices=["channels", "macs"])
     prune.add_argument("--importance", default="l2",
                        choices=["l1", "l2", "random", "taylor", "activation", "apoz", "bn_scale"],
@@ -287,6 +327,7 @@ def _add_prune_parser(commands: Any) -> None:
     tune.add_argument("--seed", type=int, default=0)
     _add_run_folder_options(prune)
     prune.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_language_options(prune)
     prune.set_defaults(func=cmd_prune)
 
 
@@ -294,6 +335,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from torchslim.apps.workflows import quantize_job
 
     args.model = _model_source(args)
+    if args.method in LANGUAGE_METHODS:
+        from torchslim.config import build_config
+        from torchslim.quantization import GPTQ, WeightOnly
+
+        options = {"bits": args.bits or 4, "group_size": args.group_size, "symmetric": not args.asymmetric}
+        if args.method == "gptq":
+            options.update(act_order=args.act_order, calibration_batches=-(-args.calibration_sequences // 8))
+        return _language_job(args, build_config(GPTQ if args.method == "gptq" else WeightOnly, options))
+    args.bits = args.bits or 8
     if args.method in ("qat", "binary", "ternary"):
         from torchslim.apps.cli_recipes import training_quantize_recipe
 
@@ -380,10 +430,30 @@ def cmd_auto(args: argparse.Namespace) -> int:
     return 0 if final["meets_target"] and final["meets_max_drop"] else 1
 
 
+def _evaluate_language_model(source: str, args: argparse.Namespace) -> int:
+    from torchslim.apps.language import language_perplexity, load_language_source
+    from torchslim.measure import count_params
+
+    model, _ = load_language_source(source)
+    total, nonzero = count_params(model)
+    result = {"model": source, "dataset": args.dataset, "params": total, "nonzero_params": nonzero,
+              **language_perplexity(model, args.dataset, max_tokens=args.max_tokens or None)}
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+    else:
+        for key, value in result.items():
+            print(f"{key:>16}: {value}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from torchslim.apps.workflows import load_model_or_artifact, measure_model
 
     source = _model_source(args)
+    from torchslim.apps.language import TEXT_DATASETS
+
+    if args.dataset in TEXT_DATASETS:
+        return _evaluate_language_model(source, args)
     data = _dataset(args.dataset)
     model, path = load_model_or_artifact(source, factory=args.factory)
     result = measure_model(model, path=path, data=data, split=args.split,
@@ -398,11 +468,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from torchslim.apps.language import decode_speed, is_causal_lm, load_language_source
     from torchslim.apps.workflows import backend_of, inputs_for, load_model_or_artifact
-    from torchslim.measure import measure_latency
+    from torchslim.measure import measure_latency, num_threads
 
     source = _model_source(args)
-    model, _ = load_model_or_artifact(source, factory=args.factory)
+    model, _ = load_language_source(source) if not args.factory else \
+        load_model_or_artifact(source, factory=args.factory)
+    if is_causal_lm(model):  # language models: decoding speed, batch 1, with the cache
+        with num_threads(args.threads) as threads:
+            speed = decode_speed(model, repeats=max(1, min(args.repeats, 5)))
+        result: dict[str, Any] = {"model": source, "backend": backend_of(model), "tokens_per_s": speed,
+                                  "batch_size": 1, "threads": threads}
+        print(json.dumps(result, sort_keys=True) if args.json else
+              f"{source}: greedy decoding at batch 1, {threads} threads: {speed:.1f} tokens/s")
+        return 0
     inputs = inputs_for(model, args.batch)
     if args.onnxruntime and backend_of(model) == "torch":
         from torchslim.runtime.onnx_program import OrtModule, export_onnx
@@ -504,8 +584,15 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/model.slim, which evaluate and bench run on onnxruntime's int8 kernels.")
     _add_model_argument(quantize)
     quantize.add_argument("--method", default="dynamic",
-                          choices=["dynamic", "static", "qat", "binary", "ternary"])
-    quantize.add_argument("--bits", type=int, default=8, help="8 (the int8 kernels' width)")
+                          choices=["dynamic", "static", "qat", "binary", "ternary", "gptq", "rtn"],
+                          help="gptq / rtn: weight-only codes of a language model's Linears "
+                               "(GPTQ's error correction, or round-to-nearest)")
+    quantize.add_argument("--bits", type=int, help="8 (the int8 kernels' width); gptq/rtn: 2..8, default 4")
+    quantize.add_argument("--group-size", type=int, default=64, help="gptq/rtn: inputs per scale")
+    quantize.add_argument("--asymmetric", action="store_true", help="gptq/rtn: zero point per group")
+    quantize.add_argument("--act-order", action="store_true",
+                          help="gptq: quantize the inputs with the largest Hessian diagonal first")
+    quantize.add_argument("--seed", type=int, default=0, help="gptq: calibration windows drawn")
     quantize.add_argument("--calibration", "--dataset", dest="calibration", metavar="DATASET",
                           help="dataset whose training split calibrates (default: the model's): "
                                f"{', '.join(dataset_names())}, or FILE.py:FUNCTION returning loaders")
@@ -529,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train on labels only (default: distil from the float model)")
     qat.add_argument("--no-progress", action="store_true", help="hide progress bars")
     quantize.add_argument("--out", required=True, help="output folder")
+    _add_language_options(quantize)
     _add_run_folder_options(quantize)
     quantize.set_defaults(func=cmd_quantize)
 
@@ -616,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "/ package.module:FUNCTION returning {'train': loader, 'val': loader, "
                                "'test': loader}")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--max-tokens", type=int, default=0,
+                          help="text datasets: score only the first N held-out tokens (0: all)")
     evaluate.add_argument("--batch-size", type=int, default=500)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(func=cmd_evaluate)

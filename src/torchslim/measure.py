@@ -280,7 +280,11 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, window: int = 512, bat
                 inputs: dict[str, Any] = {"input_ids": ids}
                 if getattr(getattr(model, "config", None), "use_cache", None) is not None:
                     inputs["use_cache"] = False  # one pass per window: no cache to build
-                logits = logits_of(call_model(model, inputs))
+                try:
+                    logits = logits_of(call_model(model, inputs))
+                except TypeError as exc:  # forward takes no input_ids keyword
+                    raise ConfigError(f"{type(model).__name__} cannot be called with input_ids "
+                                      f"({exc}); perplexity needs a causal language model") from exc
                 if logits.dim() != 3 or logits.shape[:2] != ids.shape:
                     raise ConfigError(f"{type(model).__name__} returned logits of shape "
                                       f"{tuple(logits.shape)} for input_ids {tuple(ids.shape)}; "

