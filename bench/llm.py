@@ -1,0 +1,90 @@
+"""SmolLM2-135M compressed one-shot: perplexity of every method against the dense model, same run.
+
+Loads `smollm2-135m` once, draws the calibration windows from the `python-docs` calibration
+split (standard-library docstrings) and scores perplexity on the held-out split (the Language
+Reference topics), non-overlapping 512-token windows. Every method starts from a fresh copy of
+the dense model; the dense perplexity is measured in the same run. lm_head is tied to the
+embeddings and stays dense (said per method). Wall time of each method's calibration is printed.
+
+    python bench/llm.py [--sequences 128] [--length 512] [--eval-tokens 0 (all)] [--methods a,b]
+
+Methods: magnitude, wanda, sparsegpt, wanda-2:4, sparsegpt-2:4 (50%); rtn4, rtn4-asym, gptq4,
+gptq4-asym-act (int4, group 64); rtn3-asym, gptq3-asym (int3, group 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from torchslim import apply_
+from torchslim.data.text import calibration_text, evaluation_text, token_windows, tokenize_text
+from torchslim.measure import perplexity
+from torchslim.models.language import load_language_model, tokenizer_for
+from torchslim.pruning import SparseGPT, Wanda, WeightPruning
+from torchslim.quantization import GPTQ, WeightOnly
+from torchslim.select import Select
+
+METHODS: dict[str, Any] = {
+    "magnitude": WeightPruning(sparsity=0.5),
+    "wanda": Wanda(sparsity=0.5),
+    "sparsegpt": SparseGPT(sparsity=0.5),
+    "wanda-2:4": Wanda(pattern="2:4"),
+    "sparsegpt-2:4": SparseGPT(pattern="2:4"),
+    "rtn4": WeightOnly(bits=4, group_size=64),
+    "rtn4-asym": WeightOnly(bits=4, group_size=64, symmetric=False),
+    "gptq4": GPTQ(bits=4, group_size=64),
+    "gptq4-asym-act": GPTQ(bits=4, group_size=64, symmetric=False, act_order=True),
+    "rtn3-asym": WeightOnly(bits=3, group_size=64, symmetric=False),
+    "gptq3-asym": GPTQ(bits=3, group_size=64, symmetric=False),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=128)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=0, help="0: the whole held-out split")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", action="store_true", help="one JSON object per method")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    dense = load_language_model("smollm2-135m")
+    tokenizer = tokenizer_for(dense)
+    evaluation = tokenize_text(tokenizer, evaluation_text())
+    windows = token_windows(tokenize_text(tokenizer, calibration_text()), count=args.sequences,
+                            length=args.length)
+    batches = [windows[i:i + 8] for i in range(0, args.sequences, 8)]
+    budget = args.eval_tokens or None
+    base = perplexity(dense, evaluation, max_tokens=budget)
+    print(f"dense: perplexity {base['perplexity']:.3f} on {base['tokens']:,} held-out tokens; "
+          f"calibration {args.sequences} x {args.length} tokens")
+    for name in args.methods.split(","):
+        config = METHODS[name]
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        changes = apply_(model, config, calibration=batches, targets=Select(exclude=("lm_head",)))
+        seconds = time.perf_counter() - start
+        result = perplexity(model, evaluation, max_tokens=budget)
+        row = {"method": name, "perplexity": result["perplexity"], "dense": base["perplexity"],
+               "ratio": result["perplexity"] / base["perplexity"], "tokens": result["tokens"],
+               "seconds": round(seconds, 1), "layers": len(changes.changed),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+        print(json.dumps(row) if args.json else
+              f"{name:15s} perplexity {row['perplexity']:8.3f}  {row['ratio']:6.3f}x dense  "
+              f"({row['layers']} layers, {row['seconds']:.0f} s)", flush=True)
+        del model
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
