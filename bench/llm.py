@@ -9,7 +9,8 @@ embeddings and stays dense (said per method). Wall time of each method's calibra
     python bench/llm.py [--sequences 128] [--length 512] [--eval-tokens 0 (all)] [--methods a,b]
 
 Methods: magnitude, wanda, sparsegpt, wanda-2:4, sparsegpt-2:4 (50%); rtn4, rtn4-asym, gptq4,
-gptq4-asym-act (int4, group 64); rtn3-asym, gptq3-asym (int3, group 64).
+gptq4-asym-act (int4, group 64); rtn3-asym, gptq3-asym (int3, group 64); w8a8, smoothquant
+(int8 weights and per-token int8 activations on torch._int_mm, without / with smoothing).
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from typing import Any
 import torch
 
 from torchslim import apply_
+from torchslim.changes import Changes
 from torchslim.data.text import calibration_text, evaluation_text, token_windows, tokenize_text
 from torchslim.measure import perplexity
 from torchslim.models.language import load_language_model, tokenizer_for
 from torchslim.pruning import SparseGPT, Wanda, WeightPruning
-from torchslim.quantization import GPTQ, WeightOnly
+from torchslim.quantization import GPTQ, SmoothQuant, WeightOnly
+from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.select import Select
 
 METHODS: dict[str, Any] = {
@@ -44,6 +47,8 @@ METHODS: dict[str, Any] = {
     "gptq4-asym-act": GPTQ(bits=4, group_size=64, symmetric=False, act_order=True),
     "rtn3-asym": WeightOnly(bits=3, group_size=64, symmetric=False),
     "gptq3-asym": GPTQ(bits=3, group_size=64, symmetric=False),
+    "w8a8": "w8a8",  # int8 weights per row, int8 activations per token, no smoothing
+    "smoothquant": SmoothQuant(alpha=0.5),
 }
 
 
@@ -72,7 +77,12 @@ def main() -> int:
         config = METHODS[name]
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        changes = apply_(model, config, calibration=batches, targets=Select(exclude=("lm_head",)))
+        if config == "w8a8":
+            layers = [n for n, _ in Select(types=("Linear",), exclude=("lm_head",)).resolve(model)]
+            replaced = quantize_linears_int8_(model, targets=Select(names=tuple(layers)))["replaced"]
+            changes = Changes({"changed": dict.fromkeys(replaced, "int8")})
+        else:
+            changes = apply_(model, config, calibration=batches, targets=Select(exclude=("lm_head",)))
         seconds = time.perf_counter() - start
         result = perplexity(model, evaluation, max_tokens=budget)
         row = {"method": name, "perplexity": result["perplexity"], "dense": base["perplexity"],

@@ -167,7 +167,7 @@ def _print_summary(report: dict[str, Any], args: argparse.Namespace, *, latency:
           f"{args.out}/report.md, {args.out}/recipe.yaml")
 
 
-LANGUAGE_METHODS = ("wanda", "sparsegpt", "gptq", "rtn")
+LANGUAGE_METHODS = ("wanda", "sparsegpt", "gptq", "rtn", "smoothquant")
 
 
 def _language_job(args: argparse.Namespace, config: Any) -> int:
@@ -337,8 +337,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     args.model = _model_source(args)
     if args.method in LANGUAGE_METHODS:
         from torchslim.config import build_config
-        from torchslim.quantization import GPTQ, WeightOnly
+        from torchslim.quantization import GPTQ, SmoothQuant, WeightOnly
 
+        if args.method == "smoothquant":
+            return _language_job(args, build_config(SmoothQuant, {
+                "alpha": args.alpha, "calibration_batches": -(-args.calibration_sequences // 8)}))
         options = {"bits": args.bits or 4, "group_size": args.group_size, "symmetric": not args.asymmetric}
         if args.method == "gptq":
             options.update(act_order=args.act_order, calibration_batches=-(-args.calibration_sequences // 8))
@@ -584,9 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/model.slim, which evaluate and bench run on onnxruntime's int8 kernels.")
     _add_model_argument(quantize)
     quantize.add_argument("--method", default="dynamic",
-                          choices=["dynamic", "static", "qat", "binary", "ternary", "gptq", "rtn"],
+                          choices=["dynamic", "static", "qat", "binary", "ternary", "gptq", "rtn",
+                                   "smoothquant"],
                           help="gptq / rtn: weight-only codes of a language model's Linears "
-                               "(GPTQ's error correction, or round-to-nearest)")
+                               "(GPTQ's error correction, or round-to-nearest); smoothquant: W8A8 "
+                               "with activation outliers migrated into the weights")
+    quantize.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength")
     quantize.add_argument("--bits", type=int, help="8 (the int8 kernels' width); gptq/rtn: 2..8, default 4")
     quantize.add_argument("--group-size", type=int, default=64, help="gptq/rtn: inputs per scale")
     quantize.add_argument("--asymmetric", action="store_true", help="gptq/rtn: zero point per group")

@@ -14,6 +14,7 @@ from torchslim.quantization.primitives import (
     sqnr_db,
 )
 from torchslim.quantization.ptq import Backend, Calibrate, Quantization, QuantMethod, quantize_model
+from torchslim.quantization.smoothquant import SmoothQuant
 from torchslim.quantization.weight_only import WeightOnly
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "QuantMethod",
     "QuantSpec",
     "Quantization",
+    "SmoothQuant",
     "WeightOnly",
     "dequantize",
     "fake_quantize",

@@ -1,0 +1,132 @@
+"""SmoothQuant (Xiao et al. 2023): W8A8 for language models, outliers moved from activations to weights.
+
+A language model's activations have a few input channels 10-100x larger than the rest, so one
+int8 scale per token spends almost all its range on them and rounds the others to nothing. The
+weights have no such channels. SmoothQuant divides each input channel j of a Linear's input by
+s_j = max|X_j|^α / max|W_:,j|^(1-α) and multiplies the weight's column j by the same s_j: the
+product is unchanged, and `α` sets how much of the difficulty moves to the weights (0.5 in the
+paper). The division is folded into the normalization layer that produces the input (LayerNorm or
+RMSNorm weight and bias), so it costs nothing at run time.
+
+Pairs are found by observation, not by architecture tables: during one calibration pass, a
+Linear whose input *is* the output tensor of a norm layer (its class name ends in `Norm`, with a
+1-D weight) is smoothed through that norm; every other Linear is quantized unsmoothed, and named
+with the reason. All selected Linears then run as `Int8DynamicLinear` (int8 weights per output
+row, int8 activations per token, `torch._int_mm`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+from torchslim.calibration import call_model
+from torchslim.config import TechniqueConfig, validated
+from torchslim.errors import ConfigError
+from torchslim.parametrized import original_weight
+from torchslim.pruning.one_shot import linear_layers_for_llm
+from torchslim.quantization.torch_int8 import quantize_linears_int8_
+from torchslim.registry import register_technique
+from torchslim.select import Select
+
+__all__ = ["SmoothQuant", "smoothquant_"]
+
+
+@validated
+@dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class SmoothQuant(TechniqueConfig):
+    """Smooth activation outliers into the weights, then run the Linears in int8 (W8A8).
+
+    Attributes:
+        alpha: migration strength in [0, 1]: 0 leaves activations as they are, 1 moves all
+            their range into the weights.
+        calibration_batches: calibration batches read for the activation maxima.
+    """
+
+    kind = "smoothquant"
+    structural = True
+    selects_layers = True
+
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    calibration_batches: int = Field(default=32, ge=1)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return type(module).__name__.endswith("Norm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
+
+
+@torch.no_grad()
+def _observe(model: nn.Module, layers: list[tuple[str, nn.Linear]], batches: list[Any]
+             ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Per-input-channel max |x| of each Linear, and the norm whose output each Linear reads."""
+    maxima: dict[str, torch.Tensor] = {}
+    produced: dict[int, str] = {}  # id of a norm's output tensor -> the norm's name
+    fed_by: dict[str, set[str | None]] = {name: set() for name, _ in layers}
+    handles = []
+    for name, module in model.named_modules():
+        if _is_norm(module):
+            handles.append(module.register_forward_hook(
+                lambda _m, _a, out, n=name: produced.__setitem__(id(out), n)))
+    for name, layer in layers:
+        def record(_m: nn.Module, args: tuple[Any, ...], n: str = name) -> None:
+            x = args[0]
+            peak = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
+            maxima[n] = torch.maximum(maxima[n], peak) if n in maxima else peak
+            fed_by[n].add(produced.get(id(x)))
+        handles.append(layer.register_forward_pre_hook(record))
+    was_training = model.training
+    model.eval()
+    try:
+        for inputs in batches:
+            produced.clear()
+            call_model(model, inputs)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    norms = {name: next(iter(sources)) for name, sources in fed_by.items()
+             if len(sources) == 1 and None not in sources}
+    return maxima, {name: str(norm) for name, norm in norms.items()}
+
+
+def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
+                 calibration: Any = None) -> dict[str, Any]:
+    """Handler of `SmoothQuant`."""
+    layers, skipped = linear_layers_for_llm(model, targets, "smoothquant")
+    if not layers:
+        raise ConfigError(f"smoothquant: no Linear layer among the selected layers ({', '.join(skipped)})")
+    batches = [inputs for inputs, _ in (calibration or [])]
+    if not batches:
+        raise ConfigError("smoothquant needs calibration data: pass calibration=batches of model inputs")
+    maxima, norms = _observe(model, layers, batches)
+    groups: dict[str, list[str]] = {}
+    for name, norm in norms.items():
+        groups.setdefault(norm, []).append(name)
+    modules = dict(layers)
+    with torch.no_grad():
+        for norm_name, names in groups.items():
+            norm = model.get_submodule(norm_name)
+            activation = torch.stack([maxima[n] for n in names]).amax(0).clamp(min=1e-5)
+            weight_max = torch.stack([original_weight(modules[n]).abs().amax(0) for n in names]
+                                     ).amax(0).float().clamp(min=1e-5)
+            scale = (activation.pow(config.alpha) / weight_max.pow(1 - config.alpha)).clamp(min=1e-5)
+            norm_weight: Any = norm.weight
+            norm_weight.div_(scale.to(norm_weight.dtype))
+            bias = getattr(norm, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.div_(scale.to(bias.dtype))
+            for name in names:
+                original_weight(modules[name]).mul_(scale[None, :].to(original_weight(modules[name]).dtype))
+    unsmoothed = {name: "int8 without smoothing: its input is not the output of a norm layer"
+                  for name, _ in layers if name not in norms}
+    replaced = quantize_linears_int8_(model, targets=Select(names=tuple(n for n, _ in layers)))
+    return {**replaced, "smoothed": {norm: names for norm, names in groups.items()},
+            "unsmoothed": unsmoothed, "skipped": skipped, "alpha": config.alpha}
+
+
+register_technique(SmoothQuant, smoothquant_)
