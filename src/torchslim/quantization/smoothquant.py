@@ -105,8 +105,8 @@ def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
         raise ConfigError("smoothquant needs calibration data: pass calibration=batches of model inputs")
     maxima, norms = _observe(model, layers, batches)
     groups: dict[str, list[str]] = {}
-    for name, norm in norms.items():
-        groups.setdefault(norm, []).append(name)
+    for name, norm_name in norms.items():
+        groups.setdefault(norm_name, []).append(name)
     modules = dict(layers)
     with torch.no_grad():
         for norm_name, names in groups.items():
