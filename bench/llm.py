@@ -9,7 +9,8 @@ embeddings and stays dense (said per method). Wall time of each method's calibra
     python bench/llm.py [--sequences 128] [--length 512] [--eval-tokens 0 (all)] [--methods a,b]
 
 Methods: magnitude, wanda, sparsegpt, wanda-2:4, sparsegpt-2:4 (50%); rtn4, rtn4-asym, gptq4,
-gptq4-asym-act (int4, group 64); rtn3-asym, gptq3-asym (int3, group 64); w8a8, smoothquant
+gptq4-asym-act, awq4 (int4, group 64, AWQ asymmetric); rtn3-asym, gptq3-asym, awq3 (int3,
+group 64); w8a8, smoothquant
 (int8 weights and per-token int8 activations on torch._int_mm, without / with smoothing).
 """
 
@@ -31,7 +32,7 @@ from torchslim.data.text import calibration_text, evaluation_text, token_windows
 from torchslim.measure import perplexity
 from torchslim.models.language import load_language_model, tokenizer_for
 from torchslim.pruning import SparseGPT, Wanda, WeightPruning
-from torchslim.quantization import GPTQ, SmoothQuant, WeightOnly
+from torchslim.quantization import AWQ, GPTQ, SmoothQuant, WeightOnly
 from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.select import Select
 
@@ -45,7 +46,9 @@ METHODS: dict[str, Any] = {
     "rtn4-asym": WeightOnly(bits=4, group_size=64, symmetric=False),
     "gptq4": GPTQ(bits=4, group_size=64),
     "gptq4-asym-act": GPTQ(bits=4, group_size=64, symmetric=False, act_order=True),
+    "awq4": AWQ(bits=4, group_size=64),
     "rtn3-asym": WeightOnly(bits=3, group_size=64, symmetric=False),
+    "awq3": AWQ(bits=3, group_size=64),
     "gptq3-asym": GPTQ(bits=3, group_size=64, symmetric=False),
     "w8a8": "w8a8",  # int8 weights per row, int8 activations per token, no smoothing
     "smoothquant": SmoothQuant(alpha=0.5),

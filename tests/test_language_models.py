@@ -241,3 +241,31 @@ def test_smoothquant_moves_outliers_into_the_weights_and_beats_plain_w8a8() -> N
         plain_error = float((plain(input_ids=ids).logits - dense).pow(2).mean())
         smooth_error = float((smooth(input_ids=ids).logits - dense).pow(2).mean())
     assert smooth_error < 0.5 * plain_error
+
+
+def test_awq_searches_scales_through_the_norms_and_beats_round_to_nearest(tmp_path: Path) -> None:
+    from torchslim.quantization import AWQ
+
+    model = llama()
+    with torch.no_grad():  # outlier input channels behind the attention norm, same function
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] = 40.0
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.weight[:, :4] /= 40.0
+    ids = calibration()[0]
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    rtn, awq = copy.deepcopy(model), copy.deepcopy(model)
+    apply_(rtn, WeightOnly(bits=3, group_size=32, symmetric=False), targets=Select(exclude=("lm_head",)))
+    changes = apply_(awq, AWQ(bits=3, group_size=32), calibration=calibration(),
+                     targets=Select(exclude=("lm_head",)))
+    assert set(changes["alpha"]) == {f"model.layers.{i}.{norm}" for i in range(2)
+                                     for norm in ("input_layernorm", "post_attention_layernorm")}
+    assert "clipping only" in changes["unscaled"]["model.layers.0.mlp.down_proj"]
+    with torch.no_grad():
+        rtn_error = float((rtn(input_ids=ids).logits - dense).pow(2).mean())
+        quantized = awq(input_ids=ids).logits
+    assert float((quantized - dense).pow(2).mean()) < 0.6 * rtn_error
+    reloaded = artifact.load(artifact.save(awq, tmp_path / "awq.slim", example_inputs={"input_ids": ids}))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, quantized)

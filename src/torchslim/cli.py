@@ -167,7 +167,7 @@ def _print_summary(report: dict[str, Any], args: argparse.Namespace, *, latency:
           f"{args.out}/report.md, {args.out}/recipe.yaml")
 
 
-LANGUAGE_METHODS = ("wanda", "sparsegpt", "gptq", "rtn", "smoothquant")
+LANGUAGE_METHODS = ("wanda", "sparsegpt", "gptq", "awq", "rtn", "smoothquant")
 
 
 def _language_job(args: argparse.Namespace, config: Any) -> int:
@@ -337,15 +337,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     args.model = _model_source(args)
     if args.method in LANGUAGE_METHODS:
         from torchslim.config import build_config
-        from torchslim.quantization import GPTQ, SmoothQuant, WeightOnly
+        from torchslim.quantization import AWQ, GPTQ, SmoothQuant, WeightOnly
 
         if args.method == "smoothquant":
             return _language_job(args, build_config(SmoothQuant, {
                 "alpha": args.alpha, "calibration_batches": -(-args.calibration_sequences // 8)}))
         options = {"bits": args.bits or 4, "group_size": args.group_size, "symmetric": not args.asymmetric}
+        batches = -(-args.calibration_sequences // 8)
         if args.method == "gptq":
-            options.update(act_order=args.act_order, calibration_batches=-(-args.calibration_sequences // 8))
-        return _language_job(args, build_config(GPTQ if args.method == "gptq" else WeightOnly, options))
+            options.update(act_order=args.act_order, calibration_batches=batches)
+        if args.method == "awq":
+            options.update(calibration_batches=batches)
+        kind = {"gptq": GPTQ, "awq": AWQ}.get(args.method, WeightOnly)
+        return _language_job(args, build_config(kind, options))
     args.bits = args.bits or 8
     if args.method in ("qat", "binary", "ternary"):
         from torchslim.apps.cli_recipes import training_quantize_recipe
@@ -587,10 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/model.slim, which evaluate and bench run on onnxruntime's int8 kernels.")
     _add_model_argument(quantize)
     quantize.add_argument("--method", default="dynamic",
-                          choices=["dynamic", "static", "qat", "binary", "ternary", "gptq", "rtn",
-                                   "smoothquant"],
-                          help="gptq / rtn: weight-only codes of a language model's Linears "
-                               "(GPTQ's error correction, or round-to-nearest); smoothquant: W8A8 "
+                          choices=["dynamic", "static", "qat", "binary", "ternary", "gptq", "awq",
+                                   "rtn", "smoothquant"],
+                          help="gptq / awq / rtn: weight-only codes of a language model's Linears "
+                               "(GPTQ's error correction, AWQ's activation-aware scales, or "
+                               "round-to-nearest); smoothquant: W8A8 "
                                "with activation outliers migrated into the weights")
     quantize.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength")
     quantize.add_argument("--bits", type=int, help="8 (the int8 kernels' width); gptq/rtn: 2..8, default 4")

@@ -1,6 +1,7 @@
 """Quantization: affine primitives (pure math), observers, and int8 post-training quantization
 executed by onnxruntime's integer kernels (`quantize_model`, returning an `OrtModule`)."""
 
+from torchslim.quantization.awq import AWQ
 from torchslim.quantization.gptq import GPTQ
 from torchslim.quantization.lowbit import LowBit, LowBitMode, finalize_lowbit_
 from torchslim.quantization.observers import Observer, ObserverKind
@@ -18,6 +19,7 @@ from torchslim.quantization.smoothquant import SmoothQuant
 from torchslim.quantization.weight_only import WeightOnly
 
 __all__ = [
+    "AWQ",
     "GPTQ",
     "Backend",
     "Calibrate",

@@ -33,7 +33,7 @@ from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.registry import register_technique
 from torchslim.select import Select
 
-__all__ = ["SmoothQuant", "smoothquant_"]
+__all__ = ["SmoothQuant", "observe_inputs", "smoothquant_"]
 
 
 @validated
@@ -61,7 +61,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _observe(model: nn.Module, layers: list[tuple[str, nn.Linear]], batches: list[Any]
+def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batches: list[Any]
              ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Per-input-channel max |x| of each Linear, and the norm whose output each Linear reads."""
     maxima: dict[str, torch.Tensor] = {}
@@ -103,7 +103,7 @@ def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
     batches = [inputs for inputs, _ in (calibration or [])]
     if not batches:
         raise ConfigError("smoothquant needs calibration data: pass calibration=batches of model inputs")
-    maxima, norms = _observe(model, layers, batches)
+    maxima, norms = observe_inputs(model, layers, batches)
     groups: dict[str, list[str]] = {}
     for name, norm_name in norms.items():
         groups.setdefault(norm_name, []).append(name)

@@ -1,0 +1,186 @@
+"""AWQ (Lin et al. 2023): activation-aware scales and clipping for low-bit weight codes.
+
+A few input channels of a language model's Linears carry much larger activations than the rest,
+so the weights on those channels matter most. AWQ multiplies those weight columns by a scale
+s_j = rms(X_j)^α before round-to-nearest quantization (they get finer steps) and divides the input
+by s_j, folded into the norm layer that produces it (free at run time). α is searched per group
+of Linears reading the same norm (q/k/v; gate/up), and then each group of weights is clipped to
+the fraction of its range that quantizes best.
+
+Both searches minimise the output error on the calibration inputs exactly, from the input
+Hessian H = 2/n XXᵀ that `torchslim.layerwise` gathers block by block: for a weight change D,
+the mean squared output change is tr(D H Dᵀ)/2, with no activations kept. Linears whose input is
+not a norm's output (o_proj, down_proj) get the clipping search only, and are named so.
+
+The result is `WeightOnly`'s `GroupedWeightLinear` (codes, scales, zero points).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+from torchslim.config import TechniqueConfig, validated
+from torchslim.errors import ConfigError
+from torchslim.layerwise import InputStatistics, compress_layerwise
+from torchslim.parametrized import original_weight, weight_of
+from torchslim.pruning.one_shot import linear_layers_for_llm
+from torchslim.quantization.primitives import QuantSpec, qparams_from_range
+from torchslim.quantization.smoothquant import observe_inputs
+from torchslim.quantization.weight_only import grouped_linear
+from torchslim.registry import register_technique
+from torchslim.select import Select
+from torchslim.structure import Edit, replace_layers_
+
+__all__ = ["AWQ", "awq_"]
+
+ALPHAS = tuple(i / 10 for i in range(11))
+CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+@validated
+@dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class AWQ(TechniqueConfig):
+    """Activation-aware weight quantization to `bits`-bit group-wise codes.
+
+    Attributes:
+        bits: 2..8.
+        group_size: inputs per scale (must divide in_features).
+        symmetric: signed codes, no zero point (else unsigned with a zero point, AWQ's default).
+        clip: search the clipping range of each group of weights.
+        calibration_batches: calibration batches read.
+    """
+
+    kind = "awq"
+    structural = True
+    selects_layers = True
+
+    bits: int = Field(default=4, ge=2, le=8)
+    group_size: int = Field(default=64, ge=1)
+    symmetric: bool = False
+    clip: bool = True
+    calibration_batches: int = Field(default=128, ge=1)
+
+
+def _spec(config: AWQ) -> QuantSpec:
+    return QuantSpec(bits=config.bits, symmetric=config.symmetric, signed=config.symmetric)
+
+
+def _quantize(weight: torch.Tensor, config: AWQ, ratio: torch.Tensor | float = 1.0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dequantized, codes, scales, zeros) of `weight` (out, in), each group's range times `ratio`
+    (a float, or (out, groups))."""
+    spec = _spec(config)
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, columns // config.group_size, config.group_size)
+    shrink = ratio if isinstance(ratio, torch.Tensor) else torch.full(groups.shape[:2], ratio)
+    scale, zero = qparams_from_range(groups.amin(-1) * shrink, groups.amax(-1) * shrink, spec)
+    codes = torch.clamp(torch.round(groups / scale[..., None]) + zero[..., None], spec.qmin, spec.qmax)
+    dequantized = ((codes - zero[..., None]) * scale[..., None]).reshape(rows, columns)
+    return dequantized, codes.reshape(rows, columns), scale, zero
+
+
+def _error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Mean squared output change of a weight change `delta` on the calibration inputs."""
+    return float(((delta @ hessian) * delta).sum())
+
+
+def _best_clip(weight: torch.Tensor, hessian: torch.Tensor, config: AWQ) -> torch.Tensor:
+    """Per (row, group), the range fraction whose codes change that group's output least
+    (block-diagonal of H: the groups are scored independently)."""
+    rows, columns = weight.shape
+    size = config.group_size
+    best = torch.ones(rows, columns // size)
+    lowest = torch.full((rows, columns // size), float("inf"), dtype=torch.float64)
+    for ratio in CLIPS:
+        dequantized, *_ = _quantize(weight, config, ratio)
+        delta = (dequantized - weight).double()
+        for g in range(columns // size):
+            part = slice(g * size, (g + 1) * size)
+            error = ((delta[:, part] @ hessian[part, part]) * delta[:, part]).sum(1)
+            better = error < lowest[:, g]
+            lowest[better, g] = error[better]
+            best[better, g] = ratio
+    return best
+
+
+def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = None) -> dict[str, Any]:
+    """Handler of `AWQ`."""
+    layers, skipped = linear_layers_for_llm(model, targets, "awq")
+    bad = [f"{n} (in_features {m.in_features})" for n, m in layers if m.in_features % config.group_size]
+    if bad:
+        raise ConfigError(f"awq: group_size={config.group_size} does not divide {', '.join(bad)}; "
+                          "pick a divisor (64 for SmolLM2) or exclude those layers")
+    if not layers:
+        raise ConfigError(f"awq: no Linear layer among the selected layers ({', '.join(skipped)})")
+    batches = [inputs for inputs, _ in (calibration or [])]
+    if not batches:
+        raise ConfigError("awq needs calibration data: pass calibration=batches of token ids")
+    _, norms = observe_inputs(model, layers, batches)
+    groups: dict[str, list[str]] = {}
+    for name, norm_name in norms.items():
+        groups.setdefault(norm_name, []).append(name)
+    group_of = {name: norm_name for norm_name, names in groups.items() for name in names}
+    modules = dict(layers)
+    scales: dict[str, torch.Tensor] = {}  # per norm: the input scale folded into it
+    chosen_alpha: dict[str, float] = {}
+    results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def search_scale(norm_name: str, stats: InputStatistics) -> None:
+        assert stats.hessian is not None
+        hessian = stats.hessian.float()
+        rms = (stats.sq_norm / max(stats.samples, 1)).sqrt().float().clamp(min=1e-8)
+        members = [weight_of(modules[n]).detach().float() for n in groups[norm_name]]
+        best, best_alpha, best_s = float("inf"), 0.0, torch.ones_like(rms)
+        for alpha in ALPHAS:
+            s = rms.pow(alpha)
+            s = s / (s.max() * s.min()).sqrt()
+            error = sum(_error(_quantize(w * s, config)[0] / s - w, hessian) for w in members)
+            if error < best:
+                best, best_alpha, best_s = error, alpha, s
+        scales[norm_name], chosen_alpha[norm_name] = best_s, best_alpha
+        with torch.no_grad():
+            norm = model.get_submodule(norm_name)
+            for tensor in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+                if isinstance(tensor, torch.Tensor):
+                    tensor.div_(best_s.to(tensor.dtype))
+            for n in groups[norm_name]:
+                original_weight(modules[n]).mul_(best_s[None, :].to(original_weight(modules[n]).dtype))
+
+    def quantize_layer(name: str, layer: nn.Linear, stats: InputStatistics) -> None:
+        assert stats.hessian is not None
+        norm_name = group_of.get(name)
+        if norm_name is not None and norm_name not in scales:
+            search_scale(norm_name, stats)
+        hessian = stats.hessian.float()
+        if norm_name is not None:  # its input is now X / s
+            s = scales[norm_name]
+            hessian = hessian / (s[:, None] * s[None, :])
+        weight = weight_of(layer).detach().float()
+        ratio = _best_clip(weight, hessian.double(), config) if config.clip else torch.ones(1)
+        dequantized, codes, scale, zero = _quantize(weight, config, ratio if config.clip else 1.0)
+        results[name] = (codes, scale, zero)
+        with torch.no_grad():  # the next blocks see this layer's codes
+            original_weight(layer).copy_(dequantized)
+
+    run = compress_layerwise(model, layers, batches, quantize_layer, hessian=True, label="awq")
+
+    def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
+        assert isinstance(layer, nn.Linear)
+        codes, scale, zero = results[name]
+        return grouped_linear(layer, codes, scale, None if config.symmetric else zero), {
+            "kind": "weight_only", "layer": name, "group_size": config.group_size,
+            "asymmetric": not config.symmetric}
+
+    replaced = replace_layers_(model, [name for name, _ in layers], build)
+    unscaled = {name: "clipping only: its input is not the output of a norm layer"
+                for name, _ in layers if name not in group_of}
+    return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "unscaled": unscaled,
+            "skipped": skipped, "calibration": {**run, "batches": len(batches)}}
+
+
+register_technique(AWQ, awq_)
