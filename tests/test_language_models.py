@@ -269,3 +269,27 @@ def test_awq_searches_scales_through_the_norms_and_beats_round_to_nearest(tmp_pa
     reloaded = artifact.load(artifact.save(awq, tmp_path / "awq.slim", example_inputs={"input_ids": ids}))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, quantized)
+
+
+def test_int4_codes_run_on_the_matmulnbits_kernel_and_reload(tmp_path: Path) -> None:
+    from torchslim.quantization import Int4Kernel
+    from torchslim.runtime.int4_linear import Int4Linear
+
+    model = llama()
+    ids = calibration()[0]
+    apply_(model, GPTQ(bits=4, group_size=32), calibration=calibration(),
+           targets=Select(exclude=("lm_head",)))
+    apply_(model, WeightOnly(bits=4, group_size=8), targets=Select(names=("lm_head",)))
+    with torch.no_grad():
+        dequantizing = model(input_ids=ids).logits
+    changes = apply_(model, Int4Kernel())
+    assert isinstance(model.model.layers[1].mlp.down_proj, Int4Linear)
+    assert "not a power of two >= 16" in changes.skipped["lm_head"]  # group 8: left in float, named
+    with torch.no_grad():
+        kernel = model(input_ids=ids).logits
+    # the kernel quantizes activations to int8 inside: close to, not equal to, the float path
+    assert float((kernel - dequantizing).abs().max()) < 0.05 * float(dequantizing.abs().max())
+    reloaded = artifact.load(artifact.save(model, tmp_path / "int4.slim", example_inputs={"input_ids": ids}))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, kernel)
+    assert reloaded.generate(input_ids=ids[:1], max_new_tokens=2, do_sample=False).shape == (1, 34)

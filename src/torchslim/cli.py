@@ -173,9 +173,15 @@ LANGUAGE_METHODS = ("wanda", "sparsegpt", "gptq", "awq", "rtn", "smoothquant")
 def _language_job(args: argparse.Namespace, config: Any) -> int:
     from torchslim.apps.language import compress_language_model
 
-    report = compress_language_model(args.model, config, out=args.out, dataset=args.dataset or "python-docs",
+    then = []
+    if getattr(args, "int4_kernel", False):
+        from torchslim.quantization import Int4Kernel
+
+        then.append(Int4Kernel())
+    dataset = getattr(args, "dataset", None) or getattr(args, "calibration", None) or "python-docs"
+    report = compress_language_model(args.model, config, out=args.out, dataset=dataset,
                                      sequences=args.calibration_sequences, length=args.sequence_length,
-                                     eval_tokens=args.eval_tokens or None, seed=args.seed)
+                                     eval_tokens=args.eval_tokens or None, seed=args.seed, then=then)
     print(f"{args.method}: perplexity {report['perplexity_before']:.3f} -> {report['perplexity_after']:.3f} "
           f"({report['perplexity_ratio']:.3f}x, {report['perplexity_tokens']:,} held-out tokens), "
           f"{report['changed']} layers changed, {len(report['skipped'])} skipped, calibration "
@@ -184,7 +190,7 @@ def _language_job(args: argparse.Namespace, config: Any) -> int:
 
 
 def _add_language_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("language models (wanda, sparsegpt, gptq, rtn)")
+    group = parser.add_argument_group("language models (wanda, sparsegpt, gptq, awq, rtn, smoothquant)")
     group.add_argument("--calibration-sequences", type=int, default=128,
                        help="calibration windows drawn from the dataset's calibration split")
     group.add_argument("--sequence-length", type=int, default=512, help="tokens per window")
@@ -598,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "round-to-nearest); smoothquant: W8A8 "
                                "with activation outliers migrated into the weights")
     quantize.add_argument("--alpha", type=float, default=0.5, help="smoothquant: migration strength")
+    quantize.add_argument("--int4-kernel", action="store_true",
+                          help="gptq/awq/rtn with 4 bits: run the codes on onnxruntime's MatMulNBits "
+                               "int4 kernel (faster decoding) instead of dequantizing to float")
     quantize.add_argument("--bits", type=int, help="8 (the int8 kernels' width); gptq/rtn: 2..8, default 4")
     quantize.add_argument("--group-size", type=int, default=64, help="gptq/rtn: inputs per scale")
     quantize.add_argument("--asymmetric", action="store_true", help="gptq/rtn: zero point per group")

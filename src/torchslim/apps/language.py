@@ -84,13 +84,14 @@ def decode_speed(model: nn.Module, *, new_tokens: int = 32, prompt: int = 16, re
 
 def compress_language_model(source: str, config: Any, *, out: str | Path, dataset: str = "python-docs",
                             sequences: int = 128, length: int = 512, eval_tokens: int | None = 16384,
-                            seed: int = 0) -> dict[str, Any]:
+                            seed: int = 0, then: list[Any] | None = None) -> dict[str, Any]:
     """Compress a causal LM with a one-shot technique, save it, and report perplexity before/after.
 
     Args:
         config: `Wanda`, `SparseGPT`, `GPTQ` or `WeightOnly`.
         sequences, length: calibration windows drawn (fixed seed) from the calibration split.
         eval_tokens: evaluation tokens scored (None: the whole split, ~113k tokens).
+        then: techniques applied after it without calibration (e.g. `Int4Kernel()`).
 
     Raises:
         ConfigError: not a causal LM, unknown dataset, or a calibration split shorter than a window
@@ -112,6 +113,8 @@ def compress_language_model(source: str, config: Any, *, out: str | Path, datase
     import resource
 
     changes = apply_(model, config, calibration=batches, targets=Select())
+    for step in then or []:
+        apply_(model, step)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     after = perplexity(model, evaluation, max_tokens=eval_tokens)

@@ -3,6 +3,7 @@ executed by onnxruntime's integer kernels (`quantize_model`, returning an `OrtMo
 
 from torchslim.quantization.awq import AWQ
 from torchslim.quantization.gptq import GPTQ
+from torchslim.quantization.int4_kernel import Int4Kernel
 from torchslim.quantization.lowbit import LowBit, LowBitMode, finalize_lowbit_
 from torchslim.quantization.observers import Observer, ObserverKind
 from torchslim.quantization.primitives import (
@@ -23,6 +24,7 @@ __all__ = [
     "GPTQ",
     "Backend",
     "Calibrate",
+    "Int4Kernel",
     "LowBit",
     "LowBitMode",
     "Observer",

@@ -1,0 +1,100 @@
+"""Run 4-bit weight codes on a real int4 kernel: `GroupedWeightLinear` -> `Int4Linear`.
+
+`WeightOnly`, `GPTQ` and `AWQ` produce layers that store 4-bit codes but dequantize them to
+float for every call: smaller files, no speed. `Int4Kernel` hands every such layer whose codes
+fit 4 bits and whose groups the kernel takes (a power of two, at least 16) to onnxruntime's
+`MatMulNBits` (`torchslim.runtime.int4_linear`), which reads the packed codes directly; any
+other layer stays as it is and is named with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
+from torch import nn
+
+from torchslim.config import TechniqueConfig, validated
+from torchslim.quantization.weight_only import GroupedWeightLinear
+from torchslim.registry import register_technique
+from torchslim.runtime.int4_linear import Int4Linear, pack_int4
+from torchslim.select import Select
+from torchslim.structure import Edit, register_edit, replace_layers_, replace_module_
+
+__all__ = ["Int4Kernel", "int4_kernel_"]
+
+
+@validated
+@dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class Int4Kernel(TechniqueConfig):
+    """Execute 4-bit weight-only layers with onnxruntime's `MatMulNBits` (no options)."""
+
+    kind = "int4_kernel"
+    structural = True
+    converts = True
+
+
+def _unsigned(layer: GroupedWeightLinear) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """(codes in [0, 15], zero points in [0, 15]) of a layer, or why it does not fit 4 bits."""
+    codes = layer.codes.detach()
+    if layer.zeros is None:  # signed symmetric codes: shift to unsigned, zero point 8
+        if int(codes.min()) < -8 or int(codes.max()) > 7:
+            return "its codes do not fit 4 bits"
+        return codes + 8, torch.full_like(layer.scales, 8.0)
+    if int(codes.min()) < 0 or int(codes.max()) > 15:
+        return "its codes do not fit 4 bits"
+    return codes, layer.zeros.detach()
+
+
+def _build(layer: GroupedWeightLinear) -> Int4Linear:
+    out_features, in_features = layer.codes.shape
+    found = _unsigned(layer)
+    assert not isinstance(found, str)
+    codes, zeros = found
+    new = Int4Linear(in_features, out_features, block_size=layer.group_size, bias=layer.bias is not None)
+    packed, zero_points = pack_int4(codes.round().long(), zeros.round().long(), layer.group_size)
+    with torch.no_grad():
+        new.packed.copy_(packed)
+        new.zero_points.copy_(zero_points)
+        new.scales.copy_(layer.scales.detach())
+        if layer.bias is not None and new.bias is not None:
+            new.bias.copy_(layer.bias.detach())
+    return new
+
+
+def int4_kernel_(model: nn.Module, config: Int4Kernel, *, targets: Select,
+                 calibration: Any = None) -> dict[str, Any]:
+    """Handler of `Int4Kernel`."""
+    chosen, skipped = [], {}
+    for name, module in model.named_modules():
+        if not isinstance(module, GroupedWeightLinear):
+            continue
+        size = module.group_size
+        reason = _unsigned(module) if not isinstance(_unsigned(module), tuple) else None
+        if size < 16 or size & (size - 1):
+            reason = f"group size {size} is not a power of two >= 16 (MatMulNBits blocks)"
+        if reason:
+            skipped[name] = f"left dequantizing in float: {reason}"
+        else:
+            chosen.append(name)
+
+    def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
+        assert isinstance(layer, GroupedWeightLinear)
+        return _build(layer), {"kind": "int4_kernel", "layer": name}
+
+    return {**replace_layers_(model, chosen, build), "skipped": skipped}
+
+
+def _replay(model: nn.Module, edit: Edit) -> None:
+    layer = model.get_submodule(edit["layer"])
+    if not isinstance(layer, GroupedWeightLinear):
+        raise TypeError(f"{edit['layer']} is a {type(layer).__name__}, not a GroupedWeightLinear")
+    out_features, in_features = layer.codes.shape
+    replace_module_(model, edit["layer"], Int4Linear(in_features, out_features, block_size=layer.group_size,
+                                                     bias=layer.bias is not None))
+
+
+register_technique(Int4Kernel, int4_kernel_)
+register_edit("int4_kernel", _replay)
