@@ -86,6 +86,9 @@ class Int4Linear(nn.Module):
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+            # one session per layer: idle pools must sleep, not spin, or the model's hundreds of
+            # thread pools fight for the cores between calls
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(self._program(), options,
                                                  providers=["CPUExecutionProvider"])
             self._threads = threads
