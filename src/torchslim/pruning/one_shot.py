@@ -184,6 +184,8 @@ def _sparsegpt_layer(layer: nn.Linear, stats: InputStatistics, config: SparseGPT
         raise ConfigError(f"the calibration Hessian of a {columns}-input layer is not positive "
                           "definite even dampened; raise dampening or give more calibration "
                           "tokens") from exc
+    # the factorization in float64, the column sweep in float32 (as the reference code; 2x faster)
+    w, h_inv = w.float(), h_inv.float()
     n_m = n_m_of(config.pattern)
     removed = torch.zeros_like(w, dtype=torch.bool)
     for start in range(0, columns, config.block_size):

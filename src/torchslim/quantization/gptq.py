@@ -103,6 +103,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
         raise ConfigError(f"the calibration Hessian of a {columns}-input layer is not positive "
                           "definite even dampened; raise dampening or give more calibration tokens"
                           ) from exc
+    w, h_inv = w.float(), h_inv.float()  # the sweep in float32, as the reference code
     codes = torch.zeros(rows, columns, dtype=torch.int32)
     for start in range(0, columns, config.block_size):
         end = min(start + config.block_size, columns)
@@ -117,7 +118,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
                 current = torch.cat([block[:, i:i + width], w[:, start + i + width:start + i + size]], 1) \
                     if width < size else block[:, i:i + size]
                 scales[:, group], zeros[:, group] = _group_params(current, spec)
-            scale, zero = scales[:, group].double(), zeros[:, group].double()
+            scale, zero = scales[:, group], zeros[:, group].float()
             q = torch.clamp(torch.round(block[:, i] / scale) + zero, spec.qmin, spec.qmax)
             codes[:, column] = q.to(torch.int32)
             error = (block[:, i] - (q - zero) * scale) / h_block[i, i]
