@@ -1,12 +1,12 @@
 """Decoding speed of SmolLM2-135M with int4 weights on a real kernel against fp32, same run.
 
 The int4 model is round-to-nearest int4 (group 64, symmetric; the codes GPTQ or AWQ would choose
-run at the same speed) on onnxruntime's `MatMulNBits` (`Int4Kernel`). The embeddings stay fp32; the
-tied lm_head too, unless `--lm-head` gives it an int4 copy. Greedy decoding at batch 1 (16-token prompt, 32 new tokens, key/value cache)
+run at the same speed) on onnxruntime's `MatMulNBits` (`Int4Kernel`). The tied lm_head and the
+embeddings stay fp32. Greedy decoding at batch 1 (16-token prompt, 32 new tokens, key/value cache)
 and prefill at batch 8 x 128 tokens, fp32 and int4 timed interleaved, `--rounds` rounds, medians
 with the min-max of the per-round ratios.
 
-    python bench/llm_decode.py [--rounds 5] [--threads 2] [--lm-head]
+    python bench/llm_decode.py [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -29,15 +29,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lm-head", action="store_true",
-                        help="also run lm_head on int4 (an int4 copy; the embeddings keep fp32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     dense = load_language_model("smollm2-135m")
     int4 = copy.deepcopy(dense)
-    apply_(int4, WeightOnly(bits=4, group_size=64),
-           targets=Select(types=("Linear",)) if args.lm_head else Select(exclude=("lm_head",)))
+    apply_(int4, WeightOnly(bits=4, group_size=64), targets=Select(exclude=("lm_head",)))
     changes = apply_(int4, Int4Kernel())
     print(f"int4 kernel layers: {len(changes.changed)}; left in float: {changes.skipped or 'none'}")
     generator = torch.Generator().manual_seed(0)
