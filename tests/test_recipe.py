@@ -26,7 +26,7 @@ def test_shipped_recipes_validate() -> None:
     ({"stagse": []}, r"unknown recipe key\(s\) \['stagse'\]; valid keys: baseline"),
     ({"version": 2}, "version 2 is not supported"),
     ({"stages": [{"prnue": {}}]},
-     "unknown stage 'prnue'; valid stages: cluster, decompose_conv, distill, drop_layers, encode"),
+     "unknown stage 'prnue'; valid stages: awq, cluster, decompose_conv, distill, drop_layers, encode"),
     ({"stages": [{"prune": {"sparsity": 1.5}}]}, "stage 0 .prune.: .*less than 1"),
     ({"stages": [{"fine_tune": {"epoch": 1}}]}, "epoch: Unexpected keyword argument"),
     ({"stages": [{"cluster": {"bits": 0}}]}, "bits: Input should be greater than or equal to 1"),
