@@ -34,6 +34,17 @@ def llama(tied: bool = False) -> nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
+def with_outlier_channels(model: nn.Module) -> nn.Module:
+    """Outlier input channels behind every attention norm, as trained LMs have: the same
+    function, 40x larger activations on 4 channels."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[:4] = 40.0
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.weight[:, :4] /= 40.0
+    return model
+
+
 def outlier_inputs(rows: int = 512, width: int = 64) -> torch.Tensor:
     """Correlated inputs with a few features 20x larger than the rest, as a language model's
     activations are."""
@@ -219,12 +230,7 @@ def test_a_pruned_model_saves_with_its_zeros_and_reloads_without_masks(tmp_path:
 def test_smoothquant_moves_outliers_into_the_weights_and_beats_plain_w8a8() -> None:
     from torchslim.quantization.torch_int8 import quantize_linears_int8_
 
-    model = llama()
-    with torch.no_grad():  # outlier channels, as trained LMs have: same function, large activations
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:4] = 40.0
-            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                projection.weight[:, :4] /= 40.0
+    model = with_outlier_channels(llama())
     ids = calibration()[0]
     with torch.no_grad():
         dense = model(input_ids=ids).logits
@@ -246,12 +252,7 @@ def test_smoothquant_moves_outliers_into_the_weights_and_beats_plain_w8a8() -> N
 def test_awq_searches_scales_through_the_norms_and_beats_round_to_nearest(tmp_path: Path) -> None:
     from torchslim.quantization import AWQ
 
-    model = llama()
-    with torch.no_grad():  # outlier input channels behind the attention norm, same function
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[:4] = 40.0
-            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                projection.weight[:, :4] /= 40.0
+    model = with_outlier_channels(llama())
     ids = calibration()[0]
     with torch.no_grad():
         dense = model(input_ids=ids).logits

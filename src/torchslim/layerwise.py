@@ -26,7 +26,7 @@ from torch import nn
 from torchslim.calibration import call_model
 from torchslim.errors import ConfigError
 
-__all__ = ["InputStatistics", "compress_layerwise", "repeated_blocks"]
+__all__ = ["InputStatistics", "compress_layerwise", "inverse_hessian_factor", "repeated_blocks"]
 
 LOG = logging.getLogger("torchslim")
 
@@ -49,6 +49,25 @@ class InputStatistics:
             # a running mean of 2 x xᵀ (the product in float32, the sum in float64)
             self.hessian.mul_(self.samples / total).add_((rows.T @ rows).double(), alpha=2.0 / total)
         self.samples = total
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + dampening·mean(diag H)·I)⁻¹, in float32: what the column
+    sweeps of SparseGPT and GPTQ read. Factorized in float64; the sweep runs in float32, as in
+    the reference code (2x faster).
+
+    Raises:
+        ConfigError: H is not positive definite even dampened.
+    """
+    columns = hessian.shape[0]
+    damped = hessian + dampening * torch.diag(hessian).mean() * torch.eye(columns, dtype=hessian.dtype)
+    try:
+        factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise ConfigError(f"the calibration Hessian of a {columns}-input layer is not positive "
+                          "definite even dampened; raise dampening or give more calibration "
+                          "tokens") from exc
+    return factor.float()
 
 
 def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:

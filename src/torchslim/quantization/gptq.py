@@ -27,7 +27,7 @@ from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError
-from torchslim.layerwise import InputStatistics, compress_layerwise
+from torchslim.layerwise import InputStatistics, compress_layerwise, inverse_hessian_factor
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.pruning.one_shot import linear_layers_for_llm
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range
@@ -96,14 +96,8 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
         for g in range(groups):
             scales[:, g], zeros[:, g] = _group_params(w[:, g * size:(g + 1) * size], spec)
         w, h = w[:, order], h[order][:, order]
-    h += config.dampening * torch.diag(h).mean() * torch.eye(columns, dtype=h.dtype)
-    try:
-        h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except torch.linalg.LinAlgError as exc:
-        raise ConfigError(f"the calibration Hessian of a {columns}-input layer is not positive "
-                          "definite even dampened; raise dampening or give more calibration tokens"
-                          ) from exc
-    w, h_inv = w.float(), h_inv.float()  # the sweep in float32, as the reference code
+    h_inv = inverse_hessian_factor(h, config.dampening)
+    w = w.float()
     codes = torch.zeros(rows, columns, dtype=torch.int32)
     for start in range(0, columns, config.block_size):
         end = min(start + config.block_size, columns)
