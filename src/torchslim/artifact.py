@@ -31,6 +31,7 @@ import torch
 import zstandard
 from torch import nn
 
+import torchslim
 from torchslim import __version__
 from torchslim.artifact_checks import (
     Declared,
@@ -81,6 +82,12 @@ _ARCHITECTURES: dict[str, Architectures] = {}
 def register_architectures(architectures: Architectures) -> None:
     """Let files name (and `load` rebuild) the models of a source; the last one for a key wins."""
     _ARCHITECTURES[architectures.key] = architectures
+
+
+def _architectures() -> dict[str, Architectures]:
+    """Every registered source of architectures (the public modules register theirs as they load)."""
+    torchslim.load_public_surface()
+    return _ARCHITECTURES
 
 
 ARTIFACT_FORMAT = "torchslim.artifact"
@@ -300,7 +307,7 @@ def _identity(model: nn.Module, spec: Any) -> dict[str, Any]:
     `load`) or, for any other module, its class's import path (shown, never imported); and
     its input signature when known."""
     records = {"model": spec.to_dict()} if hasattr(spec, "to_dict") else {
-        key: record for key, source in _ARCHITECTURES.items()
+        key: record for key, source in _architectures().items()
         if (record := source.describe(model)) is not None}
     found: dict[str, Any] = dict(list(records.items())[:1]) or {
         "module": {"class": getattr(model, SOURCE_CLASS_ATTRIBUTE, None)
@@ -371,7 +378,7 @@ def _load_program(path: Path, tensors: dict[str, torch.Tensor], document: dict[s
         report = runtime.get("report") or {}
         model.report = dict(report) if isinstance(report, dict) else {}
         if "model" in document:
-            setattr(model, SPEC_ATTRIBUTE, _ARCHITECTURES["model"].parse(document["model"]))
+            setattr(model, SPEC_ATTRIBUTE, _architectures()["model"].parse(document["model"]))
         _restore_identity(model, document)
         model.session()  # parse now: a damaged program fails here, not on first use
     except (ConfigError, KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -436,14 +443,14 @@ def _builder(path: Path, document: dict[str, Any], model: nn.Module | None) -> A
     """A function building the recorded architecture (or copying the given `model`)."""
     if model is not None:
         return lambda: meta_copy(model)
-    keys = [key for key in _ARCHITECTURES if key in document]
+    keys = [key for key in _architectures() if key in document]
     if not keys:
         raise ArtifactError(f"{path} holds a {source_class(document) or 'model'} that is not a "
                             "torchslim reference model; loading never imports code, so build it "
                             "yourself and pass it: load(PATH, model=YourClass(...)) (on the command "
                             "line: --model FILE.py:FUNCTION)")
     try:
-        source = _ARCHITECTURES[keys[0]]
+        source = _architectures()[keys[0]]
         return source.resolve(source.parse(document[keys[0]]))
     except ConfigError as exc:
         raise ArtifactError(f"{path} names an architecture this torchslim cannot build "

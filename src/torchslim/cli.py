@@ -10,13 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torchslim.data import dataset_names
 from torchslim.errors import ConfigError, SlimError
-from torchslim.models import model_names
+from torchslim.names import DATASET_NAMES, MODEL_NAMES
 
 __all__ = ["main"]
 
-EPILOG_MODELS = "models: " + ", ".join(model_names())
+EPILOG_MODELS = "models: " + ", ".join(MODEL_NAMES)
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +59,7 @@ def _train_config(args: argparse.Namespace, model: str) -> Any:
     values = {key: getattr(args, key) for key in TRAIN_KEYS}
     if values["milestones"] is not None:
         values["milestones"] = tuple(values["milestones"])
-    return train_config_for(model if model in model_names() else None, **values)
+    return train_config_for(model if model in MODEL_NAMES else None, **values)
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -239,6 +238,8 @@ def _prune_once(args: argparse.Namespace) -> int:
     return 0
 
 
+QUIET_HELP = ("no progress bars, and no progress lines (printed to stderr, with elapsed time and "
+              "ETA, when it is not a terminal)")
 MODEL_HELP = ("a registered model name, a .slim artifact, or FILE.py:FUNCTION / "
               "package.module:FUNCTION returning your nn.Module with its weights loaded")
 
@@ -270,13 +271,13 @@ def _dataset(name: str | None) -> Any:
 
     if name is None:
         return None
-    if name in dataset_names():
+    if name in DATASET_NAMES:
         from torchslim.data import load_dataset
 
         return load_dataset(name)
     if is_factory(name):
         return load_data_factory(name)
-    raise ConfigError(f"unknown dataset {name!r}; valid: {', '.join(dataset_names())}, or "
+    raise ConfigError(f"unknown dataset {name!r}; valid: {', '.join(DATASET_NAMES)}, or "
                       "FILE.py:FUNCTION / package.module:FUNCTION returning your DataLoaders")
 
 
@@ -324,7 +325,7 @@ def _add_prune_parser(commands: Any) -> None:
     prune.add_argument("--exclude", nargs="+", metavar="PATTERN", help="layers to leave untouched")
     prune.add_argument("--steps", type=int, default=1, help="prune -> fine-tune rounds")
     prune.add_argument("--dataset", metavar="DATASET",
-                       help=f"default: the model's own; {', '.join(dataset_names())}, or FILE.py:FUNCTION "
+                       help=f"default: the model's own; {', '.join(DATASET_NAMES)}, or FILE.py:FUNCTION "
                             "returning {'train': loader, 'val': loader, 'test': loader}")
     tune = prune.add_argument_group("fine-tuning after each round")
     tune.add_argument("--epochs", type=int, default=1, help="epochs per round (0: none)")
@@ -527,8 +528,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchslim", description="Make trained PyTorch models smaller and faster.",
-        epilog=EPILOG_MODELS + "; datasets: " + ", ".join(dataset_names()))
+        epilog=EPILOG_MODELS + "; datasets: " + ", ".join(DATASET_NAMES))
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="Deep Compression of LeNet-300-100 on MNIST",
@@ -615,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--seed", type=int, default=0, help="gptq: calibration windows drawn")
     quantize.add_argument("--calibration", "--dataset", dest="calibration", metavar="DATASET",
                           help="dataset whose training split calibrates (default: the model's): "
-                               f"{', '.join(dataset_names())}, or FILE.py:FUNCTION returning loaders")
+                               f"{', '.join(DATASET_NAMES)}, or FILE.py:FUNCTION returning loaders")
     quantize.add_argument("--exclude", nargs="+", metavar="MODULE", default=[],
                           help="modules (names or globs) kept in float, e.g. a sensitive first layer")
     quantize.add_argument("--fp16", nargs="+", metavar="MODULE", default=[],
@@ -680,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     auto.add_argument("--model", required=True, help=MODEL_HELP)
     _add_factory_option(auto)
     auto.add_argument("--data", "--dataset", dest="data", metavar="DATASET",
-                      help=f"default: the model's own; {', '.join(dataset_names())}, or FILE.py:FUNCTION "
+                      help=f"default: the model's own; {', '.join(DATASET_NAMES)}, or FILE.py:FUNCTION "
                            "returning {'train': loader, 'val': loader, 'test': loader}")
     auto.add_argument("--target", required=True, metavar="KIND=RATIO",
                       help="size=50 (50x smaller file), macs=2 or latency=1.5")
@@ -704,11 +706,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "OUT/report.json (test_accuracy, ...), report.md and plots.",
                                 epilog=EPILOG_MODELS)
     train.add_argument("--model", required=True, metavar="SPEC",
-                       help=f"a registered model ({', '.join(model_names())}) or your own: "
+                       help=f"a registered model ({', '.join(MODEL_NAMES)}) or your own: "
                             "FILE.py:FUNCTION / package.module:FUNCTION / an artifact")
     _add_factory_option(train)
     train.add_argument("--dataset", metavar="DATASET",
-                       help=f"default: the model's own; {', '.join(dataset_names())}, or FILE.py:FUNCTION "
+                       help=f"default: the model's own; {', '.join(DATASET_NAMES)}, or FILE.py:FUNCTION "
                             "returning {'train': loader, 'val': loader, 'test': loader}")
     train.add_argument("--pretrained", action="store_true", help="start from shipped weights")
     train.add_argument("--out", required=True, help="output folder")
@@ -720,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure an artifact (or a registered model's shipped weights).")
     _add_model_argument(evaluate)
     evaluate.add_argument("--dataset", metavar="DATASET",
-                          help=f"dataset for accuracy: {', '.join(dataset_names())}, or FILE.py:FUNCTION "
+                          help=f"dataset for accuracy: {', '.join(DATASET_NAMES)}, or FILE.py:FUNCTION "
                                "/ package.module:FUNCTION returning {'train': loader, 'val': loader, "
                                "'test': loader}")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -755,6 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "folder; Hugging Face models)")
     export.add_argument("--out", required=True, help="the file to write")
     export.set_defaults(func=cmd_export, out_is_file=True)
+    for command in commands.choices.values():  # `torchslim demo --quiet` as well as `torchslim -q demo`
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help=QUIET_HELP)
     return parser
 
 
@@ -766,6 +771,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        args.no_progress = True
+    import torchslim  # help and argument errors above never import torch; the commands do
+    from torchslim.progress import set_quiet
+
+    set_quiet(args.quiet)
+
+    torchslim.load_public_surface()
     try:
         if getattr(args, "out", None):
             from torchslim.apps.run_folder import check_writable_folder

@@ -13,7 +13,6 @@ the whole model: the same statistics, without the sequential refresh.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +24,10 @@ from torch import nn
 
 from torchslim.calibration import call_model
 from torchslim.errors import ConfigError
+from torchslim.progress import ProgressLines
 
 __all__ = ["InputStatistics", "compress_layerwise", "inverse_hessian_factor", "repeated_blocks"]
 
-LOG = logging.getLogger("torchslim")
 
 
 @dataclass
@@ -188,6 +187,7 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
                 compress(name, layer, stats[name])
             return {"blocks": 0, "seconds": time.perf_counter() - start}
         prefix, blocks = stack
+        lines = ProgressLines(f"{label} block", len(blocks))
         inputs = _block_inputs(model, blocks[0], batches)
         hidden = [args[0] if args else kwargs.pop("hidden_states")
                   for args, kwargs in zip(inputs.args, inputs.kwargs, strict=True)]
@@ -202,8 +202,7 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
                     compress(name, layer, stats[name])
             # the compressed block's outputs feed the next one
             hidden = _run_block(block, hidden, rest, inputs.kwargs)
-            LOG.info("%s: block %d/%d done (%d layers), %.0f s", label, index + 1, len(blocks),
-                     len(mine), time.perf_counter() - start)
+            lines.update(index + 1, f"{len(mine)} layers")
         outside = [name for name, _ in layers if not name.startswith(f"{prefix}.")]
         if outside:  # e.g. lm_head: calibrated on the compressed stack's final activations
             stats = _gather([(n, dict(layers)[n]) for n in outside],

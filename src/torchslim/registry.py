@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torchslim
 from torchslim.errors import ConfigError
 
 __all__ = ["Handler", "StageRunner", "StageType", "handler_for", "register_stage", "register_technique",
@@ -68,6 +69,7 @@ def register_stage(config_cls: type, runner: StageRunner) -> None:
 
 def handler_for(config: object) -> Handler:
     """The handler registered for the type of `config`."""
+    torchslim.load_public_surface()
     try:
         return _HANDLERS[type(config)]
     except KeyError:
@@ -77,11 +79,13 @@ def handler_for(config: object) -> Handler:
 
 def technique_kinds() -> list[str]:
     """Names of the techniques `apply_` runs."""
+    torchslim.load_public_surface()
     return sorted(_KINDS)
 
 
 def technique_config(kind: str) -> type:
     """The config class of a technique name."""
+    torchslim.load_public_surface()
     try:
         return _KINDS[kind]
     except KeyError:
@@ -90,11 +94,13 @@ def technique_config(kind: str) -> type:
 
 def stage_kinds() -> list[str]:
     """Stage names usable in recipes."""
+    torchslim.load_public_surface()
     return sorted(_STAGES)
 
 
 def stage_type(kind: str) -> StageType:
     """How the recipe stage `kind` is configured and run."""
+    torchslim.load_public_surface()
     try:
         return _STAGES[kind]
     except KeyError:

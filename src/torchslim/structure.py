@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+import torchslim
 from torchslim.errors import ArtifactError, ConfigError
 
 __all__ = ["Edit", "edits_of", "record_edit_", "register_edit", "replace_layers_",
@@ -113,6 +114,7 @@ def replay_edits_(model: nn.Module, edits: Any, *, source: str = "artifact") -> 
     Raises:
         ArtifactError: an edit of an unknown kind, or one that does not fit the model.
     """
+    torchslim.load_public_surface()
     if not isinstance(edits, list):
         raise ArtifactError(f"{source}: the structural edit list is malformed ({type(edits).__name__})")
     for index, edit in enumerate(edits):

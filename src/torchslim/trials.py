@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from torchslim.errors import ConfigError
+from torchslim.progress import ProgressLines
 
 __all__ = ["TrialBackend", "choose_backend", "run_trials"]
 
@@ -96,8 +97,12 @@ def run_trials(function: Callable[[T], R], items: Sequence[T], *, workers: int |
     """
     items = list(items)
     if choose_backend(workers=workers, ray_address=ray_address) is TrialBackend.IN_PROCESS:
-        return [run_seeded(function, index, item)
-                for index, item in enumerate(tqdm(items, desc=desc, disable=None if progress else True))]
+        lines = ProgressLines(desc, len(items), enabled=progress)
+        results = []
+        for index, item in enumerate(tqdm(items, desc=desc, disable=None if progress else True)):
+            results.append(run_seeded(function, index, item))
+            lines.update(index + 1)
+        return results
     ray = import_ray(workers=workers, ray_address=ray_address)
     connect_ray(ray, workers=workers, ray_address=ray_address)
     return _run_on_ray(ray, function, items, workers=workers, progress=progress, desc=desc)
@@ -157,6 +162,7 @@ def _run_on_ray(ray: ModuleType, function: Callable[[T], R], items: list[T], *, 
     pending: dict[Any, int] = {}
     submitted = 0
     try:
+        lines = ProgressLines(desc, len(items), enabled=progress)
         with tqdm(total=len(items), desc=desc, disable=None if progress else True) as bar:
             while submitted < len(items) or pending:
                 while submitted < len(items) and len(pending) < in_flight:
@@ -166,6 +172,7 @@ def _run_on_ray(ray: ModuleType, function: Callable[[T], R], items: list[T], *, 
                 for ref in done:
                     results[pending.pop(ref)] = ray.get(ref)
                     bar.update(1)
+                    lines.update(bar.n)
     except KeyboardInterrupt:  # the user stops the scan: do not leave the others running
         for ref in pending:
             ray.cancel(ref)

@@ -30,6 +30,7 @@ from torchslim.clustering import keep_shared_
 from torchslim.distillation import Distill, DistillationLoss
 from torchslim.errors import ConfigError, SlimError
 from torchslim.models import create_model, get_entry, spec_of
+from torchslim.progress import ProgressLines, format_seconds
 from torchslim.pruning.unstructured import set_mask_
 from torchslim.registry import stage_type
 from torchslim.training import Loss, TrainConfig, Trainer, distributed
@@ -300,6 +301,7 @@ class CompressionRun:
         rows = [self.measure("baseline", model, timing=self.timing, encoding=encoding)] if main else []
         constraints: Constraints = {}
         summaries = []
+        lines = ProgressLines("stage", len(self.recipe.stages), enabled=self.progress and main)
         for index, stage in enumerate(self.recipe.stages, start=1):
             path = self.stages_dir / f"{index:02d}-{stage.kind}.slim"
             tick = time.perf_counter()
@@ -309,6 +311,7 @@ class CompressionRun:
                 saved = artifact.read_metadata(path)["metadata"]
                 constraints, summary = dict(saved["constraints"]), saved["summary"]
                 log.info("stage %d (%s) restored from %s", index, stage.kind, path)
+                done = f"{stage.kind} restored from {path.name}"
             else:
                 if stage_type(stage.kind).converts:
                     model, summary = self.run_stage(index, stage, model, constraints)
@@ -316,8 +319,10 @@ class CompressionRun:
                     summary = self.run_stage(index, stage, model, constraints)
                 self._save(model, path, metadata={"stage": stage.kind, "summary": summary,
                                                   "constraints": constraints})
+                done = f"{stage.kind} done in {format_seconds(time.perf_counter() - tick)}"
             summaries.append({"stage": stage.kind, "seconds": time.perf_counter() - tick,
                               **summary})
+            lines.update(index, done)
             if main:
                 rows.append(self.measure(f"{index}. {stage.kind}", model, timing=self.timing,
                                          encoding=encoding))

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from torch import nn
 
+import torchslim
 from torchslim.errors import ConfigError
 from torchslim.graph.axes import Axis, ParamSlice
 
@@ -115,6 +116,7 @@ def rule_for(module: nn.Module) -> ChannelRule | None:
 def resolve_rule(module: nn.Module) -> tuple[ChannelRule | None, type | None]:
     """(rule, the class it was registered for): the first class along `module`'s MRO that has
     a rule, by class or by qualified name."""
+    torchslim.load_public_surface()
     for cls in type(module).__mro__:
         found = _RULES.get(cls) or _NAMED_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
         if found is not None and found.applies(module):

@@ -30,7 +30,7 @@ from torchslim.errors import ConfigError, UnsupportedModuleError
 __all__ = ["KeywordCall", "OrtModule", "PackedInputs", "dynamic_input_axes", "export_onnx", "optimize_onnx",
            "pack_inputs", "packable_keys", "quantize_onnx", "quantized_ops"]
 
-INSTALL_HINT = "pip install -c constraints.txt 'torchslim[onnx]'"
+INSTALL_HINT = "pip install -c constraints.txt 'onnx>=1.15' 'onnxruntime>=1.17' (part of torchslim's install)"
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")  # ops that carry weights
 INT8_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul",
             "MatMulIntegerToFloat", "QGemm", "DynamicQuantizeLSTM", "QAttention")

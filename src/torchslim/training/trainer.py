@@ -34,6 +34,7 @@ from torchslim.calibration import (
 )
 from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
+from torchslim.progress import ProgressLines
 from torchslim.training import distributed
 from torchslim.training.callbacks import Callback, CrossEntropy, Loss
 from torchslim.training.checkpoint import (
@@ -180,9 +181,14 @@ class Trainer:
         return self.history
 
     def _run_epochs(self) -> None:
-        for epoch in range(self.start_epoch, self.config.epochs):
+        lines = ProgressLines("training", self.config.epochs - self.start_epoch,
+                              enabled=self.progress and distributed.is_main_process())
+        for done, epoch in enumerate(range(self.start_epoch, self.config.epochs), start=1):
             record = self._run_epoch(epoch)
             self.history.append(record)
+            val = "" if record.val_accuracy is None else f", val accuracy {record.val_accuracy:.4f}"
+            lines.update(done, f"epoch {epoch + 1}/{self.config.epochs}, train loss {record.train_loss:.4f}"
+                         f"{val}, {record.seconds:.1f} s")
             stop = self._update_early_stopping(record)
             for callback in self.callbacks:
                 callback.on_epoch_end(self, record)
