@@ -11,8 +11,8 @@ from torchslim.cli import main
 from torchslim.errors import SelectionError
 
 RECIPE = {
-    "version": 1, "model": "lenet300", "dataset": "digits", "seed": 0,
-    "baseline": {"epochs": 3, "lr": 0.1},
+    "version": 1, "name": "Deep Compression, small", "model": "lenet300", "dataset": "digits",
+    "seed": 0, "baseline": {"epochs": 3, "lr": 0.1}, "time_stages": [1],
     "stages": [
         {"prune": {"per_layer": {"fc1": 0.8, "fc2": 0.7, "fc3": 0.5}}},
         {"fine_tune": {"epochs": 1, "lr": 0.02}},
@@ -45,10 +45,22 @@ def test_compress_writes_a_smaller_artifact_that_evaluates(run: Path, capsys) ->
     rows = report["rows"]
     assert [r["name"] for r in rows] == ["baseline", "1. prune", "2. fine_tune", "3. cluster",
                                          "4. fine_tune", "5. encode"]
-    for row in rows:  # every stage measured: accuracy, params, bytes, MACs and latency
-        assert {"test_accuracy", "params", "bytes", "flops", "latency_b1_ms",
-                "latency_batch_ms"} <= row.keys(), row["name"]
-        assert row["latency_batch_ms"] > 0
+    for row in rows:  # every stage measured: accuracy on a named split, params, bytes, MACs
+        assert {"test_accuracy", "val_accuracy", "params", "bytes", "flops"} <= row.keys(), row["name"]
+        assert row["split"] == "test"
+    # latency: the baseline, the final model and the asked-for stage 1, timed together at the end
+    timed = [r["name"] for r in rows if r.get("latency_batch_ms")]
+    assert timed == ["baseline", "1. prune", "5. encode"]
+    for row in (rows[0], rows[1], rows[-1]):
+        runs = row["latency"]["batch"]
+        assert len(runs["samples_ms"]) == 20 and runs["median_ms"] > 0
+        assert runs["spread_ms"][0] <= runs["spread_ms"][1]
+    markdown = (run / "out" / "report.md").read_text()
+    assert markdown.startswith("# lenet300 on digits: Deep Compression, small (prune → fine_tune → "
+                               "cluster → fine_tune → encode)")
+    assert "latency b=256 (ms, " in markdown and "accuracy (test split)" in markdown
+    assert "timed together at the end, interleaved" in markdown
+    assert '1. `prune`: `{"per_layer": {"fc1": 0.8' in markdown
     assert rows[1]["nonzero_params"] < rows[0]["nonzero_params"]
     capsys.readouterr()
     assert main(["evaluate", str(final), "--dataset", "digits", "--json"]) == 0
@@ -205,7 +217,7 @@ def test_every_technique_chains_in_one_compress_call(run: Path, tmp_path: Path, 
                                                         for i, s in enumerate(stages, 1)]
     assert rows[1]["flops"] < 0.6 * rows[0]["flops"]  # channels really removed
     assert rows[3]["nonzero_params"] < 0.5 * rows[2]["nonzero_params"]
-    assert all(r["latency_batch_ms"] > 0 for r in rows)
+    assert rows[0]["latency_batch_ms"] > 0 and rows[-1]["latency_batch_ms"] > 0
     assert report["final"]["backend"] == "onnxruntime"
     assert report["final"]["test_accuracy"] > report["baseline"]["test_accuracy"] - 0.05
     final = tmp_path / "all" / "model.slim"

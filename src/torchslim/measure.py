@@ -11,7 +11,7 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ __all__ = [
     "num_threads",
     "perplexity",
     "probe_accuracy",
+    "time_interleaved",
 ]
 
 
@@ -154,6 +155,7 @@ class Latency:
     median_ms: float
     p90_ms: float
     throughput: float  # samples per second, from the median
+    samples_ms: tuple[float, ...] = ()  # every timed run, in order
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,7 +193,54 @@ def measure_latency(model: nn.Module, inputs: torch.Tensor, *, threads: int | No
     p90 = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
     batch = batch_size_of(inputs)
     return Latency(batch_size=batch, threads=used, repeats=len(samples), median_ms=median * 1e3,
-                   p90_ms=p90 * 1e3, throughput=batch / median)
+                   p90_ms=p90 * 1e3, throughput=batch / median,
+                   samples_ms=tuple(round(t * 1e3, 6) for t in samples))
+
+
+NOISY_P90_RATIO = 1.5  # p90 / median above this: the machine was not quiet, say so next to the number
+
+
+def time_interleaved(models: Sequence[nn.Module], inputs: Sequence[Any], *, rounds: int = 5,
+                     repeats: int = 4, threads: int | None = None) -> list[dict[str, Any]]:
+    """Latency of several models measured in turns, so that they share the machine's moods.
+
+    Timing a baseline and a compressed model minutes apart compares two machine states (a
+    background job, a thermal limit), not two models. Here every round times each model
+    `repeats` times, one model after the other, for `rounds` rounds.
+
+    Args:
+        models: the models to compare.
+        inputs: one batch per model (the same shape for all, as a rule).
+
+    Returns:
+        Per model: `median_ms` and `p90_ms` over all its timed runs, `spread_ms` (the lowest and
+        highest round median), `noisy` (p90 / median > 1.5: the number is not to be trusted
+        alone), `batch_size`, `threads`, and the raw `samples_ms` and `round_medians_ms`.
+    """
+    if len(models) != len(inputs) or rounds < 1 or repeats < 1:
+        raise ConfigError(f"need one input per model and rounds, repeats >= 1; got {len(models)} "
+                          f"models, {len(inputs)} inputs, rounds={rounds}, repeats={repeats}")
+    for model, batch in zip(models, inputs, strict=True):  # warm-up: allocations, lazy init
+        measure_latency(model, batch, threads=threads, warmup=2, repeats=1)
+    runs: list[list[Latency]] = [[] for _ in models]
+    for _ in range(rounds):
+        for index, (model, batch) in enumerate(zip(models, inputs, strict=True)):
+            runs[index].append(measure_latency(model, batch, threads=threads, warmup=1,
+                                               repeats=repeats))
+    results = []
+    for timed in runs:
+        samples = sorted(t for run in timed for t in run.samples_ms)
+        median = statistics.median(samples)
+        p90 = samples[min(len(samples) - 1, int(0.9 * len(samples)))]
+        round_medians = [run.median_ms for run in timed]
+        results.append({
+            "batch_size": timed[0].batch_size, "threads": timed[0].threads,
+            "median_ms": median, "p90_ms": p90,
+            "spread_ms": [min(round_medians), max(round_medians)],
+            "noisy": p90 / median > NOISY_P90_RATIO,
+            "round_medians_ms": round_medians,
+            "samples_ms": [t for run in timed for t in run.samples_ms]})
+    return results
 
 
 def compare(before: Any, after: Any, data: Any = None, **options: Any) -> dict[str, Any]:

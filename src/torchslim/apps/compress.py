@@ -12,6 +12,7 @@ deterministically alike); rank 0 alone writes files and measures, and all return
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -240,16 +241,16 @@ class CompressionRun:
         return runner(self, stage, model, constraints, self.stages_dir / f"{index:02d}-{stage.kind}-ckpt")
 
     # ------------------------------------------------------------------ measure, run
-    def measure(self, label: str, model: nn.Module, *, timing: bool,
-                encoding: artifact.Encoding) -> dict[str, Any]:
-        """Validation/test accuracy, counts, FLOPs, dense and encoded bytes of one model."""
+    def measure(self, label: str, model: nn.Module, *, encoding: artifact.Encoding) -> dict[str, Any]:
+        """Validation/test accuracy, counts, FLOPs, dense and encoded bytes of one model (latency
+        is timed at the end, interleaved: `_time_rows`)."""
         import tempfile
 
         from torchslim.apps.workflows import measure_model
         from torchslim.measure import evaluate
 
         data, split = self.data.measured()
-        row = measure_model(model, data=data, split=split, timing=timing)
+        row = measure_model(model, data=data, split=split, timing=False)
         row["test_accuracy"] = row["accuracy"]
         row["val_accuracy"] = evaluate(model, self.data.val_loader())["accuracy"]
         row["dense_bytes"] = row["bytes"]
@@ -257,6 +258,23 @@ class CompressionRun:
             path = artifact.save(model, Path(folder) / "m.slim", encoding=encoding)
             row["bytes"] = path.stat().st_size
         return {"name": label, **row}
+
+    def _time_rows(self, rows: list[dict[str, Any]], final: nn.Module) -> None:
+        """Time the baseline, the final model and the recipe's `time_stages` in one place,
+        interleaved, so that their latencies compare models and not moments of a long run."""
+        from torchslim.apps.workflows import time_rows_
+
+        last = len(self.recipe.stages)
+        wanted = [n for n in self.recipe.time_stages if n != last]
+        assert self.original is not None  # set by `_run` before any stage
+        models = [self.original, *(self._stage_model(n) for n in wanted), final]
+        time_rows_([rows[0], *(rows[n] for n in wanted), rows[-1]], models)
+
+    def _stage_model(self, index: int) -> nn.Module:
+        """The model as stage `index` (1-based) left it, from its checkpoint."""
+        stage = self.recipe.stages[index - 1]
+        path = self.stages_dir / f"{index:02d}-{stage.kind}.slim"
+        return artifact.load(path) if stage_type(stage.kind).converts else self._load(path)
 
     def run(self) -> dict[str, Any]:
         """Run every stage (resuming finished ones), write model.slim and the report; the
@@ -298,7 +316,7 @@ class CompressionRun:
         model = self.baseline()
         self.original = copy.deepcopy(model).eval()
         main = distributed.is_main_process()  # the others run the stages, then wait
-        rows = [self.measure("baseline", model, timing=self.timing, encoding=encoding)] if main else []
+        rows = [self.measure("baseline", model, encoding=encoding)] if main else []
         constraints: Constraints = {}
         summaries = []
         lines = ProgressLines("stage", len(self.recipe.stages), enabled=self.progress and main)
@@ -324,8 +342,7 @@ class CompressionRun:
                               **summary})
             lines.update(index, done)
             if main:
-                rows.append(self.measure(f"{index}. {stage.kind}", model, timing=self.timing,
-                                         encoding=encoding))
+                rows.append(self.measure(f"{index}. {stage.kind}", model, encoding=encoding))
             distributed.barrier()  # timings run while the other processes idle
         if not main:
             return dict(distributed.broadcast_object(None))
@@ -334,6 +351,8 @@ class CompressionRun:
                               metadata={"recipe_digest": self.recipe.digest,
                                         "dataset": self.data.name})
         rows[-1]["bytes"] = final.stat().st_size
+        if self.timing:
+            self._time_rows(rows, model)
         report = {
             "recipe": self.recipe.source, "recipe_digest": self.recipe.digest,
             "model": _label(self.original), "dataset": self.data.name, "seed": self.recipe.seed,
@@ -342,30 +361,74 @@ class CompressionRun:
             "comparison": compare({**rows[0], "bytes": rows[0]["dense_bytes"]}, rows[-1]),
             "seconds": time.perf_counter() - started, "artifact": str(final),
         }
-        write_report(self.out, report, title=f"torchslim compress: {report['model']} on "
-                     f"{self.data.name}", rows=rows)
-        plot_frontier(rows, self.out / "accuracy_vs_size.png", x="bytes")
+        write_report(self.out, report, title=recipe_title(self.recipe, report["model"], self.data.name),
+                     rows=rows, settings=recipe_settings(self.recipe))
+        name = f"{report['model']} on {self.data.name}"
+        plot_frontier(rows, self.out / "accuracy_vs_size.png", x="bytes",
+                      title=f"{name}: test accuracy vs file size, per stage")
         if self.timing:
-            plot_frontier(rows, self.out / "accuracy_vs_latency.png", x="latency_batch_ms")
+            plot_frontier(rows, self.out / "accuracy_vs_latency.png", x="latency_batch_ms",
+                          title=f"{name}: test accuracy vs latency (stages timed at the end)")
         return dict(distributed.broadcast_object({**report, "rows": rows}))
 
 
-_AXES = {"bytes": ("artifact size (KiB, log scale)", 1 / 1024),
-         "latency_batch_ms": ("batched latency (ms, log scale)", 1.0)}
+def recipe_title(recipe: Recipe, model: str, dataset: str) -> str:
+    """What was compressed and how: `lenet300 on mnist: Deep Compression (prune → fine_tune → ...)`."""
+    how = " → ".join(stage.kind for stage in recipe.stages)
+    name = recipe.source.get("name")
+    return f"{model} on {dataset}: " + (f"{name} ({how})" if name else how)
 
 
-def plot_frontier(rows: list[dict[str, Any]], path: Path, *, x: str = "bytes") -> Path:
-    """Test accuracy vs `x` (bytes on disk or batched latency), one point per stage."""
-    from torchslim.report import new_figure, save_figure
+def recipe_settings(recipe: Recipe) -> list[str]:
+    """The recipe as the user wrote it, one Markdown line per stage (defaults left implicit)."""
+    lines = []
+    if recipe.source.get("baseline"):
+        lines += [f"- baseline training: `{json.dumps(recipe.source['baseline'], sort_keys=True)}`", ""]
+    for index, item in enumerate(recipe.source["stages"], start=1):
+        (kind, options), = item.items()
+        lines.append(f"{index}. `{kind}`: " + (f"`{json.dumps(options, sort_keys=True)}`" if options
+                                                else "defaults"))
+    return lines
 
-    label, scale = _AXES[x]
-    fig, axis = new_figure()
-    points = [(row["name"], row[x] * scale, 100 * row["test_accuracy"]) for row in rows if x in row]
-    axis.plot([p[1] for p in points], [p[2] for p in points], marker="o")
-    for name, px, py in points:
-        axis.annotate(name, (px, py), fontsize=8, textcoords="offset points", xytext=(4, 4))
-    axis.set_xscale("log")
+
+def plot_frontier(rows: list[dict[str, Any]], path: Path, *, x: str = "bytes",
+                  title: str = "") -> Path:
+    """Test accuracy vs `x` (bytes on disk, or the batched latency), one marker per stage.
+
+    Markers, not a line: the stages are a sequence, not a trade-off curve. Each stage has its
+    own marker and colour and is named in a legend beside the axes, so labels never overlap;
+    the baseline's accuracy is a dashed line with its sampling-noise band.
+    """
+    import matplotlib
+
+    from torchslim.report import MARKERS, accuracy_axis_, legend_outside_, log_axis_, new_figure, save_figure
+
+    drawn = [(i, row) for i, row in enumerate(rows)
+             if row.get(x) is not None and row.get("test_accuracy") is not None]
+    points = [row for _, row in drawn]
+    values = [row[x] for row in points]
+    logarithmic = max(values) > 10 * min(values)  # a log axis over a narrow range reads badly
+    scaled = ", log scale" if logarithmic else ""
+    if x == "bytes":
+        scale, label = 1 / 1024, f"file size (KiB{scaled})"
+    else:
+        batch, threads = rows[0].get("latency_batch"), rows[0].get("threads")
+        scale, label = 1.0, f"latency at batch {batch}, {threads} threads (ms{scaled})"
+    fig, axis = new_figure(size=(9, 4.8))
+    colours = matplotlib.colormaps["tab20"]
+    for index, row in drawn:  # a stage keeps its marker in every plot
+        axis.scatter(row[x] * scale, 100 * row["test_accuracy"], marker=MARKERS[index % len(MARKERS)],
+                     color=colours(index % 20), s=60, zorder=3, label=row["name"],
+                     edgecolors="black", linewidths=0.5)
+    baseline = rows[0]
+    accuracy_axis_(axis, [100 * row["test_accuracy"] for row in points],
+                   baseline=100 * baseline["test_accuracy"], samples=baseline.get("samples"),
+                   label="test accuracy (%)")
+    if logarithmic:
+        log_axis_(axis)
+    else:
+        axis.set_xlim(0, max(values) * scale * 1.1)
     axis.set_xlabel(label)
-    axis.set_ylabel("test accuracy (%)")
-    axis.grid(alpha=0.3)
+    axis.set_title(title or f"test accuracy vs {label.split(' (')[0]}", fontsize=10)
+    legend_outside_(axis)
     return save_figure(fig, path)

@@ -78,6 +78,7 @@ class Recipe:
     baseline: TrainConfig | None
     stages: tuple[Stage, ...]
     source: dict[str, Any]
+    time_stages: tuple[int, ...] = ()  # stage numbers timed at the end, beside baseline and final
 
     @property
     def digest(self) -> str:
@@ -111,7 +112,8 @@ def parse_recipe(data: Any) -> Recipe:
     """Validate a recipe mapping (as read from YAML)."""
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe is a mapping with 'version' and 'stages', got {type(data).__name__}")
-    valid = {"version", "name", "description", "model", "dataset", "seed", "baseline", "stages"}
+    valid = {"version", "name", "description", "model", "dataset", "seed", "baseline", "stages",
+             "time_stages"}
     unknown = sorted(set(data) - valid)
     if unknown:
         raise ConfigError(f"unknown recipe key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
@@ -136,6 +138,10 @@ def parse_recipe(data: Any) -> Recipe:
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ConfigError(f"{key} must be a name (a string), got {str(data[key])[:60]!r}")
     parsed = tuple(_stage(i, item, seed) for i, item in enumerate(stages))
+    timed = data.get("time_stages") or []
+    if not isinstance(timed, list) or not all(type(n) is int and 1 <= n <= len(parsed) for n in timed):
+        raise ConfigError(f"time_stages lists stage numbers (1 to {len(parsed)}) to time beside the "
+                          f"baseline and the final model, got {str(timed)[:60]!r}")
     encodes = [i for i, s in enumerate(parsed) if s.kind == "encode"]
     if encodes and encodes != [len(parsed) - 1]:
         raise ConfigError("'encode' must be the last stage, and appear once")
@@ -145,7 +151,8 @@ def parse_recipe(data: Any) -> Recipe:
         raise ConfigError("'quantize' / 'qat' must come last (only 'encode' may follow), once: the "
                           "model becomes an int8 program")
     return Recipe(model=data.get("model"), dataset=data.get("dataset"), seed=seed,
-                  baseline=baseline, stages=parsed, source=data)
+                  baseline=baseline, stages=parsed, source=data,
+                  time_stages=tuple(sorted(set(timed))))
 
 
 def load_recipe(path: str | Path) -> Recipe:

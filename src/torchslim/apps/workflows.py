@@ -5,8 +5,10 @@ The CLI only parses arguments and prints; everything it does is callable from Py
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,6 @@ from torchslim.measure import (
     count_params,
     evaluate,
     file_bytes,
-    measure_latency,
 )
 from torchslim.models import (
     ModelSpec,
@@ -173,17 +174,29 @@ def measure_model(model: nn.Module, *, path: Path | None = None, data: Any = Non
         "flops": count_flops(model, inputs_for(model, 1)),
     }
     if data is not None:
-        result.update(_evaluate_on(model, data, split, batch_size))
+        result.update(_evaluate_on(model, data, split, batch_size), split=split)
     if timing:
-        latency_batch = latency_batch or default_latency_batch(model)
-        repeats = 30 if latency_batch > 32 else 10
-        single = measure_latency(model, inputs_for(model, 1), threads=threads, repeats=repeats)
-        batched = measure_latency(model, inputs_for(model, latency_batch), threads=threads,
-                                  repeats=repeats)
-        result.update(latency_b1_ms=single.median_ms, latency_batch_ms=batched.median_ms,
-                      latency_batch=latency_batch, throughput=batched.throughput,
-                      threads=batched.threads)
+        time_rows_([result], [model], latency_batch=latency_batch, threads=threads)
     return result
+
+
+def time_rows_(rows: Sequence[dict[str, Any]], models: Sequence[nn.Module], *,
+               latency_batch: int | None = None, threads: int | None = None) -> None:
+    """Time `models` interleaved (`measure.time_interleaved`) at batch 1 and at the latency batch,
+    and write the results into their `rows`: `latency_b1_ms`, `latency_batch_ms`, `latency_batch`,
+    `throughput`, `threads`, and under `latency` the raw runs, spread and noise flag of each."""
+    from torchslim.measure import time_interleaved
+
+    batch = latency_batch or default_latency_batch(models[0])
+    for key, size in (("b1", 1), ("batch", batch)):
+        timed = time_interleaved(models, [inputs_for(model, size) for model in models], threads=threads)
+        for row, result in zip(rows, timed, strict=True):
+            row.setdefault("latency", {})[key] = result
+    for row in rows:
+        b1, batched = row["latency"]["b1"], row["latency"]["batch"]
+        row.update(latency_b1_ms=b1["median_ms"], latency_batch_ms=batched["median_ms"],
+                   latency_batch=batch, throughput=batch * 1e3 / batched["median_ms"],
+                   threads=batched["threads"])
 
 
 def compare_models(before: nn.Module, after: nn.Module, data: Any = None, *, example_inputs: Any = None,
@@ -203,7 +216,7 @@ def compare_models(before: nn.Module, after: nn.Module, data: Any = None, *, exa
         {"before": row, "after": row, "comparison": ratios (see `measure.compare`),
          "latency_spread": {"before": [min, max], "after": [...]} over rounds}.
     """
-    from torchslim.measure import compare
+    from torchslim.measure import compare, time_interleaved
 
     if example_inputs is not None:
         for model in (before, after):
@@ -223,15 +236,12 @@ def compare_models(before: nn.Module, after: nn.Module, data: Any = None, *, exa
         rows.append(row)
     inputs = example_inputs if example_inputs is not None and batch is None else \
         inputs_for(before, batch or 1)
-    medians: list[list[float]] = [[], []]
-    for _ in range(rounds):  # interleaved: both models see the same machine state
-        for index, model in enumerate((before, after)):
-            medians[index].append(measure_latency(model, inputs, repeats=10).median_ms)
-    for row, times in zip(rows, medians, strict=True):
-        row["median_ms"] = sorted(times)[len(times) // 2]
+    timed = time_interleaved([before, after], [inputs, inputs], rounds=rounds, repeats=10)
+    for row, result in zip(rows, timed, strict=True):
+        row["median_ms"] = result["median_ms"]
+        row["latency"] = result
     return {"before": rows[0], "after": rows[1], "comparison": compare(rows[0], rows[1]),
-            "latency_spread": {"before": [min(medians[0]), max(medians[0])],
-                               "after": [min(medians[1]), max(medians[1])]}}
+            "latency_spread": {"before": timed[0]["spread_ms"], "after": timed[1]["spread_ms"]}}
 
 
 def train_config_for(model_name: str | None, **overrides: Any) -> TrainConfig:
@@ -273,7 +283,7 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
                                                    pretrained=pretrained, factory=factory)
     measured, split = data.measured()
     # The untrained model, measured like the result so the table compares like with like.
-    initial = measure_model(model, data=measured, split=split, threads=threads)
+    initial = measure_model(model, data=measured, split=split, timing=False)
     trainer = Trainer(model, data.train_loader(config.batch_size, config.seed),
                       val_loader=data.val_loader(), config=config,
                       checkpoint_dir=out / "checkpoints", progress=progress)
@@ -294,7 +304,8 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
     }
     rows = [{"name": f"{label} before training", **initial},
             {"name": f"{label} trained ({trainer.start_epoch} epochs)", **final}]
-    write_report(out, report, title=f"torchslim train: {label} on {dataset}", rows=rows)
+    write_report(out, report, rows=rows, title=f"{label} trained on {dataset}: {trainer.start_epoch} "
+                 f"epochs, {config.optimizer}, lr {config.lr:g}, batch {config.batch_size}")
     report["rows"] = rows
     return report
 
@@ -343,15 +354,17 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
     saved = artifact.save(quantized, out / "model.slim", metadata={
         "source": source, "quantization": config.to_dict(), "dataset": name,
         "report": getattr(quantized, "report", {})})
-    before = measure_model(model, path=path, data=data, split=split, threads=threads)
-    after = measure_model(quantized, path=saved, data=data, split=split, threads=threads)
+    before = measure_model(model, path=path, data=data, split=split, timing=False)
+    after = measure_model(quantized, path=saved, data=data, split=split, timing=False)
+    time_rows_([before, after], [model, quantized], threads=threads)
     report: dict[str, Any] = {
         "model": label, "source": source, "dataset": name, "config": config.to_dict(),
         "quantization": getattr(quantized, "report", {}), "before": before, "after": after,
         "comparison": compare(before, after), "artifact": str(saved)}
     rows = [{"name": f"{label} fp32 (torch)", **before},
             {"name": f"{label} int8 {method} ({backend})", **after}]
-    write_report(out, report, title=f"torchslim quantize: {label}, {method} int8", rows=rows)
+    write_report(out, report, rows=rows, title=f"{label}{f' on {name}' if name else ''}: int8 {method} "
+                 f"quantization, run by {backend}")
     report["rows"] = rows
     return report
 
@@ -378,19 +391,22 @@ def structured_prune_job(source: str, config: Any, *, out: str | Path, dataset: 
         check_dataset_fits(data, spec)
         loader = TensorLoader(data.train, batch_size=64, shuffle=True, seed=seed)
         calibration = loader.take(config.calibration_batches)
-    before = measure_model(model, path=path, data=data, threads=threads)
+    before = measure_model(model, path=path, data=data, timing=False)
+    original = copy.deepcopy(model)  # timed beside the pruned model, at the end
     result = apply_(model, config, targets=targets, calibration=calibration,
                     example_inputs=example_inputs(spec, 2))
     out = Path(out)
     saved = artifact.save(model, out / "model.slim", metadata={
         "source": source, "structured_prune": config.to_dict(), "dataset": name})
-    after = measure_model(model, path=saved, data=data, threads=threads)
+    after = measure_model(model, path=saved, data=data, timing=False)
+    time_rows_([before, after], [original, model], threads=threads)
     report: dict[str, Any] = {
         "model": spec.name, "source": source, "dataset": name, "config": config.to_dict(),
         "pruning": {k: v for k, v in result.items() if k != "sizes"}, "before": before,
         "after": after, "comparison": compare(before, after), "artifact": str(saved)}
     rows = [{"name": f"{spec.name}", **before},
             {"name": f"{spec.name}, {result['removed_units']} units removed", **after}]
-    write_report(out, report, title=f"torchslim prune --structured: {spec.name}", rows=rows)
+    write_report(out, report, rows=rows, title=f"{spec.name}: structured pruning "
+                 f"({config.kind}), {result['removed_units']} units removed, no fine-tuning")
     report["rows"] = rows
     return report

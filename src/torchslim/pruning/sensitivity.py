@@ -41,6 +41,7 @@ def scan_sensitivity(model: nn.Module, val_loader: Iterable[Any], *,
     or a `ray_address` (the model and data go to Ray's object store once).
 
     Returns `{"baseline": acc, "sparsities": [...], "layers": {name: [acc, ...]},
+    "samples": validation examples,
     "execution": {"backend", "workers", "ray_address", "seconds"}}`; `seconds` is the scan's
     wall-clock time (including starting a local Ray).
 
@@ -55,7 +56,8 @@ def scan_sensitivity(model: nn.Module, val_loader: Iterable[Any], *,
     backend = choose_backend(workers=workers, ray_address=ray_address)
     start = time.perf_counter()
     layers = [name for name, _ in (targets or Select()).resolve(model)]
-    baseline = evaluate(model, val_loader)["accuracy"]
+    measured = evaluate(model, val_loader)
+    baseline = measured["accuracy"]
     trials = [(name, s) for name in layers for s in sparsities]
     accuracies = run_trials(partial(pruned_accuracy, model, val_loader), trials, workers=workers,
                             ray_address=ray_address, progress=progress, desc="sensitivity")
@@ -67,7 +69,7 @@ def scan_sensitivity(model: nn.Module, val_loader: Iterable[Any], *,
                  "workers": workers if backend is TrialBackend.RAY else 1,
                  "seconds": time.perf_counter() - start}
     return {"baseline": baseline, "sparsities": list(sparsities), "layers": curves,
-            "execution": execution}
+            "samples": int(measured["samples"]), "execution": execution}
 
 
 def pruned_accuracy(model: nn.Module, val_loader: Iterable[Any], trial: tuple[str, float]) -> float:
@@ -101,15 +103,20 @@ def sparsities_for_drop(scan: dict[str, Any], max_drop: float) -> dict[str, floa
 
 
 def plot_sensitivity(scan: dict[str, Any], path: Path) -> Path:
-    """Accuracy vs sparsity, one line per layer, as a PNG."""
-    from torchslim.report import new_figure, save_figure
+    """Validation accuracy vs sparsity, one line per layer (a curve: each layer is pruned
+    further and further), with the unpruned accuracy as a dashed line and a legend beside the
+    axes, so any number of layers stays readable."""
+    from torchslim.report import MARKERS, accuracy_axis_, legend_outside_, new_figure, save_figure
 
-    fig, axis = new_figure()
-    for name, accuracies in scan["layers"].items():
-        axis.plot(scan["sparsities"], [100 * a for a in accuracies], marker="o", label=name)
-    axis.axhline(100 * scan["baseline"], color="grey", linestyle="--", label="unpruned")
-    axis.set_xlabel("sparsity of the layer (others unpruned)")
-    axis.set_ylabel("validation accuracy (%)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    fig, axis = new_figure(size=(9, 4.8))
+    values = []
+    for index, (name, accuracies) in enumerate(scan["layers"].items()):
+        values += [100 * a for a in accuracies]
+        axis.plot(scan["sparsities"], [100 * a for a in accuracies], marker=MARKERS[index % len(MARKERS)],
+                  markersize=4, label=name)
+    accuracy_axis_(axis, values, baseline=100 * scan["baseline"], samples=scan.get("samples"),
+                   label="validation accuracy (%)")
+    axis.set_xlabel("sparsity of the layer (the others unpruned)")
+    axis.set_title("Per-layer sensitivity: one layer pruned by magnitude at a time", fontsize=10)
+    legend_outside_(axis)
     return save_figure(fig, path)

@@ -399,18 +399,20 @@ def _markdown(report: dict[str, Any]) -> str:
 
 def _plot_front(results: list[dict[str, Any]], front: list[int], chosen: int, target: Target,
                 path: Path) -> Path:
-    from torchslim.report import new_figure, save_figure
+    """Validation accuracy vs the target's ratio of every trial, the Pareto front and the chosen
+    policy; the target ratio and the baseline accuracy as reference lines."""
+    from torchslim.report import accuracy_axis_, legend_outside_, new_figure, save_figure
 
-    fig, axis = new_figure()
+    fig, axis = new_figure(size=(9, 4.8))
     xs = [r["ratios"][target.kind] for r in results]
     ys = [100 * r["val_accuracy"] for r in results]
     axis.scatter(xs, ys, color="0.6", label="trials")
     axis.plot([xs[i] for i in front], [ys[i] for i in front], marker="o", label="Pareto front")
     axis.scatter([xs[chosen]], [ys[chosen]], marker="*", s=200, color="C3", label="chosen", zorder=3)
-    axis.axvline(target.ratio, linestyle="--", color="0.4")
-    axis.axhline(100 * (results[chosen]["baseline_val_accuracy"]), linestyle=":", color="0.4")
-    axis.set_xlabel(f"{target.kind} ratio (x)")
-    axis.set_ylabel("validation accuracy (%)")
-    axis.legend()
-    axis.grid(alpha=0.3)
+    axis.axvline(target.ratio, linestyle=":", color="0.4", label=f"target {target.kind} {target.ratio:g}x")
+    accuracy_axis_(axis, ys, baseline=100 * results[chosen]["baseline_val_accuracy"],
+                   label="validation accuracy (%)")
+    axis.set_xlabel(f"{target.kind} ratio vs the baseline (x, higher is smaller/faster)")
+    axis.set_title(f"Policy search: validation accuracy vs {target.kind} ratio", fontsize=10)
+    legend_outside_(axis)
     return save_figure(fig, path)
