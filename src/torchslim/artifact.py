@@ -272,11 +272,27 @@ def save(model: nn.Module, path: str | Path, *, spec: Any = None,
     if edits:  # layers changed in shape (factorized, decomposed): replayed by `load`
         document["edits"] = edits
     tensors = computed_state(model)
+    for name in tied_names(model):  # stored once, under the first name
+        tensors.pop(name, None)
     if encoding is not None:
         payload, document["payload"] = _encode_state(tensors, encoding)
         tensors = {PAYLOAD: payload}
     write_checked(Path(path), tensors, document)
     return Path(path)
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """{name: the first name of the same tensor} for the tensors a model shares between modules
+    (an embedding tied to the `lm_head`): the file stores each once, and `load` puts it back
+    under every name (the architecture ties them again when it is built)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            tied[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return tied
 
 
 def computed_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -482,13 +498,16 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     build = _builder(path, document, model)
     edits = document.get("edits", [])
     skeleton = meta_skeleton(build, lambda m: replay_edits_(m, edits, source=str(path)), path)
-    check_fits(skeleton.state_dict(), declared, path, type(skeleton).__name__)
+    tied = {name: first for name, first in tied_names(skeleton).items() if name not in declared}
+    expected = {name: t for name, t in skeleton.state_dict().items() if name not in tied}
+    check_fits(expected, declared, path, type(skeleton).__name__)
     if model is None:
         model = build()
     replay_edits_(model, edits, source=str(path))
     if layout is not None:
         tensors = _decode_layout(tensors[PAYLOAD].numpy().tobytes(), layout, path)
     check_finite(tensors, path)
+    tensors.update({name: tensors[first] for name, first in tied.items()})
     model.load_state_dict(tensors)
     _restore_identity(model, document)
     return model.eval()

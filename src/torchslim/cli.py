@@ -138,11 +138,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
     distributed.shutdown()  # under torchrun: leave the process group before exiting
     if not distributed.is_main_process():
         return 0
-    ratios = report["comparison"]
+    ratios, final, baseline = report["comparison"], report["final"], report["baseline"]
+    quality = (f"perplexity {final['perplexity']:.2f} (baseline {baseline['perplexity']:.2f}), "
+               f"{final['bits_per_weight']:.2f} bits per weight" if final.get("perplexity") else
+               f"test accuracy {100 * final['test_accuracy']:.2f}% (baseline "
+               f"{100 * baseline['test_accuracy']:.2f}%)")
     print(f"\n{ratios.get('bytes_ratio', 0):.1f}x smaller on disk than the dense fp32 baseline, "
-          f"test accuracy {100 * report['final']['test_accuracy']:.2f}% (baseline "
-          f"{100 * report['baseline']['test_accuracy']:.2f}%), {report['seconds']:.0f} s  ->  "
-          f"{args.out}/model.slim, {args.out}/report.md")
+          f"{quality}, {report['seconds']:.0f} s  ->  {args.out}/model.slim, {args.out}/report.md")
     return 0
 
 

@@ -254,7 +254,8 @@ def compare(before: Any, after: Any, data: Any = None, **options: Any) -> dict[s
     Keys present in both are compared: `accuracy` gives `accuracy_delta` (after - before, in
     fraction points) and `accuracy_retention` (after / before); `params`, `nonzero_params`,
     `bytes`, `flops`, `median_ms`, `latency_b1_ms` and `latency_batch_ms` give `<key>_ratio` =
-    before / after (for latencies: the speedup).
+    before / after (for latencies: the speedup); `perplexity` gives `perplexity_ratio` = after /
+    before (1.0: no loss).
 
     Example:
         >>> compare({"accuracy": 0.98, "bytes": 1000}, {"accuracy": 0.97, "bytes": 250})
@@ -268,6 +269,8 @@ def compare(before: Any, after: Any, data: Any = None, **options: Any) -> dict[s
     if "accuracy" in before and "accuracy" in after:
         result["accuracy_delta"] = round(after["accuracy"] - before["accuracy"], 6)
         result["accuracy_retention"] = round(after["accuracy"] / before["accuracy"], 4)
+    if before.get("perplexity") and after.get("perplexity"):
+        result["perplexity_ratio"] = round(after["perplexity"] / before["perplexity"], 4)
     for key in ("params", "nonzero_params", "bytes", "flops", "macs", "median_ms", "latency_b1_ms",
                 "latency_batch_ms"):
         if key in before and key in after and after[key]:

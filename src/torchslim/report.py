@@ -43,9 +43,11 @@ TABLE_COLUMNS = (
     ("params", "params", lambda v: f"{int(v):,}"),
     ("nonzero_params", "non-zero", lambda v: f"{int(v):,}"),
     ("bytes", "bytes on disk", lambda v: f"{int(v):,}"),
+    ("bits_per_weight", "bits/weight", lambda v: f"{v:.2f}"),
     ("latency_b1_ms", "latency b=1 (ms)", lambda v: f"{v:.3f}"),
     ("latency_batch_ms", "latency batch (ms)", lambda v: f"{v:.2f}"),
     ("throughput", "samples/s", lambda v: f"{v:,.0f}"),
+    ("tokens_per_s", "decode tokens/s (b=1)", lambda v: f"{v:.1f}"),
     ("flops", "MFLOPs", lambda v: f"{v / 1e6:.2f}"),
 )
 NOISY = "⚠"  # marks a latency whose p90 / median exceeds measure.NOISY_P90_RATIO
@@ -64,6 +66,7 @@ def _titles(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     split, batch, threads = _shared(rows, "split"), _shared(rows, "latency_batch"), _shared(rows, "threads")
     if split:
         titles["accuracy"] = f"accuracy ({split} split)"
+        titles["perplexity"] = f"perplexity ({split} split)"
     on = f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
     titles["latency_b1_ms"] = f"latency b=1 (ms{on})"
     if batch:

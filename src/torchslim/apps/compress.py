@@ -12,6 +12,7 @@ deterministically alike); rank 0 alone writes files and measures, and all return
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -24,7 +25,14 @@ from torch import nn
 from torchslim import artifact
 from torchslim.api import finalize_
 from torchslim.apps.recipe import EncodeStage, Recipe, Stage
-from torchslim.apps.run_data import BuiltinData, RunData, learn_inputs_, resolve_run_data
+from torchslim.apps.run_data import (
+    ONE_SHOT_STAGES,
+    BuiltinData,
+    RunData,
+    TextData,
+    learn_inputs_,
+    resolve_run_data,
+)
 from torchslim.apps.run_folder import RunFolder
 from torchslim.apps.stages import apply_stage
 from torchslim.clustering import keep_shared_
@@ -112,10 +120,17 @@ class CompressionRun:
             dataset = dataset or saved.get("metadata", {}).get("dataset")
         elif source:
             name = None if is_factory(source) or Path(source).is_dir() else source
+        from torchslim.models.language import language_model_names
+
+        if name in language_model_names():  # a language model: its text by default
+            name, dataset = None, dataset or "python-docs"
         data, _ = resolve_run_data(dataset, name, seed=recipe.seed, required=True)
         assert data is not None
+        if isinstance(data, TextData):
+            data = dataclasses.replace(data, **recipe.text)  # sequence_length, eval_tokens
         self.data: RunData = data
         self.original: nn.Module | None = None  # the model before stage 1: `teacher: original`
+        self._loaded: nn.Module | None = None  # `--model`, loaded once
         self.folder = RunFolder(self.out)
         self.resume, self.overwrite = resume, overwrite
 
@@ -156,9 +171,9 @@ class CompressionRun:
     def baseline(self) -> nn.Module:
         """The model to compress: given artifact/name, or the recipe's model (trained if asked)."""
         if self.model_source:
-            from torchslim.apps.workflows import load_model_or_artifact
-
-            model = load_model_or_artifact(self.model_source, factory=self.factory)[0]
+            model = copy.deepcopy(self._source_model())  # the dry run's copy stays unchanged
+            if isinstance(self.data, TextData):
+                self.data.bind_(model)
             learn_inputs_(model, self.data, seed=self.recipe.seed)
             return model
         if self.recipe.model is None:
@@ -176,6 +191,19 @@ class CompressionRun:
         self.train(model, self.recipe.baseline, self.stages_dir / "00-baseline-ckpt")
         self._save(model, path, metadata={"stage": "baseline", "constraints": {}})
         return model
+
+    def _source_model(self) -> nn.Module:
+        """The model given by `--model` (a language model name, an artifact, a factory), loaded
+        once for the dry run and the run."""
+        if self._loaded is None:
+            from torchslim.apps.workflows import load_model_or_artifact
+            from torchslim.models.language import language_model_names, load_language_model
+
+            assert self.model_source is not None
+            self._loaded = load_language_model(self.model_source) \
+                if self.model_source in language_model_names() else \
+                load_model_or_artifact(self.model_source, factory=self.factory)[0]
+        return self._loaded
 
     def _untrained(self) -> nn.Module:
         """The recipe's registered model, randomly initialised for the run's data."""
@@ -246,29 +274,39 @@ class CompressionRun:
         is timed at the end, interleaved: `_time_rows`)."""
         import tempfile
 
+        from torchslim.apps.language import measure_language_model
         from torchslim.apps.workflows import measure_model
         from torchslim.measure import evaluate
 
         data, split = self.data.measured()
-        row = measure_model(model, data=data, split=split, timing=False)
-        row["test_accuracy"] = row["accuracy"]
-        row["val_accuracy"] = evaluate(model, self.data.val_loader())["accuracy"]
+        if isinstance(self.data, TextData):
+            row = measure_language_model(model, self.data)
+        else:
+            row = measure_model(model, data=data, split=split, timing=False)
+            row["test_accuracy"] = row["accuracy"]
+            row["val_accuracy"] = evaluate(model, self.data.val_loader())["accuracy"]
         row["dense_bytes"] = row["bytes"]
         with tempfile.TemporaryDirectory() as folder:
             path = artifact.save(model, Path(folder) / "m.slim", encoding=encoding)
             row["bytes"] = path.stat().st_size
+        row["bits_per_weight"] = 8 * row["bytes"] / max(row["params"], 1)
         return {"name": label, **row}
 
     def _time_rows(self, rows: list[dict[str, Any]], final: nn.Module) -> None:
         """Time the baseline, the final model and the recipe's `time_stages` in one place,
         interleaved, so that their latencies compare models and not moments of a long run."""
+        from torchslim.apps.language import time_decoding_
         from torchslim.apps.workflows import time_rows_
 
         last = len(self.recipe.stages)
         wanted = [n for n in self.recipe.time_stages if n != last]
         assert self.original is not None  # set by `_run` before any stage
         models = [self.original, *(self._stage_model(n) for n in wanted), final]
-        time_rows_([rows[0], *(rows[n] for n in wanted), rows[-1]], models)
+        timed = [rows[0], *(rows[n] for n in wanted), rows[-1]]
+        if isinstance(self.data, TextData):
+            time_decoding_(timed, models)
+        else:
+            time_rows_(timed, models)
 
     def _stage_model(self, index: int) -> nn.Module:
         """The model as stage `index` (1-based) left it, from its checkpoint."""
@@ -296,13 +334,18 @@ class CompressionRun:
             SelectionError, ConfigError: a selection or per-layer name matching no layer.
         """
         if self.model_source:
-            from torchslim.apps.workflows import load_model_or_artifact
-
-            model = load_model_or_artifact(self.model_source, factory=self.factory)[0]
+            model = self._source_model()
         elif self.recipe.model is None:
             raise ConfigError("the recipe names no model; add `model:` or pass --model")
         else:
             model = self._untrained()
+        if isinstance(self.data, TextData):
+            self.data.bind_(model)  # tokenizes now: a model without a tokenizer fails here
+            refused = [s.kind for s in self.recipe.stages if s.kind in TRAINING_STAGES]
+            if refused:
+                raise ConfigError(f"stage(s) {', '.join(refused)} train on labelled batches; on a "
+                                  f"language model with text {self.data.name!r} use the one-shot "
+                                  f"stages ({ONE_SHOT_STAGES})")
         check_stages(self.recipe.stages, model)
 
     def _run(self) -> dict[str, Any]:
@@ -351,25 +394,33 @@ class CompressionRun:
                               metadata={"recipe_digest": self.recipe.digest,
                                         "dataset": self.data.name})
         rows[-1]["bytes"] = final.stat().st_size
+        rows[-1]["bits_per_weight"] = 8 * rows[-1]["bytes"] / max(rows[-1]["params"], 1)
         if self.timing:
             self._time_rows(rows, model)
         report = {
             "recipe": self.recipe.source, "recipe_digest": self.recipe.digest,
             "model": _label(self.original), "dataset": self.data.name, "seed": self.recipe.seed,
-            "test_accuracy": rows[-1]["test_accuracy"], "val_accuracy": rows[-1]["val_accuracy"],
+            "test_accuracy": rows[-1].get("test_accuracy"), "val_accuracy": rows[-1].get("val_accuracy"),
+            "perplexity": rows[-1].get("perplexity"),
             "baseline": rows[0], "final": rows[-1], "stages": summaries,
             "comparison": compare({**rows[0], "bytes": rows[0]["dense_bytes"]}, rows[-1]),
             "seconds": time.perf_counter() - started, "artifact": str(final),
         }
-        write_report(self.out, report, title=recipe_title(self.recipe, report["model"], self.data.name),
+        write_report(self.out, report, title=recipe_title(self.recipe, str(report["model"]), self.data.name),
                      rows=rows, settings=recipe_settings(self.recipe))
         name = f"{report['model']} on {self.data.name}"
+        if isinstance(self.data, TextData):  # no accuracy to plot: the table has the perplexity
+            return dict(distributed.broadcast_object({**report, "rows": rows}))
         plot_frontier(rows, self.out / "accuracy_vs_size.png", x="bytes",
                       title=f"{name}: test accuracy vs file size, per stage")
         if self.timing:
             plot_frontier(rows, self.out / "accuracy_vs_latency.png", x="latency_batch_ms",
                           title=f"{name}: test accuracy vs latency (stages timed at the end)")
         return dict(distributed.broadcast_object({**report, "rows": rows}))
+
+
+# Stages that train on labelled batches: a text dataset has none to give them.
+TRAINING_STAGES = frozenset({"fine_tune", "distill", "qat", "lowbit", "gradual_prune", "iterative_prune"})
 
 
 def recipe_title(recipe: Recipe, model: str, dataset: str) -> str:

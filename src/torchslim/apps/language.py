@@ -41,7 +41,7 @@ def load_language_source(source: str) -> tuple[nn.Module, Path | None]:
     return load_model_or_artifact(source)
 
 
-def _text(dataset: str, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
+def text_tokens(dataset: str, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(calibration tokens, evaluation tokens, source) of a text dataset for `model`."""
     from torchslim.data.text import calibration_text, evaluation_text, python_docs_source, tokenize_text
     from torchslim.models.language import tokenizer_for
@@ -61,8 +61,36 @@ def language_perplexity(model: nn.Module, dataset: str, *, max_tokens: int | Non
     """Perplexity on the dataset's evaluation split (all of it unless `max_tokens`)."""
     from torchslim.measure import perplexity
 
-    _, evaluation, source = _text(dataset, model)
+    _, evaluation, source = text_tokens(dataset, model)
     return {**perplexity(model, evaluation, window=window, max_tokens=max_tokens), "text": source}
+
+
+def measure_language_model(model: nn.Module, data: Any) -> dict[str, Any]:
+    """Perplexity on a bound `TextData`'s held-out tokens (its `eval_tokens` first ones), params,
+    non-zeros and the dense artifact's bytes: a recipe's row for a language model."""
+    from torchslim.apps.workflows import artifact_bytes, backend_of
+    from torchslim.measure import count_params, perplexity
+
+    total, nonzero = count_params(model)
+    scored = perplexity(model, data.evaluation_tokens, max_tokens=data.eval_tokens)
+    return {"backend": backend_of(model), "params": total, "nonzero_params": nonzero,
+            "bytes": artifact_bytes(model, None), "perplexity": scored["perplexity"],
+            "perplexity_tokens": scored["tokens"], "split": "held-out"}
+
+
+def time_decoding_(rows: list[dict[str, Any]], models: list[nn.Module], *, rounds: int = 3) -> None:
+    """Greedy decoding speed (batch 1, KV cache) of several language models, measured in turns
+    (`rounds` rounds, one timing of each model per round), written into their rows as
+    `tokens_per_s` (the median) with every round under `decode_tokens_per_s`."""
+    import statistics
+
+    speeds: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for index, model in enumerate(models):
+            speeds[index].append(decode_speed(model, repeats=1))
+    for row, measured in zip(rows, speeds, strict=True):
+        row["tokens_per_s"] = statistics.median(measured)
+        row["decode_tokens_per_s"] = measured
 
 
 def decode_speed(model: nn.Module, *, new_tokens: int = 32, prompt: int = 16, repeats: int = 3) -> float:
@@ -103,7 +131,7 @@ def compress_language_model(source: str, config: Any, *, out: str | Path, datase
     from torchslim.select import Select
 
     model, _ = load_language_source(source)
-    calibration_tokens, evaluation, text = _text(dataset, model)
+    calibration_tokens, evaluation, text = text_tokens(dataset, model)
     windows = token_windows(calibration_tokens, count=sequences, length=length, seed=seed)
     batches = [windows[i:i + 8] for i in range(0, sequences, 8)]
     target = Path(out)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ class Recipe:
     stages: tuple[Stage, ...]
     source: dict[str, Any]
     time_stages: tuple[int, ...] = ()  # stage numbers timed at the end, beside baseline and final
+    text: dict[str, Any] = field(default_factory=dict)  # language models: sequence_length, eval_tokens
 
     @property
     def digest(self) -> str:
@@ -113,7 +114,7 @@ def parse_recipe(data: Any) -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError(f"a recipe is a mapping with 'version' and 'stages', got {type(data).__name__}")
     valid = {"version", "name", "description", "model", "dataset", "seed", "baseline", "stages",
-             "time_stages"}
+             "time_stages", "text"}
     unknown = sorted(set(data) - valid)
     if unknown:
         raise ConfigError(f"unknown recipe key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
@@ -138,6 +139,12 @@ def parse_recipe(data: Any) -> Recipe:
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ConfigError(f"{key} must be a name (a string), got {str(data[key])[:60]!r}")
     parsed = tuple(_stage(i, item, seed) for i, item in enumerate(stages))
+    text = data.get("text") or {}
+    if not isinstance(text, dict) or set(text) - {"sequence_length", "eval_tokens"} or not all(
+            type(v) is int and v > 0 for v in text.values()):
+        raise ConfigError("text (language models) takes positive integers sequence_length (calibration "
+                          f"window, default 512) and eval_tokens (held-out tokens scored, default "
+                          f"16384), got {str(text)[:80]!r}")
     timed = data.get("time_stages") or []
     if not isinstance(timed, list) or not all(type(n) is int and 1 <= n <= len(parsed) for n in timed):
         raise ConfigError(f"time_stages lists stage numbers (1 to {len(parsed)}) to time beside the "
@@ -152,7 +159,7 @@ def parse_recipe(data: Any) -> Recipe:
                           "model becomes an int8 program")
     return Recipe(model=data.get("model"), dataset=data.get("dataset"), seed=seed,
                   baseline=baseline, stages=parsed, source=data,
-                  time_stages=tuple(sorted(set(timed))))
+                  time_stages=tuple(sorted(set(timed))), text=dict(text))
 
 
 def load_recipe(path: str | Path) -> Recipe:

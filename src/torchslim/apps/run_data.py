@@ -18,7 +18,7 @@ from torchslim.calibration import take_pairs
 from torchslim.data import Dataset, TensorLoader, dataset_names, load_dataset
 from torchslim.errors import ConfigError
 
-__all__ = ["BuiltinData", "RunData", "UserData", "learn_inputs_", "resolve_run_data"]
+__all__ = ["BuiltinData", "RunData", "TextData", "UserData", "learn_inputs_", "resolve_run_data"]
 
 
 class RunData:
@@ -87,6 +87,60 @@ class UserData(RunData):
         return len(self.loaders["train"])
 
 
+ONE_SHOT_STAGES = "wanda, sparsegpt, gptq, awq, smoothquant, weight_only, int4_kernel, prune, cluster, encode"
+
+
+@dataclass
+class TextData(RunData):
+    """A text dataset for a causal language model: calibration windows drawn from its
+    calibration split, perplexity on its held-out split. It is tokenized by the model's own
+    tokenizer, so the run binds it to the model first (`bind_`).
+
+    Stages that train (fine_tune, distill, qat, ...) need labelled batches and are refused on
+    it; the one-shot stages need only calibration inputs.
+    """
+
+    name: str
+    sequence_length: int = 512
+    eval_tokens: int | None = 16384
+    calibration_tokens: Any = None
+    evaluation_tokens: Any = None
+    source: str = ""
+
+    def bind_(self, model: nn.Module) -> None:
+        """Tokenize both splits with `model`'s tokenizer (once)."""
+        from torchslim.apps.language import text_tokens
+
+        if self.calibration_tokens is None:
+            self.calibration_tokens, self.evaluation_tokens, self.source = text_tokens(self.name, model)
+
+    def _refuse(self) -> Any:
+        raise ConfigError(f"{self.name!r} is a text dataset for a causal language model: stages that "
+                          f"train need labelled batches; use the one-shot stages ({ONE_SHOT_STAGES})")
+
+    def train_loader(self, batch_size: int, seed: int) -> Any:
+        return self._refuse()
+
+    def val_loader(self) -> Any:
+        return self._refuse()
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return int(self._refuse())
+
+    def measured(self) -> tuple[Any, str]:
+        return self.evaluation_tokens, "held-out"
+
+    def calibration(self, batches: int, seed: int) -> list[tuple[Any, Any]]:
+        """`batches` windows of `sequence_length` tokens, one per batch (no labels)."""
+        from torchslim.data.text import token_windows
+
+        if self.calibration_tokens is None:
+            raise ConfigError(f"text dataset {self.name!r} is not bound to a model's tokenizer yet")
+        windows = token_windows(self.calibration_tokens, count=batches, length=self.sequence_length,
+                                seed=seed)
+        return [(window.unsqueeze(0), None) for window in windows]
+
+
 def resolve_run_data(dataset: str | None, model_name: str | None, *, seed: int = 0,
                      required: bool = False) -> tuple[RunData | None, str | None]:
     """(data, the string recipes name it by) for a `--dataset` / `dataset:` value: the user's
@@ -100,6 +154,10 @@ def resolve_run_data(dataset: str | None, model_name: str | None, *, seed: int =
 
     if dataset is not None and dataset not in dataset_names() and is_factory(dataset):
         return UserData(load_data_factory(dataset)), dataset
+    from torchslim.apps.language import TEXT_DATASETS
+
+    if dataset in TEXT_DATASETS:
+        return TextData(dataset), dataset
     name = dataset or (get_entry(model_name).default_dataset if model_name else None)
     if name is None:
         if required:
