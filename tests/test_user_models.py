@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from torchslim import apply_, artifact, finalize_
 from torchslim.cli import main
@@ -223,3 +224,21 @@ def test_cli_prunes_and_fine_tunes_a_user_model_on_user_data_and_resumes(user_co
     result = _json(capsys, ["evaluate", str(out / "model.slim"), "--factory", model_spec,
                             "--dataset", data_spec, "--json"])
     assert result["accuracy"] == report["final"]["test_accuracy"]
+
+
+def test_a_recipe_naming_the_users_model_trains_its_baseline_block(user_code: Path) -> None:
+    recipe = {"version": 1, "model": f"{user_code}/nets.py:build_model",
+              "dataset": f"{user_code}/data.py:loaders",
+              "baseline": {"epochs": 3, "lr": 0.01, "optimizer": "adam"},
+              "stages": [{"prune": {"sparsity": 0.5}}]}
+    (user_code / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = user_code / "run"
+    assert main(["compress", str(user_code / "recipe.yaml"), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["baseline"]["test_accuracy"] > 0.8  # trained, not the random initialisation (~10%)
+    assert (out / "stages" / "00-baseline.slim").is_file()
+    # --model given: the recipe's baseline block is not used, and the run says so
+    again = user_code / "again"
+    assert main(["compress", str(user_code / "recipe.yaml"), "--model", str(out / "model.slim"),
+                 "--factory", f"{user_code}/nets.py:build_model", "--out", str(again), "--quiet"]) == 0
+    assert not (again / "stages" / "00-baseline.slim").exists()

@@ -108,8 +108,10 @@ class CompressionRun:
         from torchslim.factories import is_factory
 
         self.recipe, self.out, self.progress, self.timing = recipe, Path(out), progress, timing
-        self.model_source = model_source or (recipe.model if recipe.model and is_factory(recipe.model)
-                                             else None)
+        from torchslim.models.language import language_model_names
+
+        self.model_source = model_source or (recipe.model if recipe.model and (
+            is_factory(recipe.model) or recipe.model in language_model_names()) else None)
         self.factory = factory
         self.stages_dir = self.out / "stages"
         name, dataset = recipe.model, recipe.dataset
@@ -120,8 +122,6 @@ class CompressionRun:
             dataset = dataset or saved.get("metadata", {}).get("dataset")
         elif source:
             name = None if is_factory(source) or Path(source).is_dir() else source
-        from torchslim.models.language import language_model_names
-
         if name in language_model_names():  # a language model: its text by default
             name, dataset = None, dataset or "python-docs"
         data, _ = resolve_run_data(dataset, name, seed=recipe.seed, required=True)
@@ -131,6 +131,7 @@ class CompressionRun:
         self.data: RunData = data
         self.original: nn.Module | None = None  # the model before stage 1: `teacher: original`
         self._loaded: nn.Module | None = None  # `--model`, loaded once
+        self.model_given = model_source is not None  # by the caller, not by the recipe's `model:`
         self.folder = RunFolder(self.out)
         self.resume, self.overwrite = resume, overwrite
 
@@ -175,7 +176,13 @@ class CompressionRun:
             if isinstance(self.data, TextData):
                 self.data.bind_(model)
             learn_inputs_(model, self.data, seed=self.recipe.seed)
-            return model
+            if self.recipe.baseline is None:
+                return model
+            if self.model_given:
+                log.warning("--model %s is compressed as given: the recipe's `baseline:` block is not "
+                            "used", self.model_source)
+                return model
+            return self._trained_baseline(lambda: model, self.recipe.baseline)
         if self.recipe.model is None:
             raise ConfigError("the recipe names no model; add `model:` or pass --model")
         if self.recipe.baseline is None:
@@ -183,12 +190,17 @@ class CompressionRun:
                 raise ConfigError(f"model {self.recipe.model!r} ships no trained weights; add a "
                                   "`baseline:` block to the recipe or pass --model ARTIFACT")
             return create_model(self.recipe.model)
+        torch.manual_seed(self.recipe.seed)
+        return self._trained_baseline(self._untrained, self.recipe.baseline)
+
+    def _trained_baseline(self, build: Any, config: TrainConfig) -> nn.Module:
+        """The recipe's `baseline:` training of the model `build()` returns (the registered
+        model, or the recipe's own `model: FILE.py:FUNCTION`), restored when already done."""
         path = self.stages_dir / "00-baseline.slim"
         if self._restorable(path):
-            return artifact.load(path)
-        torch.manual_seed(self.recipe.seed)
-        model = self._untrained()
-        self.train(model, self.recipe.baseline, self.stages_dir / "00-baseline-ckpt")
+            return self._load(path)
+        model = build()
+        self.train(model, config, self.stages_dir / "00-baseline-ckpt")
         self._save(model, path, metadata={"stage": "baseline", "constraints": {}})
         return model
 
@@ -342,6 +354,7 @@ class CompressionRun:
         if isinstance(self.data, TextData):
             self.data.bind_(model)  # tokenizes now: a model without a tokenizer fails here
             refused = [s.kind for s in self.recipe.stages if s.kind in TRAINING_STAGES]
+            refused += ["baseline"] if self.recipe.baseline is not None else []
             if refused:
                 raise ConfigError(f"stage(s) {', '.join(refused)} train on labelled batches; on a "
                                   f"language model with text {self.data.name!r} use the one-shot "
