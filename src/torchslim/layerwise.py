@@ -24,9 +24,12 @@ from torch import nn
 
 from torchslim.calibration import call_model
 from torchslim.errors import ConfigError
+from torchslim.parametrized import original_weight
 from torchslim.progress import ProgressLines
+from torchslim.select import Select
 
-__all__ = ["InputStatistics", "compress_layerwise", "inverse_hessian_factor", "repeated_blocks"]
+__all__ = ["InputStatistics", "LayerwiseJob", "compress_layerwise", "inverse_hessian_factor", "layerwise_job",
+           "linear_layers_for_llm", "repeated_blocks"]
 
 
 
@@ -212,3 +215,63 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
         return {"blocks": len(blocks), "seconds": time.perf_counter() - start}
     finally:
         model.train(was_training)
+
+
+def linear_layers_for_llm(model: nn.Module, targets: Select, technique: str
+                          ) -> tuple[list[tuple[str, nn.Linear]], dict[str, str]]:
+    """The selected Linears a layer-wise method can compress, and the others with the reason.
+
+    A Linear whose weight is shared with another layer (a language model's `lm_head` tied to the
+    token embeddings) is skipped: compressing it would change the embeddings too.
+    """
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for pname, parameter in module.named_parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(f"{name}.{pname}" if name else pname)
+    layers, skipped = [], {}
+    for name, module in targets.resolve(model):
+        if not isinstance(module, nn.Linear):
+            skipped[name] = (f"{type(module).__name__} is not a Linear; {technique} compresses "
+                             "Linear layers (exclude it, or convert it to nn.Linear)")
+        elif len(owners.get(id(original_weight(module)), [])) > 1:
+            skipped[name] = (f"its weight is shared with {owners[id(original_weight(module))][0]} "
+                             "(tied embeddings): left dense so the embeddings stay as they are")
+        else:
+            layers.append((name, module))
+    return layers, skipped
+
+
+@dataclass
+class LayerwiseJob:
+    """What a layer-wise method works on: the Linears it compresses, the selected layers it leaves
+    (with the reason), and the calibration inputs."""
+
+    layers: list[tuple[str, nn.Linear]]
+    skipped: dict[str, str]
+    batches: list[Any]
+
+
+def layerwise_job(model: nn.Module, targets: Select, calibration: Any, technique: str, *,
+                  group_size: int | None = None, needs_calibration: bool = True) -> LayerwiseJob:
+    """The checks every layer-wise method (Wanda, SparseGPT, GPTQ, AWQ, SmoothQuant) makes before
+    any work, each failure a clear error: a Linear to compress, a group size dividing every
+    layer's inputs, and calibration inputs.
+
+    Raises:
+        ConfigError: no compressible Linear among the selection, a group size that does not divide
+            a layer's in_features, or no calibration batches (when `needs_calibration`).
+    """
+    layers, skipped = linear_layers_for_llm(model, targets, technique)
+    if group_size is not None:
+        bad = [f"{n} (in_features {m.in_features})" for n, m in layers if m.in_features % group_size]
+        if bad:
+            raise ConfigError(f"{technique}: group_size={group_size} does not divide {', '.join(bad)}; "
+                              "pick a divisor (64 for SmolLM2) or exclude those layers")
+    if not layers:
+        raise ConfigError(f"{technique}: no Linear layer to compress among the selected layers "
+                          f"({', '.join(f'{n}: {why}' for n, why in skipped.items()) or 'none selected'})")
+    batches = [inputs for inputs, _ in (calibration or [])]
+    if needs_calibration and not batches:
+        raise ConfigError(f"{technique} needs calibration data: pass calibration=batches of token ids "
+                          "(e.g. 128 sequences of 512 tokens)")
+    return LayerwiseJob(layers, skipped, batches)

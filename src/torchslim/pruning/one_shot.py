@@ -32,13 +32,13 @@ from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError
-from torchslim.layerwise import InputStatistics, compress_layerwise, inverse_hessian_factor
+from torchslim.layerwise import InputStatistics, compress_layerwise, inverse_hessian_factor, layerwise_job
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.pruning.unstructured import set_mask_, sparsity_of
 from torchslim.registry import register_technique
 from torchslim.select import Select
 
-__all__ = ["SparseGPT", "Wanda", "linear_layers_for_llm", "n_m_of", "sparsegpt_", "wanda_"]
+__all__ = ["SparseGPT", "Wanda", "n_m_of", "sparsegpt_", "wanda_"]
 
 
 def n_m_of(pattern: str | None) -> tuple[int, int] | None:
@@ -110,30 +110,6 @@ class SparseGPT(_OneShot):
     block_size: int = Field(default=128, ge=1)
     dampening: float = Field(default=0.01, gt=0)
     calibration_batches: int = Field(default=128, ge=1)
-
-
-def linear_layers_for_llm(model: nn.Module, targets: Select, technique: str
-                          ) -> tuple[list[tuple[str, nn.Linear]], dict[str, str]]:
-    """The selected Linears a layer-wise method can compress, and the others with the reason.
-
-    A Linear whose weight is shared with another layer (a language model's `lm_head` tied to the
-    token embeddings) is skipped: compressing it would change the embeddings too.
-    """
-    owners: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        for pname, parameter in module.named_parameters(recurse=False):
-            owners.setdefault(id(parameter), []).append(f"{name}.{pname}" if name else pname)
-    layers, skipped = [], {}
-    for name, module in targets.resolve(model):
-        if not isinstance(module, nn.Linear):
-            skipped[name] = (f"{type(module).__name__} is not a Linear; {technique} compresses "
-                             "Linear layers (exclude it, or convert it to nn.Linear)")
-        elif len(owners.get(id(original_weight(module)), [])) > 1:
-            skipped[name] = (f"its weight is shared with {owners[id(original_weight(module))][0]} "
-                             "(tied embeddings): left dense so the embeddings stay as they are")
-        else:
-            layers.append((name, module))
-    return layers, skipped
 
 
 def _check_pattern(layers: list[tuple[str, nn.Linear]], n_m: tuple[int, int] | None) -> None:
@@ -215,16 +191,13 @@ def _sparsegpt_layer(layer: nn.Linear, stats: InputStatistics, config: SparseGPT
 
 def _run(model: nn.Module, config: Wanda | SparseGPT, targets: Select, calibration: Any,
          technique: str, one: Any) -> dict[str, Any]:
-    layers, skipped = linear_layers_for_llm(model, targets, technique)
-    if not layers:
-        raise ConfigError(f"{technique}: no Linear layer to prune among the selected layers "
-                          f"({', '.join(skipped) or 'none selected'})")
-    _check_pattern(layers, n_m_of(config.pattern))
-    batches = [inputs for inputs, _ in (calibration or [])]
-    run = compress_layerwise(model, layers, batches, lambda _n, layer, stats: one(layer, stats, config),
+    job = layerwise_job(model, targets, calibration, technique)
+    _check_pattern(job.layers, n_m_of(config.pattern))
+    run = compress_layerwise(model, job.layers, job.batches,
+                             lambda _n, layer, stats: one(layer, stats, config),
                              hessian=isinstance(config, SparseGPT), label=technique)
-    return {"sparsity": {name: round(sparsity_of(layer), 6) for name, layer in layers},
-            "skipped": skipped, "calibration": {**run, "batches": len(batches)}}
+    return {"sparsity": {name: round(sparsity_of(layer), 6) for name, layer in job.layers},
+            "skipped": job.skipped, "calibration": {**run, "batches": len(job.batches)}}
 
 
 def wanda_(model: nn.Module, config: Wanda, *, targets: Select, calibration: Any = None) -> dict[str, Any]:

@@ -25,10 +25,8 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.errors import ConfigError
-from torchslim.layerwise import InputStatistics, compress_layerwise
+from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_job
 from torchslim.parametrized import original_weight, weight_of
-from torchslim.pruning.one_shot import linear_layers_for_llm
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range
 from torchslim.quantization.smoothquant import observe_inputs
 from torchslim.quantization.weight_only import grouped_linear
@@ -110,16 +108,8 @@ def _best_clip(weight: torch.Tensor, hessian: torch.Tensor, config: AWQ) -> torc
 
 def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = None) -> dict[str, Any]:
     """Handler of `AWQ`."""
-    layers, skipped = linear_layers_for_llm(model, targets, "awq")
-    bad = [f"{n} (in_features {m.in_features})" for n, m in layers if m.in_features % config.group_size]
-    if bad:
-        raise ConfigError(f"awq: group_size={config.group_size} does not divide {', '.join(bad)}; "
-                          "pick a divisor (64 for SmolLM2) or exclude those layers")
-    if not layers:
-        raise ConfigError(f"awq: no Linear layer among the selected layers ({', '.join(skipped)})")
-    batches = [inputs for inputs, _ in (calibration or [])]
-    if not batches:
-        raise ConfigError("awq needs calibration data: pass calibration=batches of token ids")
+    job = layerwise_job(model, targets, calibration, "awq", group_size=config.group_size)
+    layers, skipped, batches = job.layers, job.skipped, job.batches
     _, norms = observe_inputs(model, layers, batches)
     groups: dict[str, list[str]] = {}
     for name, norm_name in norms.items():

@@ -26,10 +26,8 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.errors import ConfigError
-from torchslim.layerwise import InputStatistics, compress_layerwise, inverse_hessian_factor
+from torchslim.layerwise import InputStatistics, compress_layerwise, inverse_hessian_factor, layerwise_job
 from torchslim.parametrized import original_weight, weight_of
-from torchslim.pruning.one_shot import linear_layers_for_llm
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range
 from torchslim.quantization.weight_only import grid, grouped_linear
 from torchslim.registry import register_technique
@@ -124,14 +122,8 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
 
 def gptq_(model: nn.Module, config: GPTQ, *, targets: Select, calibration: Any = None) -> dict[str, Any]:
     """Handler of `GPTQ`: every selected Linear becomes a `GroupedWeightLinear` of GPTQ codes."""
-    layers, skipped = linear_layers_for_llm(model, targets, "gptq")
-    bad = [f"{n} (in_features {m.in_features})" for n, m in layers if m.in_features % config.group_size]
-    if bad:
-        raise ConfigError(f"gptq: group_size={config.group_size} does not divide {', '.join(bad)}; "
-                          "pick a divisor (64 for SmolLM2) or exclude those layers")
-    if not layers:
-        raise ConfigError(f"gptq: no Linear layer to quantize among the selected layers "
-                          f"({', '.join(skipped) or 'none selected'})")
+    job = layerwise_job(model, targets, calibration, "gptq", group_size=config.group_size)
+    layers, skipped, batches = job.layers, job.skipped, job.batches
     _ = grid(config.bits, config.group_size, config.symmetric)  # validates the grid up front
     results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -144,7 +136,6 @@ def gptq_(model: nn.Module, config: GPTQ, *, targets: Select, calibration: Any =
                            - zeros[:, :, None].float()) * scales[:, :, None]
             original_weight(layer).copy_(dequantized.reshape(codes.shape))
 
-    batches = [inputs for inputs, _ in (calibration or [])]
     run = compress_layerwise(model, layers, batches, quantize_layer, hessian=True, label="gptq")
 
     def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:

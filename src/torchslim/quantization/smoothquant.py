@@ -26,9 +26,8 @@ from torch import nn
 
 from torchslim.calibration import call_model
 from torchslim.config import TechniqueConfig, validated
-from torchslim.errors import ConfigError
+from torchslim.layerwise import layerwise_job
 from torchslim.parametrized import original_weight
-from torchslim.pruning.one_shot import linear_layers_for_llm
 from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.registry import register_technique
 from torchslim.select import Select
@@ -97,12 +96,8 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
 def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
                  calibration: Any = None) -> dict[str, Any]:
     """Handler of `SmoothQuant`."""
-    layers, skipped = linear_layers_for_llm(model, targets, "smoothquant")
-    if not layers:
-        raise ConfigError(f"smoothquant: no Linear layer among the selected layers ({', '.join(skipped)})")
-    batches = [inputs for inputs, _ in (calibration or [])]
-    if not batches:
-        raise ConfigError("smoothquant needs calibration data: pass calibration=batches of model inputs")
+    job = layerwise_job(model, targets, calibration, "smoothquant")
+    layers, skipped, batches = job.layers, job.skipped, job.batches
     maxima, norms = observe_inputs(model, layers, batches)
     groups: dict[str, list[str]] = {}
     for name, norm_name in norms.items():

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.runtime.onnx_program import cpu_session
+
 __all__ = ["ACCURACY_LEVEL", "Int4Linear", "pack_int4"]
 
 ACCURACY_LEVEL = 4  # activations quantized to int8 inside the kernel (its fast path)
@@ -79,18 +81,11 @@ class Int4Linear(nn.Module):
         return bytes(model.SerializeToString())
 
     def session(self) -> Any:
-        import onnxruntime as ort
-
         threads = torch.get_num_threads()
         if self._session is None or threads != self._threads:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
             # one session per layer: idle pools must sleep, not spin, or the model's hundreds of
             # thread pools fight for the cores between calls
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._session = ort.InferenceSession(self._program(), options,
-                                                 providers=["CPUExecutionProvider"])
+            self._session = cpu_session(self._program(), threads=threads, spinning=False)
             self._threads = threads
         return self._session
 

@@ -27,8 +27,19 @@ from torch import nn
 
 from torchslim.errors import ConfigError, UnsupportedModuleError
 
-__all__ = ["KeywordCall", "OrtModule", "PackedInputs", "dynamic_input_axes", "export_onnx", "optimize_onnx",
-           "pack_inputs", "packable_keys", "quantize_onnx", "quantized_ops"]
+__all__ = [
+    "KeywordCall",
+    "OrtModule",
+    "PackedInputs",
+    "cpu_session",
+    "dynamic_input_axes",
+    "export_onnx",
+    "optimize_onnx",
+    "pack_inputs",
+    "packable_keys",
+    "quantize_onnx",
+    "quantized_ops",
+]
 
 INSTALL_HINT = "pip install -c constraints.txt 'onnx>=1.15' 'onnxruntime>=1.17' (part of torchslim's install)"
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "LSTM", "GRU", "RNN")  # ops that carry weights
@@ -329,6 +340,21 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
     return result, report
 
 
+def cpu_session(program: bytes, *, threads: int, spinning: bool) -> Any:
+    """An onnxruntime CPU session of `program` with `threads` intra-op threads (its pool is fixed
+    when it is made: callers make a new one when torch's thread count changes), all graph
+    optimisations, and worker threads that busy-wait between calls only if `spinning` (fast for
+    one program called in a loop; many small sessions must sleep, or their pools fight)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
+    return ort.InferenceSession(program, options, providers=["CPUExecutionProvider"])
+
+
 class OrtModule(nn.Module):
     """An ONNX program run by onnxruntime, used like a module: tensors in, tensor out.
 
@@ -356,17 +382,9 @@ class OrtModule(nn.Module):
         self._threads = 0
 
     def session(self) -> Any:
-        import onnxruntime as ort
-
         threads = torch.get_num_threads()
         if self._session is None or threads != self._threads:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.add_session_config_entry("session.intra_op.allow_spinning", str(int(self.spin_wait)))
-            self._session = ort.InferenceSession(self.program, options,
-                                                 providers=["CPUExecutionProvider"])
+            self._session = cpu_session(self.program, threads=threads, spinning=self.spin_wait)
             self._threads = threads
         return self._session
 
