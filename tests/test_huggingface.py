@@ -236,3 +236,44 @@ def test_a_language_model_distils_from_its_teacher_on_dict_batches() -> None:
                       loss=loss, progress=False).fit()
     assert len(history) == 2 and history[-1].train_loss < history[0].train_loss
     assert not torch.equal(student.transformer.h[0].mlp.c_fc.parametrizations.weight.original, before)
+
+
+def _pixels_model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == "swin":
+        config = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                         num_heads=[2, 2], window_size=4, num_labels=10)
+        return transformers.SwinForImageClassification(config).eval()
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32,
+                                         num_labels=10)
+    return transformers.ConvNextForImageClassification(config).eval()
+
+
+@pytest.mark.parametrize("name", ["swin", "convnext"])
+def test_swin_heads_and_convnext_neurons_are_pruned_and_compute_the_same(name: str, tmp_path: Path) -> None:
+    from torchslim.pruning import ChannelPruning
+
+    model = _pixels_model(name)
+    with torch.no_grad():  # half the heads / neurons contribute nothing: pruning them changes nothing
+        for module in model.modules():
+            if type(module).__name__ == "SwinAttention":
+                d = module.head_dim
+                module.o_proj.weight[:, d:] = 0
+                for projection in (module.q_proj, module.k_proj, module.v_proj):
+                    projection.weight[d:] = 0
+            for up, down in (("fc1", "fc2"), ("pwconv1", "pwconv2")):
+                if hasattr(module, up) and hasattr(module, down):
+                    width = getattr(module, up).out_features
+                    getattr(module, up).weight[width // 2:] = 0
+                    getattr(module, down).weight[:, width // 2:] = 0
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x).logits
+    before = sum(p.numel() for p in model.parameters())
+    changes = apply_(model, ChannelPruning(ratio=0.5), example_inputs=x)
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * before, changes.summary()
+    torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=1e-5)
+    if name == "swin":  # a pruned head takes its relative-position bias column with it
+        bias = model.swin.encoder.layers[0].blocks[0].attention.relative_position_bias
+        assert tuple(bias.relative_position_bias_table.shape) == (49, 1)
+    reloaded = artifact.load(artifact.save(model, tmp_path / "m.slim", example_inputs=x))
+    assert torch.equal(reloaded(x).logits, model(x).logits)

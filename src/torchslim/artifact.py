@@ -498,7 +498,9 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     build = _builder(path, document, model)
     edits = document.get("edits", [])
     skeleton = meta_skeleton(build, lambda m: replay_edits_(m, edits, source=str(path)), path)
-    tied = {name: first for name, first in tied_names(skeleton).items() if name not in declared}
+    # (a given model's ties are read from it: its meta copy has them undone)
+    ties = {**(tied_names(model) if model is not None else {}), **tied_names(skeleton)}
+    tied = {name: first for name, first in ties.items() if name not in declared}
     expected = {name: t for name, t in skeleton.state_dict().items() if name not in tied}
     check_fits(expected, declared, path, type(skeleton).__name__)
     if model is None:

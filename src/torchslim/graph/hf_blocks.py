@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from torchslim.graph.rules import ChannelRule, Coupling, Space, register_channel_rule
+from torchslim.graph.axes import Axis, ParamSlice
+from torchslim.graph.rules import ChannelRule, Coupling, Space, register_channel_rule, rule_for
 
-__all__ = ["AttentionBlock", "MLPBlock", "find_blocks", "refresh_counts_"]
+__all__ = ["AttentionBlock", "HeadParametersRule", "MLPBlock", "find_blocks", "refresh_counts_"]
 
 ORIGINAL_CONFIG = "torchslim_original_config"  # what storage rebuilds before replaying edits
 
@@ -135,10 +136,39 @@ def _couple_attention(graph: Coupling, model: nn.Module, block: AttentionBlock) 
         return
     per_group = heads // kv_heads  # query heads reading one key/value head: they go together
     graph.couple(Space(0, q_rows), columns)  # output-projection column i reads q/v row i's head
+    _couple_head_parameters(graph, model, block, q_rows, heads)
     for g in range(kv_heads):
         unit = np.concatenate([q_rows[g * per_group * d:(g + 1) * per_group * d],
                                k_rows[g * d:(g + 1) * d], v_rows[g * d:(g + 1) * d]])
         graph.couple(Space(0, unit[1:]), np.repeat(unit[0], len(unit) - 1))
+
+
+class HeadParametersRule(ChannelRule):
+    """Tensors of an attention module that hold one entry per head besides its projections (Swin's
+    relative-position bias table `(2w-1)^2 x heads`, Swin V2's `logit_scale`): sliced with the
+    heads, so a pruned head takes its bias with it. Used through `_couple_attention`; the module
+    itself is never traced alone (its model is one `TransformersRule` node)."""
+
+    def __init__(self, slices: tuple[ParamSlice, ...]) -> None:
+        self.slices = slices
+
+    def axes(self, module: nn.Module) -> dict[str, Axis]:
+        return {"heads": Axis(self.slices, lambda _module, _size: None)}
+
+    def propagate(self, graph: Coupling, name: str, module: nn.Module, inputs: list[Space | None],
+                  values: list[Any], output: Any) -> Any:
+        graph.block(inputs, f"{name}: an attention layer traced alone keeps its widths")
+        return None
+
+
+def _couple_head_parameters(graph: Coupling, model: nn.Module, block: AttentionBlock,
+                            q_rows: np.ndarray, heads: int) -> None:
+    """Tie each head's per-head tensors (a `HeadParametersRule`) to the head's query rows."""
+    module = model.get_submodule(block.name)
+    if not isinstance(rule_for(module), HeadParametersRule):
+        return
+    per_head = graph.atoms(block.name, "heads", heads)
+    graph.couple(Space(0, per_head), q_rows[::block.head_dim])
 
 
 def _couple_mlp(graph: Coupling, model: nn.Module, block: MLPBlock) -> None:
@@ -250,3 +280,6 @@ def _set_config(config: Any, names: tuple[str, ...], value: int) -> None:
 
 
 register_channel_rule("transformers.modeling_utils.PreTrainedModel", TransformersRule())
+# transformers 5 keeps Swin's relative-position bias table in a child of the attention module
+register_channel_rule("transformers.models.swin.modeling_swin.SwinAttention", HeadParametersRule(
+    (ParamSlice("relative_position_bias.relative_position_bias_table", 1),)))

@@ -119,6 +119,11 @@ class _Tracer(torch.fx.Tracer):
     def to_bool(self, obj: torch.fx.Proxy) -> bool:
         return bool(self._concrete(obj))
 
+    def keys(self, obj: torch.fx.Proxy) -> Any:
+        if obj.node.op == "placeholder" and str(obj.node.target).startswith("**"):
+            return []  # the root forward's own **kwargs: traced as given nothing, like the example
+        return super().keys(obj)
+
     def iter(self, obj: torch.fx.Proxy) -> Any:
         return iter([obj[index] for index in range(len(self._concrete(obj)))])  # type: ignore[index]
 
@@ -201,12 +206,23 @@ def _concrete_args(model: nn.Module, given: int) -> dict[str, Any]:
 
 
 def _symbolic(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule:
+    # A decorated forward (Hugging Face's `can_return_tuple`: `wrapper(self, *args, **kwargs)`)
+    # hides its parameters from fx, which then hands the wrapper `None` for **kwargs: trace the
+    # function it wraps (the decorator only reshapes the output), and put the class back after.
+    cls: Any = type(model)
+    decorated = cls.__dict__.get("forward")
+    unwrapped = inspect.unwrap(decorated) if decorated is not None else None
     try:
+        if unwrapped is not decorated:
+            cls.forward = unwrapped
         graph = _Tracer(inputs).trace(model, concrete_args=_concrete_args(model, len(inputs)) or None)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
         raise GraphError(f"cannot trace {type(model).__name__} with torch.fx: {exc}. Make the layer "
                          "whose forward branches on tensor values a leaf with "
                          "register_channel_rule(ThatLayer, rule)") from exc
+    finally:
+        if unwrapped is not decorated:
+            cls.forward = decorated
     return torch.fx.GraphModule(model, graph)
 
 
