@@ -547,12 +547,15 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser(
         "compress", help="run a compression recipe (YAML)",
         description="Run the stages of a recipe (prune, fine_tune, cluster, encode, ...), "
-        "checkpointing each; writes OUT/model.slim and OUT/report.json/.md. Data-parallel: "
+        "checkpointing each; writes OUT/model.slim and OUT/report.json/.md. A causal language model "
+        "with a text dataset (python-docs) runs the one-shot stages (sparsegpt, gptq, ...) and "
+        "reports perplexity and bits per weight. Data-parallel: "
         "`torchrun --nproc_per_node=N -m torchslim compress ...` (training batches split "
         "over the N processes; rank 0 writes and prints).")
     compress.add_argument("recipe", help="a recipe file, e.g. examples/recipes/*.yaml")
-    compress.add_argument("--model", help="artifact, registered name or FILE.py:FUNCTION to compress "
-                          "instead of the recipe's model (skips baseline training)")
+    compress.add_argument("--model", help="artifact, registered name, language model (smollm2-135m) or "
+                          "FILE.py:FUNCTION to compress instead of the recipe's model (its `baseline:` "
+                          "block is then not used)")
     _add_factory_option(compress)
     compress.add_argument("--out", required=True, help="output folder")
     _add_run_folder_options(compress)
