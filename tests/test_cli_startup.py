@@ -80,3 +80,15 @@ def test_progress_lines_show_without_a_terminal_and_quiet_silences_them(tmp_path
     assert quiet.returncode == 0, quiet.stderr
     assert "torchslim: training" not in quiet.stderr
     assert "test accuracy" in quiet.stdout
+
+
+def test_quiet_lasts_for_its_command_only(tmp_path: Path) -> None:
+    import io
+
+    from torchslim.cli import main
+    from torchslim.progress import ProgressLines
+
+    assert main(["--quiet", "inspect", str(tmp_path / "missing.slim")]) == 2
+    stream = io.StringIO()
+    ProgressLines("epoch", 2, stream=stream, force=True).update(1)
+    assert "torchslim: epoch 1/2" in stream.getvalue()

@@ -781,9 +781,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torchslim  # help and argument errors above never import torch; the commands do
     from torchslim.progress import set_quiet
 
-    set_quiet(args.quiet)
-
     torchslim.load_public_surface()
+    set_quiet(args.quiet)  # for this command only: main() may be called again in the same process
     try:
         if getattr(args, "out", None):
             from torchslim.apps.run_folder import check_writable_folder
@@ -795,6 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SlimError as exc:
         print(f"torchslim: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        set_quiet(False)
 
 
 if __name__ == "__main__":
