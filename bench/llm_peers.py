@@ -16,13 +16,15 @@ Pairs compared (peer / torchslim):
   `GPTQ` defaults), `SparseGPTModifier` and `WandaPruningModifier` (50% unstructured) /
   torchslim `GPTQ`, `SparseGPT`, `Wanda`;
 - onnxruntime `MatMulNBitsQuantizer` (4 bits, block 64, symmetric, round-to-nearest) on a
-  `torch.onnx.export` (dynamo) of the model without key/value cache / torchslim RTN int4 g64.
+  `torch.onnx.export` (dynamo, needs onnxscript; the TorchScript exporter stops at `aten::diff`)
+  of the model without key/value cache / torchslim RTN int4 g64.
 
 Wall seconds are the compression (calibration and quantization; for onnxruntime also the export),
-not the scoring. Greedy decoding speed (batch 1, 32 new tokens, `decode_speed`) is measured only
-where the compressed model is a torch module that stores low-bit weights (torchslim RTN int4 on
-onnxruntime's MatMulNBits via `Int4Kernel`, torchao); llmcompressor leaves fake-quantized /
-masked dense weights (its kernels are vLLM's, on GPUs), and the ONNX export has no cache.
+not the scoring. Greedy decoding speed (batch 1, 16-token prompt, 32 new tokens, `decode_speed`,
+`--decode-repeats` timed runs after a warm-up) is measured only where the compressed model is a
+torch module that stores low-bit weights (torchslim RTN int4 on onnxruntime's MatMulNBits via
+`Int4Kernel`, torchao); llmcompressor leaves fake-quantized / masked dense weights (its kernels
+are vLLM's, on GPUs), and the ONNX export has no cache.
 
 Install the peers in a separate environment (pin torch with the project's constraints):
 
@@ -35,12 +37,18 @@ Install the peers in a separate environment (pin torch with the project's constr
 
     python bench/llm_peers.py [--sequences 32] [--length 256] [--eval-tokens 8192] [--methods a,b]
 
-A peer that is not importable gets a row with the reason instead of a number.
+A peer that is not importable (or fails) gets a row with the reason instead of a number. On a
+machine shared with other jobs, `--threads 1` (and OMP_NUM_THREADS=1) avoids OpenMP threads
+waiting on each other: with 2 threads on 2 busy cores, small matmuls (decoding, the column loops
+of GPTQ / SparseGPT) ran up to 30x slower here. llmcompressor's log goes to stderr (WARNING and
+its per-layer METRIC lines), so stdout is the table; one JSON row per method goes to stderr as it
+finishes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.metadata
 import json
@@ -156,7 +164,11 @@ LM_HEAD = "re:.*lm_head"
 def llmcompressor_oneshot(model: nn.Module, ctx: Context, modifier: Any) -> nn.Module:
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
+    from loguru import logger
     from torch.utils.data import DataLoader
+
+    logger.remove()  # llmcompressor's console sink is stdout, at INFO
+    logger.add(sys.stderr, level="WARNING")
 
     # oneshot re-reads the config from model.config.name_or_path, the GGUF package's folder here
     # (no config.json), and refuses a config marked `quantization_config: gguf`. The weights in
@@ -365,7 +377,10 @@ def main() -> int:
             library, needs, run, decode, what = METHODS[name]
             row: dict[str, Any] = {"method": name, "library": f"{library} {version(PACKAGES[library])}",
                                    "what": what}
-            reason = missing(*needs)
+            # what a peer prints on import goes to stderr, not into the table (llmcompressor picks
+            # its log sink, sys.stdout, when imported)
+            with contextlib.redirect_stdout(sys.stderr):
+                reason = missing(*needs)
             if reason:
                 row["error"] = reason
             else:
@@ -383,7 +398,7 @@ def main() -> int:
                     if head is not None and not torch.equal(head.weight.detach(), dense.lm_head.weight):
                         row["what"] += "; lm_head / embeddings CHANGED"
                     if decode and not args.no_decode:
-                        if library == "torchslim":
+                        if library == "torchslim":  # int4 codes: time them on the real kernel
                             compressed = int4_kernel_(compressed)
                         row["tokens_per_s"] = decode_speed(compressed, repeats=args.decode_repeats)
                 except Exception as exc:
