@@ -9,7 +9,8 @@ embeddings and stays dense (said per method). Wall time of each method's calibra
     python bench/llm.py [--sequences 128] [--length 512] [--eval-tokens 0 (all)] [--methods a,b]
 
 Methods: magnitude, wanda, sparsegpt, wanda-2:4, sparsegpt-2:4 (50%); rtn4, rtn4-asym, gptq4,
-gptq4-asym-act, awq4 (int4, group 64, AWQ asymmetric); rtn3-asym, gptq3-asym, awq3 (int3,
+gptq4-act, gptq4-asym-act, awq4, awq4-sym (int4, group 64; symmetric grids use all 16
+codes, AWQ is asymmetric unless -sym); rtn3-asym, gptq3-asym, awq3 (int3,
 group 64); w8a8, smoothquant
 (int8 weights and per-token int8 activations on torch._int_mm, without / with smoothing).
 """
@@ -47,6 +48,8 @@ METHODS: dict[str, Any] = {
     "gptq4": GPTQ(bits=4, group_size=64),
     "gptq4-asym-act": GPTQ(bits=4, group_size=64, symmetric=False, act_order=True),
     "awq4": AWQ(bits=4, group_size=64),
+    "awq4-sym": AWQ(bits=4, group_size=64, symmetric=True),
+    "gptq4-act": GPTQ(bits=4, group_size=64, act_order=True),
     "rtn3-asym": WeightOnly(bits=3, group_size=64, symmetric=False),
     "awq3": AWQ(bits=3, group_size=64),
     "gptq3-asym": GPTQ(bits=3, group_size=64, symmetric=False),

@@ -70,6 +70,11 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path: Path, capsys) -> None:
     assert main(["train", "--model", "lenet300", "--dataset", "digits", "--epochs", "1",
                  "--lr", "-1", "--out", str(tmp_path / "x")]) == 2
     assert "lr: Input should be greater than 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: usage and the reason, exit status 2
+        main(["prune", "--model", "lenet300", "--structured", "--ratio", "0.5", "--round-to", "sixteen",
+              "--out", str(tmp_path / "y")])
+    assert "'sixteen' is not a positive integer or 'auto'" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
 
 
 def test_console_script_help_lists_commands() -> None:

@@ -124,6 +124,42 @@ def test_round_to_keeps_multiples_and_per_layer_overrides_win():
     assert model.up.out_features == 18 and model.attention.num_heads == 2
 
 
+class WideConvs(nn.Module):
+    """A user's plain CNN, wide enough for the CPU's vector width to matter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 64, 3, padding=1)
+        self.b = nn.Conv2d(64, 96, 3, padding=1)
+        self.c = nn.Conv2d(96, 24, 3, padding=1)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_mac_target_keeps_vector_aligned_widths_by_default_and_channels_keep_the_exact_ratio():
+    from torchslim.pruning.structured import vector_lanes
+
+    lanes = vector_lanes()
+    assert lanes in (4, 8, 16)
+    model = WideConvs()
+    result = apply_(model, ChannelPruning(ratio=0.5, target="macs"), example_inputs=IMAGE)
+    assert result["macs_after"] <= 0.5 * result["macs_before"]  # the target is still met
+    assert model.a.out_channels % lanes == 0 and model.b.out_channels % lanes == 0
+    assert model.a.out_channels < 64 or model.b.out_channels < 96  # and something was cut
+    assert model.c.out_channels % (lanes // 2) == 0  # 24 < 2 vectors: half a vector
+    assert result["round_to"] == {"setting": "auto", "multiples": sorted({lanes, lanes // 2})}
+    exact = WideConvs()
+    result = apply_(exact, ChannelPruning(ratio=0.3), example_inputs=IMAGE)
+    assert (exact.a.out_channels, exact.b.out_channels) == (45, 68)  # 64 - 19, 96 - 28: as asked
+    assert result["round_to"]["multiples"] == [1]
+    unaligned = WideConvs()
+    apply_(unaligned, ChannelPruning(ratio=0.5, target="macs", round_to=1), example_inputs=IMAGE)
+    assert (unaligned.a.out_channels, unaligned.b.out_channels) != (model.a.out_channels, model.b.out_channels)
+
+
 def test_targets_exclude_protects_a_group():
     model = ConcatBranches()
     apply_(model, ChannelPruning(ratio=0.5), targets=Select(exclude=("left",)), example_inputs=IMAGE)

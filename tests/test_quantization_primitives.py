@@ -108,3 +108,22 @@ def test_observers_clip_outliers_and_refuse_empty_calibration() -> None:
 def quantize_dequantize_with(x: torch.Tensor, scale: float, spec: QuantSpec) -> torch.Tensor:
     s, z = torch.tensor(scale), torch.tensor(0, dtype=torch.int32)
     return dequantize(quantize(x, s, z, spec), s, z, spec)
+
+
+def test_full_range_symmetric_grid_uses_every_code_and_rounds_finer() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    full = QuantSpec(bits=4, group_size=64, full_range=True)
+    scale, zero = qparams_from_range(*torch.aminmax(w.reshape(64, 2, 64), dim=-1), full)
+    codes = quantize(w, scale, zero, full)
+    assert set(codes.unique().tolist()) == set(range(-8, 8))  # all 16 codes, not 15
+    assert bool((scale < 0).any()) and bool((scale > 0).any())  # the extreme's sign decides
+    # each group's value of largest magnitude is exact: it sits on code -8
+    groups = w.reshape(64, 2, 64)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))
+    restored = dequantize(codes, scale, zero, full).reshape(64, 2, 64)
+    assert torch.allclose(restored.gather(-1, groups.abs().argmax(-1, keepdim=True)), extreme)
+    seven_levels = QuantSpec(bits=4, group_size=64)
+    assert sqnr_db(w, quantize_dequantize(w, full)) > sqnr_db(w, quantize_dequantize(w, seven_levels)) + 0.5
+    with pytest.raises(ConfigError, match="full_range"):
+        QuantSpec(bits=4, symmetric=False, signed=False, full_range=True)

@@ -292,6 +292,15 @@ def _add_run_folder_options(parser: argparse.ArgumentParser) -> None:
                              "--overwrite, a folder holding a run is refused)")
 
 
+def _round_to(text: str) -> int | str:
+    """`--round-to`: a positive integer or `auto`."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'auto'")
+    return int(text)
+
+
 def _add_prune_parser(commands: Any) -> None:
     prune = commands.add_parser(
         "prune", help="remove channels/neurons/heads (--structured) or weights, then fine-tune",
@@ -315,10 +324,11 @@ def _add_prune_parser(commands: Any) -> None:
                        choices=["l1", "l2", "random", "taylor", "activation", "apoz", "bn_scale"],
                        help="how units are ranked (taylor/activation/apoz use training batches)")
     prune.add_argument("--scope", default="uniform", choices=["uniform", "global"])
-    prune.add_argument("--round-to", type=int, default=1,
-                       help="keep channel counts multiples of N (see --rounding); 8 or 16 for CPU "
-                            "deployment: SIMD kernels pad other widths, so an unaligned model can "
-                            "be no faster than the unpruned one")
+    prune.add_argument("--round-to", type=_round_to, default="auto", metavar="N|auto",
+                       help="keep channel counts multiples of N (see --rounding). auto (default): "
+                            "with --target macs, multiples of this CPU's fp32 vector width (16 with "
+                            "AVX-512), since its kernels pad other widths up to one; with --target "
+                            "channels, the exact ratio. 1: exact widths always")
     prune.add_argument("--rounding", default="up", choices=["up", "down", "nearest"],
                        help="with --round-to: keep the multiple above the ratio's width (up: never "
                             "more removed than asked), below it (down: at least the ratio, as "

@@ -14,8 +14,9 @@ import copy
 import fnmatch
 import math
 from collections import Counter
+from dataclasses import replace
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -66,7 +67,12 @@ class ChannelPruning(TechniqueConfig):
         scope: `uniform` (every group at `ratio`) or `global` (least important units anywhere).
         per_layer: ratio overrides by layer name or glob pattern (applied to the group holding
             the layer), e.g. `{"*.attention.self": 0.33, "*.intermediate.dense": 0.5}`.
-        round_to: kept channel counts are multiples of this (e.g. 8 for SIMD-friendly widths).
+        round_to: kept channel counts are multiples of this, or `auto` (the default): with the
+            MAC target, multiples of the CPU's fp32 vector width (16 with AVX-512, 8 with AVX2;
+            half a vector or less for groups narrower than two vectors), because its conv and
+            matmul kernels pad every other width up to one, so an unaligned width costs the time
+            of the next multiple; the MAC target is still met. With the channel target `auto`
+            keeps the exact ratio (1), as asked. Attention heads are never rounded.
         rounding: `up`, `down` or `nearest`: the multiple of `round_to` kept (at least one).
         calibration_batches: batches for data-driven criteria.
         strict: fail with `GraphError` instead of excluding layers the graph cannot map.
@@ -88,7 +94,7 @@ class ChannelPruning(TechniqueConfig):
     importance: Importance = Importance.L2
     scope: PruneScope = PruneScope.UNIFORM
     per_layer: dict[str, float] = Field(default_factory=dict)
-    round_to: int = Field(default=1, ge=1)
+    round_to: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     rounding: Rounding = Rounding.UP
     calibration_batches: int = Field(default=4, ge=1)
     strict: bool = False
@@ -101,11 +107,35 @@ def _ratio_of(group: Group, config: ChannelPruning, base: float) -> float:
     return max(overrides) if overrides else base
 
 
-def _kept(size: int, removed: int, config: ChannelPruning) -> int:
-    steps = max(size - removed, 1) / config.round_to
+def vector_lanes() -> int:
+    """fp32 values in one SIMD register of this CPU, as torch's kernels use it: 16 with AVX-512,
+    8 with AVX2 or 256-bit SVE, else 4 (128-bit NEON or SSE)."""
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    return 16 if "512" in capability else 8 if ("AVX2" in capability or "256" in capability) else 4
+
+
+def _is_heads(group: Group) -> bool:
+    return any(axis == "heads" or module.rsplit(".", 1)[-1] in ATTENTION_QUERIES
+               for module, axis in group.layers)
+
+
+def round_step(group: Group, config: ChannelPruning) -> int:
+    """The multiple a group's kept width is rounded to (see `ChannelPruning.round_to`)."""
+    if config.round_to != "auto":
+        return config.round_to
+    if config.target is PruneTarget.CHANNELS or _is_heads(group):
+        return 1
+    lanes, size = vector_lanes(), len(group.units)
+    if size >= 2 * lanes:
+        return lanes
+    return 2 ** max(int(math.log2(max(size, 2) / 2)), 0)  # 16 -> 8, 8 -> 4: some choice left
+
+
+def _kept(size: int, removed: int, config: ChannelPruning, step: int = 1) -> int:
+    steps = max(size - removed, 1) / step
     multiple = {Rounding.UP: math.ceil(steps), Rounding.DOWN: math.floor(steps),
                 Rounding.NEAREST: math.floor(steps + 0.5)}[config.rounding]
-    return min(size, max(multiple, 1) * config.round_to)
+    return min(size, max(multiple, 1) * step)
 
 
 def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, config: ChannelPruning,
@@ -117,7 +147,8 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
             if not eligible[g]:
                 continue
             size = len(group.units)
-            keep = _kept(size, _removal_count(group, _ratio_of(group, config, ratio)), config)
+            keep = _kept(size, _removal_count(group, _ratio_of(group, config, ratio)), config,
+                         round_step(group, config))
             removed[g] = _lowest(scores[g], size - keep)
         return removed
     pool = [(float(s / (np.mean(scores[g][np.isfinite(scores[g])]) + 1e-12)), g, u)
@@ -129,7 +160,7 @@ def plan_removal(groups: list[Group], scores: list[np.ndarray], ratio: float, co
     # are its lowest-scored ones: only their count matters, then rounded like a uniform cut.
     for g, count in Counter(g for _, g, _ in pool[:budget]).items():
         size = len(groups[g].units)
-        removed[g] = _lowest(scores[g], size - _kept(size, count, config))
+        removed[g] = _lowest(scores[g], size - _kept(size, count, config, round_step(groups[g], config)))
     return removed
 
 
@@ -151,8 +182,7 @@ def _removal_count(group: Group, ratio: float) -> int:
     """Units to remove at `ratio`: attention heads round to the nearest count (a third of 12
     heads given as 0.33 is 4), channels and neurons round down (0.29 of 100 stays 28, as before)."""
     exact = ratio * len(group.units)
-    if any(axis == "heads" or module.rsplit(".", 1)[-1] in ATTENTION_QUERIES
-           for module, axis in group.layers):
+    if _is_heads(group):
         return math.floor(exact + 0.5)
     return int(exact)
 
@@ -259,8 +289,9 @@ def _check(graph: ChannelGraph, config: ChannelPruning, eligible: list[bool]) ->
         elif not any(m == name or fnmatch.fnmatch(m, name) for g in graph.groups for m in g.modules):
             bad.append(f"per_layer names {name!r}, which is in no prunable group (prunable layers: "
                        f"{', '.join(sorted({m for g in graph.groups for m in g.modules})[:12])}...)")
+    step = config.round_to if config.round_to != "auto" else 1
     small = sorted({m for g, ok in zip(graph.groups, eligible, strict=True)
-                    if ok and len(g.units) < config.round_to for m in g.modules})
+                    if ok and len(g.units) < step for m in g.modules})
     if small:
         bad.append(f"round_to={config.round_to} is larger than the channel count of {', '.join(small)}; "
                    "lower round_to or exclude those layers")
@@ -286,6 +317,73 @@ def _removal_for_macs(model: nn.Module, graph: ChannelGraph, scores: list[np.nda
     return best
 
 
+def _aligned_for_macs(model: nn.Module, graph: ChannelGraph, scores: list[np.ndarray],
+                      config: ChannelPruning, eligible: list[bool], inputs: tuple[Any, ...],
+                      macs: int) -> list[np.ndarray]:
+    """The MAC-target plan with every kept width on its group's step (`round_to="auto"`).
+
+    All groups of a width move together under one ratio, so bisecting the ratio on a coarse grid
+    overshoots (a 2x target became 4x on a net of 16/32/64 channels). Instead: the exact widths
+    that meet the target, each rounded up to its step; then, while the MACs are above the goal,
+    groups are rounded down instead, cheapest first (least normalised importance lost per MAC
+    saved); then any group whose rounding down turned out unnecessary is rounded up again.
+    """
+    exact = _removal_for_macs(model, graph, scores, replace(config, round_to=1), eligible, inputs, macs)
+    goal = (1 - config.ratio) * macs
+    sizes = [len(group.units) for group in graph.groups]
+    steps = [round_step(group, config) if ok else 1 for group, ok in zip(graph.groups, eligible, strict=True)]
+    kept = [size - len(cut) for size, cut in zip(sizes, exact, strict=True)]
+    upper = [min(size, math.ceil(k / step) * step) for size, k, step in zip(sizes, kept, steps, strict=True)]
+    lower = [min(up, max(step, k // step * step)) for up, k, step in zip(upper, kept, steps, strict=True)]
+
+    def plan(widths: list[int]) -> list[np.ndarray]:
+        return [_lowest(scores[g], sizes[g] - widths[g]) for g in range(len(widths))]
+
+    def count(widths: list[int]) -> int:
+        trial = copy.deepcopy(model)
+        cut_channels_(trial, graph, plan(widths))
+        return _macs(trial, inputs)
+
+    widths = list(upper)
+    current = count(widths)
+    choices = [g for g in range(len(widths)) if lower[g] < upper[g]]
+    if current <= goal or not choices:
+        return plan(widths) if current <= goal else exact
+
+    def with_width(g: int, width: int) -> list[int]:
+        return [width if i == g else w for i, w in enumerate(widths)]
+
+    saved = {g: max(current - count(with_width(g, lower[g])), 1) for g in choices}
+
+    def lost(g: int) -> float:  # importance of the units rounding down removes, group-normalised
+        finite = np.sort(scores[g][np.isfinite(scores[g])])
+        mean = float(finite.mean()) if finite.size else 1.0
+        return float(finite[sizes[g] - upper[g]:sizes[g] - lower[g]].sum()) / (mean + 1e-12)
+
+    order = sorted(choices, key=lambda g: lost(g) / saved[g])
+    switched: list[int] = []
+    for g in order:  # the estimate adds single-group savings; the count below is exact
+        if current - sum(saved[s] for s in switched) <= goal:
+            break
+        switched.append(g)
+        widths[g] = lower[g]
+    current = count(widths)
+    for g in order[len(switched):]:
+        if current <= goal:
+            break
+        switched.append(g)
+        widths[g] = lower[g]
+        current = count(widths)
+    if current > goal:
+        return exact
+    for g in sorted(switched, key=lambda g: saved[g]):  # undo what the goal did not need
+        if current + saved[g] <= goal:
+            trial = count(with_width(g, upper[g]))
+            if trial <= goal:
+                widths[g], current = upper[g], trial
+    return plan(widths)
+
+
 def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select,
                     calibration: Any = None, example_inputs: Any = None) -> dict[str, Any]:
     """Handler of `ChannelPruning` (use `apply_`): trace, score, choose, cut, check, record."""
@@ -300,7 +398,9 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
     with torch.no_grad():
         reference = run_example(model, inputs)
     params_before, macs_before = sum(p.numel() for p in model.parameters()), _macs(model, inputs)
-    if config.target is PruneTarget.MACS:
+    if config.target is PruneTarget.MACS and config.round_to == "auto":
+        removed = _aligned_for_macs(model, graph, scores, config, eligible, inputs, macs_before)
+    elif config.target is PruneTarget.MACS:
         removed = _removal_for_macs(model, graph, scores, config, eligible, inputs, macs_before)
     else:
         removed = plan_removal(graph.groups, scores, config.ratio, config, eligible)
@@ -323,6 +423,8 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
             "sizes": sizes, "excluded": graph.excluded, "replaced": [],
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
             "macs_before": macs_before, "macs_after": _macs(model, inputs),
+            "round_to": {"setting": config.round_to, "multiples": sorted(
+                {round_step(g, config) for g, ok in zip(graph.groups, eligible, strict=True) if ok})},
             **({"why_unchanged": why_unchanged} if why_unchanged else {})}
 
 

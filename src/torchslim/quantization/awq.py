@@ -17,6 +17,7 @@ The result is `WeightOnly`'s `GroupedWeightLinear` (codes, scales, zero points).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_j
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range
 from torchslim.quantization.smoothquant import observe_inputs
-from torchslim.quantization.weight_only import grouped_linear
+from torchslim.quantization.weight_only import grid, grouped_linear
 from torchslim.registry import register_technique
 from torchslim.select import Select
 from torchslim.structure import Edit, replace_layers_
@@ -65,7 +66,7 @@ class AWQ(TechniqueConfig):
 
 
 def _spec(config: AWQ) -> QuantSpec:
-    return QuantSpec(bits=config.bits, symmetric=config.symmetric, signed=config.symmetric)
+    return replace(grid(config.bits, config.group_size, config.symmetric), group_size=None)
 
 
 def _quantize(weight: torch.Tensor, config: AWQ, ratio: torch.Tensor | float = 1.0

@@ -18,6 +18,7 @@ stored, entropy-coded and loaded like round-to-nearest codes.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -78,7 +79,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
     Raises:
         ConfigError: H is not positive definite even after dampening.
     """
-    spec = QuantSpec(bits=config.bits, symmetric=config.symmetric, signed=config.symmetric)
+    spec = replace(grid(config.bits, config.group_size, config.symmetric), group_size=None)
     w = weight.detach().double().clone()
     h = hessian.clone()
     rows, columns = w.shape

@@ -34,6 +34,11 @@ class QuantSpec:
         group_size: per-group along the last dimension (excludes `axis`).
         narrow: symmetric signed range without the lowest value (-127..127 for 8 bits), so
             that -x quantizes to -q exactly; what int8 weight kernels expect.
+        full_range: symmetric signed grid on all 2^b codes: the value of largest magnitude
+            maps to the lowest code (-8 for 4 bits) and the scale takes its sign (negative when
+            that value is positive), as llama.cpp's Q4_0 and onnxruntime's `MatMulNBits`
+            quantizer do. A step of max|x|/8 instead of max|x|/7 at 4 bits: 12% less rounding
+            error for the same storage; what grouped weight-only codes use.
     """
 
     bits: int = 8
@@ -42,9 +47,12 @@ class QuantSpec:
     axis: int | None = None
     group_size: int | None = None
     narrow: bool = False
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         problems = []
+        if self.full_range and not (self.symmetric and self.signed and not self.narrow):
+            problems.append("full_range=True (valid only with symmetric, signed and not narrow)")
         if not 2 <= self.bits <= 8:
             problems.append(f"bits={self.bits} (valid: 2..8)")
         if self.group_size is not None and (self.group_size < 1 or self.axis is not None):
@@ -103,9 +111,17 @@ def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, spec: Quant
         >>> scale, zero = qparams_from_range(torch.tensor(-1.0), torch.tensor(1.0), QuantSpec())
         >>> round(float(scale), 6), int(zero)
         (0.007874, 0)
+        >>> full = QuantSpec(bits=4, full_range=True)  # 2.0 -> code -8 with a negative scale
+        >>> float(qparams_from_range(torch.tensor(-1.0), torch.tensor(2.0), full)[0])
+        -0.25
     """
     min_val = torch.clamp(min_val.float(), max=0.0)
     max_val = torch.clamp(max_val.float(), min=0.0)
+    if spec.symmetric and spec.full_range:
+        bound = torch.maximum(-min_val, max_val)
+        sign = torch.where(max_val > -min_val, -1.0, 1.0)  # the extreme lands on qmin
+        scale = sign * torch.clamp(bound / -spec.qmin, min=MIN_SCALE)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
     if spec.symmetric:
         bound = torch.maximum(-min_val, max_val)
         half = (spec.qmax - spec.qmin) / 2 if not spec.signed else float(spec.qmax)

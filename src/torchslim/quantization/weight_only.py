@@ -50,8 +50,10 @@ class WeightOnly(TechniqueConfig):
 
 
 def grid(bits: int, group_size: int, symmetric: bool) -> QuantSpec:
-    """The integer grid of weight-only codes: signed symmetric, or unsigned with a zero point."""
-    return QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, signed=symmetric)
+    """The integer grid of weight-only codes: signed symmetric on all 2^b codes (`full_range`),
+    or unsigned with a zero point."""
+    return QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, signed=symmetric,
+                     full_range=symmetric)
 
 
 class GroupedWeightLinear(nn.Module):
