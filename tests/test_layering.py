@@ -63,3 +63,33 @@ def test_the_recipe_runner_dispatches_through_the_registry() -> None:
 
     assert set(technique_kinds()) <= set(stage_kinds())
     assert all(stage_type(kind).config.kind == kind for kind in stage_kinds())
+
+
+def test_the_public_surface_registers_every_technique_edit_and_rule() -> None:
+    """A fresh process that only calls `load_public_surface()` (what `ts.load` does) knows every
+    structural edit, technique and channel rule that any torchslim module registers: an artifact
+    holding int4 codes must load without the caller importing `torchslim.quantization` first."""
+    import subprocess
+    import sys
+
+    script = """
+import importlib, json, pkgutil
+import torchslim
+from torchslim import registry, structure
+from torchslim.graph import rules
+
+def snapshot():
+    return [sorted(structure._REPLAYS), sorted(registry._KINDS), len(rules._RULES)]
+
+torchslim.load_public_surface()
+public = snapshot()
+for found in pkgutil.walk_packages(torchslim.__path__, "torchslim."):
+    if not found.name.startswith(("torchslim.apps", "torchslim.cli", "torchslim.__main__")):
+        importlib.import_module(found.name)
+print(json.dumps([public, snapshot()]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    public, everything = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    assert "weight_only" in everything[0] and "gptq" in everything[1]
+    assert public == everything

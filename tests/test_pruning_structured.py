@@ -157,7 +157,8 @@ def test_mac_target_keeps_vector_aligned_widths_by_default_and_channels_keep_the
     assert result["round_to"]["multiples"] == [1]
     unaligned = WideConvs()
     apply_(unaligned, ChannelPruning(ratio=0.5, target="macs", round_to=1), example_inputs=IMAGE)
-    assert (unaligned.a.out_channels, unaligned.b.out_channels) != (model.a.out_channels, model.b.out_channels)
+    aligned_widths = (model.a.out_channels, model.b.out_channels)
+    assert (unaligned.a.out_channels, unaligned.b.out_channels) != aligned_widths
 
 
 def test_targets_exclude_protects_a_group():

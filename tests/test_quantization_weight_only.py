@@ -51,3 +51,21 @@ def test_group_size_must_divide_the_width() -> None:
     with pytest.raises(ConfigError, match=r"group_size=32 does not divide fc1 \(in_features 784\)"):
         ts.apply_(model, WeightOnly(bits=4, group_size=32))
     assert isinstance(model.fc1, nn.Linear)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_keeps_every_pruned_zero(act_order: bool, symmetric: bool) -> None:
+    from torchslim.quantization.gptq import GPTQ, gptq_codes
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128)
+    weight[torch.rand_like(weight) < 0.5] = 0  # what SparseGPT or magnitude pruning leaves
+    inputs = torch.randn(512, 128) * torch.linspace(0.2, 3, 128)
+    hessian = (inputs.T @ inputs).double() / 512
+    codes, scales, zeros = gptq_codes(weight, hessian, GPTQ(bits=3, group_size=32, act_order=act_order,
+                                                            symmetric=symmetric))
+    restored = (codes.reshape(64, -1, 32).float() - zeros[:, :, None].float()) * scales[:, :, None]
+    restored = restored.reshape(64, 128)
+    assert torch.equal(restored[weight == 0], torch.zeros(int((weight == 0).sum())))
+    assert bool((restored[weight != 0] != 0).float().mean() > 0.5)  # the rest still carry values

@@ -3,7 +3,7 @@
 The public surface: `apply_`/`finalize_` (run a technique in place and get its `Changes`
 per layer / bake it in),
 `save`/`load` for `.slim` artifacts, and the subpackages `models`, `data`, `training`,
-`pruning`, `clustering`, `lowrank`, `distillation`, `measure`, `report` and `errors`.
+`pruning`, `quantization`, `clustering`, `lowrank`, `distillation`, `measure`, `report` and `errors`.
 
 The package loads lazily (PEP 562): `import torchslim` is instant and the first attribute
 (`ts.save`, `ts.pruning`, ...) loads the whole public surface, so that `torchslim --help` does not
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _SUBMODULES = ("artifact", "clustering", "data", "depth", "distillation", "errors", "huggingface",
-               "lowrank", "measure", "models", "pruning", "report", "training")
+               "lowrank", "measure", "models", "pruning", "quantization", "report", "training")
 _ATTRIBUTES = {
     "apply_": "torchslim.api", "finalize_": "torchslim.api",
     "Encoding": "torchslim.artifact", "load": "torchslim.artifact", "save": "torchslim.artifact",
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         measure,
         models,
         pruning,
+        quantization,
         report,
         training,
     )
@@ -101,6 +102,7 @@ __all__ = [
     "measure",
     "models",
     "pruning",
+    "quantization",
     "recalibrate_bn_",
     "report",
     "save",

@@ -16,6 +16,7 @@ from torchslim.quantization.primitives import (
     sqnr_db,
 )
 from torchslim.quantization.ptq import Backend, Calibrate, Quantization, QuantMethod, quantize_model
+from torchslim.quantization.qat import convert_qat, fold_batchnorm_, prepare_qat_
 from torchslim.quantization.smoothquant import SmoothQuant
 from torchslim.quantization.weight_only import WeightOnly
 
@@ -34,9 +35,12 @@ __all__ = [
     "Quantization",
     "SmoothQuant",
     "WeightOnly",
+    "convert_qat",
     "dequantize",
     "fake_quantize",
     "finalize_lowbit_",
+    "fold_batchnorm_",
+    "prepare_qat_",
     "qparams_from_range",
     "quantize",
     "quantize_dequantize",

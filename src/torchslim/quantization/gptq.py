@@ -12,6 +12,10 @@ H_jj first; the groups stay the contiguous input ranges of the stored format, th
 from the weights before any update), dampening of H's diagonal, and blocks of columns whose
 error is carried to the rest in one matrix product.
 
+Weights that are exactly zero (pruned before, by SparseGPT, Wanda or magnitude) keep the zero
+point's code and pass their whole value on as error, so GPTQ after pruning keeps every zero
+(without this the error feedback revives some, and the sparsity silently erodes).
+
 The result is the `GroupedWeightLinear` of `WeightOnly` (codes, scales, zero points), so it is
 stored, entropy-coded and loaded like round-to-nearest codes.
 """
@@ -84,6 +88,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
     h = hessian.clone()
     rows, columns = w.shape
     size = config.group_size
+    pruned = w == 0  # a pruned weight stays exactly zero: its code is the zero point
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -94,7 +99,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
     if config.act_order:  # static grids: from the weights before any update
         for g in range(groups):
             scales[:, g], zeros[:, g] = _group_params(w[:, g * size:(g + 1) * size], spec)
-        w, h = w[:, order], h[order][:, order]
+        w, h, pruned = w[:, order], h[order][:, order], pruned[:, order]
     h_inv = inverse_hessian_factor(h, config.dampening)
     w = w.float()
     codes = torch.zeros(rows, columns, dtype=torch.int32)
@@ -113,6 +118,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
                 scales[:, group], zeros[:, group] = _group_params(current, spec)
             scale, zero = scales[:, group], zeros[:, group].float()
             q = torch.clamp(torch.round(block[:, i] / scale) + zero, spec.qmin, spec.qmax)
+            q = torch.where(pruned[:, start + i], zero, q)  # the error feedback must not revive it
             codes[:, column] = q.to(torch.int32)
             error = (block[:, i] - (q - zero) * scale) / h_block[i, i]
             block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
