@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import warnings
 from collections import Counter
 from dataclasses import replace
 from enum import StrEnum
@@ -68,11 +69,12 @@ class ChannelPruning(TechniqueConfig):
         per_layer: ratio overrides by layer name or glob pattern (applied to the group holding
             the layer), e.g. `{"*.attention.self": 0.33, "*.intermediate.dense": 0.5}`.
         round_to: kept channel counts are multiples of this, or `auto` (the default): with the
-            MAC target, multiples of the CPU's fp32 vector width (16 with AVX-512, 8 with AVX2;
-            half a vector or less for groups narrower than two vectors), because its conv and
-            matmul kernels pad every other width up to one, so an unaligned width costs the time
-            of the next multiple; the MAC target is still met. With the channel target `auto`
-            keeps the exact ratio (1), as asked. Attention heads are never rounded.
+            MAC target, multiples of the CPU's fp32 vector width (16 with AVX-512, 8 with AVX2),
+            because its conv and matmul kernels pad every other width up to one, so an
+            unaligned width costs the time of the next multiple; groups no wider than one vector
+            are kept whole (cutting them saves MACs, not time; the result's `round_to` names
+            them); the MAC target is still met. With the channel target `auto` keeps the exact
+            ratio (1), as asked. Attention heads are never rounded.
         rounding: `up`, `down` or `nearest`: the multiple of `round_to` kept (at least one).
         calibration_batches: batches for data-driven criteria.
         strict: fail with `GraphError` instead of excluding layers the graph cannot map.
@@ -120,15 +122,14 @@ def _is_heads(group: Group) -> bool:
 
 
 def round_step(group: Group, config: ChannelPruning) -> int:
-    """The multiple a group's kept width is rounded to (see `ChannelPruning.round_to`)."""
+    """The multiple a group's kept width is rounded to (see `ChannelPruning.round_to`); a group
+    no wider than one vector gets its own width as the step, so it is kept whole."""
     if config.round_to != "auto":
         return config.round_to
     if config.target is PruneTarget.CHANNELS or _is_heads(group):
         return 1
     lanes, size = vector_lanes(), len(group.units)
-    if size >= 2 * lanes:
-        return lanes
-    return 2 ** max(int(math.log2(max(size, 2) / 2)), 0)  # 16 -> 8, 8 -> 4: some choice left
+    return lanes if size > lanes else size
 
 
 def _kept(size: int, removed: int, config: ChannelPruning, step: int = 1) -> int:
@@ -317,70 +318,69 @@ def _removal_for_macs(model: nn.Module, graph: ChannelGraph, scores: list[np.nda
     return best
 
 
+def _unaligned(exact: list[np.ndarray]) -> list[np.ndarray]:
+    warnings.warn("torchslim: structured pruning: no vector-aligned widths reach the MAC target "
+                  "(the groups wider than one vector cannot remove enough); exact widths are kept, "
+                  "which the CPU's kernels pad: lower the ratio for a faster model, or set "
+                  "round_to=1 to silence this", stacklevel=3)
+    return exact
+
+
 def _aligned_for_macs(model: nn.Module, graph: ChannelGraph, scores: list[np.ndarray],
                       config: ChannelPruning, eligible: list[bool], inputs: tuple[Any, ...],
                       macs: int) -> list[np.ndarray]:
     """The MAC-target plan with every kept width on its group's step (`round_to="auto"`).
 
     All groups of a width move together under one ratio, so bisecting the ratio on a coarse grid
-    overshoots (a 2x target became 4x on a net of 16/32/64 channels). Instead: the exact widths
-    that meet the target, each rounded up to its step; then, while the MACs are above the goal,
-    groups are rounded down instead, cheapest first (least normalised importance lost per MAC
-    saved); then any group whose rounding down turned out unnecessary is rounded up again.
+    overshoots or cannot land. Instead: the exact widths that meet the target, each rounded up
+    to its step; then, while the MACs are above the goal, one group at a time loses one step,
+    the one losing the least normalised importance per MAC saved; then any step the goal did
+    not need is given back. Groups kept whole (no wider than a vector) never move.
     """
     exact = _removal_for_macs(model, graph, scores, replace(config, round_to=1), eligible, inputs, macs)
     goal = (1 - config.ratio) * macs
     sizes = [len(group.units) for group in graph.groups]
     steps = [round_step(group, config) if ok else 1 for group, ok in zip(graph.groups, eligible, strict=True)]
-    kept = [size - len(cut) for size, cut in zip(sizes, exact, strict=True)]
-    upper = [min(size, math.ceil(k / step) * step) for size, k, step in zip(sizes, kept, steps, strict=True)]
-    lower = [min(up, max(step, k // step * step)) for up, k, step in zip(upper, kept, steps, strict=True)]
+    widths = [min(size, math.ceil((size - len(cut)) / step) * step)
+              for size, cut, step in zip(sizes, exact, steps, strict=True)]
+    movable = [g for g, ok in enumerate(eligible) if ok and steps[g] < sizes[g]]
+    ranked = [np.sort(scores[g][np.isfinite(scores[g])]) for g in range(len(sizes))]
 
-    def plan(widths: list[int]) -> list[np.ndarray]:
-        return [_lowest(scores[g], sizes[g] - widths[g]) for g in range(len(widths))]
+    def plan(chosen: list[int]) -> list[np.ndarray]:
+        return [_lowest(scores[g], sizes[g] - chosen[g]) for g in range(len(chosen))]
 
-    def count(widths: list[int]) -> int:
+    def count(chosen: list[int]) -> int:
         trial = copy.deepcopy(model)
-        cut_channels_(trial, graph, plan(widths))
+        cut_channels_(trial, graph, plan(chosen))
         return _macs(trial, inputs)
 
-    widths = list(upper)
+    def shifted(g: int, delta: int) -> list[int]:
+        return [w + delta if i == g else w for i, w in enumerate(widths)]
+
+    def lost(g: int) -> float:  # importance the next step down removes, normalised per group
+        if not ranked[g].size:
+            return 0.0
+        gone = ranked[g][sizes[g] - widths[g]:sizes[g] - widths[g] + steps[g]]
+        return float(gone.sum()) / (float(ranked[g].mean()) + 1e-12)
+
     current = count(widths)
-    choices = [g for g in range(len(widths)) if lower[g] < upper[g]]
-    if current <= goal or not choices:
-        return plan(widths) if current <= goal else exact
-
-    def with_width(g: int, width: int) -> list[int]:
-        return [width if i == g else w for i, w in enumerate(widths)]
-
-    saved = {g: max(current - count(with_width(g, lower[g])), 1) for g in choices}
-
-    def lost(g: int) -> float:  # importance of the units rounding down removes, group-normalised
-        finite = np.sort(scores[g][np.isfinite(scores[g])])
-        mean = float(finite.mean()) if finite.size else 1.0
-        return float(finite[sizes[g] - upper[g]:sizes[g] - lower[g]].sum()) / (mean + 1e-12)
-
-    order = sorted(choices, key=lambda g: lost(g) / saved[g])
-    switched: list[int] = []
-    for g in order:  # the estimate adds single-group savings; the count below is exact
-        if current - sum(saved[s] for s in switched) <= goal:
-            break
-        switched.append(g)
-        widths[g] = lower[g]
-    current = count(widths)
-    for g in order[len(switched):]:
-        if current <= goal:
-            break
-        switched.append(g)
-        widths[g] = lower[g]
+    saving = {g: current - count(shifted(g, -steps[g])) for g in movable if widths[g] > steps[g]}
+    lowered: list[int] = []
+    while current > goal and saving:
+        g = min(saving, key=lambda g: lost(g) / max(saving[g], 1))
+        widths[g] -= steps[g]
+        lowered.append(g)
         current = count(widths)
+        if widths[g] > steps[g]:
+            saving[g] = current - count(shifted(g, -steps[g]))
+        else:
+            del saving[g]
     if current > goal:
-        return exact
-    for g in sorted(switched, key=lambda g: saved[g]):  # undo what the goal did not need
-        if current + saved[g] <= goal:
-            trial = count(with_width(g, upper[g]))
-            if trial <= goal:
-                widths[g], current = upper[g], trial
+        return _unaligned(exact)
+    for g in reversed(lowered):  # give back the steps the goal did not need, last taken first
+        trial = count(shifted(g, steps[g]))
+        if trial <= goal:
+            widths[g], current = widths[g] + steps[g], trial
     return plan(widths)
 
 
@@ -423,9 +423,22 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
             "sizes": sizes, "excluded": graph.excluded, "replaced": [],
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
             "macs_before": macs_before, "macs_after": _macs(model, inputs),
-            "round_to": {"setting": config.round_to, "multiples": sorted(
-                {round_step(g, config) for g, ok in zip(graph.groups, eligible, strict=True) if ok})},
+            "round_to": _rounding_used(graph, config, eligible),
             **({"why_unchanged": why_unchanged} if why_unchanged else {})}
+
+
+def _rounding_used(graph: ChannelGraph, config: ChannelPruning, eligible: list[bool]) -> dict[str, Any]:
+    """The multiples kept widths were rounded to, and (auto) the groups kept whole, with why."""
+    groups = [g for g, ok in zip(graph.groups, eligible, strict=True) if ok]
+    used: dict[str, Any] = {"setting": config.round_to,
+                            "multiples": sorted({round_step(g, config) for g in groups if
+                                                 round_step(g, config) < len(g.units)} or {1})}
+    if config.round_to == "auto" and config.target is PruneTarget.MACS:
+        lanes = vector_lanes()
+        used["kept_whole"] = {g.modules[0]: f"{len(g.units)} channels, no wider than one {lanes}-lane "
+                              "vector: a narrower width would cost the same time"
+                              for g in groups if not _is_heads(g) and len(g.units) <= lanes}
+    return used
 
 
 def _shapes(outputs: Any) -> Any:
