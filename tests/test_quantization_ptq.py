@@ -64,6 +64,36 @@ def test_int8_artifact_is_smaller_and_loads_to_the_same_outputs(trained, digits,
         artifact.load(path)
 
 
+def _activation_scales(model: OrtModule) -> dict[str, float]:
+    """Scale of each activation QuantizeLinear (weights are stored quantized, not quantized here)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(model.program).graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return {node.input[0]: float(constants[node.input[1]]) for node in graph.node
+            if node.op_type == "QuantizeLinear" and node.input[1] in constants
+            and constants[node.input[1]].size == 1}
+
+
+def test_each_calibration_method_chooses_its_own_activation_ranges(trained, digits) -> None:
+    """`entropy` is a real KL search (onnxruntime's default bins made it minmax under another
+    name), and `percentile` clips to the percentile asked for."""
+    def quantized(**options) -> OrtModule:
+        return quantize_model(trained, Quantization(method="static", **options),
+                              example_inputs=digits.test.images[:2], calibration=_calibration(digits))
+
+    minmax = _activation_scales(quantized())
+    entropy = _activation_scales(quantized(calibrate="entropy"))
+    clipped = _activation_scales(quantized(calibrate="percentile", percentile=99.0))
+    assert minmax.keys() == entropy.keys() == clipped.keys() and len(minmax) >= 3
+    assert any(entropy[k] < 0.9 * minmax[k] for k in minmax)  # KL clips some range
+    assert all(clipped[k] <= minmax[k] * 1.001 for k in minmax)
+    assert any(clipped[k] < 0.9 * minmax[k] for k in minmax)
+    with pytest.raises(ConfigError, match=r"percentile=99\.0 is used by calibrate='percentile' only"):
+        Quantization(method="static", percentile=99.0)
+
+
 def test_bad_requests_are_clear_errors(trained, digits) -> None:
     with pytest.raises(ConfigError, match="needs calibration data"):
         quantize_model(trained, Quantization(method="static"), example_inputs=digits.test.images[:2],

@@ -385,7 +385,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
 
     report = quantize_job(args.model, method=args.method, out=args.out, dataset=args.calibration,
-                          bits=args.bits, calibrate=args.calibrate,
+                          bits=args.bits, calibrate=args.calibrate, percentile=args.percentile,
                           per_channel=not args.per_tensor, calibration_batches=args.batches,
                           threads=args.threads, backend=args.backend, factory=args.factory,
                           exclude=tuple(args.exclude), fp16=tuple(args.fp16))
@@ -637,7 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="modules (names or globs) kept in float, e.g. a sensitive first layer")
     quantize.add_argument("--fp16", nargs="+", metavar="MODULE", default=[],
                           help="modules kept out of int8 with their weights stored as float16")
-    quantize.add_argument("--calibrate", default="minmax", choices=["minmax", "entropy", "percentile"])
+    quantize.add_argument("--calibrate", default="minmax", choices=["minmax", "entropy", "percentile"],
+                          help="static activation ranges: observed min/max, KL divergence (2048 "
+                               "histogram bins), or a percentile of the values (--percentile)")
+    quantize.add_argument("--percentile", type=float, default=99.999,
+                          help="with --calibrate percentile: the percentile kept (default 99.999)")
     quantize.add_argument("--batches", type=int, default=8, help="calibration batches of 64")
     quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
     quantize.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"],

@@ -311,8 +311,9 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
 
 
 def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | None = None,
-                 bits: int = 8, calibrate: str = "minmax", per_channel: bool = True,
-                 calibration_batches: int = 8, seed: int = 0, threads: int | None = None,
+                 bits: int = 8, calibrate: str = "minmax", percentile: float = 99.999,
+                 per_channel: bool = True, calibration_batches: int = 8, seed: int = 0,
+                 threads: int | None = None,
                  backend: str = "onnxruntime", factory: str | None = None,
                  exclude: tuple[str, ...] = (), fp16: tuple[str, ...] = ()) -> dict[str, Any]:
     """Quantize any model or artifact to int8, save `out/model.slim`, measure both; the report.
@@ -329,6 +330,7 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                           f"{method!r}; training methods run as recipe stages (qat, lowbit)")
     config = build_config(Quantization, {
         "method": method, "bits": bits, "calibrate": calibrate, "per_channel": per_channel,
+        **({"percentile": percentile} if percentile != 99.999 else {}),  # the config says if unused
         "calibration_batches": calibration_batches, "backend": backend, "exclude": list(exclude),
         "fp16": list(fp16)})
     model, path = load_model_or_artifact(source, factory=factory)

@@ -62,7 +62,11 @@ class Quantization(TechniqueConfig):
         method: dynamic | static.
         bits: weight/activation width; the int8 kernels need 8.
         per_channel: one weight scale per output channel (else per tensor).
-        calibrate: how static activation ranges are chosen: minmax | entropy | percentile.
+        calibrate: how static activation ranges are chosen: minmax | entropy (KL divergence,
+            2048 histogram bins) | percentile.
+        percentile: with `calibrate="percentile"`, the percentile of the observed activations
+            kept as the range (the rest is clipped). 99.999 by default; on MobileNetV2, 99.99
+            kept more top-1 agreement (see the quantization page).
         calibration_batches: batches of the training split used to calibrate.
         backend: onnxruntime (an ONNX program: Linear and Conv; LSTM with `dynamic`, on
             onnxruntime's DynamicQuantizeLSTM kernel) or torch (dynamic only: Linear layers on
@@ -83,6 +87,7 @@ class Quantization(TechniqueConfig):
     bits: int = Field(default=8, ge=2, le=8)
     per_channel: bool = True
     calibrate: Calibrate = Calibrate.MINMAX
+    percentile: float = Field(default=99.999, gt=50, le=100)
     calibration_batches: int = Field(default=8, ge=1)
     backend: Backend = Backend.ONNXRUNTIME
     exclude: tuple[str, ...] = ()
@@ -92,6 +97,9 @@ class Quantization(TechniqueConfig):
         if self.bits != 8:
             raise ConfigError(f"bits={self.bits}: the int8 kernels that execute {self.method.value} "
                               "quantization are 8-bit; use bits=8")
+        if self.percentile != 99.999 and self.calibrate != Calibrate.PERCENTILE:
+            raise ConfigError(f"percentile={self.percentile} is used by calibrate='percentile' only "
+                              f"(calibrate={self.calibrate.value!r}); set calibrate='percentile' or drop it")
         if self.backend == Backend.TORCH and self.method != QuantMethod.DYNAMIC:
             raise ConfigError("backend torch runs dynamic int8 only; use backend onnxruntime for "
                               f"{self.method.value}")
@@ -136,6 +144,7 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         program = _export(model, example_inputs, transformer)
     quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
                                       per_channel=config.per_channel, calibrate=config.calibrate.value,
+                                      percentile=config.percentile,
                                       transformer=transformer,
                                       exclude=config.exclude, fp16=config.fp16)
     if kept or halved:
