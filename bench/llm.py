@@ -4,7 +4,9 @@ Loads `smollm2-135m` once, draws the calibration windows from the `python-docs` 
 split (standard-library docstrings) and scores perplexity on the held-out split (the Language
 Reference topics), non-overlapping 512-token windows. Every method starts from a fresh copy of
 the dense model; the dense perplexity is measured in the same run. lm_head is tied to the
-embeddings and stays dense (said per method). Wall time of each method's calibration is printed.
+embeddings and stays dense (said per method). Wall time of each method's calibration is printed,
+with the memory it added on top of the model copy (peak resident memory while it ran, minus
+before), also as a multiple of the fp32 model's bytes.
 
     python bench/llm.py [--sequences 128] [--length 512] [--eval-tokens 0 (all)] [--methods a,b]
 
@@ -21,6 +23,7 @@ import argparse
 import copy
 import json
 import resource
+import threading
 import time
 import warnings
 from typing import Any
@@ -58,6 +61,32 @@ METHODS: dict[str, Any] = {
 }
 
 
+class PeakMemory:
+    """The highest resident memory of this process while the block runs (sampled every 10 ms
+    from /proc/self/statm, so a method's peak is its own, not the run's so far)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.before = self._rss()
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=128)
@@ -77,27 +106,32 @@ def main() -> int:
     batches = [windows[i:i + 8] for i in range(0, args.sequences, 8)]
     budget = args.eval_tokens or None
     base = perplexity(dense, evaluation, max_tokens=budget)
+    fp32_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
     print(f"dense: perplexity {base['perplexity']:.3f} on {base['tokens']:,} held-out tokens; "
           f"calibration {args.sequences} x {args.length} tokens")
     for name in args.methods.split(","):
         config = METHODS[name]
         model = copy.deepcopy(dense)
         start = time.perf_counter()
-        if config == "w8a8":
-            layers = [n for n, _ in Select(types=("Linear",), exclude=("lm_head",)).resolve(model)]
-            replaced = quantize_linears_int8_(model, targets=Select(names=tuple(layers)))["replaced"]
-            changes = Changes({"changed": dict.fromkeys(replaced, "int8")})
-        else:
-            changes = apply_(model, config, calibration=batches, targets=Select(exclude=("lm_head",)))
+        with PeakMemory() as memory:
+            if config == "w8a8":
+                layers = [n for n, _ in Select(types=("Linear",), exclude=("lm_head",)).resolve(model)]
+                replaced = quantize_linears_int8_(model, targets=Select(names=tuple(layers)))["replaced"]
+                changes = Changes({"changed": dict.fromkeys(replaced, "int8")})
+            else:
+                changes = apply_(model, config, calibration=batches, targets=Select(exclude=("lm_head",)))
         seconds = time.perf_counter() - start
         result = perplexity(model, evaluation, max_tokens=budget)
         row = {"method": name, "perplexity": result["perplexity"], "dense": base["perplexity"],
                "ratio": result["perplexity"] / base["perplexity"], "tokens": result["tokens"],
                "seconds": round(seconds, 1), "layers": len(changes.changed),
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               "calibration_extra_mb": round((memory.peak - memory.before) / 2**20),
+               "extra_over_fp32_model": round((memory.peak - memory.before) / fp32_bytes, 2)}
         print(json.dumps(row) if args.json else
               f"{name:15s} perplexity {row['perplexity']:8.3f}  {row['ratio']:6.3f}x dense  "
-              f"({row['layers']} layers, {row['seconds']:.0f} s)", flush=True)
+              f"({row['layers']} layers, {row['seconds']:.0f} s, +{row['calibration_extra_mb']} MB "
+              f"= {row['extra_over_fp32_model']:.2f}x the fp32 model while calibrating)", flush=True)
         del model
     return 0
 

@@ -112,6 +112,10 @@ def type_text(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         kept = [type_text(a) for a in args if a is not type(None)]
         return " or ".join(kept) + (" or `null`" if type(None) in args else "")
+    if origin is typing.Literal:
+        return " or ".join(f"`{value}`" for value in args)
+    if origin is typing.Annotated:
+        return type_text(args[0])
     if origin is dict:
         return f"mapping of {type_text(args[0])} to {type_text(args[1])}"
     if origin in (tuple, list):

@@ -1,0 +1,64 @@
+"""MobileNetV2 static int8: how each choice of activation ranges keeps the fp32 model's answers.
+
+The calibration and evaluation crops are those of `bench/quantization.py` (64 crops of
+scikit-learn's two sample photos each, seeds 0 and 1; no ImageNet here), so the rows compare
+with its `mobilenet` section. Per choice: top-1 agreement with fp32, SQNR of the logits (dB) and
+KL divergence to fp32. Quality only: the int8 graph, and so its speed, is the same for every
+choice (only the activation scales differ).
+
+    python bench/int8_calibration.py [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from torchslim.models import create_model
+from torchslim.quantization import Quantization, quantize_model, sqnr_db
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quantization import photo_crops  # the crops of the sibling benchmark
+
+CHOICES = {
+    "minmax": {"calibrate": "minmax"},
+    "entropy (KL, 2048 bins)": {"calibrate": "entropy"},
+    "percentile 99.999": {"calibrate": "percentile"},
+    "percentile 99.99": {"calibrate": "percentile", "percentile": 99.99},
+    "percentile 99.9": {"calibrate": "percentile", "percentile": 99.9},
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    model = create_model("mobilenet-v2").eval()
+    calibration = list(photo_crops(64, seed=0).split(16))
+    evaluation = photo_crops(64, seed=1)
+    with torch.no_grad():
+        reference = model(evaluation)
+    for name, options in CHOICES.items():
+        int8 = quantize_model(model, Quantization(method="static", **options),
+                              example_inputs=evaluation[:2], calibration=calibration)
+        with torch.no_grad():
+            logits = torch.cat([int8(x) for x in evaluation.split(16)])
+        kl = torch.nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1),
+                                        log_target=True, reduction="batchmean")
+        row = {"calibration": name, "top1_agreement": round(float((logits.argmax(1) == reference.argmax(1))
+                                                                 .float().mean()), 4),
+               "sqnr_db": round(sqnr_db(reference, logits), 2), "kl_to_fp32": round(float(kl), 4)}
+        print(json.dumps(row) if args.json else
+              f"{name:26s} top-1 agreement {row['top1_agreement']:.3f}  SQNR {row['sqnr_db']:5.2f} dB  "
+              f"KL {row['kl_to_fp32']:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
