@@ -44,6 +44,7 @@ from torchslim.artifact_checks import (
 from torchslim.encoding import decode_tensor, encode_tensor
 from torchslim.encoding.meta import TensorMeta
 from torchslim.errors import ArtifactError, ConfigError
+from torchslim.progress import ProgressLines
 from torchslim.safefile import decompress_bounded, parse_document, read_checked, write_checked
 from torchslim.signature import (
     SIGNATURE_ATTRIBUTE,
@@ -125,18 +126,26 @@ def _codebook(weight: np.ndarray, limit: int) -> np.ndarray | None:
     return values if 0 < values.size <= limit else None
 
 
+PROGRESS_ELEMENTS = 20_000_000  # coded weights from which encoding reports per tensor
+
+
 def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
                   ) -> tuple[torch.Tensor, dict[str, Any]]:
     """All tensors into one uint8 payload (1-D) and a JSON layout of it."""
     chunks: list[bytes] = []
     layout: dict[str, Any] = {}
     offset = 0
+    coded = [name for name in sorted(state) if state[name].dtype == torch.float32 and state[name].dim() >= 2]
+    # a language model's tensors take minutes to code (every coder is tried): say how far it is
+    progress = ProgressLines("encode tensor", len(coded),
+                             enabled=sum(state[n].numel() for n in coded) >= PROGRESS_ELEMENTS)
     for name in sorted(state):  # byte-identical files whatever the module order
         tensor = state[name].detach().cpu().contiguous()
         if tensor.dtype == torch.float32 and tensor.dim() >= 2:
             array = tensor.numpy()
             encoded = encode_tensor(array, codebook=_codebook(array, encoding.max_codebook),
                                     index_bits=encoding.index_bits, coder=encoding.coder)
+            progress.update(coded.index(name) + 1, name)
             spans = {}
             for stream, data in encoded.streams.items():
                 spans[stream] = [offset, len(data)]
