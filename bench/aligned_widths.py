@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from torchslim import apply_
-from torchslim.measure import time_interleaved
+from torchslim.measure import count_flops, time_interleaved
 from torchslim.models import create_model, example_inputs, spec_of
 from torchslim.pruning import ChannelPruning
 from torchslim.pruning.structured import vector_lanes
@@ -39,15 +39,6 @@ CASES = {  # model: (pretrained, MAC ratio removed, batch sizes)
     "resnet-small": (False, 0.5, (1, 32, 64)),
     "mobilenet-v2": (True, 1 / 3, (1, 32)),
 }
-
-
-def macs(model: nn.Module, batch: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(batch)
-    return int(counter.get_total_flops()) // 2
 
 
 def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -71,7 +62,7 @@ def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         for (label, model), result in zip(variants.items(), timed[1:], strict=True):
             paired = [b / m for b, m in zip(timed[0]["round_medians_ms"], result["round_medians_ms"],
                                             strict=True)]
-            mac_ratio = macs(base, x[:1]) / macs(model, x[:1])
+            mac_ratio = count_flops(base, x[:1]) / count_flops(model, x[:1])
             speedup = statistics.median(paired)
             rows.append({"model": name, "variant": label, "batch": batch_size, "threads": args.threads,
                          "mac_ratio": round(mac_ratio, 3), "speedup": round(speedup, 3),

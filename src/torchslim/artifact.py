@@ -135,17 +135,19 @@ def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
     chunks: list[bytes] = []
     layout: dict[str, Any] = {}
     offset = 0
-    coded = [name for name in sorted(state) if state[name].dtype == torch.float32 and state[name].dim() >= 2]
+    coded = {name for name, t in state.items() if t.dtype == torch.float32 and t.dim() >= 2}  # entropy-coded
     # a language model's tensors take minutes to code (every coder is tried): say how far it is
     progress = ProgressLines("encode tensor", len(coded),
                              enabled=sum(state[n].numel() for n in coded) >= PROGRESS_ELEMENTS)
+    finished = 0
     for name in sorted(state):  # byte-identical files whatever the module order
         tensor = state[name].detach().cpu().contiguous()
-        if tensor.dtype == torch.float32 and tensor.dim() >= 2:
+        if name in coded:
             array = tensor.numpy()
             encoded = encode_tensor(array, codebook=_codebook(array, encoding.max_codebook),
                                     index_bits=encoding.index_bits, coder=encoding.coder)
-            progress.update(coded.index(name) + 1, name)
+            finished += 1
+            progress.update(finished, name)
             spans = {}
             for stream, data in encoded.streams.items():
                 spans[stream] = [offset, len(data)]

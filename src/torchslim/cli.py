@@ -640,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calibrate", default="minmax", choices=["minmax", "entropy", "percentile"],
                           help="static activation ranges: observed min/max, KL divergence (2048 "
                                "histogram bins), or a percentile of the values (--percentile)")
-    quantize.add_argument("--percentile", type=float, default=99.999,
+    quantize.add_argument("--percentile", type=float,
                           help="with --calibrate percentile: the percentile kept (default 99.999)")
     quantize.add_argument("--batches", type=int, default=8, help="calibration batches of 64")
     quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")

@@ -311,7 +311,7 @@ def train_model(model_name: str, *, dataset: str | None, out: str | Path, config
 
 
 def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | None = None,
-                 bits: int = 8, calibrate: str = "minmax", percentile: float = 99.999,
+                 bits: int = 8, calibrate: str = "minmax", percentile: float | None = None,
                  per_channel: bool = True, calibration_batches: int = 8, seed: int = 0,
                  threads: int | None = None,
                  backend: str = "onnxruntime", factory: str | None = None,
@@ -330,7 +330,7 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                           f"{method!r}; training methods run as recipe stages (qat, lowbit)")
     config = build_config(Quantization, {
         "method": method, "bits": bits, "calibrate": calibrate, "per_channel": per_channel,
-        **({"percentile": percentile} if percentile != 99.999 else {}),  # the config says if unused
+        "percentile": percentile,
         "calibration_batches": calibration_batches, "backend": backend, "exclude": list(exclude),
         "fp16": list(fp16)})
     model, path = load_model_or_artifact(source, factory=factory)

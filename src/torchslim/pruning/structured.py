@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import functools
 import math
 import warnings
 from collections import Counter
@@ -109,6 +110,7 @@ def _ratio_of(group: Group, config: ChannelPruning, base: float) -> float:
     return max(overrides) if overrides else base
 
 
+@functools.cache
 def vector_lanes() -> int:
     """fp32 values in one SIMD register of this CPU, as torch's kernels use it: 16 with AVX-512,
     8 with AVX2 or 256-bit SVE, else 4 (128-bit NEON or SSE)."""
@@ -132,7 +134,7 @@ def round_step(group: Group, config: ChannelPruning) -> int:
     return lanes if size > lanes else size
 
 
-def _kept(size: int, removed: int, config: ChannelPruning, step: int = 1) -> int:
+def _kept(size: int, removed: int, config: ChannelPruning, step: int) -> int:
     steps = max(size - removed, 1) / step
     multiple = {Rounding.UP: math.ceil(steps), Rounding.DOWN: math.floor(steps),
                 Rounding.NEAREST: math.floor(steps + 0.5)}[config.rounding]
@@ -429,15 +431,13 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
 
 def _rounding_used(graph: ChannelGraph, config: ChannelPruning, eligible: list[bool]) -> dict[str, Any]:
     """The multiples kept widths were rounded to, and (auto) the groups kept whole, with why."""
-    groups = [g for g, ok in zip(graph.groups, eligible, strict=True) if ok]
+    steps = [(g, round_step(g, config)) for g, ok in zip(graph.groups, eligible, strict=True) if ok]
     used: dict[str, Any] = {"setting": config.round_to,
-                            "multiples": sorted({round_step(g, config) for g in groups if
-                                                 round_step(g, config) < len(g.units)} or {1})}
+                            "multiples": sorted({step for g, step in steps if step < len(g.units)} or {1})}
     if config.round_to == "auto" and config.target is PruneTarget.MACS:
-        lanes = vector_lanes()
-        used["kept_whole"] = {g.modules[0]: f"{len(g.units)} channels, no wider than one {lanes}-lane "
-                              "vector: a narrower width would cost the same time"
-                              for g in groups if not _is_heads(g) and len(g.units) <= lanes}
+        used["kept_whole"] = {g.modules[0]: f"{len(g.units)} channels, no wider than one {vector_lanes()}"
+                              "-lane vector: a narrower width would cost the same time"
+                              for g, step in steps if step == len(g.units) > 1}
     return used
 
 

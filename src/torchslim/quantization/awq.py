@@ -17,7 +17,6 @@ The result is `WeightOnly`'s `GroupedWeightLinear` (codes, scales, zero points).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -66,7 +65,7 @@ class AWQ(TechniqueConfig):
 
 
 def _spec(config: AWQ) -> QuantSpec:
-    return replace(grid(config.bits, config.group_size, config.symmetric), group_size=None)
+    return grid(config.bits, None, config.symmetric)
 
 
 def _quantize(weight: torch.Tensor, config: AWQ, ratio: torch.Tensor | float = 1.0

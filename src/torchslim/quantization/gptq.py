@@ -22,7 +22,6 @@ stored, entropy-coded and loaded like round-to-nearest codes.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -83,7 +82,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
     Raises:
         ConfigError: H is not positive definite even after dampening.
     """
-    spec = replace(grid(config.bits, config.group_size, config.symmetric), group_size=None)
+    spec = grid(config.bits, None, config.symmetric)
     w = weight.detach().double().clone()
     h = hessian.clone()
     rows, columns = w.shape

@@ -65,7 +65,7 @@ class Quantization(TechniqueConfig):
         calibrate: how static activation ranges are chosen: minmax | entropy (KL divergence,
             2048 histogram bins) | percentile.
         percentile: with `calibrate="percentile"`, the percentile of the observed activations
-            kept as the range (the rest is clipped). 99.999 by default; on MobileNetV2, 99.99
+            kept as the range (the rest is clipped); None: 99.999; on MobileNetV2, 99.99
             kept more top-1 agreement (see the quantization page).
         calibration_batches: batches of the training split used to calibrate.
         backend: onnxruntime (an ONNX program: Linear and Conv; LSTM with `dynamic`, on
@@ -87,7 +87,7 @@ class Quantization(TechniqueConfig):
     bits: int = Field(default=8, ge=2, le=8)
     per_channel: bool = True
     calibrate: Calibrate = Calibrate.MINMAX
-    percentile: float = Field(default=99.999, gt=50, le=100)
+    percentile: float | None = Field(default=None, gt=50, le=100)
     calibration_batches: int = Field(default=8, ge=1)
     backend: Backend = Backend.ONNXRUNTIME
     exclude: tuple[str, ...] = ()
@@ -97,7 +97,7 @@ class Quantization(TechniqueConfig):
         if self.bits != 8:
             raise ConfigError(f"bits={self.bits}: the int8 kernels that execute {self.method.value} "
                               "quantization are 8-bit; use bits=8")
-        if self.percentile != 99.999 and self.calibrate != Calibrate.PERCENTILE:
+        if self.percentile is not None and self.calibrate != Calibrate.PERCENTILE:
             raise ConfigError(f"percentile={self.percentile} is used by calibrate='percentile' only "
                               f"(calibrate={self.calibrate.value!r}); set calibrate='percentile' or drop it")
         if self.backend == Backend.TORCH and self.method != QuantMethod.DYNAMIC:

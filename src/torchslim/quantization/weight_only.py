@@ -49,9 +49,9 @@ class WeightOnly(TechniqueConfig):
     symmetric: bool = True
 
 
-def grid(bits: int, group_size: int, symmetric: bool) -> QuantSpec:
+def grid(bits: int, group_size: int | None, symmetric: bool) -> QuantSpec:
     """The integer grid of weight-only codes: signed symmetric on all 2^b codes (`full_range`),
-    or unsigned with a zero point."""
+    or unsigned with a zero point; `group_size=None` for callers that pass one group's values."""
     return QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, signed=symmetric,
                      full_range=symmetric)
 

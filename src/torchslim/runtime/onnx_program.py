@@ -266,6 +266,7 @@ def weights_to_fp16(program: bytes, patterns: tuple[str, ...]) -> tuple[bytes, l
     return model.SerializeToString(), converted
 
 
+DEFAULT_PERCENTILE = 99.999  # onnxruntime's own default
 ENTROPY_BINS = 2048  # histogram bins searched for the KL-optimal clipping threshold (TensorRT's)
 ENTROPY_LEVELS = 128  # quantized bins each candidate range is compressed to
 
@@ -294,7 +295,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                   transformer: tuple[int, int] | None = None,
                   exclude: tuple[str, ...] = (),
                   fp16: tuple[str, ...] = (),
-                  percentile: float = 99.999) -> tuple[bytes, dict[str, Any]]:
+                  percentile: float | None = None) -> tuple[bytes, dict[str, Any]]:
     """Quantize an ONNX program with onnxruntime; returns (program, report).
 
     Args:
@@ -306,7 +307,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         calibrate: minmax | entropy | percentile (static activation ranges): the observed
             range, the range whose clipped histogram is closest in KL divergence (2048 bins), or
             the `percentile` of the observed values.
-        percentile: with `calibrate="percentile"`, the percentile kept (99.999 by default).
+        percentile: with `calibrate="percentile"`, the percentile kept (None: 99.999).
         transformer: (attention heads, hidden size) of a BERT-style encoder: fuse its attention,
             LayerNorm and GELU subgraphs first (onnxruntime's transformer optimizer).
         exclude: module names (globs) whose nodes stay float (see `nodes_of_modules`).
@@ -360,7 +361,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                             weight_type=QuantType.QInt8, calibrate_method=methods[calibrate],
                             calibration_cache_path=cache,
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                                           "CalibPercentile": percentile, **extra})
+                                           "CalibPercentile": percentile or DEFAULT_PERCENTILE, **extra})
         result, halved = weights_to_fp16(target.read_bytes(), fp16)
     report = quantized_ops(result)
     if fp16:
