@@ -289,7 +289,7 @@ TOP_LEVEL = {
 
 def recipes_page() -> str:
     from torchslim.apps.recipe import RECIPE_VERSION
-    from torchslim.distillation import Distill
+    from torchslim.distillation import Distill, TrainedTeacher
     from torchslim.registry import stage_kinds, stage_type
     from torchslim.select import Select
     from torchslim.training import TrainConfig
@@ -357,6 +357,24 @@ def recipes_page() -> str:
             key_table(keys_of(TrainConfig)), "",
             "## `distill:` block", "",
             summary(Distill), "", key_table(keys_of(Distill)), "",
+            "### Teacher block", "",
+            summary(TrainedTeacher) + " A file at `path` must hold `model`; delete it to train the "
+            "teacher again. The stage's summary in the report "
+            "records whether the teacher was trained or reused, and its validation and test accuracy. "
+            "[`examples/recipes/hinton_mnist_distill.yaml`](techniques/distillation.md#hintons-mnist-"
+            "experiment) trains Hinton et al.'s MNIST teacher this way:", "",
+            "```yaml",
+            "  - distill:",
+            "      epochs: 40",
+            "      shift: 2            # jitter: the transfer set is shifted by up to 2 pixels",
+            "      distill:",
+            "        temperature: 20",
+            "        teacher:",
+            "          model: mlp-1200-1200",
+            "          path: runs/hinton-teacher/model.slim",
+            "          train: {epochs: 50, lr: 0.05, shift: 2}",
+            "```", "",
+            key_table(keys_of(TrainedTeacher)), "",
             "## `targets:`", "",
             summary(Select) + " In a recipe, `targets:` is a mapping of these keys (a rule that matches "
             "nothing is an error):", "",

@@ -30,7 +30,7 @@ from torchslim.config import to_jsonable, validated
 from torchslim.errors import ConfigError
 from torchslim.training.callbacks import Loss
 
-__all__ = ["Distill", "DistillationLoss", "OutputLoss", "soft_target_loss"]
+__all__ = ["Distill", "DistillationLoss", "OutputLoss", "TrainedTeacher", "soft_target_loss"]
 
 
 class OutputLoss(StrEnum):
@@ -41,11 +41,38 @@ class OutputLoss(StrEnum):
 
 @validated
 @dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class TrainedTeacher:
+    """A teacher of another architecture than the student, kept in its own file: loaded from
+    `path` when it is there, otherwise trained (`train:` block) on the run's data and written
+    there, so the next run reuses it.
+
+    Attributes:
+        model: the registered model name (e.g. `mlp-1200-1200`); a file found at `path` must
+            hold this model.
+        path: the teacher's `.slim` file, relative to the working directory (like `--out`).
+        train: the training options (`TrainConfig` keys: epochs, lr, shift, ...); without them
+            the file must exist.
+    """
+
+    what = "teacher block"
+
+    model: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    train: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "path": self.path, "train": to_jsonable(self.train)}
+
+
+@validated
+@dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
 class Distill:
     """A `distill:` block of a fine-tuning stage: which teacher, and the loss options.
 
     Attributes:
-        teacher: `original` (the uncompressed model the run started from) or an artifact path.
+        teacher: `original` (the uncompressed model the run started from), an artifact path or
+            registered name, or a `TrainedTeacher` block (`{model:, path:, train:}`): another
+            architecture, trained first if its file is missing.
         temperature: softening T of the kl term (> 0).
         alpha: weight of the hard-label term, in [0, 1]; 0 is pure-soft (no labels needed).
         output: kl | mse | cosine, the output term.
@@ -56,7 +83,7 @@ class Distill:
 
     what = "distill block"
 
-    teacher: str = "original"
+    teacher: str | TrainedTeacher = "original"
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.5, ge=0, le=1)
     output: OutputLoss = OutputLoss.KL

@@ -36,7 +36,8 @@ from torchslim.apps.run_data import (
 from torchslim.apps.run_folder import RunFolder
 from torchslim.apps.stages import apply_stage
 from torchslim.clustering import keep_shared_
-from torchslim.distillation import Distill, DistillationLoss
+from torchslim.data import TensorLoader
+from torchslim.distillation import Distill, DistillationLoss, TrainedTeacher
 from torchslim.errors import ConfigError, SlimError
 from torchslim.models import create_model, get_entry, spec_of
 from torchslim.progress import ProgressLines, format_seconds
@@ -134,6 +135,7 @@ class CompressionRun:
         self.model_given = model_source is not None  # by the caller, not by the recipe's `model:`
         self.folder = RunFolder(self.out)
         self.resume, self.overwrite = resume, overwrite
+        self.teachers: dict[str, dict[str, Any]] = {}  # trained-teacher path -> how it was got
 
     def _fresh(self) -> nn.Module | None:
         """A new uncompressed instance of a user's model (to load its stage files into), or
@@ -253,14 +255,66 @@ class CompressionRun:
             return None
         return DistillationLoss(self.teacher(distill.teacher), **distill.loss_options())
 
-    def teacher(self, source: str) -> nn.Module:
-        """`original` (the model before stage 1) or an artifact / registered model."""
+    def teacher(self, source: str | TrainedTeacher) -> nn.Module:
+        """`original` (the model before stage 1), an artifact / registered model, or a teacher
+        block (loaded from its file, trained into it first when the file is missing)."""
+        if isinstance(source, TrainedTeacher):
+            return self._trained_teacher(source)
         if source == "original":
             assert self.original is not None, "run() sets the original model first"
             return copy.deepcopy(self.original)
         from torchslim.apps.workflows import load_model_or_artifact
 
         return load_model_or_artifact(source)[0]
+
+    def _trained_teacher(self, block: TrainedTeacher) -> nn.Module:
+        """The teacher in `block.path`; trained on the run's data (the `train:` options) and
+        written there first if the file is missing, so later runs reuse it."""
+        path = Path(block.path)
+        if self._restorable(path):
+            teacher = artifact.load(path)
+            found = getattr(teacher, "torchslim_spec", None)
+            if found is None or found.name != block.model:
+                raise ConfigError(f"teacher file {path} holds {_label(teacher)!r}, not {block.model!r}: "
+                                  "fix the teacher's `model:`, or move the file away to train a new one")
+            self._note_teacher(block, teacher, trained=False, seconds=0.0)
+            return teacher
+        if block.train is None:
+            raise ConfigError(f"teacher file {path} does not exist and the teacher block has no "
+                              "`train:` options to train it: add `train: {epochs: ...}` (it is then "
+                              "trained and written there), or give the path of a trained artifact")
+        if not isinstance(self.data, BuiltinData):
+            raise ConfigError("a teacher block with `train:` trains a registered model on a built-in "
+                              "dataset; with your own data, train the teacher first and give its file")
+        config = TrainConfig(**{"seed": self.recipe.seed, **block.train})
+        log.info("training the teacher %s (%d epochs) into %s", block.model, config.epochs, path)
+        started = time.perf_counter()
+        torch.manual_seed(config.seed)
+        teacher = create_model(block.model, pretrained=False, input_shape=self.data.data.input_shape,
+                               num_classes=self.data.data.num_classes)
+        self.train(teacher, config, self.stages_dir / "teacher-ckpt")
+        teacher.eval()
+        seconds = time.perf_counter() - started
+        if distributed.is_main_process():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            artifact.save(teacher, path, metadata={"dataset": self.data.name, "stage": "teacher",
+                                                   "train": config.to_dict()})
+        self._note_teacher(block, teacher, trained=True, seconds=seconds)
+        return teacher
+
+    def _note_teacher(self, block: TrainedTeacher, teacher: nn.Module, *, trained: bool,
+                      seconds: float) -> None:
+        """The stage summary's record of the teacher: trained or reused, and its accuracy."""
+        from torchslim.measure import evaluate
+
+        note: dict[str, Any] = {"model": block.model, "path": block.path, "trained": trained}
+        if trained:
+            note["train_seconds"] = round(seconds, 1)
+        if isinstance(self.data, BuiltinData):
+            note["val_accuracy"] = evaluate(teacher, self.data.val_loader())["accuracy"]
+            note["test_accuracy"] = evaluate(
+                teacher, TensorLoader(self.data.data.test, batch_size=1000))["accuracy"]
+        self.teachers[block.path] = note
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         """The registered model's initialisation under the recipe's seed (lottery rewinding)."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from torchslim.api import apply_, finalize_, parametrized_layers
 from torchslim.config import TechniqueConfig, build_config, validated
-from torchslim.distillation import Distill
+from torchslim.distillation import Distill, TrainedTeacher
 from torchslim.encoding.coders import parse_coder
 from torchslim.errors import ConfigError
 from torchslim.parametrized import weight_parametrizations
@@ -82,7 +82,18 @@ class EncodeStage(TechniqueConfig):
 @validated
 @pydantic_dataclass(frozen=True, kw_only=True, config=ConfigDict(extra="forbid"))
 class GradualPrune(TechniqueConfig):
-    """Train while the sparsity ramps up cubically to `sparsity` (Zhu & Gupta 2017)."""
+    """Train while the sparsity ramps up cubically to `sparsity` (Zhu & Gupta 2017).
+
+    Attributes:
+        sparsity: final share of zero weights in every selected layer.
+        per_layer: final sparsity overrides by layer name.
+        start_epoch: when the ramp starts (epochs, may be fractional).
+        end_fraction: share of the training steps at whose end the final sparsity is reached.
+        every: steps between two mask updates.
+        train: the training options of the run.
+        distill: a `distill:` block, as `fine_tune`'s: the training loss is then distillation
+            from a teacher (by default the original model).
+    """
 
     kind = "gradual_prune"
     sparsity: float = Field(ge=0, lt=1)
@@ -91,9 +102,20 @@ class GradualPrune(TechniqueConfig):
     end_fraction: float = Field(default=0.7, gt=0, le=1)
     every: int = Field(default=50, ge=1)
     train: dict[str, Any] = Field(default_factory=dict)
+    distill: dict[str, Any] | None = None
 
     def check(self, seed: int) -> None:
         _check_train(self.train, seed)
+        self.distillation()
+
+    def distillation(self) -> Distill | None:
+        """The `distill:` block as a `Distill` (None without one)."""
+        if self.distill is None:
+            return None
+        try:
+            return build_config(Distill, dict(self.distill))
+        except ConfigError as exc:
+            raise ConfigError(f"distill: {exc}") from None
 
 
 @validated
@@ -120,6 +142,27 @@ def _check_train(train: dict[str, Any], seed: int) -> None:
         raise ConfigError(f"train: {exc}") from None
 
 
+def _check_distill(distill: Distill | None, train: TrainConfig, seed: int) -> None:
+    """A teacher to train is named and configured right, and the cache is not asked for where
+    every epoch's samples differ."""
+    if distill is None:
+        return
+    if distill.cache_teacher and train.shift:
+        raise ConfigError(f"distill: cache_teacher memoises the teacher's outputs per sample, but "
+                          f"shift: {train.shift} moves every sample anew each epoch, so nothing "
+                          "would be reused: drop cache_teacher")
+    teacher = distill.teacher
+    if isinstance(teacher, TrainedTeacher):
+        from torchslim.models import get_entry
+
+        try:
+            get_entry(teacher.model)
+            if teacher.train is not None:
+                _check_train(teacher.train, seed)
+        except ConfigError as exc:
+            raise ConfigError(f"distill: teacher: {exc}") from None
+
+
 @dataclass(frozen=True)
 class FineTune(TechniqueConfig):
     """Train with every pruned weight kept at zero and every shared weight kept shared;
@@ -139,6 +182,10 @@ class FineTune(TechniqueConfig):
         if block is None:
             return cls(train=train, **extra)
         return cls(train=train, distill=build_config(Distill, block), **extra)
+
+    def check(self, seed: int) -> None:
+        """What the stage reads only when it runs (the teacher block), checked on load."""
+        _check_distill(self.distill, self.train, seed)
 
     @classmethod
     def _own_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +233,11 @@ def _fine_tune(run: CompressionRun, stage: Stage, model: nn.Module, constraints:
                checkpoint_dir: Path) -> dict[str, Any]:
     config: FineTune = stage.config
     run.fine_tune(model, replace(config.train), constraints, checkpoint_dir, distill=config.distill)
-    return {"distill": config.distill.to_dict()} if config.distill else {}
+    if config.distill is None:
+        return {}
+    teacher = config.distill.teacher
+    trained = run.teachers.get(teacher.path) if isinstance(teacher, TrainedTeacher) else None
+    return {"distill": config.distill.to_dict(), **({"teacher": trained} if trained else {})}
 
 
 def _gradual(run: CompressionRun, stage: Stage, model: nn.Module, constraints: Constraints,
@@ -198,10 +249,11 @@ def _gradual(run: CompressionRun, stage: Stage, model: nn.Module, constraints: C
     end = max(start + 1, round(config.end_fraction * train.epochs * steps))
     pruning = WeightPruning(sparsity=config.sparsity, per_layer=config.per_layer)
     callback = GradualPruning(pruning, targets=stage.targets, start=start, end=end, every=config.every)
-    run.fine_tune(model, train, constraints, checkpoint_dir, (callback,))
+    distill = config.distillation()
+    run.fine_tune(model, train, constraints, checkpoint_dir, (callback,), distill=distill)
     for name, _ in stage.targets.resolve(model):
         constraints.setdefault(name, "sparse")
-    return {"start_step": start, "end_step": end}
+    return {"start_step": start, "end_step": end, **({"distill": distill.to_dict()} if distill else {})}
 
 
 def _iterative(run: CompressionRun, stage: Stage, model: nn.Module, constraints: Constraints,

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from torchslim.models.lenet import LeNet5, LeNet300
+from torchslim.models.mlp import MLP
 from torchslim.models.mnist_cnn import MnistCNN, load_mnist_cnn_weights
 from torchslim.models.registry import (
     ModelEntry,
@@ -76,6 +77,29 @@ register_model(ModelEntry(
     name="lenet5", description="LeNet-5, Caffe variant: conv 20/50 5x5, fc 500",
     build=LeNet5, input_shape=(1, 28, 28), num_classes=10, default_dataset="mnist",
     train_defaults=TrainDefaults(epochs=12, optimizer="sgd", lr=0.05, weight_decay=5e-4,
+                                 schedule="cosine", batch_size=128),
+))
+def _hinton_teacher(**kwargs: Any) -> nn.Module:
+    return MLP(hidden=(1200, 1200), dropout=0.5, input_dropout=0.2, **kwargs)
+
+
+def _hinton_student(**kwargs: Any) -> nn.Module:
+    return MLP(hidden=(800, 800), **kwargs)
+
+
+# Hinton et al. 2015's MNIST teacher and student (see torchslim.models.mlp).
+register_model(ModelEntry(
+    name="mlp-1200-1200", description="784-1200-1200-10 MLP, dropout 0.2 input / 0.5 hidden "
+    "(Hinton 2015's MNIST teacher)",
+    build=_hinton_teacher, input_shape=(1, 28, 28), num_classes=10, default_dataset="mnist",
+    train_defaults=TrainDefaults(epochs=30, optimizer="sgd", lr=0.05, weight_decay=0.0,
+                                 schedule="cosine", batch_size=128),
+))
+register_model(ModelEntry(
+    name="mlp-800-800", description="784-800-800-10 MLP, no regularization (Hinton 2015's "
+    "MNIST student)",
+    build=_hinton_student, input_shape=(1, 28, 28), num_classes=10, default_dataset="mnist",
+    train_defaults=TrainDefaults(epochs=20, optimizer="adam", lr=1e-3, weight_decay=0.0,
                                  schedule="cosine", batch_size=128),
 ))
 register_model(ModelEntry(

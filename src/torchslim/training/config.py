@@ -47,7 +47,10 @@ class TrainConfig:
         nesterov: Nesterov momentum for SGD.
         weight_decay: L2 penalty (decoupled for AdamW, as in its paper).
         l1: L1 penalty on every weight matrix/kernel, added to the loss.
-        dropout: if set, the rate of every `nn.Dropout` in the model.
+        dropout: if set, the rate of every `nn.Dropout` in the model (except those that keep
+            their own rate, such as an MLP's input dropout).
+        shift: augmentation: move every training image by a random -shift..shift pixels in x
+            and in y (Hinton et al.'s "jitter"), on (B, C, H, W) image batches.
         schedule: LR decay after warm-up: constant, step, multistep, exponential or cosine.
         step_epochs: epochs between decays for `step`.
         milestones: epochs at which `multistep` decays.
@@ -69,6 +72,7 @@ class TrainConfig:
     weight_decay: float = Field(default=0.0, ge=0)
     l1: float = Field(default=0.0, ge=0)
     dropout: float | None = Field(default=None, ge=0, lt=1)
+    shift: int = Field(default=0, ge=0)
     schedule: ScheduleName = ScheduleName.COSINE
     step_epochs: int = Field(default=5, ge=1)
     milestones: tuple[int, ...] = ()

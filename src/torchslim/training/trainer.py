@@ -36,6 +36,7 @@ from torchslim.errors import ConfigError
 from torchslim.measure import evaluate
 from torchslim.progress import ProgressLines
 from torchslim.training import distributed
+from torchslim.training.augment import random_shift
 from torchslim.training.callbacks import Callback, CrossEntropy, Loss
 from torchslim.training.checkpoint import (
     capture_rng,
@@ -147,7 +148,8 @@ class Trainer:
     def _set_dropout(self, rate: float | None) -> None:
         if rate is None:
             return
-        dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout)]
+        dropouts = [m for m in self.model.modules() if isinstance(m, nn.Dropout)
+                    and not getattr(m, "keeps_rate", False)]  # e.g. an MLP's input dropout
         if not dropouts and rate > 0:
             raise ConfigError(f"dropout={rate} asked for, but {type(self.model).__name__} has "
                               "no nn.Dropout layer; add one to the model or drop the option")
@@ -203,7 +205,7 @@ class Trainer:
     def _regularised(self, loss: torch.Tensor) -> torch.Tensor:
         if self.config.l1 == 0:
             return loss
-        penalty = sum(p.abs().sum() for p in self.model.parameters() if p.dim() > 1)
+        penalty = sum(p.abs().sum() for p in self.model.parameters() if p.dim() > 1 and p.requires_grad)
         return loss + self.config.l1 * penalty
 
     def _train_step(self, inputs: torch.Tensor, labels: torch.Tensor,
@@ -245,6 +247,8 @@ class Trainer:
         loss_sum, correct, seen = 0.0, 0.0, 0
         start = time.perf_counter()
         show = self.progress and distributed.is_main_process()
+        # Shifts drawn from (seed, epoch) alone: a resumed run sees the same ones.
+        shifts = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch + 1)
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.config.epochs}",
                    disable=None if show else True,  # None: only on a terminal
                    leave=False, unit="batch", mininterval=0.5)
@@ -254,6 +258,8 @@ class Trainer:
                 raise ConfigError("a training batch holds no labels; give (inputs, labels) batches or a "
                                   "dict with 'labels'")
             size = len(labels)
+            if self.config.shift:  # before sharding: every process draws the same shifts
+                inputs = random_shift(inputs, self.config.shift, generator=shifts)
             if self.world > 1:
                 inputs, labels = distributed.shard(inputs), distributed.shard(labels)
             share = self.world * len(labels) / size
