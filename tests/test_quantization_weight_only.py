@@ -69,3 +69,46 @@ def test_gptq_keeps_every_pruned_zero(act_order: bool, symmetric: bool) -> None:
     restored = restored.reshape(64, 128)
     assert torch.equal(restored[weight == 0], torch.zeros(int((weight == 0).sum())))
     assert bool((restored[weight != 0] != 0).float().mean() > 0.5)  # the rest still carry values
+
+
+@pytest.mark.parametrize(("symmetric", "dtype"), [(True, torch.int8), (False, torch.uint8)])
+def test_codes_take_one_byte_per_weight_in_memory_and_on_reload(tmp_path: Path, symmetric: bool,
+                                                                 dtype: torch.dtype) -> None:
+    model = create_model("lenet300", pretrained=False).eval()
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    ts.apply_(model, WeightOnly(bits=8, group_size=4, symmetric=symmetric))
+    layers = [m for m in model.modules() if isinstance(m, GroupedWeightLinear)]
+    assert len(layers) == 3 and all(m.codes.dtype == dtype for m in layers)
+    codes = layers[0].codes
+    assert int(codes.min()) < 0 if symmetric else int(codes.max()) > 127  # the whole 8-bit range
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    # one byte per code, plus a float scale (and zero point) per 4; float codes would be > 1.25x
+    assert held < (0.55 if symmetric else 0.8) * float_bytes
+    x = torch.randn(8, 1, 28, 28)
+    for encoding in (None, ts.Encoding()):
+        loaded = ts.load(ts.save(model, tmp_path / f"m{encoding is None}.slim", encoding=encoding))
+        assert loaded.fc1.codes.dtype == dtype
+        assert_same_outputs(model, loaded, x)
+
+
+@pytest.mark.parametrize("encoding", [None, ts.Encoding()])
+def test_files_with_float_codes_from_older_versions_still_load(tmp_path: Path,
+                                                                encoding: ts.Encoding | None) -> None:
+    model = create_model("lenet300", pretrained=False).eval()
+    ts.apply_(model, WeightOnly(bits=4, group_size=16), targets=ts.Select(names=("fc1",)))
+    codes = model.fc1.codes.detach().clone()
+    model.fc1.codes = nn.Parameter(codes.float(), requires_grad=False)  # how older versions held them
+    path = ts.save(model, tmp_path / "older.slim", encoding=encoding)
+    loaded = ts.load(path)
+    assert loaded.fc1.codes.dtype == torch.int8 and torch.equal(loaded.fc1.codes, codes)
+    assert_same_outputs(model, loaded, torch.randn(4, 1, 28, 28))
+
+
+def test_decoded_codes_that_do_not_fit_their_integer_type_are_refused() -> None:
+    from torchslim.artifact_checks import as_dtype
+    from torchslim.errors import ArtifactError
+
+    assert as_dtype(torch.tensor([-128.0, 127.0]), torch.int8, Path("f.slim"), "c").dtype == torch.int8
+    for values, dtype in (([0.5], torch.int8), ([128.0], torch.int8), ([-1.0], torch.uint8)):
+        with pytest.raises(ArtifactError, match="holds values that type cannot"):
+            as_dtype(torch.tensor(values), dtype, Path("f.slim"), "fc1.codes")

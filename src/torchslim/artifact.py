@@ -34,10 +34,13 @@ from torch import nn
 import torchslim
 from torchslim import __version__
 from torchslim.artifact_checks import (
+    CODED_DTYPES,
     Declared,
+    as_dtype,
     check_finite,
     check_fits,
     declared_raw,
+    float_codes_of_older_files,
     meta_copy,
     meta_skeleton,
 )
@@ -135,7 +138,8 @@ def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
     chunks: list[bytes] = []
     layout: dict[str, Any] = {}
     offset = 0
-    coded = {name for name, t in state.items() if t.dtype == torch.float32 and t.dim() >= 2}  # entropy-coded
+    coded = {name for name, t in state.items()  # entropy-coded: float weights and integer codes
+             if t.dtype in CODED_DTYPES.values() and t.dim() >= 2}
     # a language model's tensors take minutes to code (every coder is tried): say how far it is
     progress = ProgressLines("encode tensor", len(coded),
                              enabled=sum(state[n].numel() for n in coded) >= PROGRESS_ELEMENTS)
@@ -143,7 +147,7 @@ def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
     for name in sorted(state):  # byte-identical files whatever the module order
         tensor = state[name].detach().cpu().contiguous()
         if name in coded:
-            array = tensor.numpy()
+            array = tensor.numpy().astype(np.float32, copy=False)  # integer codes: exact in float32
             encoded = encode_tensor(array, codebook=_codebook(array, encoding.max_codebook),
                                     index_bits=encoding.index_bits, coder=encoding.coder)
             finished += 1
@@ -154,6 +158,8 @@ def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
                 chunks.append(data)
                 offset += len(data)
             layout[name] = {"meta": encoded.meta, "streams": spans}
+            if tensor.dtype != torch.float32:
+                layout[name]["dtype"] = str(tensor.dtype).removeprefix("torch.")
         else:
             data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
             layout[name] = {"dtype": str(tensor.dtype).removeprefix("torch."),
@@ -212,7 +218,11 @@ def _declare_layout(layout: Any, path: Path, size: int) -> dict[str, Declared]:
                                     f"its metadata needs {list(meta.streams)}; the file is corrupt")
             for span in streams.values():
                 _check_span(span, size, path, name)
-            declared[name] = Declared(meta.shape, torch.float32)
+            dtype = CODED_DTYPES.get(entry.get("dtype", "float32"))
+            if dtype is None:
+                raise ArtifactError(f"{path}: tensor {name!r} declares coded dtype {entry.get('dtype')!r} "
+                                    f"(valid: {sorted(CODED_DTYPES)}); the file is corrupt")
+            declared[name] = Declared(meta.shape, dtype)
         else:
             _check_span(entry.get("span"), size, path, name)
             declared[name] = declared_raw(entry, name, path)
@@ -225,7 +235,8 @@ def _decode_layout(data: bytes, layout: dict[str, Any], path: Path) -> dict[str,
     for name, entry in layout.items():
         if "meta" in entry:
             streams = {s: _slice(data, span, path, name) for s, span in entry["streams"].items()}
-            state[name] = torch.from_numpy(decode_tensor(entry["meta"], streams).copy())
+            values = torch.from_numpy(decode_tensor(entry["meta"], streams).copy())
+            state[name] = as_dtype(values, CODED_DTYPES[entry.get("dtype", "float32")], path, name)
             continue
         declared = declared_raw(entry, name, path)
         raw = bytearray(_slice(data, entry.get("span"), path, name))
@@ -513,6 +524,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     ties = {**(tied_names(model) if model is not None else {}), **tied_names(skeleton)}
     tied = {name: first for name, first in ties.items() if name not in declared}
     expected = {name: t for name, t in skeleton.state_dict().items() if name not in tied}
+    older = float_codes_of_older_files(expected, declared)
     check_fits(expected, declared, path, type(skeleton).__name__)
     if model is None:
         model = build()
@@ -520,6 +532,7 @@ def load(path: str | Path, *, model: nn.Module | None = None) -> nn.Module:
     if layout is not None:
         tensors = _decode_layout(tensors[PAYLOAD].numpy().tobytes(), layout, path)
     check_finite(tensors, path)
+    tensors.update({name: as_dtype(tensors[name], dtype, path, name) for name, dtype in older.items()})
     tensors.update({name: tensors[first] for name, first in tied.items()})
     model.load_state_dict(tensors)
     _restore_identity(model, document)

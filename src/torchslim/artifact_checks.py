@@ -23,13 +23,17 @@ from torch import nn
 
 from torchslim.errors import ArtifactError
 
-__all__ = ["Declared", "check_finite", "check_fits", "declared_raw", "element_budget", "meta_copy",
-           "meta_skeleton"]
+__all__ = ["CODED_DTYPES", "Declared", "as_dtype", "check_finite", "check_fits", "declared_raw",
+           "element_budget", "float_codes_of_older_files", "meta_copy", "meta_skeleton"]
 
 MIN_ELEMENTS, ELEMENTS_PER_BYTE = 1 << 24, 1024
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+# Tensors the encoder entropy-codes (with 2+ dimensions): float weights and the integer codes of
+# quantized layers (decoded as float32, then checked and cast back).
+CODED_DTYPES = {"float32": torch.float32, "int8": torch.int8, "uint8": torch.uint8}
 
 
 @dataclass(frozen=True)
@@ -123,3 +127,36 @@ def check_finite(tensors: dict[str, torch.Tensor], path: Path) -> None:
     if bad:
         raise ArtifactError(f"{path}: tensors {bad[:5]} hold NaN; the model diverged before it was "
                             "saved or the file was altered; re-create it")
+
+
+def as_dtype(values: torch.Tensor, dtype: torch.dtype, path: Path, name: str) -> torch.Tensor:
+    """Decoded float `values` as `dtype`: integer codes must be whole numbers in its range.
+
+    Raises:
+        ArtifactError: a value that the integer type cannot hold (a forged or corrupt file).
+    """
+    if dtype == values.dtype:
+        return values
+    info = torch.iinfo(dtype)
+    if values.numel() and (bool((values != values.round()).any()) or float(values.min()) < info.min
+                           or float(values.max()) > info.max):
+        raise ArtifactError(f"{path}: tensor {name!r} is declared {str(dtype).removeprefix('torch.')} "
+                            "but holds values that type cannot; the file is corrupt")
+    return values.to(dtype)
+
+
+def float_codes_of_older_files(expected: dict[str, torch.Tensor], declared: dict[str, Declared]
+                               ) -> dict[str, torch.dtype]:
+    """Integer code tensors that a file from an older torchslim stores as float32 (weight-only
+    layers held their codes as floats before they were stored as integers): declared here as
+    the architecture's integer type, to be converted with `as_dtype` once decoded.
+
+    Returns: {name: integer dtype}.
+    """
+    older = {name: expected[name].dtype for name, entry in declared.items()
+             if name in expected and entry.dtype == torch.float32
+             and expected[name].dtype in (torch.int8, torch.uint8)
+             and entry.shape == tuple(expected[name].shape)}
+    for name, dtype in older.items():
+        declared[name] = Declared(declared[name].shape, dtype)
+    return older

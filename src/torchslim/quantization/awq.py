@@ -29,7 +29,7 @@ from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_j
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range
 from torchslim.quantization.smoothquant import observe_inputs
-from torchslim.quantization.weight_only import grid, grouped_linear
+from torchslim.quantization.weight_only import code_dtype, grid, grouped_linear
 from torchslim.registry import register_technique
 from torchslim.select import Select
 from torchslim.structure import Edit, replace_layers_
@@ -153,7 +153,7 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
         weight = weight_of(layer).detach().float()
         ratio = _best_clip(weight, hessian.double(), config) if config.clip else torch.ones(1)
         dequantized, codes, scale, zero = _quantize(weight, config, ratio if config.clip else 1.0)
-        results[name] = (codes, scale, zero)
+        results[name] = (codes.to(code_dtype(not config.symmetric)), scale, zero)  # a byte a code
         with torch.no_grad():  # the next blocks see this layer's codes
             original_weight(layer).copy_(dequantized)
 

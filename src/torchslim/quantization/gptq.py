@@ -33,7 +33,7 @@ from torchslim.config import TechniqueConfig, validated
 from torchslim.layerwise import InputStatistics, compress_layerwise, inverse_hessian_factor, layerwise_job
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range
-from torchslim.quantization.weight_only import grid, grouped_linear
+from torchslim.quantization.weight_only import code_dtype, grid, grouped_linear
 from torchslim.registry import register_technique
 from torchslim.select import Select
 from torchslim.structure import Edit, replace_layers_
@@ -101,7 +101,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
         w, h, pruned = w[:, order], h[order][:, order], pruned[:, order]
     h_inv = inverse_hessian_factor(h, config.dampening)
     w = w.float()
-    codes = torch.zeros(rows, columns, dtype=torch.int32)
+    codes = torch.zeros(rows, columns, dtype=code_dtype(not config.symmetric))  # a byte each: all
     for start in range(0, columns, config.block_size):
         end = min(start + config.block_size, columns)
         block = w[:, start:end].clone()
@@ -118,7 +118,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
             scale, zero = scales[:, group], zeros[:, group].float()
             q = torch.clamp(torch.round(block[:, i] / scale) + zero, spec.qmin, spec.qmax)
             q = torch.where(pruned[:, start + i], zero, q)  # the error feedback must not revive it
-            codes[:, column] = q.to(torch.int32)
+            codes[:, column] = q.to(codes.dtype)
             error = (block[:, i] - (q - zero) * scale) / h_block[i, i]
             block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
             errors[:, i] = error

@@ -38,7 +38,7 @@ class Int4Kernel(TechniqueConfig):
 
 def _unsigned(layer: GroupedWeightLinear) -> tuple[torch.Tensor, torch.Tensor] | str:
     """(codes in [0, 15], zero points in [0, 15]) of a layer, or why it does not fit 4 bits."""
-    codes = layer.codes.detach()
+    codes = layer.codes.detach().long()
     if layer.zeros is None:  # signed symmetric codes: shift to unsigned, zero point 8
         if int(codes.min()) < -8 or int(codes.max()) > 7:
             return "its codes do not fit 4 bits"
@@ -54,7 +54,7 @@ def _build(layer: GroupedWeightLinear) -> Int4Linear:
     assert not isinstance(found, str)
     codes, zeros = found
     new = Int4Linear(in_features, out_features, block_size=layer.group_size, bias=layer.bias is not None)
-    packed, zero_points = pack_int4(codes.round().long(), zeros.round().long(), layer.group_size)
+    packed, zero_points = pack_int4(codes, zeros.round().long(), layer.group_size)
     with torch.no_grad():
         new.packed.copy_(packed)
         new.zero_points.copy_(zero_points)

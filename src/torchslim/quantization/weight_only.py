@@ -5,8 +5,10 @@ symmetric scale per `group_size` consecutive input weights of a row (GPTQ/AWQ-st
 round-to-nearest codes); asymmetric grids (`symmetric=False`) keep codes in [0, 2^b - 1] and a
 zero point per group too. GPTQ (`torchslim.quantization.gptq`) writes the same layer with codes
 chosen to correct each other's error. The forward dequantizes and runs the float matmul: the point is the
-file (and memory) size, not speed. Saved with `Encoding()`, the codes take about `bits` bits
-each (a codebook of at most 2^bits values); the replacement is a recorded structural edit.
+file (and memory) size, not speed. The codes are held as one byte each (int8, or uint8 for
+asymmetric grids), so a quantized model takes about a quarter of the float model's memory;
+saved with `Encoding()`, they take about `bits` bits each (a codebook of at most 2^bits
+values); the replacement is a recorded structural edit.
 """
 
 from __future__ import annotations
@@ -56,15 +58,26 @@ def grid(bits: int, group_size: int | None, symmetric: bool) -> QuantSpec:
                      full_range=symmetric)
 
 
+def code_dtype(asymmetric: bool) -> torch.dtype:
+    """One byte per code: signed symmetric codes fit int8 ([-128, 127] at 8 bits), unsigned
+    asymmetric ones uint8 ([0, 255])."""
+    return torch.uint8 if asymmetric else torch.int8
+
+
 class GroupedWeightLinear(nn.Module):
     """`F.linear(x, (codes - zeros) * scales)` with per-group scales (and zero points when
-    asymmetric); a Linear stored compactly."""
+    asymmetric); a Linear stored compactly.
+
+    `codes` is a frozen integer parameter (counted among the model's parameters, one byte per
+    weight in memory); the float weight exists only during a forward call.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int, bias: bool,
                  asymmetric: bool = False) -> None:
         super().__init__()
         self.group_size = group_size
-        self.codes = nn.Parameter(torch.zeros(out_features, in_features), requires_grad=False)
+        self.codes = nn.Parameter(torch.zeros(out_features, in_features, dtype=code_dtype(asymmetric)),
+                                  requires_grad=False)
         self.scales = nn.Parameter(torch.ones(out_features, in_features // group_size),
                                    requires_grad=False)
         self.zeros = nn.Parameter(torch.zeros(out_features, in_features // group_size),
@@ -73,7 +86,7 @@ class GroupedWeightLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         out_features, in_features = self.codes.shape
-        groups = self.codes.reshape(out_features, -1, self.group_size)  # (out, G, g)
+        groups = self.codes.reshape(out_features, -1, self.group_size).to(self.scales.dtype)  # (out, G, g)
         if self.zeros is not None:
             groups = groups - self.zeros[:, :, None]
         return (groups * self.scales[:, :, None]).reshape(out_features, in_features)
@@ -89,7 +102,7 @@ def grouped_linear(layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
                               group_size=layer.in_features // scales.shape[1],
                               bias=layer.bias is not None, asymmetric=zeros is not None)
     with torch.no_grad():
-        new.codes.copy_(codes.float())
+        new.codes.copy_(codes.round() if codes.is_floating_point() else codes)
         new.scales.copy_(scales)
         if zeros is not None and new.zeros is not None:
             new.zeros.copy_(zeros.float())
