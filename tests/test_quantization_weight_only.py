@@ -112,3 +112,84 @@ def test_decoded_codes_that_do_not_fit_their_integer_type_are_refused() -> None:
     for values, dtype in (([0.5], torch.int8), ([128.0], torch.int8), ([-1.0], torch.uint8)):
         with pytest.raises(ArtifactError, match="holds values that type cannot"):
             as_dtype(torch.tensor(values), dtype, Path("f.slim"), "fc1.codes")
+
+
+def _tiny_llama(tied: bool = True) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_tied_head_and_its_embedding_become_one_table_of_codes(tmp_path: Path) -> None:
+    from torchslim.quantization.weight_only import GroupedWeightEmbedding
+
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    alone = _tiny_llama()
+    result = ts.apply_(alone, WeightOnly(bits=8, group_size=32))
+    assert isinstance(alone.lm_head, nn.Linear)  # tied: left, with the reason and the way out
+    assert "embeddings=True" in result.skipped["lm_head"]
+
+    model = _tiny_llama()
+    dense = ts.save(model, tmp_path / "dense.slim").stat().st_size
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    result = ts.apply_(model, WeightOnly(bits=8, group_size=32, embeddings=True))
+    head, table = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, GroupedWeightLinear) and isinstance(table, GroupedWeightEmbedding)
+    assert table.codes is head.codes and table.scales is head.scales  # one table, not a copy
+    assert {"lm_head", "model.embed_tokens"} <= set(result.changed) and not result.skipped
+    with torch.no_grad():
+        assert sqnr_db(reference, model(input_ids=ids).logits) > 30  # 8-bit codes everywhere
+    path = ts.save(model, tmp_path / "int8.slim", encoding=ts.Encoding())
+    assert path.stat().st_size < dense / 3  # the table is stored once, a byte or less per weight
+    loaded = ts.load(path)
+    assert loaded.model.embed_tokens.codes is loaded.lm_head.codes
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_embeddings_that_cannot_be_quantized_are_left_with_the_reason() -> None:
+    from torchslim.quantization.weight_only import GroupedWeightEmbedding
+
+    tied = _tiny_llama()
+    result = ts.apply_(tied, WeightOnly(bits=4, group_size=32, embeddings=True),
+                       targets=ts.Select(exclude=("lm_head",)))
+    assert isinstance(tied.model.embed_tokens, nn.Embedding)
+    assert "tied to lm_head, which the selection leaves out" in result.skipped["model.embed_tokens"]
+
+    class Tagger(nn.Module):  # a user's model: an untied table of width 48 and a Linear head
+        def __init__(self) -> None:
+            super().__init__()
+            self.words, self.tags = nn.Embedding(100, 48), nn.Embedding(10, 40)
+            self.head = nn.Linear(48, 5)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.words(ids) + self.tags(ids % 10)[..., :1])
+
+    model = Tagger().eval()
+    result = ts.apply_(model, WeightOnly(bits=4, group_size=16, embeddings=True))
+    assert isinstance(model.words, GroupedWeightEmbedding) and isinstance(model.tags, nn.Embedding)
+    assert "width 40 is not a multiple of group_size=16" in result.skipped["tags"]
+    ids = torch.randint(0, 100, (3, 7))
+    assert model(ids).shape == (3, 7, 5)
+
+
+def test_the_int4_kernel_runs_a_tied_head_and_says_it_copies_the_codes() -> None:
+    from torchslim.quantization import Int4Kernel
+    from torchslim.quantization.weight_only import GroupedWeightEmbedding
+    from torchslim.runtime.int4_linear import Int4Linear
+
+    model = _tiny_llama()
+    ts.apply_(model, WeightOnly(bits=4, group_size=32, embeddings=True))
+    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    result = ts.apply_(model, Int4Kernel())
+    assert isinstance(model.lm_head, Int4Linear)
+    assert isinstance(model.model.embed_tokens, GroupedWeightEmbedding)
+    assert "model.embed_tokens" in result["copied"]["lm_head"]
+    with torch.no_grad():
+        assert sqnr_db(before, model(input_ids=ids).logits) > 40  # the same codes, another kernel

@@ -44,7 +44,7 @@ from torchslim.artifact_checks import (
     meta_copy,
     meta_skeleton,
 )
-from torchslim.encoding import decode_tensor, encode_tensor
+from torchslim.encoding import EncodedTensor, decode_tensor, encode_tensor
 from torchslim.encoding.meta import TensorMeta
 from torchslim.errors import ArtifactError, ConfigError
 from torchslim.progress import ProgressLines
@@ -132,6 +132,17 @@ def _codebook(weight: np.ndarray, limit: int) -> np.ndarray | None:
 PROGRESS_ELEMENTS = 20_000_000  # coded weights from which encoding reports per tensor
 
 
+def _coded(tensor: torch.Tensor, encoding: Encoding) -> EncodedTensor | None:
+    """`tensor` entropy-coded, or None for integer codes that take no fewer bytes coded than
+    raw (8-bit codes spread over the whole range)."""
+    array = tensor.numpy().astype(np.float32, copy=False)  # integer codes: exact in float32
+    encoded = encode_tensor(array, codebook=_codebook(array, encoding.max_codebook),
+                            index_bits=encoding.index_bits, coder=encoding.coder)
+    if tensor.dtype != torch.float32 and encoded.total_bytes >= tensor.numel() * tensor.element_size():
+        return None
+    return encoded
+
+
 def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
                   ) -> tuple[torch.Tensor, dict[str, Any]]:
     """All tensors into one uint8 payload (1-D) and a JSON layout of it."""
@@ -146,12 +157,11 @@ def _encode_state(state: dict[str, torch.Tensor], encoding: Encoding
     finished = 0
     for name in sorted(state):  # byte-identical files whatever the module order
         tensor = state[name].detach().cpu().contiguous()
+        encoded = _coded(tensor, encoding) if name in coded else None
         if name in coded:
-            array = tensor.numpy().astype(np.float32, copy=False)  # integer codes: exact in float32
-            encoded = encode_tensor(array, codebook=_codebook(array, encoding.max_codebook),
-                                    index_bits=encoding.index_bits, coder=encoding.coder)
             finished += 1
             progress.update(finished, name)
+        if encoded is not None:
             spans = {}
             for stream, data in encoded.streams.items():
                 spans[stream] = [offset, len(data)]

@@ -367,6 +367,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             options.update(act_order=args.act_order, calibration_batches=batches)
         if args.method == "awq":
             options.update(calibration_batches=batches)
+        if args.embeddings and args.method != "rtn":
+            raise ConfigError(f"--embeddings is a round-to-nearest option (--method rtn), not "
+                              f"{args.method}'s; quantize the embedding with a weight_only stage "
+                              "after it in a recipe")
+        if args.method == "rtn":
+            options.update(embeddings=args.embeddings)
         kind = {"gptq": GPTQ, "awq": AWQ}.get(args.method, WeightOnly)
         return _language_job(args, build_config(kind, options))
     args.bits = args.bits or 8
@@ -627,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--bits", type=int, help="8 (the int8 kernels' width); gptq/rtn: 2..8, default 4")
     quantize.add_argument("--group-size", type=int, default=64, help="gptq/rtn: inputs per scale")
     quantize.add_argument("--asymmetric", action="store_true", help="gptq/rtn: zero point per group")
+    quantize.add_argument("--embeddings", action="store_true",
+                          help="rtn: the embedding tables too; a tied lm_head and its embedding "
+                               "become one table of codes (else the tied head stays float)")
     quantize.add_argument("--act-order", action="store_true",
                           help="gptq: quantize the inputs with the largest Hessian diagonal first")
     quantize.add_argument("--seed", type=int, default=0, help="gptq: calibration windows drawn")

@@ -17,7 +17,7 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.quantization.weight_only import GroupedWeightLinear
+from torchslim.quantization.weight_only import GroupedWeightEmbedding, GroupedWeightLinear
 from torchslim.registry import register_technique
 from torchslim.runtime.int4_linear import Int4Linear, pack_int4
 from torchslim.select import Select
@@ -84,7 +84,13 @@ def int4_kernel_(model: nn.Module, config: Int4Kernel, *, targets: Select,
         assert isinstance(layer, GroupedWeightLinear)
         return _build(layer), {"kind": "int4_kernel", "layer": name}
 
-    return {**replace_layers_(model, chosen, build), "skipped": skipped}
+    tables = {id(m.codes): n for n, m in model.named_modules() if isinstance(m, GroupedWeightEmbedding)}
+    copied = {name: f"its codes are shared with the embedding {tables[id(module.codes)]}, which keeps "
+                    "them for lookups; the kernel holds a packed 4-bit copy"
+              for name, module in model.named_modules()
+              if name in chosen and isinstance(module, GroupedWeightLinear) and id(module.codes) in tables}
+    result = {**replace_layers_(model, chosen, build), "skipped": skipped}
+    return {**result, "copied": copied} if copied else result
 
 
 def _replay(model: nn.Module, edit: Edit) -> None:

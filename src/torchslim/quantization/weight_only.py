@@ -13,6 +13,7 @@ values); the replacement is a recorded structural edit.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any
 
 import torch
@@ -27,9 +28,9 @@ from torchslim.parametrized import weight_of
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range, quantize, tensor_range
 from torchslim.registry import register_technique
 from torchslim.select import Select
-from torchslim.structure import Edit, register_edit, replace_layers_, replace_module_
+from torchslim.structure import Edit, record_edit_, register_edit, replace_layers_, replace_module_
 
-__all__ = ["GroupedWeightLinear", "WeightOnly", "weight_only_"]
+__all__ = ["GroupedWeightEmbedding", "GroupedWeightLinear", "WeightOnly", "weight_only_"]
 
 
 @validated
@@ -40,6 +41,11 @@ class WeightOnly(TechniqueConfig):
     Attributes:
         bits: 2..8 (4 and 8 are the usual choices).
         group_size: weights per scale along a row; must divide each layer's in_features.
+        symmetric: signed codes and no zero point (else unsigned codes with a zero point).
+        embeddings: also the model's `nn.Embedding` tables (rows grouped along the embedding
+            width), unless `targets.exclude` names them. A language model's output head tied to
+            its input embedding is then quantized once, the two sharing one set of codes; without
+            it, a tied head is left in float (replacing it alone would untie the pair).
     """
 
     kind = "weight_only"
@@ -49,6 +55,7 @@ class WeightOnly(TechniqueConfig):
     bits: int = Field(default=4, ge=2, le=8)
     group_size: int = Field(default=32, ge=1)
     symmetric: bool = True
+    embeddings: bool = False
 
 
 def grid(bits: int, group_size: int | None, symmetric: bool) -> QuantSpec:
@@ -95,6 +102,38 @@ class GroupedWeightLinear(nn.Module):
         return F.linear(x, self.weight(), self.bias)
 
 
+class GroupedWeightEmbedding(nn.Module):
+    """An embedding table of grouped codes: each looked-up row is dequantized on the fly, so
+    the table stays one byte per weight in memory. A table tied to an output head shares the
+    head's `codes`, `scales` and `zeros` parameters (`share_`): stored once, as the float pair was."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group_size: int,
+                 asymmetric: bool = False) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.codes = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=code_dtype(asymmetric)),
+                                  requires_grad=False)
+        self.scales = nn.Parameter(torch.ones(num_embeddings, embedding_dim // group_size),
+                                   requires_grad=False)
+        self.zeros = nn.Parameter(torch.zeros(num_embeddings, embedding_dim // group_size),
+                                  requires_grad=False) if asymmetric else None
+
+    def share_(self, head: GroupedWeightLinear) -> None:
+        """Use the tied output head's codes as this table (the same parameters, not a copy)."""
+        if head.codes.shape != self.codes.shape or head.group_size != self.group_size or \
+                (head.zeros is None) != (self.zeros is None):
+            raise TypeError(f"an embedding of {tuple(self.codes.shape)} (group {self.group_size}) "
+                            f"cannot share the codes of a head of {tuple(head.codes.shape)} "
+                            f"(group {head.group_size})")
+        self.codes, self.scales, self.zeros = head.codes, head.scales, head.zeros
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        groups = self.codes[ids].reshape(*ids.shape, -1, self.group_size).to(self.scales.dtype)  # (..., G, g)
+        if self.zeros is not None:
+            groups = groups - self.zeros[ids][..., None]
+        return (groups * self.scales[ids][..., None]).reshape(*ids.shape, -1)
+
+
 def grouped_linear(layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
                    zeros: torch.Tensor | None) -> GroupedWeightLinear:
     """A `GroupedWeightLinear` holding `codes` (out, in), `scales` and `zeros` (out, groups)."""
@@ -111,31 +150,99 @@ def grouped_linear(layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
     return new
 
 
-def _grouped(layer: nn.Linear, config: WeightOnly) -> GroupedWeightLinear:
+def _rtn_codes(weight: torch.Tensor, config: WeightOnly
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest (codes, scales, zero points or None) of a (rows, width) matrix."""
     spec = grid(config.bits, config.group_size, config.symmetric)
-    weight = weight_of(layer).detach().float()
-    scale, zero = qparams_from_range(*tensor_range(weight, spec), spec)  # (out, G)
-    return grouped_linear(layer, quantize(weight, scale, zero, spec), scale,
-                          None if config.symmetric else zero)
+    weight = weight.detach().float()
+    scale, zero = qparams_from_range(*tensor_range(weight, spec), spec)  # (rows, G)
+    return quantize(weight, scale, zero, spec), scale, None if config.symmetric else zero
+
+
+def _grouped(layer: nn.Linear, config: WeightOnly) -> GroupedWeightLinear:
+    return grouped_linear(layer, *_rtn_codes(weight_of(layer), config))
+
+
+def _edit(kind: str, name: str, config: WeightOnly, **extra: Any) -> Edit:
+    return {"kind": kind, "layer": name, "group_size": config.group_size,
+            "asymmetric": not config.symmetric, **extra}
+
+
+def _tied_head(model: nn.Module, table: nn.Embedding) -> str | None:
+    """The Linear whose weight is `table`'s (a language model's tied output head), if any."""
+    return next((name for name, module in model.named_modules()
+                 if isinstance(module, nn.Linear) and module.weight is table.weight), None)
+
+
+def _quantize_embeddings_(model: nn.Module, config: WeightOnly, targets: Select,
+                          heads: set[str]) -> tuple[list[str], dict[str, str]]:
+    """Each `nn.Embedding` not excluded becomes a `GroupedWeightEmbedding`; a tied head among
+    the selected `heads` is replaced with it, sharing its codes. Returns (replaced, skipped)."""
+    done: list[str] = []
+    skipped: dict[str, str] = {}
+    tables = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)
+              and not any(n == e or fnmatch.fnmatch(n, e) for e in targets.exclude)]
+    for name, table in tables:
+        head = _tied_head(model, table)
+        if table.embedding_dim % config.group_size:
+            skipped[name] = (f"its width {table.embedding_dim} is not a multiple of group_size="
+                             f"{config.group_size}; left in float")
+            continue
+        if head is not None and head not in heads:
+            skipped[name] = f"it is tied to {head}, which the selection leaves out; left in float"
+            continue
+        codes, scales, zeros = _rtn_codes(table.weight, config)
+        new = GroupedWeightEmbedding(table.num_embeddings, table.embedding_dim,
+                                     group_size=config.group_size, asymmetric=zeros is not None)
+        if head is not None:
+            linear = model.get_submodule(head)
+            assert isinstance(linear, nn.Linear)
+            replace_module_(model, head, grouped_linear(linear, codes, scales, zeros))
+            record_edit_(model, _edit("weight_only", head, config))
+            shared = model.get_submodule(head)
+            assert isinstance(shared, GroupedWeightLinear)
+            new.share_(shared)
+            done.append(head)
+        else:
+            with torch.no_grad():
+                new.codes.copy_(codes)
+                new.scales.copy_(scales)
+                if zeros is not None and new.zeros is not None:
+                    new.zeros.copy_(zeros)
+        replace_module_(model, name, new)
+        record_edit_(model, _edit("weight_only_embedding", name, config, shares=head))
+        done.append(name)
+    return done, skipped
 
 
 def weight_only_(model: nn.Module, config: WeightOnly, *, targets: Select,
                  calibration: Any = None) -> dict[str, Any]:
-    """Handler of `WeightOnly`: replace the selected Linears; a group size that does not divide
-    a layer's width is an error naming the layers (nothing is changed)."""
+    """Handler of `WeightOnly`: replace the selected Linears (and, with `embeddings`, the
+    embedding tables); a group size that does not divide a selected Linear's width is an error
+    naming the layers (nothing is changed)."""
     layers = [(n, m) for n, m in targets.resolve(model) if isinstance(m, nn.Linear)]
     bad = [f"{n} (in_features {m.in_features})" for n, m in layers if m.in_features % config.group_size]
     if bad:
         raise ConfigError(f"weight_only: group_size={config.group_size} does not divide {', '.join(bad)}; "
                           "pick a divisor or exclude those layers")
 
+    before = sum(p.numel() for p in model.parameters())
+    tables: list[str] = []
+    table_skips: dict[str, str] = {}
+    if config.embeddings:
+        tables, table_skips = _quantize_embeddings_(model, config, targets, {n for n, _ in layers})
+
     def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
         assert isinstance(layer, nn.Linear)
-        return _grouped(layer, config), {"kind": "weight_only", "layer": name,
-                                         "group_size": config.group_size,
-                                         "asymmetric": not config.symmetric}
+        return _grouped(layer, config), _edit("weight_only", name, config)
 
-    return {"bits": config.bits, **replace_layers_(model, [n for n, _ in layers], build)}
+    result = replace_layers_(model, [n for n, _ in layers if n not in tables], build)
+    if not config.embeddings:  # a tied head: say how to quantize it
+        result["skipped"] = {name: reason + ("; embeddings=True quantizes the pair as one table"
+                                             if "is tied to" in reason else "")
+                             for name, reason in result["skipped"].items()}
+    return {"bits": config.bits, **result, "replaced": tables + result["replaced"],
+            "skipped": {**table_skips, **result["skipped"]}, "params_before": before}
 
 
 def _replay(model: nn.Module, edit: Edit) -> None:
@@ -147,5 +254,21 @@ def _replay(model: nn.Module, edit: Edit) -> None:
         bias=layer.bias is not None, asymmetric=bool(edit.get("asymmetric", False))))
 
 
+def _replay_embedding(model: nn.Module, edit: Edit) -> None:
+    table = model.get_submodule(edit["layer"])
+    if not isinstance(table, nn.Embedding):
+        raise TypeError(f"{edit['layer']} is a {type(table).__name__}, not an Embedding")
+    new = GroupedWeightEmbedding(table.num_embeddings, table.embedding_dim,
+                                 group_size=int(edit["group_size"]), asymmetric=bool(edit.get("asymmetric")))
+    if edit.get("shares") is not None:
+        head = model.get_submodule(str(edit["shares"]))
+        if not isinstance(head, GroupedWeightLinear):
+            raise TypeError(f"{edit['layer']} shares the codes of {edit['shares']}, a "
+                            f"{type(head).__name__}, not a GroupedWeightLinear")
+        new.share_(head)
+    replace_module_(model, edit["layer"], new)
+
+
 register_technique(WeightOnly, weight_only_)
 register_edit("weight_only", _replay)
+register_edit("weight_only_embedding", _replay_embedding)
