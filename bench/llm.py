@@ -11,7 +11,7 @@ before), also as a multiple of the fp32 model's bytes.
     python bench/llm.py [--sequences 128] [--length 512] [--eval-tokens 0 (all)] [--methods a,b]
 
 Methods: magnitude, wanda, sparsegpt, wanda-2:4, sparsegpt-2:4 (50%); rtn4, rtn4-asym, rtn4-emb
-(+ the tied embedding and head as one int4 table), gptq4,
+(+ the tied embedding and head as one int4 table), rtn4-emb8 (that table in 8 bits), gptq4,
 gptq4-act, gptq4-asym-act, awq4, awq4-sym (int4, group 64; symmetric grids use all 16
 codes, AWQ is asymmetric unless -sym); rtn3-asym, gptq3-asym, awq3 (int3,
 group 64); w8a8, smoothquant
@@ -50,6 +50,7 @@ METHODS: dict[str, Any] = {
     "rtn4": WeightOnly(bits=4, group_size=64),
     "rtn4-asym": WeightOnly(bits=4, group_size=64, symmetric=False),
     "rtn4-emb": WeightOnly(bits=4, group_size=64, embeddings=True),  # + the tied embedding / head
+    "rtn4-emb8": WeightOnly(bits=4, group_size=64, embeddings=True, embedding_bits=8),
     "gptq4": GPTQ(bits=4, group_size=64),
     "gptq4-asym-act": GPTQ(bits=4, group_size=64, symmetric=False, act_order=True),
     "awq4": AWQ(bits=4, group_size=64),

@@ -193,3 +193,12 @@ def test_the_int4_kernel_runs_a_tied_head_and_says_it_copies_the_codes() -> None
     assert "model.embed_tokens" in result["copied"]["lm_head"]
     with torch.no_grad():
         assert sqnr_db(before, model(input_ids=ids).logits) > 40  # the same codes, another kernel
+
+
+def test_embedding_tables_can_keep_more_bits_than_the_linears() -> None:
+    model = _tiny_llama()
+    ts.apply_(model, WeightOnly(bits=4, group_size=32, embeddings=True, embedding_bits=8))
+    table = model.model.embed_tokens.codes
+    assert int(table.min()) < -8 or int(table.max()) > 7  # 8-bit codes in the shared table
+    proj = model.model.layers[0].mlp.up_proj.codes
+    assert int(proj.min()) >= -8 and int(proj.max()) <= 7  # 4-bit codes elsewhere

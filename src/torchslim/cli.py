@@ -372,7 +372,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                               f"{args.method}'s; quantize the embedding with a weight_only stage "
                               "after it in a recipe")
         if args.method == "rtn":
-            options.update(embeddings=args.embeddings)
+            options.update(embeddings=args.embeddings, embedding_bits=args.embedding_bits)
         kind = {"gptq": GPTQ, "awq": AWQ}.get(args.method, WeightOnly)
         return _language_job(args, build_config(kind, options))
     args.bits = args.bits or 8
@@ -636,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--embeddings", action="store_true",
                           help="rtn: the embedding tables too; a tied lm_head and its embedding "
                                "become one table of codes (else the tied head stays float)")
+    quantize.add_argument("--embedding-bits", type=int,
+                          help="rtn --embeddings: bits of the embedding codes (default: --bits; 8 "
+                               "keeps a tied head's accuracy)")
     quantize.add_argument("--act-order", action="store_true",
                           help="gptq: quantize the inputs with the largest Hessian diagonal first")
     quantize.add_argument("--seed", type=int, default=0, help="gptq: calibration windows drawn")
