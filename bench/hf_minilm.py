@@ -9,7 +9,10 @@ Latency is measured interleaved in this one process (fp32, int8, fp32, ...), med
 The pruned plain model is checked against the pruned wrapper: the same heads and neurons kept means
 the same embeddings, hence the same probe result as the wrapper path's (README table).
 
-    python bench/hf_minilm.py [--rounds 5] [--threads 2]
+`--profile` prints where the int8 program's time goes at batch 32 (onnxruntime's own profiler,
+kernel time per op type, averaged over 4 runs).
+
+    python bench/hf_minilm.py [--rounds 5] [--threads 2] [--profile]
 """
 
 from __future__ import annotations
@@ -46,6 +49,35 @@ def speedups(base: torch.nn.Module, other: torch.nn.Module, inputs: dict[str, to
     return statistics.median(ratios), min(ratios), max(ratios), statistics.median(base_ms)
 
 
+def profile_ops(program: bytes, inputs: torch.Tensor, threads: int, runs: int = 4) -> dict[str, float]:
+    """Milliseconds per run spent in each op type of `program` (onnxruntime's profiler)."""
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "minilm")
+    session = ort.InferenceSession(program, options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: inputs.numpy()}
+    session.run(None, feed)  # warm-up, profiled too: subtracted below
+    warm = session.end_profiling()
+    session = ort.InferenceSession(program, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feed)
+    totals: dict[str, float] = {}
+    with open(session.end_profiling()) as handle:
+        for event in json.load(handle):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                op = event["args"]["op_name"]
+                totals[op] = totals.get(op, 0.0) + event["dur"] / runs / 1000
+    os.remove(warm)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def wrapper() -> MiniLM:
     model = MiniLM().eval()
     load_minilm_weights(model)
@@ -64,6 +96,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="per-op time of the int8 program")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -71,6 +104,14 @@ def main() -> int:
     print(f"{type(model).__name__} from {model_dir()}: {sum(p.numel() for p in model.parameters()):,} params")
     int8 = quantize_model(model, Quantization(method="dynamic"), example_inputs=batch(2))
     print(f"int8 ops: {int8.report['int8_ops']}")
+    if args.profile:
+        from torchslim.runtime.onnx_program import pack_inputs
+
+        assert int8.input_keys is not None
+        ops = profile_ops(int8.program, pack_inputs(batch(32), int8.input_keys), args.threads)
+        print(f"int8 program, batch 32 x seq 128, {args.threads} threads, ms per run by op type: "
+              + ", ".join(f"{op} {ms:.1f}" for op, ms in ops.items() if ms >= 0.5)
+              + f"; total {sum(ops.values()):.1f}")
     ours = wrapper()
     ours_int8 = quantize_model(ours, Quantization(method="dynamic"), example_inputs=batch(2)["input_ids"])
     for size in (32, 1):

@@ -9,6 +9,7 @@ with the memory it added on top of the model copy (peak resident memory while it
 before), also as a multiple of the fp32 model's bytes.
 
     python bench/llm.py [--sequences 128] [--length 512] [--eval-tokens 0 (all)] [--methods a,b]
+                        [--file-bytes]
 
 Methods: magnitude, wanda, sparsegpt, wanda-2:4, sparsegpt-2:4 (50%); rtn4, rtn4-asym, rtn4-emb
 (+ the tied embedding and head as one int4 table), rtn4-emb8 (that table in 8 bits), gptq4,
@@ -24,14 +25,16 @@ import argparse
 import copy
 import json
 import resource
+import tempfile
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from torchslim import apply_
+from torchslim import Encoding, apply_, save
 from torchslim.changes import Changes
 from torchslim.data.text import calibration_text, evaluation_text, token_windows, tokenize_text
 from torchslim.measure import perplexity
@@ -98,6 +101,9 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="one JSON object per method")
+    parser.add_argument("--file-bytes", action="store_true",
+                        help="also save each model entropy-coded (coder ans; minutes each) and report "
+                             "its bytes and bits per weight")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -132,10 +138,17 @@ def main() -> int:
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "calibration_extra_mb": round((memory.peak - memory.before) / 2**20),
                "extra_over_fp32_model": round((memory.peak - memory.before) / fp32_bytes, 2)}
+        if args.file_bytes:
+            with tempfile.TemporaryDirectory() as folder:
+                path = save(model, Path(folder) / "model.slim", encoding=Encoding(coder="ans"))
+                row["file_bytes"] = path.stat().st_size
+            row["bits_per_weight"] = round(8 * row["file_bytes"] / (fp32_bytes / 4), 2)
+        size = (f"; {row['file_bytes']:,} B on disk, {row['bits_per_weight']:.2f} bits/weight"
+                if args.file_bytes else "")
         print(json.dumps(row) if args.json else
               f"{name:15s} perplexity {row['perplexity']:8.3f}  {row['ratio']:6.3f}x dense  "
               f"({row['layers']} layers, {row['seconds']:.0f} s, +{row['calibration_extra_mb']} MB "
-              f"= {row['extra_over_fp32_model']:.2f}x the fp32 model while calibrating)", flush=True)
+              f"= {row['extra_over_fp32_model']:.2f}x the fp32 model while calibrating{size})", flush=True)
         del model
     return 0
 
