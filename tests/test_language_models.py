@@ -294,3 +294,23 @@ def test_int4_codes_run_on_the_matmulnbits_kernel_and_reload(tmp_path: Path) -> 
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, kernel)
     assert reloaded.generate(input_ids=ids[:1], max_new_tokens=2, do_sample=False).shape == (1, 34)
+
+
+def test_after_gptq_a_weight_only_stage_codes_only_the_tied_table(tmp_path: Path) -> None:
+    from torchslim.quantization import WeightOnly
+    from torchslim.quantization.weight_only import GroupedWeightEmbedding, GroupedWeightLinear
+
+    model = llama(tied=True)
+    gptq = apply_(model, GPTQ(bits=4, group_size=32), calibration=calibration())
+    assert "lm_head" in gptq.skipped  # tied: GPTQ leaves it
+    up = model.model.layers[0].mlp.up_proj.codes.clone()
+    table = apply_(model, WeightOnly(bits=4, group_size=32, embeddings=True, embedding_bits=8))
+    assert set(table.changed) == {"lm_head", "model.embed_tokens"}  # the GPTQ codes are kept
+    assert torch.equal(model.model.layers[0].mlp.up_proj.codes, up)
+    assert isinstance(model.lm_head, GroupedWeightLinear)
+    assert isinstance(model.model.embed_tokens, GroupedWeightEmbedding)
+    assert model.lm_head.codes is model.model.embed_tokens.codes
+    ids = calibration()[0]
+    reloaded = artifact.load(artifact.save(model, tmp_path / "m.slim", encoding=artifact.Encoding()))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
