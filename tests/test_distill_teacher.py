@@ -85,3 +85,18 @@ def test_the_student_sees_the_teachers_outputs_on_the_same_shifted_batch() -> No
     with torch.no_grad():
         value = float(loss(teacher(x), torch.zeros(8, dtype=torch.long), x))
     assert value == pytest.approx(0, abs=1e-6)
+
+
+def test_the_shipped_hinton_recipe_trains_the_papers_teacher_then_distils_at_t20() -> None:
+    from torchslim.apps.recipe import load_recipe
+    from torchslim.distillation import TrainedTeacher
+
+    recipe = load_recipe("examples/recipes/hinton_mnist_distill.yaml")
+    assert (recipe.model, recipe.dataset) == ("mlp-800-800", "mnist")
+    assert recipe.baseline is not None and recipe.baseline.shift == 0  # hard labels, no jitter
+    (stage,) = recipe.stages
+    assert stage.kind == "distill" and stage.config.train.shift == 2
+    distill = stage.config.distill
+    assert distill.temperature == 20
+    assert isinstance(distill.teacher, TrainedTeacher) and distill.teacher.model == "mlp-1200-1200"
+    assert distill.teacher.train is not None and distill.teacher.train["shift"] == 2
