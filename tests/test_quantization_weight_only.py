@@ -202,3 +202,26 @@ def test_embedding_tables_can_keep_more_bits_than_the_linears() -> None:
     assert int(table.min()) < -8 or int(table.max()) > 7  # 8-bit codes in the shared table
     proj = model.model.layers[0].mlp.up_proj.codes
     assert int(proj.min()) >= -8 and int(proj.max()) <= 7  # 4-bit codes elsewhere
+
+
+def test_an_8_bit_tied_table_runs_its_head_on_the_8_bit_kernel(tmp_path: Path) -> None:
+    from torchslim.quantization import Int4Kernel
+    from torchslim.runtime.int4_linear import Int4Linear
+
+    for symmetric in (True, False):
+        model = _tiny_llama()
+        ts.apply_(model, WeightOnly(bits=4, group_size=32, embeddings=True, embedding_bits=8,
+                                    symmetric=symmetric))
+        ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            before = model(input_ids=ids).logits
+        ts.apply_(model, Int4Kernel())
+        head, up = model.lm_head, model.model.layers[0].mlp.up_proj
+        assert isinstance(head, Int4Linear) and head.bits == 8
+        assert isinstance(up, Int4Linear) and up.bits == 4
+        with torch.no_grad():
+            assert sqnr_db(before, model(input_ids=ids).logits) > 35  # the same codes, 8-bit kernel
+        loaded = ts.load(ts.save(model, tmp_path / f"k{symmetric}.slim"))
+        assert loaded.lm_head.bits == 8
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -1,10 +1,11 @@
 """Run 4-bit weight codes on a real int4 kernel: `GroupedWeightLinear` -> `Int4Linear`.
 
 `WeightOnly`, `GPTQ` and `AWQ` produce layers that store 4-bit codes but dequantize them to
-float for every call: smaller files, no speed. `Int4Kernel` hands every such layer whose codes
-fit 4 bits and whose groups the kernel takes (a power of two, at least 16) to onnxruntime's
-`MatMulNBits` (`torchslim.runtime.int4_linear`), which reads the packed codes directly; any
-other layer stays as it is and is named with the reason.
+float for every call: smaller files, no speed. `Int4Kernel` hands every such layer whose groups
+the kernel takes (a power of two, at least 16) to onnxruntime's `MatMulNBits`
+(`torchslim.runtime.int4_linear`), which reads the packed codes directly: as 4-bit codes when
+they fit 4 bits, else as 8-bit ones (the same kernel; e.g. a language model's head kept at 8
+bits); any other layer stays as it is and is named with the reason.
 """
 
 from __future__ import annotations
@@ -36,25 +37,30 @@ class Int4Kernel(TechniqueConfig):
     converts = True
 
 
-def _unsigned(layer: GroupedWeightLinear) -> tuple[torch.Tensor, torch.Tensor] | str:
-    """(codes in [0, 15], zero points in [0, 15]) of a layer, or why it does not fit 4 bits."""
+def _width(layer: GroupedWeightLinear) -> int:
+    """4 if the layer's codes fit 4 bits, else 8 (every weight-only code fits a byte)."""
+    codes = layer.codes.detach()
+    low, high = int(codes.min()), int(codes.max())
+    signed = layer.zeros is None
+    return 4 if (low >= -8 and high <= 7 if signed else high <= 15) else 8
+
+
+def _unsigned(layer: GroupedWeightLinear, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, zero points) in [0, 2^bits - 1]: signed symmetric codes shifted by 2^(bits-1)."""
     codes = layer.codes.detach().long()
-    if layer.zeros is None:  # signed symmetric codes: shift to unsigned, zero point 8
-        if int(codes.min()) < -8 or int(codes.max()) > 7:
-            return "its codes do not fit 4 bits"
-        return codes + 8, torch.full_like(layer.scales, 8.0)
-    if int(codes.min()) < 0 or int(codes.max()) > 15:
-        return "its codes do not fit 4 bits"
+    if layer.zeros is None:  # signed symmetric codes: shift to unsigned, zero point 2^(bits-1)
+        middle = 1 << (bits - 1)
+        return codes + middle, torch.full_like(layer.scales, float(middle))
     return codes, layer.zeros.detach()
 
 
 def _build(layer: GroupedWeightLinear) -> Int4Linear:
     out_features, in_features = layer.codes.shape
-    found = _unsigned(layer)
-    assert not isinstance(found, str)
-    codes, zeros = found
-    new = Int4Linear(in_features, out_features, block_size=layer.group_size, bias=layer.bias is not None)
-    packed, zero_points = pack_int4(codes, zeros.round().long(), layer.group_size)
+    bits = _width(layer)
+    codes, zeros = _unsigned(layer, bits)
+    new = Int4Linear(in_features, out_features, block_size=layer.group_size, bias=layer.bias is not None,
+                     bits=bits)
+    packed, zero_points = pack_int4(codes, zeros.round().long(), layer.group_size, bits)
     with torch.no_grad():
         new.packed.copy_(packed)
         new.zero_points.copy_(zero_points)
@@ -72,17 +78,16 @@ def int4_kernel_(model: nn.Module, config: Int4Kernel, *, targets: Select,
         if not isinstance(module, GroupedWeightLinear):
             continue
         size = module.group_size
-        reason = _unsigned(module) if not isinstance(_unsigned(module), tuple) else None
         if size < 16 or size & (size - 1):
-            reason = f"group size {size} is not a power of two >= 16 (MatMulNBits blocks)"
-        if reason:
-            skipped[name] = f"left dequantizing in float: {reason}"
+            skipped[name] = (f"left dequantizing in float: group size {size} is not a power of two "
+                             ">= 16 (MatMulNBits blocks)")
         else:
             chosen.append(name)
 
     def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
         assert isinstance(layer, GroupedWeightLinear)
-        return _build(layer), {"kind": "int4_kernel", "layer": name}
+        new = _build(layer)
+        return new, {"kind": "int4_kernel", "layer": name, **({"bits": 8} if new.bits == 8 else {})}
 
     tables = {id(m.codes): n for n, m in model.named_modules() if isinstance(m, GroupedWeightEmbedding)}
     copied = {name: f"its codes are shared with the embedding {tables[id(module.codes)]}, which keeps "
@@ -98,8 +103,11 @@ def _replay(model: nn.Module, edit: Edit) -> None:
     if not isinstance(layer, GroupedWeightLinear):
         raise TypeError(f"{edit['layer']} is a {type(layer).__name__}, not a GroupedWeightLinear")
     out_features, in_features = layer.codes.shape
+    bits = int(edit.get("bits", 4))
+    if bits not in (4, 8):
+        raise TypeError(f"int4_kernel edit of {edit['layer']} has bits={bits}; 4 or 8")
     replace_module_(model, edit["layer"], Int4Linear(in_features, out_features, block_size=layer.group_size,
-                                                     bias=layer.bias is not None))
+                                                     bias=layer.bias is not None, bits=bits))
 
 
 register_technique(Int4Kernel, int4_kernel_)

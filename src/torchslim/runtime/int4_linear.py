@@ -27,12 +27,15 @@ __all__ = ["ACCURACY_LEVEL", "Int4Linear", "pack_int4"]
 ACCURACY_LEVEL = 4  # activations quantized to int8 inside the kernel (its fast path)
 
 
-def pack_int4(codes: torch.Tensor, zeros: torch.Tensor, block_size: int
+def pack_int4(codes: torch.Tensor, zeros: torch.Tensor, block_size: int, bits: int = 4
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """MatMulNBits' layout: codes (N, K) in [0, 15] -> (N, K/block, block/2) bytes (low nibble
-    first); zero points (N, K/block) in [0, 15] -> (N, ceil(K/block / 2)) bytes."""
+    first); zero points (N, K/block) in [0, 15] -> (N, ceil(K/block / 2)) bytes. With `bits=8`,
+    codes and zero points in [0, 255] are one byte each: (N, K/block, block) and (N, K/block)."""
     rows, columns = codes.shape
     q = codes.to(torch.uint8).reshape(rows, columns // block_size, block_size)
+    if bits == 8:
+        return q.contiguous(), zeros.to(torch.uint8).contiguous()
     packed = q[..., 0::2] | (q[..., 1::2] << 4)
     z = zeros.to(torch.uint8)
     if z.shape[1] % 2:
@@ -41,19 +44,26 @@ def pack_int4(codes: torch.Tensor, zeros: torch.Tensor, block_size: int
 
 
 class Int4Linear(nn.Module):
-    """`y = x Wᵀ + b` with W in 4-bit blocks, run by onnxruntime's `MatMulNBits`."""
+    """`y = x Wᵀ + b` with W in 4-bit blocks (or 8-bit, `bits=8`: the same kernel, one byte per
+    code, for layers kept at 8 bits such as a language model's tied head), run by onnxruntime's
+    `MatMulNBits`."""
 
     packed: torch.Tensor
     scales: torch.Tensor
     zero_points: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, *, block_size: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, *, block_size: int, bias: bool,
+                 bits: int = 4) -> None:
         super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"MatMulNBits layers here are 4- or 8-bit, not {bits}-bit")
         self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        self.bits = bits
         blocks = in_features // block_size
-        self.register_buffer("packed", torch.zeros(out_features, blocks, block_size // 2, dtype=torch.uint8))
+        per_block, zero_bytes = (block_size // 2, (blocks + 1) // 2) if bits == 4 else (block_size, blocks)
+        self.register_buffer("packed", torch.zeros(out_features, blocks, per_block, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, blocks))
-        self.register_buffer("zero_points", torch.zeros(out_features, (blocks + 1) // 2, dtype=torch.uint8))
+        self.register_buffer("zero_points", torch.zeros(out_features, zero_bytes, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self._session: Any = None
         self._threads = 0
@@ -63,7 +73,7 @@ class Int4Linear(nn.Module):
 
         k, n = self.in_features, self.out_features
         node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft",
-                                K=k, N=n, bits=4, block_size=self.block_size,
+                                K=k, N=n, bits=self.bits, block_size=self.block_size,
                                 accuracy_level=ACCURACY_LEVEL)
         initializers = [
             helper.make_tensor("w", TensorProto.UINT8, list(self.packed.shape),
