@@ -2,8 +2,9 @@
 
 The int4 model is round-to-nearest int4 (group 64, symmetric; the codes GPTQ or AWQ would choose
 run at the same speed) on onnxruntime's `MatMulNBits` (`Int4Kernel`), with the tied lm_head and
-the embedding in fp32; "int4 + head" also quantizes that pair as one int4 table
-(`WeightOnly(embeddings=True)`), the head then running on `MatMulNBits` too. Greedy decoding at
+the embedding in fp32; "int4 + head4" / "head8" also quantize that pair as one table of 4- or
+8-bit codes (`WeightOnly(embeddings=True, embedding_bits=)`), the head then running on
+`MatMulNBits` too. Greedy decoding at
 batch 1 (16-token prompt, 32 new tokens, key/value cache)
 and prefill at batch 8 x 128 tokens, fp32 and int4 timed interleaved, `--rounds` rounds, medians
 with the min-max of the per-round ratios.
@@ -39,14 +40,16 @@ def main() -> int:
     apply_(int4, WeightOnly(bits=4, group_size=64), targets=Select(exclude=("lm_head",)))
     changes = apply_(int4, Int4Kernel())
     print(f"int4 kernel layers: {len(changes.changed)}; left in float: {changes.skipped or 'none'}")
-    head = copy.deepcopy(dense)  # + the tied embedding / lm_head as one int4 table
-    apply_(head, WeightOnly(bits=4, group_size=64, embeddings=True))
-    changes = apply_(head, Int4Kernel())
-    print(f"int4 + head: {len(changes.changed)} kernel layers; {changes['copied']}")
+    heads = {}
+    for bits in (4, 8):  # + the tied embedding / lm_head as one table of 4- or 8-bit codes
+        heads[bits] = copy.deepcopy(dense)
+        apply_(heads[bits], WeightOnly(bits=4, group_size=64, embeddings=True, embedding_bits=bits))
+        changes = apply_(heads[bits], Int4Kernel())
+        print(f"int4 + head{bits}: {len(changes.changed)} kernel layers; {changes['copied']}")
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 49152, (1, 16), generator=generator)
     prefill = torch.randint(0, 49152, (8, 128), generator=generator)
-    models = {"fp32": dense, "int4 (MatMulNBits)": int4, "int4 + head": head}
+    models = {"fp32": dense, "int4 (MatMulNBits)": int4, "int4 + head4": heads[4], "int4 + head8": heads[8]}
     decode: dict[str, list[float]] = {name: [] for name in models}
     fill: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
@@ -63,7 +66,7 @@ def main() -> int:
     for name in models:
         print(f"{name:20s} decode b1 {statistics.median(decode[name]):6.1f} tokens/s, "
               f"prefill b8x128 {1000 * statistics.median(fill[name]):7.1f} ms")
-    for name in ("int4 (MatMulNBits)", "int4 + head"):
+    for name in list(models)[1:]:
         speed = [i / d for i, d in zip(decode[name], decode["fp32"], strict=True)]
         prefill_ratio = [d / i for d, i in zip(fill["fp32"], fill[name], strict=True)]
         print(f"{name} / fp32: decode {statistics.median(speed):.2f}x ({min(speed):.2f}-{max(speed):.2f}), "

@@ -91,7 +91,7 @@ def int4_kernel_(model: nn.Module, config: Int4Kernel, *, targets: Select,
 
     tables = {id(m.codes): n for n, m in model.named_modules() if isinstance(m, GroupedWeightEmbedding)}
     copied = {name: f"its codes are shared with the embedding {tables[id(module.codes)]}, which keeps "
-                    "them for lookups; the kernel holds a packed 4-bit copy"
+                    "them for lookups; the kernel holds a packed copy"
               for name, module in model.named_modules()
               if name in chosen and isinstance(module, GroupedWeightLinear) and id(module.codes) in tables}
     result = {**replace_layers_(model, chosen, build), "skipped": skipped}
