@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -195,3 +196,18 @@ def test_fuzzed_forgeries_only_raise_artifact_error_within_memory_and_time(tmp_p
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["examples"] >= 300 and summary["refused"] > summary["examples"] // 2, summary
     assert summary["max_seconds"] < 10, summary
+
+
+@pytest.mark.parametrize("dtype", [["int8"], {"a": 1}, 7, "int64", "complex64"])
+def test_a_coded_tensor_declaring_a_dtype_that_codes_cannot_have_is_refused(tmp_path: Path,
+                                                                             dtype: Any) -> None:
+    path = encoded_artifact(tmp_path / "m.slim")
+
+    def forge(tensors: dict, document: dict) -> None:
+        layout = read_layout(tensors, document)
+        layout["fc1.weight"]["dtype"] = dtype
+        replace_layout(tensors, document, layout)
+
+    rewrite(path, forge)
+    with pytest.raises(ArtifactError, match="declares coded dtype"):
+        artifact.load(path)

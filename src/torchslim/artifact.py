@@ -228,7 +228,7 @@ def _declare_layout(layout: Any, path: Path, size: int) -> dict[str, Declared]:
                                     f"its metadata needs {list(meta.streams)}; the file is corrupt")
             for span in streams.values():
                 _check_span(span, size, path, name)
-            dtype = CODED_DTYPES.get(entry.get("dtype", "float32"))
+            dtype = CODED_DTYPES.get(str(entry.get("dtype", "float32")))  # any JSON value: str first
             if dtype is None:
                 raise ArtifactError(f"{path}: tensor {name!r} declares coded dtype {entry.get('dtype')!r} "
                                     f"(valid: {sorted(CODED_DTYPES)}); the file is corrupt")
@@ -246,7 +246,7 @@ def _decode_layout(data: bytes, layout: dict[str, Any], path: Path) -> dict[str,
         if "meta" in entry:
             streams = {s: _slice(data, span, path, name) for s, span in entry["streams"].items()}
             values = torch.from_numpy(decode_tensor(entry["meta"], streams).copy())
-            state[name] = as_dtype(values, CODED_DTYPES[entry.get("dtype", "float32")], path, name)
+            state[name] = as_dtype(values, CODED_DTYPES[str(entry.get("dtype", "float32"))], path, name)
             continue
         declared = declared_raw(entry, name, path)
         raw = bytearray(_slice(data, entry.get("span"), path, name))

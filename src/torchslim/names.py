@@ -9,5 +9,6 @@ from __future__ import annotations
 
 __all__ = ["DATASET_NAMES", "MODEL_NAMES"]
 
-MODEL_NAMES = ("lenet300", "lenet5", "minilm", "mnist-cnn", "mobilenet-v2", "resnet-small")
+MODEL_NAMES = ("lenet300", "lenet5", "minilm", "mlp-1200-1200", "mlp-800-800", "mnist-cnn", "mobilenet-v2",
+               "resnet-small")
 DATASET_NAMES = ("digits", "fashion-mnist", "mnist")
