@@ -76,52 +76,64 @@ def code_dtype(asymmetric: bool) -> torch.dtype:
     return torch.uint8 if asymmetric else torch.int8
 
 
-class GroupedWeightLinear(nn.Module):
-    """`F.linear(x, (codes - zeros) * scales)` with per-group scales (and zero points when
-    asymmetric); a Linear stored compactly.
+class GroupedCodes(nn.Module):
+    """A matrix held as `codes` (rows, width), one scale per `group_size` codes of a row, and a
+    zero point per group when asymmetric: the storage every grouped weight-only layer shares.
 
-    `codes` is a frozen integer parameter (counted among the model's parameters, one byte per
-    weight in memory); the float weight exists only during a forward call.
+    The tensors are frozen parameters (counted among the model's parameters; the codes one byte
+    each in memory); float values exist only while a forward call dequantizes them.
     """
+
+    def __init__(self, rows: int, width: int, *, group_size: int, asymmetric: bool) -> None:
+        super().__init__()
+        self.group_size = group_size
+        self.codes = nn.Parameter(torch.zeros(rows, width, dtype=code_dtype(asymmetric)), requires_grad=False)
+        self.scales = nn.Parameter(torch.ones(rows, width // group_size), requires_grad=False)
+        self.zeros = nn.Parameter(torch.zeros(rows, width // group_size),
+                                  requires_grad=False) if asymmetric else None
+
+    def load_codes_(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> None:
+        """Copy in codes (rounded if float), scales and zero points of the same shapes."""
+        with torch.no_grad():
+            self.codes.copy_(codes.round() if codes.is_floating_point() else codes)
+            self.scales.copy_(scales)
+            if zeros is not None and self.zeros is not None:
+                self.zeros.copy_(zeros.float())
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+                   ) -> torch.Tensor:
+        """Float values of `codes` (..., width) with their groups' `scales` / `zeros` (..., G):
+        all rows, or the rows an embedding looks up."""
+        groups = codes.reshape(*codes.shape[:-1], -1, self.group_size).to(scales.dtype)  # (..., G, g)
+        if zeros is not None:
+            groups = groups - zeros[..., None]
+        return (groups * scales[..., None]).reshape(codes.shape)
+
+
+class GroupedWeightLinear(GroupedCodes):
+    """`F.linear(x, (codes - zeros) * scales)` with per-group scales (and zero points when
+    asymmetric); a Linear stored compactly."""
 
     def __init__(self, in_features: int, out_features: int, *, group_size: int, bias: bool,
                  asymmetric: bool = False) -> None:
-        super().__init__()
-        self.group_size = group_size
-        self.codes = nn.Parameter(torch.zeros(out_features, in_features, dtype=code_dtype(asymmetric)),
-                                  requires_grad=False)
-        self.scales = nn.Parameter(torch.ones(out_features, in_features // group_size),
-                                   requires_grad=False)
-        self.zeros = nn.Parameter(torch.zeros(out_features, in_features // group_size),
-                                  requires_grad=False) if asymmetric else None
+        super().__init__(out_features, in_features, group_size=group_size, asymmetric=asymmetric)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def weight(self) -> torch.Tensor:
-        out_features, in_features = self.codes.shape
-        groups = self.codes.reshape(out_features, -1, self.group_size).to(self.scales.dtype)  # (out, G, g)
-        if self.zeros is not None:
-            groups = groups - self.zeros[:, :, None]
-        return (groups * self.scales[:, :, None]).reshape(out_features, in_features)
+        return self.dequantize(self.codes, self.scales, self.zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(), self.bias)
 
 
-class GroupedWeightEmbedding(nn.Module):
+class GroupedWeightEmbedding(GroupedCodes):
     """An embedding table of grouped codes: each looked-up row is dequantized on the fly, so
     the table stays one byte per weight in memory. A table tied to an output head shares the
     head's `codes`, `scales` and `zeros` parameters (`share_`): stored once, as the float pair was."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, group_size: int,
                  asymmetric: bool = False) -> None:
-        super().__init__()
-        self.group_size = group_size
-        self.codes = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=code_dtype(asymmetric)),
-                                  requires_grad=False)
-        self.scales = nn.Parameter(torch.ones(num_embeddings, embedding_dim // group_size),
-                                   requires_grad=False)
-        self.zeros = nn.Parameter(torch.zeros(num_embeddings, embedding_dim // group_size),
-                                  requires_grad=False) if asymmetric else None
+        super().__init__(num_embeddings, embedding_dim, group_size=group_size, asymmetric=asymmetric)
 
     def share_(self, head: GroupedWeightLinear) -> None:
         """Use the tied output head's codes as this table (the same parameters, not a copy)."""
@@ -133,10 +145,8 @@ class GroupedWeightEmbedding(nn.Module):
         self.codes, self.scales, self.zeros = head.codes, head.scales, head.zeros
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        groups = self.codes[ids].reshape(*ids.shape, -1, self.group_size).to(self.scales.dtype)  # (..., G, g)
-        if self.zeros is not None:
-            groups = groups - self.zeros[ids][..., None]
-        return (groups * self.scales[ids][..., None]).reshape(*ids.shape, -1)
+        zeros = self.zeros[ids] if self.zeros is not None else None
+        return self.dequantize(self.codes[ids], self.scales[ids], zeros)
 
 
 def grouped_linear(layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
@@ -145,12 +155,9 @@ def grouped_linear(layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
     new = GroupedWeightLinear(layer.in_features, layer.out_features,
                               group_size=layer.in_features // scales.shape[1],
                               bias=layer.bias is not None, asymmetric=zeros is not None)
-    with torch.no_grad():
-        new.codes.copy_(codes.round() if codes.is_floating_point() else codes)
-        new.scales.copy_(scales)
-        if zeros is not None and new.zeros is not None:
-            new.zeros.copy_(zeros.float())
-        if layer.bias is not None and new.bias is not None:
+    new.load_codes_(codes, scales, zeros)
+    if layer.bias is not None and new.bias is not None:
+        with torch.no_grad():
             new.bias.copy_(layer.bias)
     return new
 
@@ -210,11 +217,7 @@ def _quantize_embeddings_(model: nn.Module, config: WeightOnly, targets: Select,
             new.share_(shared)
             done.append(head)
         else:
-            with torch.no_grad():
-                new.codes.copy_(codes)
-                new.scales.copy_(scales)
-                if zeros is not None and new.zeros is not None:
-                    new.zeros.copy_(zeros)
+            new.load_codes_(codes, scales, zeros)
         replace_module_(model, name, new)
         record_edit_(model, _edit("weight_only_embedding", name, config, shares=head))
         done.append(name)
