@@ -225,3 +225,39 @@ def test_an_8_bit_tied_table_runs_its_head_on_the_8_bit_kernel(tmp_path: Path) -
         assert loaded.lm_head.bits == 8
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_subclassed_layers_with_a_forward_of_their_own_are_left_with_the_reason() -> None:
+    from torchslim.quantization.weight_only import GroupedWeightEmbedding
+
+    class ScaledEmbedding(nn.Embedding):  # Gemma-style: the lookup times sqrt(width)
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) * 8.0
+
+    class GatedLinear(nn.Linear):  # a Linear with its activation built in
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(super().forward(x))
+
+    class PlainLinear(nn.Linear):  # no forward of its own: replaced like a Linear
+        pass
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scaled, self.words = ScaledEmbedding(50, 32), nn.Embedding(50, 32)
+            self.gated, self.out = GatedLinear(32, 32), PlainLinear(32, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.gated(self.scaled(ids) + self.words(ids)))
+
+    model = Model().eval()
+    ids = torch.randint(0, 50, (2, 5))
+    reference = model(ids).detach()
+    result = ts.apply_(model, WeightOnly(bits=8, group_size=16, embeddings=True))
+    assert set(result.changed) == {"words", "out"}
+    assert isinstance(model.words, GroupedWeightEmbedding) and isinstance(model.out, GroupedWeightLinear)
+    assert type(model.scaled) is ScaledEmbedding and type(model.gated) is GatedLinear
+    assert "GatedLinear replaces Linear's forward" in result.skipped["gated"]
+    assert "ScaledEmbedding replaces Embedding's forward" in result.skipped["scaled"]
+    with torch.no_grad():
+        assert sqnr_db(reference, model(ids)) > 30  # what the subclasses add is still there

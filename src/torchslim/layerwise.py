@@ -27,6 +27,7 @@ from torchslim.errors import ConfigError
 from torchslim.parametrized import original_weight
 from torchslim.progress import ProgressLines
 from torchslim.select import Select
+from torchslim.structure import own_forward
 
 __all__ = ["InputStatistics", "LayerwiseJob", "compress_layerwise", "inverse_hessian_factor", "layerwise_job",
            "linear_layers_for_llm", "repeated_blocks"]
@@ -217,9 +218,12 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
         model.train(was_training)
 
 
-def linear_layers_for_llm(model: nn.Module, targets: Select, technique: str
+def linear_layers_for_llm(model: nn.Module, targets: Select, technique: str, *, replaces: bool = False
                           ) -> tuple[list[tuple[str, nn.Linear]], dict[str, str]]:
     """The selected Linears a layer-wise method can compress, and the others with the reason.
+
+    `replaces`: the method swaps each layer for another module (GPTQ's codes, SmoothQuant's int8
+    layers), so a Linear subclass with a forward of its own is left too (`own_forward`).
 
     A Linear whose weight is shared with another layer (a language model's `lm_head` tied to the
     token embeddings) is skipped: compressing it would change the embeddings too.
@@ -233,6 +237,8 @@ def linear_layers_for_llm(model: nn.Module, targets: Select, technique: str
         if not isinstance(module, nn.Linear):
             skipped[name] = (f"{type(module).__name__} is not a Linear; {technique} compresses "
                              "Linear layers (exclude it, or convert it to nn.Linear)")
+        elif replaces and (reason := own_forward(module)):
+            skipped[name] = reason
         elif len(owners.get(id(original_weight(module)), [])) > 1:
             skipped[name] = (f"its weight is shared with {owners[id(original_weight(module))][0]} "
                              "(tied embeddings): left dense so the embeddings stay as they are")
@@ -252,7 +258,8 @@ class LayerwiseJob:
 
 
 def layerwise_job(model: nn.Module, targets: Select, calibration: Any, technique: str, *,
-                  group_size: int | None = None, needs_calibration: bool = True) -> LayerwiseJob:
+                  group_size: int | None = None, needs_calibration: bool = True,
+                  replaces: bool = False) -> LayerwiseJob:
     """The checks every layer-wise method (Wanda, SparseGPT, GPTQ, AWQ, SmoothQuant) makes before
     any work, each failure a clear error: a Linear to compress, a group size dividing every
     layer's inputs, and calibration inputs.
@@ -261,7 +268,7 @@ def layerwise_job(model: nn.Module, targets: Select, calibration: Any, technique
         ConfigError: no compressible Linear among the selection, a group size that does not divide
             a layer's in_features, or no calibration batches (when `needs_calibration`).
     """
-    layers, skipped = linear_layers_for_llm(model, targets, technique)
+    layers, skipped = linear_layers_for_llm(model, targets, technique, replaces=replaces)
     if group_size is not None:
         bad = [f"{n} (in_features {m.in_features})" for n, m in layers if m.in_features % group_size]
         if bad:

@@ -20,7 +20,7 @@ from torch import nn
 import torchslim
 from torchslim.errors import ArtifactError, ConfigError
 
-__all__ = ["Edit", "edits_of", "record_edit_", "register_edit", "replace_layers_",
+__all__ = ["Edit", "edits_of", "own_forward", "record_edit_", "register_edit", "replace_layers_",
            "replace_module_", "replay_edits_"]
 
 EDITS_ATTRIBUTE = "torchslim_edits"
@@ -76,11 +76,28 @@ def replace_layers_(model: nn.Module, names: list[str],
             "params_after": sum(p.numel() for p in model.parameters())}
 
 
+def own_forward(module: nn.Module) -> str | None:
+    """Why `module` cannot be replaced by a torch-layer equivalent, if it cannot: its class
+    extends a torch layer (`nn.Linear`, `nn.Embedding`, ...) with a forward of its own (a scaled
+    embedding, a Linear with a built-in activation), which a replacement would silently drop."""
+    cls = type(module)
+    base = next((k for k in cls.__mro__ if k.__module__.startswith("torch.nn.") and k is not nn.Module),
+                None)  # the torch layer it extends; None for a module of its own (ours, a user's)
+    if base not in (None, cls) and getattr(cls, "forward", None) is not getattr(base, "forward", None):
+        return (f"its class {cls.__name__} replaces {base.__name__}'s forward; a replacement would "
+                "drop what it adds, so it is left as it is (exclude it, or give it the base forward)")
+    return None
+
+
 def read_in_place(model: nn.Module, name: str) -> str | None:
-    """Why layer `name` cannot be swapped for another module, if it cannot: its parent reads
-    its tensors instead of calling it (nn.MultiheadAttention's `out_proj`, for one), so a
-    replacement without a `.weight` would break the model; or its weight is tied to another
-    module's, so a replacement would untie them and grow the model."""
+    """Why layer `name` cannot be swapped for another module, if it cannot: its class replaces
+    the forward of the torch layer it extends (see `own_forward`); its parent reads its tensors
+    instead of calling it (nn.MultiheadAttention's `out_proj`, for one), so a replacement
+    without a `.weight` would break the model; or its weight is tied to another module's, so a
+    replacement would untie them and grow the model."""
+    own = own_forward(model.get_submodule(name))
+    if own:
+        return own
     parent_name, _, _ = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     child = name.rpartition(".")[2]

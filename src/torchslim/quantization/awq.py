@@ -108,7 +108,8 @@ def _best_clip(weight: torch.Tensor, hessian: torch.Tensor, config: AWQ) -> torc
 
 def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = None) -> dict[str, Any]:
     """Handler of `AWQ`."""
-    job = layerwise_job(model, targets, calibration, "awq", group_size=config.group_size)
+    job = layerwise_job(model, targets, calibration, "awq", group_size=config.group_size,
+                       replaces=True)
     layers, skipped, batches = job.layers, job.skipped, job.batches
     _, norms = observe_inputs(model, layers, batches)
     groups: dict[str, list[str]] = {}

@@ -128,7 +128,8 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
 
 def gptq_(model: nn.Module, config: GPTQ, *, targets: Select, calibration: Any = None) -> dict[str, Any]:
     """Handler of `GPTQ`: every selected Linear becomes a `GroupedWeightLinear` of GPTQ codes."""
-    job = layerwise_job(model, targets, calibration, "gptq", group_size=config.group_size)
+    job = layerwise_job(model, targets, calibration, "gptq", group_size=config.group_size,
+                       replaces=True)
     layers, skipped, batches = job.layers, job.skipped, job.batches
     _ = grid(config.bits, config.group_size, config.symmetric)  # validates the grid up front
     results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}

@@ -96,7 +96,7 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
 def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
                  calibration: Any = None) -> dict[str, Any]:
     """Handler of `SmoothQuant`."""
-    job = layerwise_job(model, targets, calibration, "smoothquant")
+    job = layerwise_job(model, targets, calibration, "smoothquant", replaces=True)
     layers, skipped, batches = job.layers, job.skipped, job.batches
     maxima, norms = observe_inputs(model, layers, batches)
     groups: dict[str, list[str]] = {}

@@ -28,7 +28,14 @@ from torchslim.parametrized import weight_of
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range, quantize, tensor_range
 from torchslim.registry import register_technique
 from torchslim.select import Select
-from torchslim.structure import Edit, record_edit_, register_edit, replace_layers_, replace_module_
+from torchslim.structure import (
+    Edit,
+    own_forward,
+    record_edit_,
+    register_edit,
+    replace_layers_,
+    replace_module_,
+)
 
 __all__ = ["GroupedWeightEmbedding", "GroupedWeightLinear", "WeightOnly", "weight_only_"]
 
@@ -197,6 +204,9 @@ def _quantize_embeddings_(model: nn.Module, config: WeightOnly, targets: Select,
               and not any(n == e or fnmatch.fnmatch(n, e) for e in targets.exclude)]
     for name, table in tables:
         head = _tied_head(model, table)
+        if own := own_forward(table):
+            skipped[name] = own
+            continue
         if table.embedding_dim % config.group_size:
             skipped[name] = (f"its width {table.embedding_dim} is not a multiple of group_size="
                              f"{config.group_size}; left in float")
