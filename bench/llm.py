@@ -13,9 +13,10 @@ before), also as a multiple of the fp32 model's bytes.
 
 Methods: magnitude, wanda, sparsegpt, wanda-2:4, sparsegpt-2:4 (50%); rtn4, rtn4-asym, rtn4-emb
 (+ the tied embedding and head as one int4 table), rtn4-emb8 (that table in 8 bits), gptq4,
-gptq4-act, gptq4-asym-act, awq4, awq4-sym (int4, group 64; symmetric grids use all 16
-codes, AWQ is asymmetric unless -sym); rtn3-asym, gptq3-asym, awq3 (int3,
-group 64); w8a8, smoothquant
+gptq4-act, gptq4-asym-act (GPTQ's grids clipped by their output error, its default),
+gptq4-noclip, gptq4-act-noclip (full-range grids, as the paper's code), awq4, awq4-sym (int4,
+group 64; symmetric grids use all 16 codes, AWQ is asymmetric unless -sym); rtn3-asym,
+gptq3-asym, gptq3-asym-act, awq3 (int3, group 64); w8a8, smoothquant
 (int8 weights and per-token int8 activations on torch._int_mm, without / with smoothing).
 """
 
@@ -59,6 +60,9 @@ METHODS: dict[str, Any] = {
     "awq4": AWQ(bits=4, group_size=64),
     "awq4-sym": AWQ(bits=4, group_size=64, symmetric=True),
     "gptq4-act": GPTQ(bits=4, group_size=64, act_order=True),
+    "gptq4-noclip": GPTQ(bits=4, group_size=64, clip=False),
+    "gptq4-act-noclip": GPTQ(bits=4, group_size=64, act_order=True, clip=False),
+    "gptq3-asym-act": GPTQ(bits=3, group_size=64, symmetric=False, act_order=True),
     "rtn3-asym": WeightOnly(bits=3, group_size=64, symmetric=False),
     "awq3": AWQ(bits=3, group_size=64),
     "gptq3-asym": GPTQ(bits=3, group_size=64, symmetric=False),

@@ -85,3 +85,13 @@ def test_training_stages_on_text_are_refused_before_any_work(tmp_path: Path, cap
     error = capsys.readouterr().err
     assert "fine_tune" in error and "one-shot stages" in error
     assert not (out / "stages").exists()
+
+
+def test_no_clip_is_refused_for_a_method_without_a_clipping_search(tmp_path: Path, capsys) -> None:
+    (tmp_path / "tiny_lm.py").write_text(FACTORY)
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(tmp_path / "tiny_lm.py:model"), "--method", "rtn",
+                 "--no-clip", "--dataset", "python-docs", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "--no-clip is a gptq / awq option" in error
+    assert not out.exists()

@@ -71,6 +71,31 @@ def test_gptq_keeps_every_pruned_zero(act_order: bool, symmetric: bool) -> None:
     assert bool((restored[weight != 0] != 0).float().mean() > 0.5)  # the rest still carry values
 
 
+@pytest.mark.parametrize("options", [{}, {"act_order": True}, {"act_order": True, "symmetric": False}])
+def test_gptq_clip_narrows_grids_around_outlier_weights_and_lowers_the_output_error(
+        options: dict[str, bool]) -> None:
+    from torchslim.quantization.gptq import GPTQ, gptq_codes
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64) * 0.05
+    weight[torch.rand(32, 64) < 0.03] *= 12  # a few outliers per group stretch the full range
+    inputs = torch.randn(2048, 64)
+    hessian = (inputs.T @ inputs).double() / 2048
+
+    def quantized(clip: bool) -> tuple[float, torch.Tensor]:
+        codes, scales, zeros = gptq_codes(weight, hessian, GPTQ(bits=3, group_size=16, clip=clip, **options))
+        restored = (codes.reshape(32, -1, 16).float() - zeros[:, :, None]) * scales[:, :, None]
+        restored = restored.reshape(32, 64)
+        return float((inputs @ (restored - weight).T).pow(2).mean()), scales.abs()
+
+    full_error, full_scales = quantized(False)
+    clipped_error, clipped_scales = quantized(True)
+    if options.get("act_order"):  # grids from the weights before any update: they only shrink
+        assert bool((clipped_scales <= full_scales + 1e-9).all())
+    assert float((clipped_scales < full_scales - 1e-9).float().mean()) > 0.3
+    assert clipped_error < 0.98 * full_error
+
+
 @pytest.mark.parametrize(("symmetric", "dtype"), [(True, torch.int8), (False, torch.uint8)])
 def test_codes_take_one_byte_per_weight_in_memory_and_on_reload(tmp_path: Path, symmetric: bool,
                                                                  dtype: torch.dtype) -> None:

@@ -364,9 +364,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         options = {"bits": args.bits or 4, "group_size": args.group_size, "symmetric": not args.asymmetric}
         batches = -(-args.calibration_sequences // 8)
         if args.method == "gptq":
-            options.update(act_order=args.act_order, calibration_batches=batches)
+            options.update(act_order=args.act_order, clip=not args.no_clip, calibration_batches=batches)
         if args.method == "awq":
-            options.update(calibration_batches=batches)
+            options.update(clip=not args.no_clip, calibration_batches=batches)
+        if args.no_clip and args.method not in ("gptq", "awq"):
+            raise ConfigError(f"--no-clip is a gptq / awq option; {args.method} has no clipping "
+                              "search to turn off")
         if args.embeddings and args.method != "rtn":
             raise ConfigError(f"--embeddings is a round-to-nearest option (--method rtn), not "
                               f"{args.method}'s; quantize the embedding with a weight_only stage "
@@ -641,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "keeps a tied head's accuracy)")
     quantize.add_argument("--act-order", action="store_true",
                           help="gptq: quantize the inputs with the largest Hessian diagonal first")
+    quantize.add_argument("--no-clip", action="store_true",
+                          help="gptq/awq: grids over each group's full range, without the search for "
+                               "the clipped range that changes the output least")
     quantize.add_argument("--seed", type=int, default=0, help="gptq: calibration windows drawn")
     quantize.add_argument("--calibration", "--dataset", dest="calibration", metavar="DATASET",
                           help="dataset whose training split calibrates (default: the model's): "

@@ -27,7 +27,8 @@ from torch import nn
 from torchslim.config import TechniqueConfig, validated
 from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_job
 from torchslim.parametrized import original_weight, weight_of
-from torchslim.quantization.primitives import QuantSpec, qparams_from_range
+from torchslim.quantization.group_clipping import best_clip, quantize_groups
+from torchslim.quantization.primitives import QuantSpec
 from torchslim.quantization.smoothquant import observe_inputs
 from torchslim.quantization.weight_only import code_dtype, grid, grouped_linear
 from torchslim.registry import register_technique
@@ -37,7 +38,6 @@ from torchslim.structure import Edit, replace_layers_
 __all__ = ["AWQ", "awq_"]
 
 ALPHAS = tuple(i / 10 for i in range(11))
-CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
 @validated
@@ -70,40 +70,13 @@ def _spec(config: AWQ) -> QuantSpec:
 
 def _quantize(weight: torch.Tensor, config: AWQ, ratio: torch.Tensor | float = 1.0
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dequantized, codes, scales, zeros) of `weight` (out, in), each group's range times `ratio`
-    (a float, or (out, groups))."""
-    spec = _spec(config)
-    rows, columns = weight.shape
-    groups = weight.reshape(rows, columns // config.group_size, config.group_size)
-    shrink = ratio if isinstance(ratio, torch.Tensor) else torch.full(groups.shape[:2], ratio)
-    scale, zero = qparams_from_range(groups.amin(-1) * shrink, groups.amax(-1) * shrink, spec)
-    codes = torch.clamp(torch.round(groups / scale[..., None]) + zero[..., None], spec.qmin, spec.qmax)
-    dequantized = ((codes - zero[..., None]) * scale[..., None]).reshape(rows, columns)
-    return dequantized, codes.reshape(rows, columns), scale, zero
+    """(dequantized, codes, scales, zeros) of `weight` (out, in), each group's range times `ratio`."""
+    return quantize_groups(weight, _spec(config), config.group_size, ratio)
 
 
 def _error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     """Mean squared output change of a weight change `delta` on the calibration inputs."""
     return float(((delta @ hessian) * delta).sum())
-
-
-def _best_clip(weight: torch.Tensor, hessian: torch.Tensor, config: AWQ) -> torch.Tensor:
-    """Per (row, group), the range fraction whose codes change that group's output least
-    (block-diagonal of H: the groups are scored independently)."""
-    rows, columns = weight.shape
-    size = config.group_size
-    best = torch.ones(rows, columns // size)
-    lowest = torch.full((rows, columns // size), float("inf"), dtype=torch.float64)
-    for ratio in CLIPS:
-        dequantized, *_ = _quantize(weight, config, ratio)
-        delta = (dequantized - weight).double()
-        for g in range(columns // size):
-            part = slice(g * size, (g + 1) * size)
-            error = ((delta[:, part] @ hessian[part, part]) * delta[:, part]).sum(1)
-            better = error < lowest[:, g]
-            lowest[better, g] = error[better]
-            best[better, g] = ratio
-    return best
 
 
 def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = None) -> dict[str, Any]:
@@ -152,7 +125,7 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
             s = scales[norm_name]
             hessian = hessian / (s[:, None] * s[None, :])
         weight = weight_of(layer).detach().float()
-        ratio = _best_clip(weight, hessian.double(), config) if config.clip else torch.ones(1)
+        ratio = best_clip(weight, hessian, _spec(config), config.group_size) if config.clip else torch.ones(1)
         dequantized, codes, scale, zero = _quantize(weight, config, ratio if config.clip else 1.0)
         results[name] = (codes.to(code_dtype(not config.symmetric)), scale, zero)  # a byte a code
         with torch.no_grad():  # the next blocks see this layer's codes

@@ -10,7 +10,10 @@ Options as in the paper and its reference code: group-wise grids (one scale, and
 when asymmetric, per `group_size` inputs of a row), `act_order` (columns with the largest
 H_jj first; the groups stay the contiguous input ranges of the stored format, their grids taken
 from the weights before any update), dampening of H's diagonal, and blocks of columns whose
-error is carried to the rest in one matrix product.
+error is carried to the rest in one matrix product. One addition, on by default: `clip` narrows
+each group's grid to the fraction of its range that changes the group's output least (AWQ's
+clipping search, `torchslim.quantization.group_clipping`); on SmolLM2-135M at int4 g64 with
+act-order it took perplexity from 1.108x to 1.070x dense.
 
 Weights that are exactly zero (pruned before, by SparseGPT, Wanda or magnitude) keep the zero
 point's code and pass their whole value on as error, so GPTQ after pruning keeps every zero
@@ -32,6 +35,7 @@ from torch import nn
 from torchslim.config import TechniqueConfig, validated
 from torchslim.layerwise import InputStatistics, compress_layerwise, inverse_hessian_factor, layerwise_job
 from torchslim.parametrized import original_weight, weight_of
+from torchslim.quantization.group_clipping import best_clip
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range
 from torchslim.quantization.weight_only import code_dtype, grid, grouped_linear
 from torchslim.registry import register_technique
@@ -52,6 +56,9 @@ class GPTQ(TechniqueConfig):
             576 is not a multiple of 128).
         symmetric: signed codes and no zero point (else unsigned codes with a zero point).
         act_order: quantize the columns with the largest Hessian diagonal first.
+        clip: choose each group's grid range (a fraction of its [min, max]) by the output error
+            it causes on the calibration inputs, as AWQ does (false: the full range, as the
+            paper's code).
         block_size: columns whose errors are carried to the rest at once (the paper's 128).
         dampening: added to H's diagonal, as a fraction of its mean.
         calibration_batches: calibration batches read.
@@ -65,14 +72,19 @@ class GPTQ(TechniqueConfig):
     group_size: int = Field(default=64, ge=1)
     symmetric: bool = True
     act_order: bool = False
+    clip: bool = True
     block_size: int = Field(default=128, ge=1)
     dampening: float = Field(default=0.01, gt=0)
     calibration_batches: int = Field(default=128, ge=1)
 
 
-def _group_params(weights: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) of each row of `weights` (out, g) over its whole width."""
-    return qparams_from_range(weights.amin(dim=1).float(), weights.amax(dim=1).float(), spec)
+def _group_params(weights: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of each row of `weights` (out, g): over its whole width, or, given the
+    group's block of the Hessian, over the clipped range that changes its output least."""
+    ratio = 1.0 if hessian is None else best_clip(weights, hessian, spec, weights.shape[1])[:, 0]
+    return qparams_from_range(weights.amin(dim=1).float() * ratio, weights.amax(dim=1).float() * ratio,
+                              spec)
 
 
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
@@ -95,9 +107,14 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
     scales = torch.zeros(rows, groups)
     zeros = torch.zeros(rows, groups, dtype=torch.int32)
     order = torch.argsort(torch.diag(h), descending=True) if config.act_order else torch.arange(columns)
+
+    def block_of(first: int) -> torch.Tensor | None:  # the group's Hessian block, to clip by
+        return h[first:first + size, first:first + size] if config.clip else None
+
     if config.act_order:  # static grids: from the weights before any update
         for g in range(groups):
-            scales[:, g], zeros[:, g] = _group_params(w[:, g * size:(g + 1) * size], spec)
+            scales[:, g], zeros[:, g] = _group_params(w[:, g * size:(g + 1) * size], spec,
+                                                      block_of(g * size))
         w, h, pruned = w[:, order], h[order][:, order], pruned[:, order]
     h_inv = inverse_hessian_factor(h, config.dampening)
     w = w.float()
@@ -114,7 +131,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, config: GPTQ
                 width = min(size, end - start - i)  # weights as the earlier errors left them
                 current = torch.cat([block[:, i:i + width], w[:, start + i + width:start + i + size]], 1) \
                     if width < size else block[:, i:i + size]
-                scales[:, group], zeros[:, group] = _group_params(current, spec)
+                scales[:, group], zeros[:, group] = _group_params(current, spec, block_of(column))
             scale, zero = scales[:, group], zeros[:, group].float()
             q = torch.clamp(torch.round(block[:, i] / scale) + zero, spec.qmin, spec.qmax)
             q = torch.where(pruned[:, start + i], zero, q)  # the error feedback must not revive it
