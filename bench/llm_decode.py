@@ -4,7 +4,8 @@ The int4 model is round-to-nearest int4 (group 64, symmetric; the codes GPTQ or 
 run at the same speed) on onnxruntime's `MatMulNBits` (`Int4Kernel`), with the tied lm_head and
 the embedding in fp32; "int4 + head4" / "head8" also quantize that pair as one table of 4- or
 8-bit codes (`WeightOnly(embeddings=True, embedding_bits=)`), the head then running on
-`MatMulNBits` too. Greedy decoding at
+`MatMulNBits` too. Layers reading one input (q/k/v, gate/up) run as one stacked call, as
+`Int4Kernel` groups them. Greedy decoding at
 batch 1 (16-token prompt, 32 new tokens, key/value cache)
 and prefill at batch 8 x 128 tokens, fp32 and int4 timed interleaved, `--rounds` rounds, medians
 with the min-max of the per-round ratios.

@@ -252,6 +252,67 @@ def test_an_8_bit_tied_table_runs_its_head_on_the_8_bit_kernel(tmp_path: Path) -
             assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def _ungrouped(model: nn.Module) -> nn.Module:
+    """A copy whose int4 layers each run their own kernel call."""
+    import copy
+
+    from torchslim.runtime.int4_linear import Int4Linear
+
+    plain = copy.deepcopy(model)
+    for layer in plain.modules():
+        if isinstance(layer, Int4Linear):
+            layer.shared = None
+    return plain
+
+
+def test_int4_layers_that_read_one_input_run_as_one_call_with_the_same_outputs(tmp_path: Path) -> None:
+    from torchslim.quantization import Int4Kernel
+
+    model = _tiny_llama(tied=False)
+    ts.apply_(model, WeightOnly(bits=4, group_size=32))
+    result = ts.apply_(model, Int4Kernel())  # no inputs given: two token ids of the language model
+    groups = result["shared_input"]
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj"] in groups
+    assert ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"] in groups
+    assert len(groups) == 4  # o_proj, down_proj and lm_head read inputs of their own
+    assert model.model.layers[0].self_attn.o_proj.shared is None
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        grouped = model(input_ids=ids).logits
+        assert torch.equal(grouped, _ungrouped(model)(input_ids=ids).logits)
+    loaded = ts.load(ts.save(model, tmp_path / "grouped.slim"))
+    assert loaded.model.layers[1].mlp.up_proj.shared is loaded.model.layers[1].mlp.gate_proj.shared
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, grouped)
+    assert loaded.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 15)
+
+
+def test_a_grouped_int4_layer_called_in_another_order_or_on_another_input_stays_right() -> None:
+    from torchslim.quantization import Int4Kernel
+
+    class Twisted(nn.Module):  # a user's module: b before a, then a again on a new input
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 32), nn.Linear(64, 48)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return self.b(x), self.a(x), self.a(x * 2)
+
+    torch.manual_seed(0)
+    model = Twisted().eval()
+    x = torch.randn(5, 64)
+    ts.apply_(model, WeightOnly(bits=4, group_size=32))
+    result = ts.apply_(model, Int4Kernel(), example_inputs=x)
+    assert result["shared_input"] == [["b", "a"]]
+    with torch.no_grad():
+        for got, want in zip(model(x), _ungrouped(model)(x), strict=True):
+            assert torch.equal(got, want)
+    bare = Twisted().eval()
+    ts.apply_(bare, WeightOnly(bits=4, group_size=32))
+    assert "not grouped: no example inputs" in ts.apply_(bare, Int4Kernel())["shared_input"]
+
+
 def test_subclassed_layers_with_a_forward_of_their_own_are_left_with_the_reason() -> None:
     from torchslim.quantization.weight_only import GroupedWeightEmbedding
 

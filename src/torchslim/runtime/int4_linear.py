@@ -15,6 +15,7 @@ model (attention, norms, generation with the key/value cache) runs in torch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 
 from torchslim.runtime.onnx_program import cpu_session
 
-__all__ = ["ACCURACY_LEVEL", "Int4Linear", "pack_int4"]
+__all__ = ["ACCURACY_LEVEL", "Int4Linear", "SharedInput", "matmul_nbits_program", "pack_int4"]
 
 ACCURACY_LEVEL = 4  # activations quantized to int8 inside the kernel (its fast path)
 
@@ -41,6 +42,51 @@ def pack_int4(codes: torch.Tensor, zeros: torch.Tensor, block_size: int, bits: i
     if z.shape[1] % 2:
         z = torch.cat([z, torch.zeros(rows, 1, dtype=torch.uint8)], 1)
     return packed.contiguous(), (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous()
+
+
+def matmul_nbits_program(in_features: int, out_features: int, *, bits: int, block_size: int,
+                         packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> bytes:
+    """A one-node ONNX program `y = x Wᵀ` with W given in `MatMulNBits`' layout."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft",
+                            K=in_features, N=out_features, bits=bits, block_size=block_size,
+                            accuracy_level=ACCURACY_LEVEL)
+    initializers = [
+        helper.make_tensor("w", TensorProto.UINT8, list(packed.shape), packed.numpy().tobytes(), raw=True),
+        helper.make_tensor("s", TensorProto.FLOAT, [scales.numel()], scales.float().numpy().tobytes(),
+                           raw=True),
+        helper.make_tensor("z", TensorProto.UINT8, [zero_points.numel()], zero_points.numpy().tobytes(),
+                           raw=True)]
+    graph = helper.make_graph([node], "int4_linear",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_features])],
+                              initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    return bytes(model.SerializeToString())
+
+
+class _Session:
+    """An onnxruntime session built on first use and rebuilt when torch's thread count changes.
+    Idle pools sleep, not spin: a model holds hundreds of these and they take turns on the cores."""
+
+    def __init__(self) -> None:
+        self._session: Any = None
+        self._threads = 0
+
+    def get(self, program: Callable[[], bytes]) -> Any:
+        threads = torch.get_num_threads()
+        if self._session is None or threads != self._threads:
+            self._session = cpu_session(program(), threads=threads, spinning=False)
+            self._threads = threads
+        return self._session
+
+    def reset(self) -> None:
+        self._session = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Session:
+        return _Session()  # a copy builds its own session from its own tensors
 
 
 class Int4Linear(nn.Module):
@@ -65,50 +111,88 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, blocks))
         self.register_buffer("zero_points", torch.zeros(out_features, zero_bytes, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._session: Any = None
-        self._threads = 0
+        self._session = _Session()
+        self.shared: SharedInput | None = None  # set by `SharedInput`: one call for the group
 
     def _program(self) -> bytes:
-        from onnx import TensorProto, helper
-
-        k, n = self.in_features, self.out_features
-        node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft",
-                                K=k, N=n, bits=self.bits, block_size=self.block_size,
-                                accuracy_level=ACCURACY_LEVEL)
-        initializers = [
-            helper.make_tensor("w", TensorProto.UINT8, list(self.packed.shape),
-                               self.packed.numpy().tobytes(), raw=True),
-            helper.make_tensor("s", TensorProto.FLOAT, [self.scales.numel()],
-                               self.scales.float().numpy().tobytes(), raw=True),
-            helper.make_tensor("z", TensorProto.UINT8, [self.zero_points.numel()],
-                               self.zero_points.numpy().tobytes(), raw=True)]
-        graph = helper.make_graph([node], "int4_linear",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
-                                  initializer=initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                        helper.make_opsetid("com.microsoft", 1)])
-        return bytes(model.SerializeToString())
+        return matmul_nbits_program(self.in_features, self.out_features, bits=self.bits,
+                                    block_size=self.block_size, packed=self.packed, scales=self.scales,
+                                    zero_points=self.zero_points)
 
     def session(self) -> Any:
-        threads = torch.get_num_threads()
-        if self._session is None or threads != self._threads:
-            # one session per layer: idle pools must sleep, not spin, or the model's hundreds of
-            # thread pools fight for the cores between calls
-            self._session = cpu_session(self._program(), threads=threads, spinning=False)
-            self._threads = threads
-        return self._session
+        return self._session.get(self._program)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._session = None  # new tensors: the session is rebuilt from them
+        self._session.reset()  # new tensors: the sessions are rebuilt from them
+        if self.shared is not None:
+            self.shared.reset()
+
+    def finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """This layer's output rows `y` (rows, out) back in `x`'s shape, bias added."""
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, self.in_features).detach().float().contiguous().numpy()
-        (y,) = self.session().run(["y"], {"x": rows})
-        out = torch.from_numpy(y)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        if self.shared is not None:
+            return self.shared.output(self, x)
+        (y,) = self.session().run(["y"], {"x": rows_of(x, self.in_features)})
+        return self.finish(torch.from_numpy(y), x)
 
+
+def rows_of(x: torch.Tensor, width: int) -> Any:
+    """`x` as the float32 (rows, width) array a session takes."""
+    return x.reshape(-1, width).detach().float().contiguous().numpy()
+
+
+class SharedInput:
+    """Int4Linear layers that read the same input (a block's q/k/v projections, a gated MLP's
+    gate and up) run as one `MatMulNBits` call over their rows stacked: one kernel launch instead
+    of several, which is what decoding one token at a time pays for most.
+
+    The first member called with an input computes every member's rows and keeps them until each
+    member has taken its own; a member called with another input recomputes, so the result is
+    right whatever the call order. Each layer keeps its own tensors (saved as before); the
+    stacked program is built from them on first use.
+    """
+
+    def __init__(self, members: list[Int4Linear]) -> None:
+        first = members[0]
+        if len(members) < 2 or any((m.in_features, m.bits, m.block_size)
+                                   != (first.in_features, first.bits, first.block_size) for m in members):
+            raise ValueError("a shared-input group needs two or more layers of one input width, "
+                             "bit width and block size")
+        self.members = members
+        self._session = _Session()
+        self._input: torch.Tensor | None = None
+        self._outputs: list[torch.Tensor] = []
+        self._pending: set[int] = set()
+        for member in members:
+            member.shared = self
+
+    def _program(self) -> bytes:
+        first = self.members[0]
+        return matmul_nbits_program(
+            first.in_features, sum(m.out_features for m in self.members), bits=first.bits,
+            block_size=first.block_size, packed=torch.cat([m.packed for m in self.members]),
+            scales=torch.cat([m.scales for m in self.members]),
+            zero_points=torch.cat([m.zero_points for m in self.members]))
+
+    def reset(self) -> None:
+        self._session.reset()
+        self._input, self._outputs, self._pending = None, [], set()
+
+    def output(self, member: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+        index = next(i for i, m in enumerate(self.members) if m is member)
+        if x is not self._input or index not in self._pending:
+            session = self._session.get(self._program)
+            (y,) = session.run(["y"], {"x": rows_of(x, member.in_features)})
+            stacked = torch.from_numpy(y)
+            self._outputs = list(stacked.split([m.out_features for m in self.members], dim=1))
+            self._input, self._pending = x, set(range(len(self.members)))
+        out = member.finish(self._outputs[index].contiguous(), x)
+        self._pending.discard(index)
+        if not self._pending:  # every member has its rows: hold on to nothing
+            self._input, self._outputs = None, []
+        return out
