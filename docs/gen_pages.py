@@ -282,8 +282,10 @@ TOP_LEVEL = {
     "stages": "The ordered list of stages, each a mapping with one key: the stage name. Required.",
     "time_stages": "Stage numbers (1 = the first stage) whose result is timed too, beside the baseline "
                    "and the final model (other rows show – for latency).",
-    "text": "Language models: `sequence_length` of the calibration windows (default 512) and "
-            "`eval_tokens`, the held-out tokens scored for perplexity (default 16384).",
+    "text": "Language models: `sequence_length` of the calibration and training windows (default "
+            "512), `eval_tokens`, the held-out tokens scored for perplexity (default 16384), and "
+            "`train_tokens`, the calibration-split tokens one epoch of `fine_tune` / `distill` reads "
+            "(default: all but the last twentieth, their validation windows).",
 }
 
 

@@ -77,14 +77,52 @@ def test_sparsegpt_then_gptq_then_encode_on_a_language_model(tmp_path: Path) -> 
     assert tokens.shape == (1, 7)
 
 
-def test_training_stages_on_text_are_refused_before_any_work(tmp_path: Path, capsys) -> None:
-    recipe = _recipe(tmp_path, [{"wanda": {"sparsity": 0.5}}, {"fine_tune": {"epochs": 1}}])
+def test_training_stages_that_do_not_train_a_language_model_are_refused_before_any_work(
+        tmp_path: Path, capsys) -> None:
+    recipe = _recipe(tmp_path, [{"wanda": {"sparsity": 0.5}}, {"qat": {"epochs": 1}}])
     out = tmp_path / "out"
     assert main(["compress", str(recipe), "--model", str(tmp_path / "tiny_lm.py:model"),
                  "--out", str(out)]) == 2
     error = capsys.readouterr().err
-    assert "fine_tune" in error and "one-shot stages" in error
+    assert "qat" in error and "one-shot stages" in error and "fine_tune / distill" in error
     assert not (out / "stages").exists()
+
+
+def _kl_to(model: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor) -> float:
+    from torchslim.distillation import soft_target_loss
+
+    with torch.no_grad():
+        return float(soft_target_loss(model(input_ids=ids).logits, teacher(input_ids=ids).logits, 1.0))
+
+
+def test_a_pruned_language_model_is_distilled_from_the_dense_one_and_keeps_its_zeros(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, [{"sparsegpt": {"sparsity": 0.5, "calibration_batches": 8}},
+                                {"distill": {"epochs": 2, "batch_size": 8, "optimizer": "adamw", "lr": 0.0003,
+                                             "distill": {"temperature": 1.0, "alpha": 0.0}}}])
+    text = yaml.safe_load(recipe.read_text())
+    text["text"] = {"sequence_length": 64, "eval_tokens": 1024, "train_tokens": 6000}
+    recipe.write_text(yaml.safe_dump(text))
+    out = tmp_path / "out"
+    assert main(["compress", str(recipe), "--model", str(tmp_path / "tiny_lm.py:model"),
+                 "--out", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["baseline", "1. sparsegpt", "2. distill"]
+    assert rows[2]["nonzero_params"] == rows[1]["nonzero_params"] < rows[0]["nonzero_params"]
+    pruned, distilled = ts.load(out / "stages" / "01-sparsegpt.slim"), ts.load(out / "model.slim")
+    for (name, before), after in zip(pruned.named_parameters(), distilled.parameters(), strict=True):
+        if before.dim() == 2 and "embed" not in name:
+            assert torch.equal(after[before == 0], torch.zeros(int((before == 0).sum()))), name
+    pairs = zip(pruned.parameters(), distilled.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)  # it trained
+    spec = importlib.util.spec_from_file_location("tiny_lm", tmp_path / "tiny_lm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dense = module.model()  # the seeded original: the teacher
+    from torchslim.apps.language import text_tokens
+
+    ids = text_tokens("python-docs", dense)[1][:256].reshape(4, 64)  # held-out text
+    assert _kl_to(distilled, dense, ids) < 0.8 * _kl_to(pruned, dense, ids)
 
 
 def test_no_clip_is_refused_for_a_method_without_a_clipping_search(tmp_path: Path, capsys) -> None:

@@ -90,3 +90,15 @@ class _SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_evaluate_scores_a_language_model_per_token_and_skips_ignored_labels() -> None:
+    class Echo(nn.Module):  # predicts token t+1 = token t: scores (N, T, V) like a causal LM
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return nn.functional.one_hot(ids, 5).float() * 10
+
+    ids = torch.tensor([[1, 2, 2, 3], [4, 4, 4, 0]])
+    labels = torch.tensor([[2, 2, 3, 3], [4, 4, -100, -100]])  # right on 2 + 2 tokens
+    result = evaluate(Echo(), [(ids, labels)])
+    assert result["samples"] == 6  # tokens, the two -100 labels skipped
+    assert result["accuracy"] == pytest.approx(4 / 6)

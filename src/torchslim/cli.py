@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the stages of a recipe (prune, fine_tune, cluster, encode, ...), "
         "checkpointing each; writes OUT/model.slim and OUT/report.json/.md. A causal language model "
         "with a text dataset (python-docs) runs the one-shot stages (sparsegpt, gptq, ...) and "
-        "reports perplexity and bits per weight. Data-parallel: "
+        "fine_tune / distill on the text, and reports perplexity and bits per weight. Data-parallel: "
         "`torchrun --nproc_per_node=N -m torchslim compress ...` (training batches split "
         "over the N processes; rank 0 writes and prints).")
     compress.add_argument("recipe", help="a recipe file, e.g. examples/recipes/*.yaml")

@@ -43,7 +43,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     """Mean cross-entropy loss and top-k accuracy (fractions) of a classifier.
 
     Returns keys `loss`, `accuracy` (top-1) and `top{k}` for every other k, plus `samples`.
-    The model's train/eval mode is restored afterwards.
+    A language model's (N, T, V) scores against (N, T) next-token labels count per token
+    (`samples` is then the tokens; -100 labels are skipped). The model's train/eval mode is
+    restored afterwards.
     """
     was_training = model.training
     model.eval()
@@ -57,6 +59,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                                   "with 'labels'; for unlabelled data compare outputs instead")
             inputs, labels = move_inputs(inputs, device), labels.to(device)
             logits = logits_of(call_model(model, inputs))
+            if logits.dim() > 2 and labels.dim() == logits.dim() - 1:  # tokens of a language model
+                kept = labels.reshape(-1) != -100
+                logits, labels = logits.reshape(-1, logits.shape[-1])[kept], labels.reshape(-1)[kept]
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             ranked = logits.topk(max(topk), dim=1).indices  # (B, max_k)
             hits = ranked.eq(labels.unsqueeze(1))  # (B, max_k)

@@ -27,6 +27,7 @@ from torchslim.api import finalize_
 from torchslim.apps.recipe import EncodeStage, Recipe, Stage
 from torchslim.apps.run_data import (
     ONE_SHOT_STAGES,
+    TEXT_TRAINING_STAGES,
     BuiltinData,
     RunData,
     TextData,
@@ -128,7 +129,7 @@ class CompressionRun:
         data, _ = resolve_run_data(dataset, name, seed=recipe.seed, required=True)
         assert data is not None
         if isinstance(data, TextData):
-            data = dataclasses.replace(data, **recipe.text)  # sequence_length, eval_tokens
+            data = dataclasses.replace(data, **recipe.text)  # sequence_length, eval_tokens, train_tokens
         self.data: RunData = data
         self.original: nn.Module | None = None  # the model before stage 1: `teacher: original`
         self._loaded: nn.Module | None = None  # `--model`, loaded once
@@ -407,12 +408,16 @@ class CompressionRun:
             model = self._untrained()
         if isinstance(self.data, TextData):
             self.data.bind_(model)  # tokenizes now: a model without a tokenizer fails here
-            refused = [s.kind for s in self.recipe.stages if s.kind in TRAINING_STAGES]
+            refused = [s.kind for s in self.recipe.stages
+                       if s.kind in TRAINING_STAGES and s.kind not in TEXT_TRAINING_STAGES]
             refused += ["baseline"] if self.recipe.baseline is not None else []
             if refused:
-                raise ConfigError(f"stage(s) {', '.join(refused)} train on labelled batches; on a "
-                                  f"language model with text {self.data.name!r} use the one-shot "
-                                  f"stages ({ONE_SHOT_STAGES})")
+                raise ConfigError(f"stage(s) {', '.join(refused)} do not train a language model; with "
+                                  f"text {self.data.name!r} use the one-shot stages ({ONE_SHOT_STAGES}) "
+                                  f"and {' / '.join(TEXT_TRAINING_STAGES)} (distillation from the "
+                                  "original model)")
+            if any(s.kind in TEXT_TRAINING_STAGES for s in self.recipe.stages):
+                self.data.steps_per_epoch(1)  # enough text for one training window, checked now
         check_stages(self.recipe.stages, model)
 
     def _run(self) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class Recipe:
     stages: tuple[Stage, ...]
     source: dict[str, Any]
     time_stages: tuple[int, ...] = ()  # stage numbers timed at the end, beside baseline and final
-    text: dict[str, Any] = field(default_factory=dict)  # language models: sequence_length, eval_tokens
+    text: dict[str, Any] = field(default_factory=dict)  # LMs: sequence_length, eval/train_tokens
 
     @property
     def digest(self) -> str:
@@ -140,11 +140,12 @@ def parse_recipe(data: Any) -> Recipe:
             raise ConfigError(f"{key} must be a name (a string), got {str(data[key])[:60]!r}")
     parsed = tuple(_stage(i, item, seed) for i, item in enumerate(stages))
     text = data.get("text") or {}
-    if not isinstance(text, dict) or set(text) - {"sequence_length", "eval_tokens"} or not all(
-            type(v) is int and v > 0 for v in text.values()):
+    if not isinstance(text, dict) or set(text) - {"sequence_length", "eval_tokens", "train_tokens"} \
+            or not all(type(v) is int and v > 0 for v in text.values()):
         raise ConfigError("text (language models) takes positive integers sequence_length (calibration "
-                          f"window, default 512) and eval_tokens (held-out tokens scored, default "
-                          f"16384), got {str(text)[:80]!r}")
+                          "and training window, default 512), eval_tokens (held-out tokens scored, "
+                          "default 16384) and train_tokens (calibration-split tokens one training "
+                          f"epoch reads, default all), got {str(text)[:80]!r}")
     timed = data.get("time_stages") or []
     if not isinstance(timed, list) or not all(type(n) is int and 1 <= n <= len(parsed) for n in timed):
         raise ConfigError(f"time_stages lists stage numbers (1 to {len(parsed)}) to time beside the "

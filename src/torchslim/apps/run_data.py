@@ -16,6 +16,7 @@ from torch import nn
 
 from torchslim.calibration import take_pairs
 from torchslim.data import Dataset, TensorLoader, dataset_names, load_dataset
+from torchslim.data.loader import Split
 from torchslim.errors import ConfigError
 
 __all__ = ["BuiltinData", "RunData", "TextData", "UserData", "learn_inputs_", "resolve_run_data"]
@@ -88,6 +89,7 @@ class UserData(RunData):
 
 
 ONE_SHOT_STAGES = "wanda, sparsegpt, gptq, awq, smoothquant, weight_only, int4_kernel, prune, cluster, encode"
+TEXT_TRAINING_STAGES = ("fine_tune", "distill")  # the training stages that train a language model
 
 
 @dataclass
@@ -96,13 +98,17 @@ class TextData(RunData):
     calibration split, perplexity on its held-out split. It is tokenized by the model's own
     tokenizer, so the run binds it to the model first (`bind_`).
 
-    Stages that train (fine_tune, distill, qat, ...) need labelled batches and are refused on
-    it; the one-shot stages need only calibration inputs.
+    The training stages that fit a language model (`fine_tune`, `distill`) read the calibration
+    split cut into consecutive windows of `sequence_length` + 1 tokens (inputs, and the same
+    tokens one later as labels): the last twentieth of the windows is their validation split, the
+    rest (the first `train_tokens` of it, if set) one epoch of training. The held-out split is
+    only ever measured.
     """
 
     name: str
     sequence_length: int = 512
     eval_tokens: int | None = 16384
+    train_tokens: int | None = None
     calibration_tokens: Any = None
     evaluation_tokens: Any = None
     source: str = ""
@@ -114,18 +120,35 @@ class TextData(RunData):
         if self.calibration_tokens is None:
             self.calibration_tokens, self.evaluation_tokens, self.source = text_tokens(self.name, model)
 
-    def _refuse(self) -> Any:
-        raise ConfigError(f"{self.name!r} is a text dataset for a causal language model: stages that "
-                          f"train need labelled batches; use the one-shot stages ({ONE_SHOT_STAGES})")
+    def _bound(self) -> Any:
+        if self.calibration_tokens is None:
+            raise ConfigError(f"text dataset {self.name!r} is not bound to a model's tokenizer yet")
+        return self.calibration_tokens
+
+    def _windows(self) -> tuple[Split, Split]:
+        """(training, validation) windows of the calibration split, as (inputs, next tokens)."""
+        tokens, length = self._bound(), self.sequence_length + 1
+        count = len(tokens) // length
+        held = max(1, count // 20)
+        if count - held < 1:
+            raise ConfigError(f"text dataset {self.name!r}: its calibration split ({len(tokens):,} tokens) "
+                              f"holds fewer than two windows of {length} tokens to train on; lower "
+                              "text: sequence_length")
+        windows = tokens[:count * length].reshape(count, length)
+        train = windows[:count - held]
+        if self.train_tokens is not None:
+            train = train[:max(1, self.train_tokens // length)]
+        val = windows[count - held:]
+        return Split(train[:, :-1], train[:, 1:]), Split(val[:, :-1], val[:, 1:])
 
     def train_loader(self, batch_size: int, seed: int) -> Any:
-        return self._refuse()
+        return TensorLoader(self._windows()[0], batch_size=batch_size, shuffle=True, seed=seed)
 
     def val_loader(self) -> Any:
-        return self._refuse()
+        return TensorLoader(self._windows()[1], batch_size=8)
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return int(self._refuse())
+        return -(-len(self._windows()[0]) // batch_size)
 
     def measured(self) -> tuple[Any, str]:
         return self.evaluation_tokens, "held-out"
@@ -134,9 +157,7 @@ class TextData(RunData):
         """`batches` windows of `sequence_length` tokens, one per batch (no labels)."""
         from torchslim.data.text import token_windows
 
-        if self.calibration_tokens is None:
-            raise ConfigError(f"text dataset {self.name!r} is not bound to a model's tokenizer yet")
-        windows = token_windows(self.calibration_tokens, count=batches, length=self.sequence_length,
+        windows = token_windows(self._bound(), count=batches, length=self.sequence_length,
                                 seed=seed)
         return [(window.unsqueeze(0), None) for window in windows]
 
