@@ -75,3 +75,10 @@ def test_distill_blocks_and_structural_stages_parse() -> None:
     assert tuned.distill.temperature == 2 and tuned.distill.teacher == "original"
     assert plain.distill is None
     assert distill.distill.alpha == 0.5 and distill.train.epochs == 2
+
+
+def test_the_language_model_recipes_validate() -> None:
+    for name in ("smollm2_deep_compression", "smollm2_sparsegpt_distill"):
+        recipe = load_recipe(f"examples/recipes/{name}.yaml")
+        assert recipe.model == "smollm2-135m" and recipe.dataset == "python-docs"
+        assert recipe.stages[0].kind == "sparsegpt" and recipe.text["sequence_length"] == 256
