@@ -236,3 +236,19 @@ def test_a_run_killed_during_gradual_pruning_resumes_with_its_masks(digits, tmp_
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     weight = resumed.model.net[1].weight
     assert float((weight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
+
+
+def test_a_long_epoch_reports_its_steps_in_the_log(digits, monkeypatch, caplog) -> None:
+    import logging
+
+    import torchslim.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "STEP_LINE_SECONDS", 0.0)  # every step counts as "long"
+    trainer = _trainer(digits, epochs=1, batch_size=256)
+    trainer.progress = True
+    with caplog.at_level(logging.INFO, logger="torchslim.progress"):
+        trainer.fit()
+    steps = len(trainer.train_loader)
+    lines = [r.getMessage() for r in caplog.records if "step" in r.getMessage()]
+    assert lines[0].startswith(f"epoch 1/1 step 1/{steps}: train loss ")
+    assert len(lines) == steps

@@ -61,6 +61,7 @@ __all__ = ["CHECKPOINT_NAME", "Batches", "EpochRecord", "Trainer"]
 
 CHECKPOINT_NAME = "last.ckpt"
 log = logging.getLogger(__name__)
+STEP_LINE_SECONDS = 60.0  # within an epoch, a progress line at most this often
 
 
 @dataclass(frozen=True)
@@ -252,7 +253,12 @@ class Trainer:
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.config.epochs}",
                    disable=None if show else True,  # None: only on a terminal
                    leave=False, unit="batch", mininterval=0.5)
-        for batch in bar:
+        # an epoch of minutes (a language model's) also reports its steps, once a minute
+        steps = ProgressLines(f"epoch {epoch + 1}/{self.config.epochs} step",
+                              len(self.train_loader) if hasattr(self.train_loader, "__len__") else None,
+                              enabled=show)
+        reported = time.monotonic()
+        for index, batch in enumerate(bar):
             inputs, labels = split_batch(batch)
             if labels is None:
                 raise ConfigError("a training batch holds no labels; give (inputs, labels) batches or a "
@@ -273,6 +279,9 @@ class Trainer:
             if self.step % 50 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                                 refresh=False)
+            if time.monotonic() - reported >= STEP_LINE_SECONDS:
+                steps.update(index + 1, f"train loss {loss_sum / seen:.4f}")
+                reported = time.monotonic()
         seconds = time.perf_counter() - start
         if self.world > 1:  # the whole global batch's metrics, identical on every process
             totals = distributed.all_reduce_sum(
