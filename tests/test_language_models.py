@@ -105,6 +105,31 @@ def test_n_m_patterns_remove_exactly_n_of_every_m_weights(method: object) -> Non
         assert float((weight == 0).float().mean()) == pytest.approx(n / m, abs=0.01)
 
 
+def test_only_pairs_whose_channels_rescale_without_changing_the_model_are_found() -> None:
+    from torchslim.quantization.scalable_pairs import scalable_pairs
+
+    model = llama()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    consumers = [n for n, _ in layers if n.endswith(("o_proj", "down_proj"))]
+    pairs = scalable_pairs(model, layers, calibration()[0], consumers)
+    # down(silu(gate(x)) * up(x)): up's rows carry a scale, gate's do not (silu is not linear);
+    # o_proj reads v through attention with 2 key/value heads for 4 query heads: widths differ
+    assert pairs == {f"model.layers.{i}.mlp.down_proj": f"model.layers.{i}.mlp.up_proj" for i in range(2)}
+
+    class PlainMLP(nn.Module):  # GPT-2 style: fc -> GELU -> proj, nothing to carry a scale
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proj = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(nn.functional.gelu(self.fc(x)))
+
+    mlp = PlainMLP()
+    before = [p.clone() for p in mlp.parameters()]
+    assert scalable_pairs(mlp, [("fc", mlp.fc), ("proj", mlp.proj)], torch.randn(4, 16), ["proj"]) == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, mlp.parameters(), strict=True))  # restored
+
+
 def test_gptq_corrects_rounding_error_that_round_to_nearest_leaves() -> None:
     x = outlier_inputs()
     layer = one_layer_model()[0]
@@ -260,9 +285,11 @@ def test_awq_searches_scales_through_the_norms_and_beats_round_to_nearest(tmp_pa
     apply_(rtn, WeightOnly(bits=3, group_size=32, symmetric=False), targets=Select(exclude=("lm_head",)))
     changes = apply_(awq, AWQ(bits=3, group_size=32), calibration=calibration(),
                      targets=Select(exclude=("lm_head",)))
-    assert set(changes["alpha"]) == {f"model.layers.{i}.{norm}" for i in range(2)
-                                     for norm in ("input_layernorm", "post_attention_layernorm")}
-    assert "clipping only" in changes["unscaled"]["model.layers.0.mlp.down_proj"]
+    assert set(changes["alpha"]) == {f"model.layers.{i}.{source}" for i in range(2)
+                                     for source in ("input_layernorm", "post_attention_layernorm",
+                                                    "mlp.up_proj")}
+    assert changes["scaled_through"]["model.layers.1.mlp.down_proj"] == "model.layers.1.mlp.up_proj"
+    assert "clipping only" in changes["unscaled"]["model.layers.0.self_attn.o_proj"]
     with torch.no_grad():
         rtn_error = float((rtn(input_ids=ids).logits - dense).pow(2).mean())
         quantized = awq(input_ids=ids).logits

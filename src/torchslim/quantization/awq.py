@@ -29,6 +29,7 @@ from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_j
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.group_clipping import best_clip, quantize_groups
 from torchslim.quantization.primitives import QuantSpec
+from torchslim.quantization.scalable_pairs import scalable_pairs
 from torchslim.quantization.smoothquant import observe_inputs
 from torchslim.quantization.weight_only import code_dtype, grid, grouped_linear
 from torchslim.registry import register_technique
@@ -85,20 +86,22 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
                        replaces=True)
     layers, skipped, batches = job.layers, job.skipped, job.batches
     _, norms = observe_inputs(model, layers, batches)
-    groups: dict[str, list[str]] = {}
-    for name, norm_name in norms.items():
-        groups.setdefault(norm_name, []).append(name)
-    group_of = {name: norm_name for norm_name, names in groups.items() for name in names}
+    producers = scalable_pairs(model, layers, batches[0], [n for n, _ in layers if n not in norms])
+    groups: dict[str, list[str]] = {}  # a scale's source (a norm, or a Linear) -> its readers
+    for name, source in {**norms, **producers}.items():
+        groups.setdefault(source, []).append(name)
+    source_of = {name: source for source, names in groups.items() for name in names}
     modules = dict(layers)
-    scales: dict[str, torch.Tensor] = {}  # per norm: the input scale folded into it
+    scales: dict[str, torch.Tensor] = {}  # per source: the input scale folded into it
     chosen_alpha: dict[str, float] = {}
     results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    waiting: dict[str, InputStatistics] = {}  # producers held back until their readers' scales
 
-    def search_scale(norm_name: str, stats: InputStatistics) -> None:
+    def search_scale(source: str, stats: InputStatistics) -> None:
         assert stats.hessian is not None
         hessian = stats.hessian.float()
         rms = (stats.sq_norm / max(stats.samples, 1)).sqrt().float().clamp(min=1e-8)
-        members = [weight_of(modules[n]).detach().float() for n in groups[norm_name]]
+        members = [weight_of(modules[n]).detach().float() for n in groups[source]]
         best, best_alpha, best_s = float("inf"), 0.0, torch.ones_like(rms)
         for alpha in ALPHAS:
             s = rms.pow(alpha)
@@ -106,23 +109,32 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
             error = sum(_error(_quantize(w * s, config)[0] / s - w, hessian) for w in members)
             if error < best:
                 best, best_alpha, best_s = error, alpha, s
-        scales[norm_name], chosen_alpha[norm_name] = best_s, best_alpha
+        scales[source], chosen_alpha[source] = best_s, best_alpha
         with torch.no_grad():
-            norm = model.get_submodule(norm_name)
-            for tensor in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
-                if isinstance(tensor, torch.Tensor):
-                    tensor.div_(best_s.to(tensor.dtype))
-            for n in groups[norm_name]:
+            if source in modules:  # a Linear: its output rows carry 1/s
+                producer = modules[source]
+                original_weight(producer).div_(best_s[:, None].to(original_weight(producer).dtype))
+                if producer.bias is not None:
+                    producer.bias.div_(best_s.to(producer.bias.dtype))
+            else:  # a norm layer: its weight (and bias) carry 1/s
+                norm = model.get_submodule(source)
+                for tensor in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+                    if isinstance(tensor, torch.Tensor):
+                        tensor.div_(best_s.to(tensor.dtype))
+            for n in groups[source]:
                 original_weight(modules[n]).mul_(best_s[None, :].to(original_weight(modules[n]).dtype))
 
     def quantize_layer(name: str, layer: nn.Linear, stats: InputStatistics) -> None:
         assert stats.hessian is not None
-        norm_name = group_of.get(name)
-        if norm_name is not None and norm_name not in scales:
-            search_scale(norm_name, stats)
+        if name in groups and name not in scales:  # a producer: quantized once its rows are scaled
+            waiting[name] = stats
+            return
+        source = source_of.get(name)
+        if source is not None and source not in scales:
+            search_scale(source, stats)
         hessian = stats.hessian.float()
-        if norm_name is not None:  # its input is now X / s
-            s = scales[norm_name]
+        if source is not None:  # its input is now X / s
+            s = scales[source]
             hessian = hessian / (s[:, None] * s[None, :])
         weight = weight_of(layer).detach().float()
         ratio = best_clip(weight, hessian, _spec(config), config.group_size) if config.clip else torch.ones(1)
@@ -130,8 +142,13 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
         results[name] = (codes.to(code_dtype(not config.symmetric)), scale, zero)  # a byte a code
         with torch.no_grad():  # the next blocks see this layer's codes
             original_weight(layer).copy_(dequantized)
+        if source in waiting:  # the producer's rows now carry this layer's scales
+            quantize_layer(source, modules[source], waiting.pop(source))
 
     run = compress_layerwise(model, layers, batches, quantize_layer, hessian=True, label="awq")
+    for name in list(waiting):  # a producer whose reader never came: its rows stay as they are
+        scales[name] = torch.ones(modules[name].out_features)
+        quantize_layer(name, modules[name], waiting.pop(name))
 
     def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
         assert isinstance(layer, nn.Linear)
@@ -141,9 +158,10 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
             "asymmetric": not config.symmetric}
 
     replaced = replace_layers_(model, [name for name, _ in layers], build)
-    unscaled = {name: "clipping only: its input is not the output of a norm layer"
-                for name, _ in layers if name not in group_of}
-    return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "unscaled": unscaled,
+    unscaled = {name: "clipping only: no norm layer or Linear produces its input channel by channel"
+                for name, _ in layers if name not in source_of}
+    return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "scaled_through": producers,
+            "unscaled": unscaled,
             "skipped": skipped, "calibration": {**run, "batches": len(batches)}}
 
 
