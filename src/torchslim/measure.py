@@ -59,7 +59,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
                                   "with 'labels'; for unlabelled data compare outputs instead")
             inputs, labels = move_inputs(inputs, device), labels.to(device)
             logits = logits_of(call_model(model, inputs))
-            if logits.dim() > 2 and labels.dim() == logits.dim() - 1:  # tokens of a language model
+            if logits.dim() == 3 and labels.dim() == 2:  # (N, T, V) tokens of a language model
                 kept = labels.reshape(-1) != -100
                 logits, labels = logits.reshape(-1, logits.shape[-1])[kept], labels.reshape(-1)[kept]
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
