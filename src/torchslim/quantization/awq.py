@@ -3,14 +3,17 @@
 A few input channels of a language model's Linears carry much larger activations than the rest,
 so the weights on those channels matter most. AWQ multiplies those weight columns by a scale
 s_j = rms(X_j)^α before round-to-nearest quantization (they get finer steps) and divides the input
-by s_j, folded into the norm layer that produces it (free at run time). α is searched per group
-of Linears reading the same norm (q/k/v; gate/up), and then each group of weights is clipped to
-the fraction of its range that quantizes best.
+by s_j, folded into what produces that input (free at run time): the norm layer before q/k/v
+and gate/up, or, for a gated MLP's down_proj, the up_proj whose output rows feed it channel by
+channel (`torchslim.quantization.scalable_pairs` checks each such pair on real inputs). α is
+searched per group of Linears reading the same source, and then each group of weights is clipped
+to the fraction of its range that quantizes best.
 
 Both searches minimise the output error on the calibration inputs exactly, from the input
 Hessian H = 2/n XXᵀ that `torchslim.layerwise` gathers block by block: for a weight change D,
-the mean squared output change is tr(D H Dᵀ)/2, with no activations kept. Linears whose input is
-not a norm's output (o_proj, down_proj) get the clipping search only, and are named so.
+the mean squared output change is tr(D H Dᵀ)/2, with no activations kept. Linears with no such
+source (o_proj: attention lies between it and v_proj) get the clipping search only, and are
+named so.
 
 The result is `WeightOnly`'s `GroupedWeightLinear` (codes, scales, zero points).
 """
