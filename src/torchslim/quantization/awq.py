@@ -32,7 +32,7 @@ from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_j
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.group_clipping import best_clip, quantize_groups
 from torchslim.quantization.primitives import QuantSpec
-from torchslim.quantization.scalable_pairs import scalable_pairs
+from torchslim.quantization.scalable_pairs import divide_rows_, scalable_pairs
 from torchslim.quantization.smoothquant import observe_inputs
 from torchslim.quantization.weight_only import code_dtype, grid, grouped_linear
 from torchslim.registry import register_technique
@@ -115,10 +115,7 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
         scales[source], chosen_alpha[source] = best_s, best_alpha
         with torch.no_grad():
             if source in modules:  # a Linear: its output rows carry 1/s
-                producer = modules[source]
-                original_weight(producer).div_(best_s[:, None].to(original_weight(producer).dtype))
-                if producer.bias is not None:
-                    producer.bias.div_(best_s.to(producer.bias.dtype))
+                divide_rows_(modules[source], best_s)
             else:  # a norm layer: its weight (and bias) carry 1/s
                 norm = model.get_submodule(source)
                 for tensor in (getattr(norm, "weight", None), getattr(norm, "bias", None)):

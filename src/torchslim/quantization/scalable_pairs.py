@@ -22,18 +22,24 @@ from torch import nn
 from torchslim.calibration import call_model
 from torchslim.parametrized import original_weight
 
-__all__ = ["scalable_pairs"]
+__all__ = ["divide_rows_", "scalable_pairs"]
 
 
 def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def _rescale_(producer: nn.Linear, consumer: nn.Linear, s: torch.Tensor) -> None:
+def divide_rows_(producer: nn.Linear, s: torch.Tensor) -> None:
+    """Divide output channel j of `producer` (weight row and bias) by s_j."""
     with torch.no_grad():
         original_weight(producer).div_(s[:, None].to(original_weight(producer).dtype))
         if producer.bias is not None:
             producer.bias.div_(s.to(producer.bias.dtype))
+
+
+def _rescale_(producer: nn.Linear, consumer: nn.Linear, s: torch.Tensor) -> None:
+    divide_rows_(producer, s)
+    with torch.no_grad():
         original_weight(consumer).mul_(s[None, :].to(original_weight(consumer).dtype))
 
 
