@@ -354,6 +354,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from torchslim.apps.workflows import quantize_job
 
     args.model = _model_source(args)
+    if (args.adaround or args.bias_correction) and args.method != "static":
+        raise ConfigError(f"--adaround and --bias-correction are options of --method static (they fit "
+                          f"int8 weights to calibrated int8 activations), not of {args.method}")
+    if args.adaround_iterations != 300 and not args.adaround:
+        raise ConfigError("--adaround-iterations is used by --adaround only; add --adaround or drop it")
     if args.method in LANGUAGE_METHODS:
         from torchslim.config import build_config
         from torchslim.quantization import AWQ, GPTQ, SmoothQuant, WeightOnly
@@ -397,7 +402,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           bits=args.bits, calibrate=args.calibrate, percentile=args.percentile,
                           per_channel=not args.per_tensor, calibration_batches=args.batches,
                           threads=args.threads, backend=args.backend, factory=args.factory,
-                          exclude=tuple(args.exclude), fp16=tuple(args.fp16))
+                          exclude=tuple(args.exclude), fp16=tuple(args.fp16),
+                          adaround=args.adaround, bias_correction=args.bias_correction,
+                          adaround_iterations=args.adaround_iterations)
     _print_table(report)
     quant = report["quantization"]
     print(f"\nint8 ops: {quant['int8_ops']}; left in float: {quant['float_ops'] or 'none'}")
@@ -660,6 +667,14 @@ def build_parser() -> argparse.ArgumentParser:
                                "histogram bins), or a percentile of the values (--percentile)")
     quantize.add_argument("--percentile", type=float,
                           help="with --calibrate percentile: the percentile kept (default 99.999)")
+    quantize.add_argument("--adaround", action="store_true",
+                          help="static: learn each weight's rounding so that every layer reproduces "
+                               "the float model's output on the calibration data (AdaRound)")
+    quantize.add_argument("--adaround-iterations", type=int, default=300,
+                          help="static --adaround: optimisation steps per layer")
+    quantize.add_argument("--bias-correction", action="store_true",
+                          help="static: subtract the mean error each layer's int8 weights add, "
+                               "per output channel, through its bias")
     quantize.add_argument("--batches", type=int, default=8, help="calibration batches of 64")
     quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
     quantize.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"],

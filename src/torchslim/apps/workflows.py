@@ -315,7 +315,9 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                  per_channel: bool = True, calibration_batches: int = 8, seed: int = 0,
                  threads: int | None = None,
                  backend: str = "onnxruntime", factory: str | None = None,
-                 exclude: tuple[str, ...] = (), fp16: tuple[str, ...] = ()) -> dict[str, Any]:
+                 exclude: tuple[str, ...] = (), fp16: tuple[str, ...] = (),
+                 adaround: bool = False, bias_correction: bool = False,
+                 adaround_iterations: int = 300) -> dict[str, Any]:
     """Quantize any model or artifact to int8, save `out/model.slim`, measure both; the report.
 
     Calibration batches come from the training split of `dataset` (a built-in name, default:
@@ -332,7 +334,8 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
         "method": method, "bits": bits, "calibrate": calibrate, "per_channel": per_channel,
         "percentile": percentile,
         "calibration_batches": calibration_batches, "backend": backend, "exclude": list(exclude),
-        "fp16": list(fp16)})
+        "fp16": list(fp16), "adaround": adaround, "bias_correction": bias_correction,
+        "adaround_iterations": adaround_iterations})
     model, path = load_model_or_artifact(source, factory=factory)
     spec = getattr(model, SPEC_ATTRIBUTE, None)
     label = spec.name if isinstance(spec, ModelSpec) else type(model).__name__
@@ -347,6 +350,8 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
             check_dataset_fits(data, spec)  # before calibrating: a mismatch fails here, clearly
         loader = TensorLoader(data.train, batch_size=64, shuffle=True, seed=seed)
         calibration = [inputs for inputs, _ in loader.take(calibration_batches)]
+        if not isinstance(spec, ModelSpec) and signature_of(model) is None:
+            record_signature_(model, calibration[0])  # a user's model: its inputs are the data's
     elif found is not None:
         learn_inputs_(model, found, seed=seed)
         calibration = [inputs for inputs, _ in found.calibration(calibration_batches, seed)]
