@@ -1,12 +1,15 @@
-"""MobileNetV2 static int8: how each choice of activation ranges keeps the fp32 model's answers.
+"""MobileNetV2 static int8: how each choice of activation ranges and weights keeps the fp32 model's answers.
 
 The calibration and evaluation crops are those of `bench/quantization.py` (64 crops of
 scikit-learn's two sample photos each, seeds 0 and 1; no ImageNet here), so the rows compare
 with its `mobilenet` section. Per choice: top-1 agreement with fp32, SQNR of the logits (dB) and
-KL divergence to fp32. Quality only: the int8 graph, and so its speed, is the same for every
-choice (only the activation scales differ).
+KL divergence to fp32, and the conversion's wall time. Quality only: the int8 graph, and so
+its speed, is the same for every choice (only the activation scales, the weights' roundings and
+the biases differ). The last rows add bias correction and AdaRound (`--bias-correction`,
+`--adaround`) to the best range choice; with them, `simulated_sqnr_db` is what the torch
+simulation the weights were fitted in predicts on the calibration crops.
 
-    python bench/int8_calibration.py [--json]
+    python bench/int8_calibration.py [--json] [--only NAME ...]
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -31,12 +35,18 @@ CHOICES = {
     "percentile 99.999": {"calibrate": "percentile"},
     "percentile 99.99": {"calibrate": "percentile", "percentile": 99.99},
     "percentile 99.9": {"calibrate": "percentile", "percentile": 99.9},
+    "p99.99 + bias correction": {"calibrate": "percentile", "percentile": 99.99, "bias_correction": True},
+    "p99.99 + AdaRound": {"calibrate": "percentile", "percentile": 99.99, "adaround": True},
+    "p99.99 + AdaRound + bias corr.": {"calibrate": "percentile", "percentile": 99.99, "adaround": True,
+                                       "bias_correction": True},
 }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=list(CHOICES), metavar="NAME",
+                        help=f"rows to run (default all): {', '.join(CHOICES)}")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     model = create_model("mobilenet-v2").eval()
@@ -45,6 +55,9 @@ def main() -> int:
     with torch.no_grad():
         reference = model(evaluation)
     for name, options in CHOICES.items():
+        if args.only and name not in args.only:
+            continue
+        started = time.perf_counter()
         int8 = quantize_model(model, Quantization(method="static", **options),
                               example_inputs=evaluation[:2], calibration=calibration)
         with torch.no_grad():
@@ -53,10 +66,15 @@ def main() -> int:
                                         log_target=True, reduction="batchmean")
         row = {"calibration": name, "top1_agreement": round(float((logits.argmax(1) == reference.argmax(1))
                                                                  .float().mean()), 4),
-               "sqnr_db": round(sqnr_db(reference, logits), 2), "kl_to_fp32": round(float(kl), 4)}
+               "sqnr_db": round(sqnr_db(reference, logits), 2), "kl_to_fp32": round(float(kl), 4),
+               "convert_s": round(time.perf_counter() - started, 1)}
+        simulated = getattr(int8, "report", {}).get("reconstruction", {}).get("simulated_sqnr_db")
+        if simulated is not None:
+            row["simulated_sqnr_db"] = simulated
         print(json.dumps(row) if args.json else
-              f"{name:26s} top-1 agreement {row['top1_agreement']:.3f}  SQNR {row['sqnr_db']:5.2f} dB  "
-              f"KL {row['kl_to_fp32']:.4f}", flush=True)
+              f"{name:31s} top-1 agreement {row['top1_agreement']:.3f}  SQNR {row['sqnr_db']:5.2f} dB  "
+              f"KL {row['kl_to_fp32']:.4f}  {row['convert_s']:6.1f} s"
+              + (f"  (simulated {simulated:.2f} dB)" if simulated is not None else ""), flush=True)
     return 0
 
 

@@ -79,6 +79,10 @@ def test_adaround_learns_roundings_that_onnxruntime_keeps(user_net) -> None:
     layers = report["layers"]
     assert set(layers) == {"stem", "block.conv", "head"} and not report["skipped"]
     assert report["folded_batchnorm"] == ["block.conv"]
+    assert report["quantized_sums"] == 1  # the residual sum is requantized, as in the program
+    assert layers["block.conv"]["measured_after"] == "ReLU"  # found through the folded BatchNorm
+    assert layers["stem"]["measured_after"] == "the layer"  # torch.relu is no module
+    assert 10 < report["simulated_sqnr_db"] < 60
     for name, row in layers.items():
         assert 0 < row["rounded_other_way"] < 0.5, name  # learned, not nearest, not arbitrary
         assert row["error"] < row["error_nearest"], name  # on the calibration data

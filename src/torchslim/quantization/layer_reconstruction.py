@@ -33,7 +33,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrize
 
 from torchslim.errors import ConfigError
-from torchslim.quantization.primitives import QuantSpec, fake_quantize, qparams_from_range
+from torchslim.quantization.primitives import QuantSpec, fake_quantize, qparams_from_range, sqnr_db
 from torchslim.quantization.qat import fold_batchnorm_
 
 __all__ = ["reconstruct_for_int8_"]
@@ -47,6 +47,8 @@ WARMUP = 0.2  # share of the iterations fitted without the regulariser
 SAMPLES_PER_STEP = 8  # calibration samples in each AdaRound step
 QUANTILE_SAMPLE = 1 << 22  # values drawn to estimate a percentile range (torch.quantile's limit is 2^24)
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid,
+               nn.Tanh, nn.ELU)
 
 
 def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: bool,
@@ -81,7 +83,7 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer to round or "
                           "correct; drop adaround / bias_correction")
-    targets, calls = _float_outputs(reference, set(layers), inputs)
+    targets, calls, activations, expected = _float_outputs(reference, set(layers), inputs)
     generator = torch.Generator().manual_seed(seed)
     rows: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -103,19 +105,26 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
             return output
         busy.add(name)
         try:
-            quantized = _fake_quantize_input(args[0], percentile, generator)
-            rows[name] = _adjust_layer(layer, quantized, targets.pop(name), adaround=adaround,
+            quantized = _fake_quantize(args[0], percentile, generator)
+            rows[name] = _adjust_layer(layer, quantized, targets.pop(name), activations.get(name),
+                                       adaround=adaround,
                                        bias_correction=bias_correction, iterations=iterations,
                                        generator=generator)
-            return _call(layer, quantized)  # what the int8 layer hands the next one
+            # What the int8 layer hands the next one: its output on its own grid (that of the
+            # activation's output when one follows: the int8 kernel applies it by clipping).
+            output = _call(layer, quantized)
+            activation = activations.get(name)
+            return _fake_quantize(output, percentile, generator,
+                                  range_of=None if activation is None else activation(output))
         finally:
             busy.discard(name)
 
     handles = [layer.register_forward_hook(lambda m, a, o, n=name: adjust(n, m, a, o))
                for name, layer in layers.items()]
+    simulated, sums = _with_quantized_sums(model, percentile, generator)
     try:
         with torch.no_grad():
-            model(inputs)
+            produced = simulated(inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -124,45 +133,113 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
             skipped[name] = "not called in the forward pass"
     report: dict[str, Any] = {"adaround": adaround, "bias_correction": bias_correction,
                               "iterations": iterations if adaround else 0, "samples": len(inputs),
-                              "layers": rows, "skipped": skipped, "folded_batchnorm": folded}
+                              "layers": rows, "skipped": skipped, "folded_batchnorm": folded,
+                              "quantized_sums": sums}
+    if isinstance(expected, torch.Tensor) and isinstance(produced, torch.Tensor):
+        report["simulated_sqnr_db"] = round(sqnr_db(expected, produced), 2)  # on the calibration data
     if unfolded:
         report["unfolded_batchnorm"] = {name: "not right after a traceable Conv2d: onnxruntime may "
                                         "fold it itself and re-round that conv" for name in unfolded}
     return report
 
 
+class _SumQuantizer(nn.Module):
+    """The int8 program's requantization of an elementwise sum (a residual connection)."""
+
+    def __init__(self, percentile: float | None, generator: torch.Generator) -> None:
+        super().__init__()
+        self.percentile, self.generator = percentile, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _fake_quantize(x, self.percentile, self.generator)
+
+
+def _with_quantized_sums(model: nn.Module, percentile: float | None, generator: torch.Generator
+                         ) -> tuple[nn.Module, int | str]:
+    """`model` with each tensor sum's output on its int8 grid, as the int8 program computes
+    residual connections (the layer hooks see the rest), and how many sums that is.
+
+    Traced with torch.fx (sharing the model's layers); a model fx cannot trace runs as it is,
+    its sums in float, which the report says.
+    """
+    import operator
+
+    import torch.fx
+
+    class LayersStayWhole(torch.fx.Tracer):  # a user's Conv2d subclass stays one hooked call
+        def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+            return isinstance(module, LAYERS) or super().is_leaf_module(module, qualified_name)
+
+    try:
+        traced = torch.fx.GraphModule(model, LayersStayWhole().trace(model))
+    except Exception as error:  # untraceable: the layers' own quantization still runs
+        return model, f"not simulated (torch.fx cannot trace {type(model).__name__}: {error})"
+    sums = [node for node in traced.graph.nodes
+            if (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add))
+            or (node.op == "call_method" and node.target in ("add", "add_"))]
+    for index, node in enumerate(sums):
+        name = f"torchslim_sum_quantizer_{index}"
+        traced.add_submodule(name, _SumQuantizer(percentile, generator))
+        with traced.graph.inserting_after(node):
+            quantized = traced.graph.call_module(name, (node,))
+        node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
+    traced.recompile()
+    return traced, len(sums)
+
+
 def _float_outputs(model: nn.Module, names: set[str], inputs: torch.Tensor
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Each named layer's float output on `inputs`, and how often each layer was called."""
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, nn.Module], Any]:
+    """Each named layer's float output on `inputs`, how often each layer was called, the
+    activation module applied right to its output (through a folded BatchNorm's Identity), and
+    the model's output."""
     outputs: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {}
+    activations: dict[str, nn.Module] = {}
+    last: list[Any] = [None, None]  # the latest layer output: (name, tensor), held so `is` is exact
 
     def keep(name: str, output: Any) -> None:
         calls[name] = calls.get(name, 0) + 1
         if isinstance(output, torch.Tensor):
             outputs[name] = output.detach().clone()  # an in-place activation after it would clip it
+            last[:] = [name, output]
+
+    def follow(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if last[1] is not None and args and args[0] is last[1] and isinstance(module, ACTIVATIONS):
+            activations[last[0]] = _out_of_place(module)
 
     handles = [m.register_forward_hook(lambda _m, _a, o, n=name: keep(n, o))
                for name, m in model.named_modules() if name in names]
+    handles += [m.register_forward_pre_hook(follow) for m in model.modules() if isinstance(m, ACTIVATIONS)]
     try:
         with torch.no_grad():
-            model(inputs)
+            result = model(inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return outputs, calls
+    return outputs, calls, activations, result
 
 
-def _fake_quantize_input(x: torch.Tensor, percentile: float | None, generator: torch.Generator
-                         ) -> torch.Tensor:
-    """`x` on the per-tensor uint8 grid the int8 program gives it (range: observed or percentile)."""
-    values = x.detach().float().flatten()
+def _out_of_place(activation: nn.Module) -> nn.Module:
+    """A copy of an activation module that leaves its input as it is."""
+    clone = copy.deepcopy(activation)
+    if hasattr(clone, "inplace"):
+        setattr(clone, "inplace", False)  # noqa: B010 - not every activation declares it
+    return clone
+
+
+def _fake_quantize(x: torch.Tensor, percentile: float | None, generator: torch.Generator,
+                   *, range_of: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` on the per-tensor uint8 grid the int8 program gives it: the range of `range_of`
+    (default `x`), observed or the `percentile` of its values cut from each side, as
+    onnxruntime's calibrators choose it."""
+    values = (x if range_of is None else range_of).detach().float().flatten()
     if percentile is None:
         low, high = values.min(), values.max()
     else:
         if values.numel() > QUANTILE_SAMPLE:
             values = values[torch.randint(values.numel(), (QUANTILE_SAMPLE,), generator=generator)]
-        low, high = torch.quantile(values, torch.tensor([1 - percentile / 100, percentile / 100]))
+        cut = (100 - percentile) / 200
+        low, high = torch.quantile(values, torch.tensor([cut, 1 - cut]))
     scale, zero = qparams_from_range(low, high, ACTIVATION_SPEC)
     return fake_quantize(x, scale, zero.float(), ACTIVATION_SPEC)
 
@@ -198,15 +275,23 @@ def _rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.sigmoid(v) * (high - low) + low, 0, 1)
 
 
-def _adjust_layer(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, *, adaround: bool,
+def _adjust_layer(layer: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                  activation: nn.Module | None, *, adaround: bool,
                   bias_correction: bool, iterations: int, generator: torch.Generator) -> dict[str, Any]:
-    """Round the layer's weight on its int8 grid (learned or nearest) and correct its bias."""
+    """Round the layer's weight on its int8 grid (learned or nearest) and correct its bias.
+
+    The errors are measured after `activation` (the one applied to the layer's output, e.g. a
+    ReLU6) when there is one: what it clips does not reach the next layer.
+    """
+    act = activation if activation is not None else nn.Identity()
+    target = act(target)
     weight = layer.get_parameter("weight")
     scale, units = _grid(weight)
     nearest = torch.clamp(torch.round(units), -WEIGHT_LEVELS, WEIGHT_LEVELS)
     with torch.no_grad():
-        error_nearest = float((_call(layer, x, nearest * scale) - target).pow(2).mean())
-    row: dict[str, Any] = {"error_nearest": error_nearest}
+        error_nearest = float((act(_call(layer, x, nearest * scale)) - target).pow(2).mean())
+    row: dict[str, Any] = {"error_nearest": error_nearest,
+                           "measured_after": type(activation).__name__ if activation else "the layer"}
     if bias_correction:  # first, so that AdaRound fits its rounding to the corrected bias
         with torch.no_grad():
             # The mean error the rounded weights add (not the error inherited from the input:
@@ -218,17 +303,21 @@ def _adjust_layer(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, *, ad
                 layer.register_parameter("bias", nn.Parameter(torch.zeros_like(shift)))
             layer.get_parameter("bias").add_(shift)
             row["bias_shift"] = float(shift.abs().mean())
-    codes = _learn_rounding(layer, x, target, scale, units, iterations, generator) if adaround else nearest
+    codes = nearest
+    if adaround:
+        codes = _learn_rounding(layer, x, target, act, scale, units, iterations, generator)
     with torch.no_grad():
         weight.copy_(codes * scale)
         row["rounded_other_way"] = round(float((codes != nearest).float().mean()), 4)
-        row["error"] = float((_call(layer, x) - target).pow(2).mean())
+        row["error"] = float((act(_call(layer, x)) - target).pow(2).mean())
     return row
 
 
-def _learn_rounding(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
-                    units: torch.Tensor, iterations: int, generator: torch.Generator) -> torch.Tensor:
-    """AdaRound: the rounding (down or up, per weight) that reproduces `target` from `x`.
+def _learn_rounding(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, activation: nn.Module,
+                    scale: torch.Tensor, units: torch.Tensor, iterations: int,
+                    generator: torch.Generator) -> torch.Tensor:
+    """AdaRound: the rounding (down or up, per weight) whose output, through `activation`,
+    reproduces `target` from `x`.
 
     The largest weight of each output channel keeps its nearest rounding (+-127): it sets the
     scale onnxruntime computes, which must not move.
@@ -250,7 +339,7 @@ def _learn_rounding(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, sca
             rows = torch.randint(len(x), (min(SAMPLES_PER_STEP, len(x)),), generator=generator)
             soft = torch.clamp(floor + _rectified_sigmoid(v), -WEIGHT_LEVELS, WEIGHT_LEVELS)
             codes = torch.where(anchor, fixed, soft)
-            output = _call(layer, x[rows], codes * scale)
+            output = activation(_call(layer, x[rows], codes * scale))
             reconstruction = (output - target[rows]).pow(2).sum(axis).mean()
             loss = reconstruction
             if step >= warm:
