@@ -83,6 +83,8 @@ def test_adaround_learns_roundings_that_onnxruntime_keeps(user_net) -> None:
     assert layers["block.conv"]["measured_after"] == "ReLU"  # found through the folded BatchNorm
     assert layers["stem"]["measured_after"] == "the layer"  # torch.relu is no module
     assert 10 < report["simulated_sqnr_db"] < 60
+    # The simulation quantizes on the program's own activation grids, read from it.
+    assert report["program_grids"] == {"inputs": 3, "outputs": 3, "sums": 1}
     for name, row in layers.items():
         assert 0 < row["rounded_other_way"] < 0.5, name  # learned, not nearest, not arbitrary
         assert row["error"] < row["error_nearest"], name  # on the calibration data

@@ -25,6 +25,7 @@ scale does not move and the conversion keeps every learned choice.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from torchslim.errors import ConfigError
 from torchslim.quantization.primitives import QuantSpec, fake_quantize, qparams_from_range, sqnr_db
 from torchslim.quantization.qat import fold_batchnorm_
 
-__all__ = ["reconstruct_for_int8_"]
+__all__ = ["ProgramGrids", "program_grids", "reconstruct_for_int8_"]
 
 WEIGHT_LEVELS = 127  # onnxruntime's symmetric int8 weights: [-127, 127], scale max|w| / 127
 ACTIVATION_SPEC = QuantSpec(bits=8, symmetric=False, signed=False)  # uint8, as onnxruntime's QDQ
@@ -51,9 +52,71 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.SiLU, n
                nn.Tanh, nn.ELU)
 
 
+@dataclass
+class ProgramGrids:
+    """The activation grids (scale, zero point) of an int8 program, by the module they belong
+    to: each Conv/Gemm's input and output, and each elementwise sum's output in program order.
+    With them the simulation quantizes where and how the program does."""
+
+    inputs: dict[str, tuple[float, int]] = field(default_factory=dict)
+    outputs: dict[str, tuple[float, int]] = field(default_factory=dict)
+    sums: list[tuple[float, int]] = field(default_factory=list)
+
+
+def program_grids(program: bytes) -> ProgramGrids:
+    """Read the activation grids of an onnxruntime QDQ program (see `ProgramGrids`)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load_from_string(program).graph
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def grid(node: Any) -> tuple[float, int] | None:
+        if node is None or node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            return None
+        scale, zero = constants.get(node.input[1]), constants.get(node.input[2])
+        if scale is None or zero is None or scale.size != 1:
+            return None
+        return float(scale.reshape(())), int(zero.reshape(()))
+
+    def quantizer_of(tensor: str) -> tuple[float, int] | None:
+        return next((g for n in consumers.get(tensor, []) if n.op_type == "QuantizeLinear"
+                     if (g := grid(n)) is not None), None)
+
+    grids = ProgramGrids()
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            module = _module_of(node.name)
+            if (found := grid(producers.get(node.input[0]))) is not None:
+                grids.inputs[module] = found
+            if (found := quantizer_of(node.output[0])) is not None:
+                grids.outputs[module] = found
+        elif node.op_type == "Add" and (found := quantizer_of(node.output[0])) is not None:
+            grids.sums.append(found)
+    return grids
+
+
+def _module_of(node_name: str) -> str:
+    """The module an exported node belongs to: "/features/features.0/conv/conv.0/Conv" is in
+    "features.0.conv.0" (each scope names its module relative to the one before it)."""
+    parts: list[str] = []
+    for scope in node_name.strip("/").split("/")[:-1]:
+        if parts and scope.startswith(parts[-1] + "."):
+            parts[-1] = scope
+        else:
+            parts.append(scope)
+    return ".".join(parts)
+
+
 def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: bool,
                           bias_correction: bool, iterations: int = 300, percentile: float | None = None,
-                          exclude: tuple[str, ...] = (), seed: int = 0) -> dict[str, Any]:
+                          exclude: tuple[str, ...] = (), grids: ProgramGrids | None = None,
+                          seed: int = 0) -> dict[str, Any]:
     """Fold BatchNorm, then round (AdaRound) and/or bias-correct every Conv/Linear in place.
 
     Args:
@@ -65,6 +128,8 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
         percentile: the activation ranges of the simulation keep this percentile of the values
             (None: the whole observed range), as the conversion's calibration will.
         exclude: module names kept in float: neither adjusted nor fake-quantized.
+        grids: the activation grids of the int8 program of the unadjusted model; where one is
+            known the simulation uses it, else it measures its own range (`percentile`).
         seed: the samples each AdaRound step draws.
 
     Returns:
@@ -74,6 +139,7 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
     """
     if not (adaround or bias_correction):
         raise ConfigError("reconstruct_for_int8_ needs adaround=True or bias_correction=True")
+    known = grids or ProgramGrids()
     folded = fold_batchnorm_(model)
     unfolded = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     reference = copy.deepcopy(model).eval()
@@ -105,7 +171,7 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
             return output
         busy.add(name)
         try:
-            quantized = _fake_quantize(args[0], percentile, generator)
+            quantized = _fake_quantize(args[0], percentile, generator, grid=known.inputs.get(name))
             rows[name] = _adjust_layer(layer, quantized, targets.pop(name), activations.get(name),
                                        adaround=adaround,
                                        bias_correction=bias_correction, iterations=iterations,
@@ -114,14 +180,14 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
             # activation's output when one follows: the int8 kernel applies it by clipping).
             output = _call(layer, quantized)
             activation = activations.get(name)
-            return _fake_quantize(output, percentile, generator,
+            return _fake_quantize(output, percentile, generator, grid=known.outputs.get(name),
                                   range_of=None if activation is None else activation(output))
         finally:
             busy.discard(name)
 
     handles = [layer.register_forward_hook(lambda m, a, o, n=name: adjust(n, m, a, o))
                for name, layer in layers.items()]
-    simulated, sums = _with_quantized_sums(model, percentile, generator)
+    simulated, sums = _with_quantized_sums(model, percentile, generator, known.sums)
     try:
         with torch.no_grad():
             produced = simulated(inputs)
@@ -134,7 +200,9 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
     report: dict[str, Any] = {"adaround": adaround, "bias_correction": bias_correction,
                               "iterations": iterations if adaround else 0, "samples": len(inputs),
                               "layers": rows, "skipped": skipped, "folded_batchnorm": folded,
-                              "quantized_sums": sums}
+                              "quantized_sums": sums,
+                              "program_grids": {"inputs": len(known.inputs), "outputs": len(known.outputs),
+                                                "sums": len(known.sums)}}
     if isinstance(expected, torch.Tensor) and isinstance(produced, torch.Tensor):
         report["simulated_sqnr_db"] = round(sqnr_db(expected, produced), 2)  # on the calibration data
     if unfolded:
@@ -146,16 +214,17 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
 class _SumQuantizer(nn.Module):
     """The int8 program's requantization of an elementwise sum (a residual connection)."""
 
-    def __init__(self, percentile: float | None, generator: torch.Generator) -> None:
+    def __init__(self, percentile: float | None, generator: torch.Generator,
+                 grid: tuple[float, int] | None) -> None:
         super().__init__()
-        self.percentile, self.generator = percentile, generator
+        self.percentile, self.generator, self.grid = percentile, generator, grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fake_quantize(x, self.percentile, self.generator)
+        return _fake_quantize(x, self.percentile, self.generator, grid=self.grid)
 
 
-def _with_quantized_sums(model: nn.Module, percentile: float | None, generator: torch.Generator
-                         ) -> tuple[nn.Module, int | str]:
+def _with_quantized_sums(model: nn.Module, percentile: float | None, generator: torch.Generator,
+                         grids: list[tuple[float, int]]) -> tuple[nn.Module, int | str]:
     """`model` with each tensor sum's output on its int8 grid, as the int8 program computes
     residual connections (the layer hooks see the rest), and how many sums that is.
 
@@ -177,9 +246,10 @@ def _with_quantized_sums(model: nn.Module, percentile: float | None, generator: 
     sums = [node for node in traced.graph.nodes
             if (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add))
             or (node.op == "call_method" and node.target in ("add", "add_"))]
+    known = len(grids) == len(sums)  # the program's sums, in the same order; else measured here
     for index, node in enumerate(sums):
         name = f"torchslim_sum_quantizer_{index}"
-        traced.add_submodule(name, _SumQuantizer(percentile, generator))
+        traced.add_submodule(name, _SumQuantizer(percentile, generator, grids[index] if known else None))
         with traced.graph.inserting_after(node):
             quantized = traced.graph.call_module(name, (node,))
         node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
@@ -228,10 +298,13 @@ def _out_of_place(activation: nn.Module) -> nn.Module:
 
 
 def _fake_quantize(x: torch.Tensor, percentile: float | None, generator: torch.Generator,
-                   *, range_of: torch.Tensor | None = None) -> torch.Tensor:
-    """`x` on the per-tensor uint8 grid the int8 program gives it: the range of `range_of`
-    (default `x`), observed or the `percentile` of its values cut from each side, as
-    onnxruntime's calibrators choose it."""
+                   *, grid: tuple[float, int] | None = None,
+                   range_of: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` on the per-tensor uint8 grid the int8 program gives it: `grid` (scale, zero point)
+    when known, else the range of `range_of` (default `x`), observed or the `percentile` of its
+    values cut from each side."""
+    if grid is not None:
+        return fake_quantize(x, torch.tensor(grid[0]), torch.tensor(float(grid[1])), ACTIVATION_SPEC)
     values = (x if range_of is None else range_of).detach().float().flatten()
     if percentile is None:
         low, high = values.min(), values.max()

@@ -10,9 +10,12 @@ The report says which ops run in int8 and which stayed float (never a float mode
 from __future__ import annotations
 
 import fnmatch
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterable
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,9 +150,15 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     batches = None
     if config.method == QuantMethod.STATIC:
         batches = take_inputs(calibration, config.calibration_batches)
-    reconstruction = None
+    reconstruction, ranges = None, None
     if batches and (config.adaround or config.bias_correction):
-        model, reconstruction = _reconstructed(model, config, batches, kept + halved)
+        ranges = Path(tempfile.mkdtemp(prefix="torchslim-ranges-")) / "ranges.json"
+        try:
+            model, reconstruction = _reconstructed(model, config, batches, kept + halved,
+                                                   example_inputs, ranges)
+        except BaseException:
+            shutil.rmtree(ranges.parent, ignore_errors=True)
+            raise
     transformer = _transformer_shape(model)
     keys = packable_keys(example_inputs)  # keyword inputs (Hugging Face): one packed program input
     if keys is not None:
@@ -158,11 +167,14 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         program = _export(PackedInputs(model, keys), pack_inputs(example_inputs, keys), transformer)
     else:
         program = _export(model, example_inputs, transformer)
-    quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
-                                      per_channel=config.per_channel, calibrate=config.calibrate.value,
-                                      percentile=config.percentile,
-                                      transformer=transformer,
-                                      exclude=config.exclude, fp16=config.fp16)
+    try:
+        quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
+                                          per_channel=config.per_channel, calibrate=config.calibrate.value,
+                                          percentile=config.percentile, transformer=transformer,
+                                          exclude=config.exclude, fp16=config.fp16, ranges_cache=ranges)
+    finally:
+        if ranges is not None:
+            shutil.rmtree(ranges.parent, ignore_errors=True)
     if kept or halved:
         report["excluded"] = {**{name: "kept in float by exclude=" for name in kept},
                               **{name: "kept in float16 by fp16=" for name in halved}}
@@ -182,12 +194,18 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     return result.eval()
 
 
-def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any],
-                   kept: list[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of `model` with AdaRound weights and/or corrected biases, and its report."""
+def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], kept: list[str],
+                   example_inputs: Any, ranges: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of `model` with AdaRound weights and/or corrected biases, and its report.
+
+    The program of the model as it is shows where and on which grids the int8 program quantizes
+    activations; the simulation the weights are fitted in uses the same, and the adjusted
+    model's program keeps them (its activation ranges are read from `ranges`, written here):
+    re-measured on the adjusted model, percentile ranges moved enough to lose the gain.
+    """
     import copy
 
-    from torchslim.quantization.layer_reconstruction import reconstruct_for_int8_
+    from torchslim.quantization.layer_reconstruction import program_grids, reconstruct_for_int8_
 
     if not all(isinstance(b, torch.Tensor) for b in batches):
         raise ConfigError("adaround / bias_correction take calibration batches of one input tensor "
@@ -197,11 +215,16 @@ def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any],
         from torchslim.runtime.onnx_program import DEFAULT_PERCENTILE
 
         percentile = config.percentile or DEFAULT_PERCENTILE
+    program = _export(model, example_inputs, _transformer_shape(model))
+    plain, _ = quantize_onnx(program, method=config.method.value, calibration=batches,
+                             per_channel=config.per_channel, calibrate=config.calibrate.value,
+                             percentile=config.percentile, exclude=config.exclude, fp16=config.fp16,
+                             ranges_cache=ranges)
     clone = copy.deepcopy(model)
     report = reconstruct_for_int8_(clone, torch.cat(batches), adaround=config.adaround,
                                    bias_correction=config.bias_correction,
                                    iterations=config.adaround_iterations, percentile=percentile,
-                                   exclude=tuple(kept))
+                                   exclude=tuple(kept), grids=program_grids(plain))
     return clone, report
 
 

@@ -306,7 +306,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                   transformer: tuple[int, int] | None = None,
                   exclude: tuple[str, ...] = (),
                   fp16: tuple[str, ...] = (),
-                  percentile: float | None = None) -> tuple[bytes, dict[str, Any]]:
+                  percentile: float | None = None,
+                  ranges_cache: Path | None = None) -> tuple[bytes, dict[str, Any]]:
     """Quantize an ONNX program with onnxruntime; returns (program, report).
 
     Args:
@@ -323,6 +324,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
             LayerNorm and GELU subgraphs first (onnxruntime's transformer optimizer).
         exclude: module names (globs) whose nodes stay float (see `nodes_of_modules`).
         fp16: module names (globs) whose nodes stay float with their weights stored as float16.
+        ranges_cache: static: a file for the activation ranges; measured and written there if
+            it does not exist, else read from it (two programs of one model on the same grids).
 
     Raises:
         ConfigError: static without calibration data, unknown method, or a result in which no
@@ -362,9 +365,9 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
             if not batches:
                 raise ConfigError("static quantization needs calibration data (activation ranges "
                                   "are measured on it); pass --calibration DATASET or batches")
-            cache = None
-            if calibrate == "entropy":
-                cache = Path(folder) / "ranges.json"
+            cache = ranges_cache
+            if calibrate == "entropy" and (cache is None or not cache.exists()):
+                cache = cache or Path(folder) / "ranges.json"
                 _entropy_ranges(prepared, batches, cache)
             quantize_static(str(prepared), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
