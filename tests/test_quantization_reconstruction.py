@@ -99,6 +99,22 @@ def test_adaround_learns_roundings_that_onnxruntime_keeps(user_net) -> None:
         assert changed == pytest.approx(layers[names[shape]]["rounded_other_way"], abs=0.02), names[shape]
 
 
+def test_adaround_keeps_pruned_weights_at_zero() -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.mul_(torch.rand_like(layer.weight) > 0.5)  # half the weights pruned
+    data = [torch.randn(64, 16)]
+    int8 = quantize_model(model, Quantization(method="static", adaround=True, adaround_iterations=100),
+                          example_inputs=data[0][:2], calibration=data)
+    assert all(row["rounded_other_way"] > 0 for row in int8.report["reconstruction"]["layers"].values())
+    codes = _int8_weights(int8)
+    for layer in (model[0], model[2]):
+        pruned = (layer.weight == 0).numpy()
+        assert pruned.mean() > 0.4 and (codes[tuple(layer.weight.shape)][pruned] == 0).all()
+
+
 def test_bias_correction_removes_the_mean_error_of_coarse_weights() -> None:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 10 * 10, 4)).eval()

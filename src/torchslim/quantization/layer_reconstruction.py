@@ -393,7 +393,8 @@ def _learn_rounding(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, act
     reproduces `target` from `x`.
 
     The largest weight of each output channel keeps its nearest rounding (+-127): it sets the
-    scale onnxruntime computes, which must not move.
+    scale onnxruntime computes, which must not move. Zero weights stay zero: a pruned model
+    keeps its sparsity (and what the entropy coder gains from it).
     """
     floor = torch.floor(units)
     rest = (units - floor).clamp(1e-4, 1 - 1e-4)
@@ -402,7 +403,7 @@ def _learn_rounding(layer: nn.Module, x: torch.Tensor, target: torch.Tensor, act
     flat = units.reshape(units.shape[0], -1).abs()
     anchor = torch.zeros_like(flat, dtype=torch.bool)
     anchor[torch.arange(flat.shape[0]), flat.argmax(1)] = True
-    anchor = anchor.reshape(units.shape)
+    anchor = anchor.reshape(units.shape) | (units == 0)  # pruned weights stay exactly zero
     fixed = torch.clamp(torch.round(units), -WEIGHT_LEVELS, WEIGHT_LEVELS)
     optimizer = torch.optim.Adam([v], lr=1e-2)
     axis = _channel_axis(layer, target)
