@@ -35,6 +35,7 @@ CHOICES = {
     "percentile 99.999": {"calibrate": "percentile"},
     "percentile 99.99": {"calibrate": "percentile", "percentile": 99.99},
     "percentile 99.9": {"calibrate": "percentile", "percentile": 99.9},
+    "minmax + AdaRound": {"calibrate": "minmax", "adaround": True},
     "p99.99 + bias correction": {"calibrate": "percentile", "percentile": 99.99, "bias_correction": True},
     "p99.99 + AdaRound": {"calibrate": "percentile", "percentile": 99.99, "adaround": True},
     "p99.99 + AdaRound + bias corr.": {"calibrate": "percentile", "percentile": 99.99, "adaround": True,
