@@ -188,12 +188,7 @@ def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: b
     handles = [layer.register_forward_hook(lambda m, a, o, n=name: adjust(n, m, a, o))
                for name, layer in layers.items()]
     simulated, sums = _with_quantized_sums(model, percentile, generator, known.sums)
-    try:
-        with torch.no_grad():
-            produced = simulated(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    produced = _run_hooked(simulated, inputs, handles)
     for name in layers:
         if name not in rows and name not in skipped:
             skipped[name] = "not called in the forward pass"
@@ -280,13 +275,18 @@ def _float_outputs(model: nn.Module, names: set[str], inputs: torch.Tensor
     handles = [m.register_forward_hook(lambda _m, _a, o, n=name: keep(n, o))
                for name, m in model.named_modules() if name in names]
     handles += [m.register_forward_pre_hook(follow) for m in model.modules() if isinstance(m, ACTIVATIONS)]
+    result = _run_hooked(model, inputs, handles)
+    return outputs, calls, activations, result
+
+
+def _run_hooked(model: nn.Module, inputs: torch.Tensor, handles: list[Any]) -> Any:
+    """One no-grad forward pass with the hooks `handles` registered, which it then removes."""
     try:
         with torch.no_grad():
-            result = model(inputs)
+            return model(inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return outputs, calls, activations, result
 
 
 def _out_of_place(activation: nn.Module) -> nn.Module:
@@ -362,14 +362,15 @@ def _adjust_layer(layer: nn.Module, x: torch.Tensor, target: torch.Tensor,
     scale, units = _grid(weight)
     nearest = torch.clamp(torch.round(units), -WEIGHT_LEVELS, WEIGHT_LEVELS)
     with torch.no_grad():
-        error_nearest = float((act(_call(layer, x, nearest * scale)) - target).pow(2).mean())
+        rounded = _call(layer, x, nearest * scale)  # the output onnxruntime's rounding gives
+        error_nearest = float((act(rounded) - target).pow(2).mean())
     row: dict[str, Any] = {"error_nearest": error_nearest,
                            "measured_after": type(activation).__name__ if activation else "the layer"}
     if bias_correction:  # first, so that AdaRound fits its rounding to the corrected bias
         with torch.no_grad():
             # The mean error the rounded weights add (not the error inherited from the input:
             # what follows the layer, e.g. a ReLU, clips that one differently from its mean).
-            error = _call(layer, x) - _call(layer, x, nearest * scale)
+            error = _call(layer, x) - rounded
             axis = _channel_axis(layer, error)
             shift = error.mean(dim=[d for d in range(error.dim()) if d != axis])
             if getattr(layer, "bias", None) is None:
