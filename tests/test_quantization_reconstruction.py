@@ -169,6 +169,18 @@ def test_bad_requests_fail_before_any_work(user_net, tmp_path: Path, capsys) -> 
     assert not (tmp_path / "q").exists()
 
 
+def test_keyword_input_models_are_refused_before_any_work() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=64, vocab_size=100, max_position_embeddings=32)
+    model = transformers.BertModel(config).eval()
+    batch = {"input_ids": torch.randint(100, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    with pytest.raises(ConfigError, match="one input tensor"):
+        quantize_model(model, Quantization(method="static", adaround=True), example_inputs=batch,
+                       calibration=[batch])
+
+
 def test_quantize_cli_runs_adaround_with_bias_correction(tmp_path: Path) -> None:
     (tmp_path / "net.py").write_text(
         "import torch\nfrom torch import nn\n\n\ndef model():\n    torch.manual_seed(0)\n"
