@@ -35,11 +35,15 @@ CHOICES = {
     "percentile 99.999": {"calibrate": "percentile"},
     "percentile 99.99": {"calibrate": "percentile", "percentile": 99.99},
     "percentile 99.9": {"calibrate": "percentile", "percentile": 99.9},
+    "minmax + equalize": {"calibrate": "minmax", "equalize": True},
     "minmax + AdaRound": {"calibrate": "minmax", "adaround": True},
+    "p99.99 + equalize": {"calibrate": "percentile", "percentile": 99.99, "equalize": True},
     "p99.99 + bias correction": {"calibrate": "percentile", "percentile": 99.99, "bias_correction": True},
     "p99.99 + AdaRound": {"calibrate": "percentile", "percentile": 99.99, "adaround": True},
     "p99.99 + AdaRound + bias corr.": {"calibrate": "percentile", "percentile": 99.99, "adaround": True,
                                        "bias_correction": True},
+    "p99.99 + equalize + AdaRound": {"calibrate": "percentile", "percentile": 99.99, "equalize": True,
+                                     "adaround": True},
 }
 
 

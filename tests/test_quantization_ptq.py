@@ -115,7 +115,7 @@ def test_quantize_cli_writes_an_artifact_evaluate_and_bench_run_on_int8(
                  "--batches", "4", "--threads", "1", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["after"]["backend"] == "onnxruntime" and report["before"]["backend"] == "torch"
-    assert report["comparison"]["bytes_ratio"] > 3.2
+    assert report["comparison"]["bytes_ratio"] > 3.1  # int8 weights: 4x, less the JSON report kept with them
     assert report["after"]["accuracy"] >= report["before"]["accuracy"] - 0.01
     capsys.readouterr()
     assert main(["evaluate", str(out / "model.slim"), "--dataset", "digits", "--json"]) == 0

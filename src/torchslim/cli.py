@@ -354,9 +354,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from torchslim.apps.workflows import quantize_job
 
     args.model = _model_source(args)
-    if (args.adaround or args.bias_correction) and args.method != "static":
-        raise ConfigError(f"--adaround and --bias-correction are options of --method static (they fit "
-                          f"int8 weights to calibrated int8 activations), not of {args.method}")
+    static_only = [flag for flag, used in (("--adaround", args.adaround),
+                                           ("--bias-correction", args.bias_correction),
+                                           ("--equalize", args.equalize),
+                                           ("--sensitivity", args.sensitivity is not None)) if used]
+    if static_only and args.method != "static":
+        raise ConfigError(f"{', '.join(static_only)}: options of --method static (they fit the model "
+                          f"to calibrated int8 activations), not of {args.method}")
     if args.adaround_iterations != 300 and not args.adaround:
         raise ConfigError("--adaround-iterations is used by --adaround only; add --adaround or drop it")
     if args.method in LANGUAGE_METHODS:
@@ -404,7 +408,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           threads=args.threads, backend=args.backend, factory=args.factory,
                           exclude=tuple(args.exclude), fp16=tuple(args.fp16),
                           adaround=args.adaround, bias_correction=args.bias_correction,
-                          adaround_iterations=args.adaround_iterations)
+                          adaround_iterations=args.adaround_iterations, equalize=args.equalize,
+                          sensitivity=args.sensitivity)
     _print_table(report)
     quant = report["quantization"]
     print(f"\nint8 ops: {quant['int8_ops']}; left in float: {quant['float_ops'] or 'none'}")
@@ -675,6 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--bias-correction", action="store_true",
                           help="static: subtract the mean error each layer's int8 weights add, "
                                "per output channel, through its bias")
+    quantize.add_argument("--equalize", action="store_true",
+                          help="static: rescale the channels between consecutive layers so that each "
+                               "activation fills its int8 grid (cross-layer equalization); the model "
+                               "computes the same")
+    quantize.add_argument("--sensitivity", type=float, metavar="BUDGET",
+                          help="static: measure each layer's int8 cost and keep the worst in float "
+                               "while their multiply-adds fit BUDGET, a share of the model's (e.g. 0.05)")
     quantize.add_argument("--batches", type=int, default=8, help="calibration batches of 64")
     quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor")
     quantize.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"],

@@ -317,7 +317,8 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                  backend: str = "onnxruntime", factory: str | None = None,
                  exclude: tuple[str, ...] = (), fp16: tuple[str, ...] = (),
                  adaround: bool = False, bias_correction: bool = False,
-                 adaround_iterations: int = 300) -> dict[str, Any]:
+                 adaround_iterations: int = 300, equalize: bool = False,
+                 sensitivity: float | None = None) -> dict[str, Any]:
     """Quantize any model or artifact to int8, save `out/model.slim`, measure both; the report.
 
     Calibration batches come from the training split of `dataset` (a built-in name, default:
@@ -335,7 +336,7 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
         "percentile": percentile,
         "calibration_batches": calibration_batches, "backend": backend, "exclude": list(exclude),
         "fp16": list(fp16), "adaround": adaround, "bias_correction": bias_correction,
-        "adaround_iterations": adaround_iterations})
+        "adaround_iterations": adaround_iterations, "equalize": equalize, "sensitivity": sensitivity})
     model, path = load_model_or_artifact(source, factory=factory)
     spec = getattr(model, SPEC_ATTRIBUTE, None)
     label = spec.name if isinstance(spec, ModelSpec) else type(model).__name__

@@ -88,6 +88,14 @@ class Quantization(TechniqueConfig):
         bias_correction: static only: subtract each output channel's mean int8 error on the
             calibration data through the layer's bias (Nagel et al. 2019).
         adaround_iterations: optimisation steps per layer for `adaround`.
+        equalize: static only: before anything else, rescale the channels between each pair
+            of consecutive layers (through ReLU/ReLU6/pooling) so that the activation between
+            them fills its per-tensor int8 grid (cross-layer equalization, Nagel et al. 2019,
+            balanced for per-channel weights; see `equalization`). The model computes the same.
+        sensitivity: static only: a budget, the share of the model's multiply-adds (0-1) that
+            may stay float; each layer's int8 cost is measured (the model's output SQNR with
+            only that layer's weights rounded) and the worst are kept in float, worst first,
+            while their multiply-adds fit (see `sensitivity`). Reported under "sensitivity".
     """
 
     kind = "quantize"
@@ -105,6 +113,8 @@ class Quantization(TechniqueConfig):
     adaround: bool = False
     bias_correction: bool = False
     adaround_iterations: int = Field(default=300, ge=1)
+    equalize: bool = False
+    sensitivity: float | None = Field(default=None, gt=0, le=1)
 
     def __post_init__(self) -> None:
         if self.bits != 8:
@@ -113,9 +123,11 @@ class Quantization(TechniqueConfig):
         if self.percentile is not None and self.calibrate != Calibrate.PERCENTILE:
             raise ConfigError(f"percentile={self.percentile} is used by calibrate='percentile' only "
                               f"(calibrate={self.calibrate.value!r}); set calibrate='percentile' or drop it")
-        if (self.adaround or self.bias_correction) and self.method != QuantMethod.STATIC:
-            raise ConfigError("adaround and bias_correction fit weights to calibrated int8 "
-                              f"activations: they need method='static', not {self.method.value!r}")
+        if ((self.adaround or self.bias_correction or self.equalize or self.sensitivity is not None)
+                and self.method != QuantMethod.STATIC):
+            raise ConfigError("equalize, sensitivity, adaround and bias_correction fit the model to "
+                              "calibrated int8 activations: they need method='static', not "
+                              f"{self.method.value!r}")
         if self.backend == Backend.TORCH and self.method != QuantMethod.DYNAMIC:
             raise ConfigError("backend torch runs dynamic int8 only; use backend onnxruntime for "
                               f"{self.method.value}")
@@ -150,11 +162,17 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     batches = None
     if config.method == QuantMethod.STATIC:
         batches = take_inputs(calibration, config.calibration_batches)
-    reconstruction, ranges = None, None
+    reconstruction, ranges, equalization, sensitivity = None, None, None, None
+    if batches and config.equalize:
+        model, equalization = _equalized(model, batches, kept + halved)
+    floating = config.exclude  # module names and globs the program keeps in float
+    if batches and config.sensitivity is not None:
+        sensitive, sensitivity = _most_sensitive(model, config, batches, kept + halved)
+        kept, floating = kept + sensitive, floating + tuple(sensitive)
     if batches and (config.adaround or config.bias_correction):
         ranges = Path(tempfile.mkdtemp(prefix="torchslim-ranges-")) / "ranges.json"
         try:
-            model, reconstruction = _reconstructed(model, config, batches, kept + halved,
+            model, reconstruction = _reconstructed(model, config, batches, kept + halved, floating,
                                                    example_inputs, ranges)
         except BaseException:
             shutil.rmtree(ranges.parent, ignore_errors=True)
@@ -171,13 +189,19 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
                                           per_channel=config.per_channel, calibrate=config.calibrate.value,
                                           percentile=config.percentile, transformer=transformer,
-                                          exclude=config.exclude, fp16=config.fp16, ranges_cache=ranges)
+                                          exclude=floating, fp16=config.fp16, ranges_cache=ranges)
     finally:
         if ranges is not None:
             shutil.rmtree(ranges.parent, ignore_errors=True)
     if kept or halved:
-        report["excluded"] = {**{name: "kept in float by exclude=" for name in kept},
+        chosen = set(sensitivity["kept_float"]) if sensitivity else set()
+        report["excluded"] = {**{name: ("kept in float by sensitivity=" if name in chosen else
+                                        "kept in float by exclude=") for name in kept},
                               **{name: "kept in float16 by fp16=" for name in halved}}
+    if sensitivity is not None:
+        report["sensitivity"] = sensitivity
+    if equalization is not None:
+        report["equalization"] = equalization
     if reconstruction is not None:
         report["reconstruction"] = reconstruction
     flops = count_flops(model, first_samples(example_inputs, 1))
@@ -195,7 +219,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
 
 
 def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], kept: list[str],
-                   example_inputs: Any, ranges: Path) -> tuple[nn.Module, dict[str, Any]]:
+                   floating: tuple[str, ...], example_inputs: Any, ranges: Path
+                   ) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of `model` with AdaRound weights and/or corrected biases, and its report.
 
     The program of the model as it is shows where and on which grids the int8 program quantizes
@@ -210,15 +235,11 @@ def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], k
     if not all(isinstance(b, torch.Tensor) for b in batches):
         raise ConfigError("adaround / bias_correction take calibration batches of one input tensor "
                           f"(got {type(batches[0]).__name__}); models with keyword inputs: drop them")
-    percentile = None  # minmax; entropy ranges are not simulated: the observed range stands in
-    if config.calibrate == Calibrate.PERCENTILE:
-        from torchslim.runtime.onnx_program import DEFAULT_PERCENTILE
-
-        percentile = config.percentile or DEFAULT_PERCENTILE
+    percentile = _simulated_percentile(config)
     program = _export(model, example_inputs, _transformer_shape(model))
     plain, _ = quantize_onnx(program, method=config.method.value, calibration=batches,
                              per_channel=config.per_channel, calibrate=config.calibrate.value,
-                             percentile=config.percentile, exclude=config.exclude, fp16=config.fp16,
+                             percentile=config.percentile, exclude=floating, fp16=config.fp16,
                              ranges_cache=ranges)
     clone = copy.deepcopy(model)
     report = reconstruct_for_int8_(clone, torch.cat(batches), adaround=config.adaround,
@@ -226,6 +247,40 @@ def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], k
                                    iterations=config.adaround_iterations, percentile=percentile,
                                    exclude=tuple(kept), grids=program_grids(plain))
     return clone, report
+
+
+def _equalized(model: nn.Module, batches: list[Any], kept: list[str]) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of `model` with its channels equalized for int8 (see `equalization`), and its report."""
+    import copy
+
+    from torchslim.quantization.equalization import equalize_for_int8_
+
+    clone = copy.deepcopy(model)
+    return clone, equalize_for_int8_(clone, batches, exclude=tuple(kept))
+
+
+def _most_sensitive(model: nn.Module, config: Quantization, batches: list[Any], kept: list[str]
+                    ) -> tuple[list[str], dict[str, Any]]:
+    """The layers `config.sensitivity` keeps in float, and the report of every layer's cost."""
+    from torchslim.quantization.sensitivity import int8_sensitivity, keep_most_sensitive
+
+    assert config.sensitivity is not None
+    layers = int8_sensitivity(model, batches, per_channel=config.per_channel, exclude=tuple(kept))
+    chosen = keep_most_sensitive(layers, config.sensitivity)
+    return chosen, {"budget": config.sensitivity, "kept_float": chosen,
+                    "float_macs_share": round(sum(layers[n].macs_share for n in chosen), 4),
+                    "layers": {name: {"sqnr_db": s.sqnr_db, "macs_share": s.macs_share}
+                               for name, s in layers.items()}}
+
+
+def _simulated_percentile(config: Quantization) -> float | None:
+    """The percentile of activations the conversion's ranges keep, for the torch simulations
+    (None: the whole range; entropy ranges are not simulated: the observed range stands in)."""
+    if config.calibrate != Calibrate.PERCENTILE:
+        return None
+    from torchslim.runtime.onnx_program import DEFAULT_PERCENTILE
+
+    return config.percentile or DEFAULT_PERCENTILE
 
 
 def excluded_modules(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:

@@ -387,6 +387,17 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
     return result, report
 
 
+DISABLED_OPTIMIZERS = (
+    # onnxruntime's own SkipLayerNormalization fusion: slower than Add + LayerNormalization
+    # here (see `fuse_transformer`; MiniLM int8 at batch 32: 232 against 250 ms without it)
+    "SkipLayerNormFusion",
+    # It rounds the float weights of a Conv/Gemm between int8 neighbours to per-tensor int8 when
+    # the session loads: the layers `exclude=` / `fp16=` / `sensitivity=` keep in float would
+    # silently run on int8 weights (measured: 35.2 -> 5.8 dB on a layer with an outlier weight).
+    "WeightBiasQuantization",
+)
+
+
 def cpu_session(program: bytes, *, threads: int, spinning: bool) -> Any:
     """An onnxruntime CPU session of `program` with `threads` intra-op threads (its pool is fixed
     when it is made: callers make a new one when torch's thread count changes), all graph
@@ -399,10 +410,8 @@ def cpu_session(program: bytes, *, threads: int, spinning: bool) -> Any:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", str(int(spinning)))
-    # onnxruntime's own SkipLayerNormalization fusion: slower than Add + LayerNormalization
-    # here (see `fuse_transformer`; MiniLM int8 at batch 32: 232 against 250 ms without it)
     return ort.InferenceSession(program, options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["SkipLayerNormFusion"])
+                                disabled_optimizers=list(DISABLED_OPTIMIZERS))
 
 
 class OrtModule(nn.Module):
