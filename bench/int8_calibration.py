@@ -44,6 +44,10 @@ CHOICES = {
                                        "bias_correction": True},
     "p99.99 + equalize + AdaRound": {"calibrate": "percentile", "percentile": 99.99, "equalize": True,
                                      "adaround": True},
+    "p99.99 + sensitivity 0.05": {"calibrate": "percentile", "percentile": 99.99, "sensitivity": 0.05},
+    "p99.99 + sensitivity 0.1": {"calibrate": "percentile", "percentile": 99.99, "sensitivity": 0.1},
+    "p99.99 + AdaRound + sens. 0.05": {"calibrate": "percentile", "percentile": 99.99, "adaround": True,
+                                       "sensitivity": 0.05},
 }
 
 

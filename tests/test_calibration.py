@@ -102,6 +102,38 @@ def test_quantization_keeps_excluded_layers_in_float(method: str) -> None:
         quantize_model(model, Quantization(exclude=("nope",)), example_inputs=x[:2])
 
 
+def test_a_nested_layer_kept_in_float_runs_on_its_float_weights() -> None:
+    """The exporter names scopes relative to their parent ("/1/body/body.2/body.2.0/Conv" is
+    module "1.body.2.0"): the exclusion must find the node, and onnxruntime must not round its
+    weights when it loads the program."""
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, quantize_model, sqnr_db
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), Body()).eval()
+    with torch.no_grad():  # an outlier weight per row on an input channel that is always 0:
+        model[1].body[2][0].weight[:, 0] = 50.0  # int8 would round the rest of each row away
+        model[1].body[0].bias[0] = -100.0
+    x, held_out = torch.rand(16, 3, 8, 8), torch.rand(16, 3, 8, 8)
+    results = {}
+    for exclude in ((), ("1.body.2.0",)):
+        int8 = quantize_model(model, Quantization(method="static", exclude=exclude), example_inputs=x[:2],
+                              calibration=[x])
+        with torch.no_grad():
+            results[exclude] = sqnr_db(model(held_out), int8(held_out))
+    assert int8.report["float_ops"] == ["Conv /1/body/body.2/body.2.0/Conv"]
+    assert results[("1.body.2.0",)] > results[()] + 10
+
+
+class Body(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Sequential(nn.Conv2d(8, 4, 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def test_dynamic_int8_on_convolutions_warns_with_the_fix() -> None:
     pytest.importorskip("onnxruntime")
     from torchslim.quantization import Quantization, quantize_model

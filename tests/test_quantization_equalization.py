@@ -70,7 +70,10 @@ def test_equalization_keeps_the_model_and_evens_the_channels(spread_net) -> None
     assert pairs["dw"]["producer"] == "stem" and pairs["dw"]["through"] == ["BatchNorm2d", "ReLU6"]
     assert pairs["dw"]["scaled"] == "BatchNorm" and pairs["dw"]["strength"] > 0
     # the depthwise output's channels are even enough: no factors simulated better, and it says so
-    assert pairs["pw"]["through"] == ["ReLU"] if "pw" in pairs else "lower" in report["unchanged"]["pw"]["reason"]
+    if "pw" in pairs:
+        assert pairs["pw"]["through"] == ["ReLU"]
+    else:
+        assert "lower" in report["unchanged"]["pw"]["reason"]
     assert pairs["dw"]["spread_after"] < pairs["dw"]["spread_before"] / 3
     assert "used elsewhere" in report["skipped"]["head"]  # pw's output also feeds the second output
     assert report["float_sqnr_db"] > 60
@@ -127,7 +130,7 @@ def outlier_mlp() -> nn.Module:
 
 def test_sensitivity_finds_the_layer_int8_breaks(outlier_mlp) -> None:
     layers = int8_sensitivity(outlier_mlp, [torch.randn(32, 16)])
-    assert list(layers)[0] == "middle"
+    assert next(iter(layers)) == "middle"
     assert layers["middle"].sqnr_db < min(layers["first"].sqnr_db, layers["last"].sqnr_db) - 10
     assert abs(sum(layer.macs_share for layer in layers.values()) - 1) < 1e-3
     assert keep_most_sensitive(layers, 0.8) == ["middle"]  # the others' error is negligible

@@ -68,6 +68,8 @@ def program_grids(program: bytes) -> ProgramGrids:
     import onnx
     from onnx import numpy_helper
 
+    from torchslim.runtime.onnx_program import module_of_node
+
     graph = onnx.load_from_string(program).graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -91,7 +93,7 @@ def program_grids(program: bytes) -> ProgramGrids:
     grids = ProgramGrids()
     for node in graph.node:
         if node.op_type in ("Conv", "Gemm", "MatMul"):
-            module = _module_of(node.name)
+            module = module_of_node(node.name)
             if (found := grid(producers.get(node.input[0]))) is not None:
                 grids.inputs[module] = found
             if (found := quantizer_of(node.output[0])) is not None:
@@ -99,18 +101,6 @@ def program_grids(program: bytes) -> ProgramGrids:
         elif node.op_type == "Add" and (found := quantizer_of(node.output[0])) is not None:
             grids.sums.append(found)
     return grids
-
-
-def _module_of(node_name: str) -> str:
-    """The module an exported node belongs to: "/features/features.0/conv/conv.0/Conv" is in
-    "features.0.conv.0" (each scope names its module relative to the one before it)."""
-    parts: list[str] = []
-    for scope in node_name.strip("/").split("/")[:-1]:
-        if parts and scope.startswith(parts[-1] + "."):
-            parts[-1] = scope
-        else:
-            parts.append(scope)
-    return ".".join(parts)
 
 
 def reconstruct_for_int8_(model: nn.Module, inputs: torch.Tensor, *, adaround: bool,

@@ -262,10 +262,15 @@ def _equalized(model: nn.Module, batches: list[Any], kept: list[str]) -> tuple[n
 def _most_sensitive(model: nn.Module, config: Quantization, batches: list[Any], kept: list[str]
                     ) -> tuple[list[str], dict[str, Any]]:
     """The layers `config.sensitivity` keeps in float, and the report of every layer's cost."""
+    import copy
+
+    from torchslim.quantization.qat import fold_batchnorm_
     from torchslim.quantization.sensitivity import int8_sensitivity, keep_most_sensitive
 
     assert config.sensitivity is not None
-    layers = int8_sensitivity(model, batches, per_channel=config.per_channel, exclude=tuple(kept))
+    folded = copy.deepcopy(model)  # onnxruntime folds BatchNorm into the weights before rounding them
+    fold_batchnorm_(folded)
+    layers = int8_sensitivity(folded, batches, per_channel=config.per_channel, exclude=tuple(kept))
     chosen = keep_most_sensitive(layers, config.sensitivity)
     return chosen, {"budget": config.sensitivity, "kept_float": chosen,
                     "float_macs_share": round(sum(layers[n].macs_share for n in chosen), 4),

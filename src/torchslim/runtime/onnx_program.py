@@ -233,17 +233,31 @@ def optimize_onnx(program: bytes, *, transformer: tuple[int, int]) -> bytes:
         return path.read_bytes()
 
 
+def module_of_node(node_name: str) -> str:
+    """The module an exported node belongs to: "/features/features.1/conv/conv.0/Conv" is in
+    "features.1.conv.0" (each scope names its module relative to the one before it)."""
+    parts: list[str] = []
+    for scope in node_name.strip("/").split("/")[:-1]:
+        if parts and scope.startswith(parts[-1] + "."):
+            parts[-1] = scope
+        else:
+            parts.append(scope)
+    return ".".join(parts)
+
+
 def nodes_of_modules(program: bytes, patterns: tuple[str, ...]) -> list[str]:
-    """ONNX node names that the exporter put inside the modules `patterns` name: a node
-    "/features/features.0/Conv" belongs to "features" and to "features.0"."""
+    """ONNX node names that the exporter put inside the modules `patterns` name (module names
+    or globs): a node "/features/features.1/conv/conv.0/Conv" belongs to "features",
+    "features.1", "features.1.conv" and "features.1.conv.0"."""
     if not patterns:
         return []
     import onnx
 
     nodes = []
     for node in onnx.load_from_string(program).graph.node:
-        scopes = node.name.strip("/").split("/")[:-1]
-        if any(fnmatch.fnmatch(scope, p) for scope in scopes for p in patterns):
+        parts = module_of_node(node.name).split(".")
+        owners = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatch(owner, p) for owner in owners for p in patterns):
             nodes.append(node.name)
     return nodes
 
