@@ -242,3 +242,34 @@ def test_a_recipe_naming_the_users_model_trains_its_baseline_block(user_code: Pa
     assert main(["compress", str(user_code / "recipe.yaml"), "--model", str(out / "model.slim"),
                  "--factory", f"{user_code}/nets.py:build_model", "--out", str(again), "--quiet"]) == 0
     assert not (again / "stages" / "00-baseline.slim").exists()
+
+
+class TwoHeads(torch.nn.Module):
+    """A detector-style model: a dict holding a map and a tuple of two heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.boxes = torch.nn.Conv2d(8, 4, 1)
+        self.scores = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        features = self.body(x)
+        heads = (self.scores(features.mean((2, 3))), features.amax((1, 2, 3)))
+        return {"map": self.boxes(features), "heads": heads}
+
+
+def test_an_int8_program_keeps_every_output_of_a_dict_and_tuple_model(tmp_path: Path) -> None:
+    from torchslim.quantization import Quantization, quantize_model, sqnr_db
+
+    torch.manual_seed(0)
+    model, x = TwoHeads().eval(), torch.rand(16, 3, 8, 8)
+    for method in ("dynamic", "static"):
+        int8 = quantize_model(model, Quantization(method=method), example_inputs=x[:2], calibration=[x])
+        loaded = artifact.load(artifact.save(int8, tmp_path / f"{method}.slim"))
+        with torch.no_grad():
+            expected, got = model(x), loaded(x)
+        assert set(got) == {"map", "heads"} and isinstance(got["heads"], tuple) and len(got["heads"]) == 2
+        assert got["map"].shape == expected["map"].shape and got["heads"][1].shape == (16,)
+        for want, have in ((expected["map"], got["map"]), *zip(expected["heads"], got["heads"], strict=True)):
+            assert sqnr_db(want, have) > 20

@@ -130,7 +130,8 @@ class PackedInputs(KeywordCall):
 
 def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
     """The model as an ONNX program (opset 17) with a dynamic batch (and sequence) dimension
-    (see `dynamic_input_axes`).
+    (see `dynamic_input_axes`). A model returning tuples, lists or dicts of tensors gets one
+    program output per tensor and its layout in the program's metadata (`OrtModule` rebuilds it).
 
     Raises:
         UnsupportedModuleError: the exporter cannot trace the model; the message names the
@@ -148,6 +149,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
         dynamic = dynamic_input_axes(model, example_inputs)
     was_training = model.training
     model.eval()
+    names, layout = _output_names(model, example_inputs)
     folder = tempfile.TemporaryDirectory()
     target = Path(folder.name) / "model.onnx"
     try:
@@ -158,17 +160,57 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(model, (example_inputs,), str(target), input_names=["input"],
-                              output_names=["output"], opset_version=17, dynamo=False,
-                              dynamic_axes={"input": dynamic, "output": {0: "batch"}})
+                              output_names=names, opset_version=17, dynamo=False,
+                              dynamic_axes={"input": dynamic, **{n: {0: "batch"} for n in names}})
     except Exception as exc:  # the exporter raises many types; name it and stop here
         raise UnsupportedModuleError(f"{type(model).__name__} cannot be exported to ONNX "
                                      f"({type(exc).__name__}: {str(exc)[:300]}); int8 execution "
                                      "needs an exportable model") from exc
     else:
-        return target.read_bytes()
+        return _with_layout(target.read_bytes(), layout)
     finally:
         model.train(was_training)
         folder.cleanup()
+
+
+def _output_names(model: nn.Module, example_inputs: torch.Tensor) -> tuple[list[str], Any]:
+    """The program's output names and, for a model returning several tensors, their layout
+    (None for one tensor, and for outputs it cannot describe: then the first tensor is kept,
+    with a warning naming what is dropped)."""
+    import warnings
+
+    from torchslim.runtime import output_layout
+
+    try:
+        with torch.no_grad():
+            example = model(example_inputs)
+    except Exception:  # the exporter's own run reports it, with its message
+        return ["output"], None
+    layout = output_layout.describe(example)
+    if layout is None or layout == "tensor":
+        if layout is None:
+            warnings.warn(f"torchslim: {type(model).__name__} returns {type(example).__name__}; the "
+                          "program keeps its first tensor only (return tensors, or tuples, lists or "
+                          "dicts of them, to keep every output)", stacklevel=3)
+        return ["output"], None
+    tensors = output_layout.leaves(example)
+    batched = [t.dim() > 0 for t in tensors]
+    if not all(batched):
+        raise UnsupportedModuleError(f"{type(model).__name__} returns a tensor without a batch dimension "
+                                     "among its outputs; return per-sample tensors (batch first)")
+    return ["output"] + [f"output_{i}" for i in range(1, len(tensors))], layout
+
+
+def _with_layout(program: bytes, layout: Any) -> bytes:
+    if layout is None:
+        return program
+    from torchslim.runtime import output_layout
+
+    onnx = _onnx()
+    model = onnx.load_from_string(program)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = OUTPUT_LAYOUT_KEY, output_layout.dumps(layout)
+    return bytes(model.SerializeToString())
 
 
 class _Reader:
@@ -401,6 +443,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
     return result, report
 
 
+OUTPUT_LAYOUT_KEY = "torchslim.output_layout"  # program metadata: the structure of the outputs
 DISABLED_OPTIMIZERS = (
     # onnxruntime's own SkipLayerNormalization fusion: slower than Add + LayerNormalization
     # here (see `fuse_transformer`; MiniLM int8 at batch 32: 232 against 250 ms without it)
@@ -453,25 +496,54 @@ class OrtModule(nn.Module):
         self.report: dict[str, Any] = {}
         self._session: Any = None
         self._threads = 0
+        self._layout: Any = None  # the model's output structure, when it had several tensors
 
     def session(self) -> Any:
         threads = torch.get_num_threads()
         if self._session is None or threads != self._threads:
             self._session = cpu_session(self.program, threads=threads, spinning=self.spin_wait)
             self._threads = threads
+            self._layout = _layout_of(self._session)
         return self._session
 
-    def forward(self, inputs: torch.Tensor | None = None, **keywords: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor | None = None, **keywords: torch.Tensor) -> Any:
         if self.input_keys is not None and (keywords or isinstance(inputs, dict)):
             inputs = pack_inputs(dict(inputs or {}, **keywords), self.input_keys)
         if not isinstance(inputs, torch.Tensor):
             takes = f"a dict of {self.input_keys}" if self.input_keys else "one tensor"
             raise ConfigError(f"the int8 program takes {takes}, got {type(inputs).__name__}")
         session = self.session()
+        layout = self._layout
+        names = ["output"] if layout is None else [o.name for o in session.get_outputs()]
         try:
-            (output,) = session.run(["output"], {"input": inputs.detach().cpu().numpy()})
+            outputs = session.run(names, {"input": inputs.detach().cpu().numpy()})
         except Exception as exc:  # onnxruntime raises its own types: one clean error instead
             raise ConfigError(f"onnxruntime cannot run the int8 program on an input of shape "
                               f"{tuple(inputs.shape)} and dtype {inputs.dtype} ({str(exc)[:200]}); "
                               "pass inputs shaped like the ones it was converted with") from exc
-        return torch.from_numpy(output)
+        tensors = [torch.from_numpy(o) for o in outputs]
+        if layout is None:
+            return tensors[0]
+        from torchslim.runtime.output_layout import rebuild
+
+        return rebuild(layout, tensors)
+
+
+def _layout_of(session: Any) -> Any:
+    """The output layout a program's metadata records (None: one output), checked against the
+    program's outputs, which must be "output", "output_1", ... in order."""
+    from torchslim.runtime import output_layout
+
+    text = session.get_modelmeta().custom_metadata_map.get(OUTPUT_LAYOUT_KEY)
+    if text is None:
+        return None
+    names = [o.name for o in session.get_outputs()]
+    try:
+        layout = output_layout.loads(text)
+        expected = ["output"] + [f"output_{i}" for i in range(1, output_layout.count(layout))]
+    except ValueError as error:
+        raise ConfigError(f"the program's output layout is not valid ({error})") from error
+    if names != expected:
+        raise ConfigError(f"the program's outputs {names[:4]} do not match its output layout "
+                          f"({len(expected)} tensors)")
+    return layout
