@@ -9,7 +9,10 @@ the biases differ). The last rows add bias correction and AdaRound (`--bias-corr
 `--adaround`) to the best range choice; with them, `simulated_sqnr_db` is what the torch
 simulation the weights were fitted in predicts on the calibration crops.
 
-    python bench/int8_calibration.py [--json] [--only NAME ...]
+    python bench/int8_calibration.py [--json] [--only NAME ...] [--latency]
+
+Rows with `sensitivity` keep their most int8-sensitive layers in float: a different program,
+so `--latency` times it against the plain p99.99 program (interleaved, batch 1 and 32).
 """
 
 from __future__ import annotations
@@ -48,7 +51,12 @@ CHOICES = {
     "p99.99 + sensitivity 0.1": {"calibrate": "percentile", "percentile": 99.99, "sensitivity": 0.1},
     "p99.99 + AdaRound + sens. 0.05": {"calibrate": "percentile", "percentile": 99.99, "adaround": True,
                                        "sensitivity": 0.05},
+    "p99.99 + equalize + AdaRound + sens. 0.05": {"calibrate": "percentile", "percentile": 99.99,
+                                                  "equalize": True, "adaround": True, "sensitivity": 0.05},
+    "p99.99 + equalize + AdaRound + sens. 0.1": {"calibrate": "percentile", "percentile": 99.99,
+                                                 "equalize": True, "adaround": True, "sensitivity": 0.1},
 }
+LATENCY_BATCHES = (1, 32)  # --latency: batch sizes timed (224 x 224 crops, 2 threads)
 
 
 def main() -> int:
@@ -56,6 +64,9 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", nargs="+", choices=list(CHOICES), metavar="NAME",
                         help=f"rows to run (default all): {', '.join(CHOICES)}")
+    parser.add_argument("--latency", action="store_true",
+                        help="rows whose program keeps layers in float (sensitivity): time it against "
+                             "the plain p99.99 program, interleaved, at batch 1 and 32")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     model = create_model("mobilenet-v2").eval()
@@ -63,12 +74,14 @@ def main() -> int:
     evaluation = photo_crops(64, seed=1)
     with torch.no_grad():
         reference = model(evaluation)
+    baseline = None
     for name, options in CHOICES.items():
         if args.only and name not in args.only:
             continue
         started = time.perf_counter()
         int8 = quantize_model(model, Quantization(method="static", **options),
                               example_inputs=evaluation[:2], calibration=calibration)
+        converted = time.perf_counter() - started
         with torch.no_grad():
             logits = torch.cat([int8(x) for x in evaluation.split(16)])
         kl = torch.nn.functional.kl_div(logits.log_softmax(1), reference.log_softmax(1),
@@ -76,15 +89,44 @@ def main() -> int:
         row = {"calibration": name, "top1_agreement": round(float((logits.argmax(1) == reference.argmax(1))
                                                                  .float().mean()), 4),
                "sqnr_db": round(sqnr_db(reference, logits), 2), "kl_to_fp32": round(float(kl), 4),
-               "convert_s": round(time.perf_counter() - started, 1)}
-        simulated = getattr(int8, "report", {}).get("reconstruction", {}).get("simulated_sqnr_db")
+               "convert_s": round(converted, 1)}
+        report = getattr(int8, "report", {})
+        simulated = report.get("reconstruction", {}).get("simulated_sqnr_db")
         if simulated is not None:
             row["simulated_sqnr_db"] = simulated
+        if "sensitivity" in report:
+            row["kept_float"] = report["sensitivity"]["kept_float"]
+            if args.latency:
+                if baseline is None:
+                    plain = Quantization(method="static", **CHOICES["percentile 99.99"])
+                    baseline = quantize_model(model, plain, example_inputs=evaluation[:2],
+                                              calibration=calibration)
+                row["latency_ratio"] = _latency_ratios(baseline, int8, evaluation)
         print(json.dumps(row) if args.json else
               f"{name:31s} top-1 agreement {row['top1_agreement']:.3f}  SQNR {row['sqnr_db']:5.2f} dB  "
               f"KL {row['kl_to_fp32']:.4f}  {row['convert_s']:6.1f} s"
-              + (f"  (simulated {simulated:.2f} dB)" if simulated is not None else ""), flush=True)
+              + (f"  (simulated {simulated:.2f} dB)" if simulated is not None else "")
+              + (f"  float: {', '.join(row['kept_float'])}" if "kept_float" in row else "")
+              + (f"  latency vs plain int8: {row['latency_ratio']}" if "latency_ratio" in row else ""),
+              flush=True)
     return 0
+
+
+def _latency_ratios(baseline: torch.nn.Module, candidate: torch.nn.Module,
+                    crops: torch.Tensor) -> dict[str, str]:
+    """Per batch size: the candidate's median latency over the plain int8 program's, timed in
+    turns (7 rounds of 5), with the spread of the per-round ratios."""
+    from torchslim.measure import time_interleaved
+
+    ratios = {}
+    for batch in LATENCY_BATCHES:
+        inputs = crops[:1].expand(batch, -1, -1, -1).contiguous()
+        base, cand = time_interleaved([baseline, candidate], [inputs, inputs], rounds=7, repeats=5, threads=2)
+        rounds = sorted(c / b for b, c in zip(base["round_medians_ms"], cand["round_medians_ms"],
+                                              strict=True))
+        ratios[f"batch {batch}"] = (f"{cand['median_ms'] / base['median_ms']:.3f}x "
+                                    f"[{rounds[0]:.3f}-{rounds[-1]:.3f}] ({base['median_ms']:.1f} ms plain)")
+    return ratios
 
 
 if __name__ == "__main__":

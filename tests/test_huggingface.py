@@ -161,6 +161,24 @@ def test_decoder_language_models_run_as_int8_programs_at_any_length(build: Any, 
     assert torch.equal(_run(reloaded, longer), got)
 
 
+@pytest.mark.parametrize("method", ["dynamic", "static"])
+def test_layers_kept_in_float_are_float_in_the_program_of_a_keyword_input_model(method: str) -> None:
+    """The program wraps the model (its layers are exported under "/model/..."): the names the
+    user gives must still reach their nodes, and one the program does not use is said."""
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, quantize_model
+
+    model = bert()
+    batch = {"input_ids": torch.randint(0, 100, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    int8 = quantize_model(model, Quantization(method=method, exclude=("bert.encoder.layer.1.output.dense",),
+                                              fp16=("bert.pooler.dense",)),
+                          example_inputs=batch, calibration=[batch])
+    left = int8.report["float_ops"]  # the fp16 pooler computes in float too
+    assert len(left) == 2 and "/model/bert/encoder/layer.1/output/dense/" in left[0] and "pooler" in left[1]
+    assert int8.report["excluded"]["bert.encoder.layer.1.output.dense"] == "kept in float by exclude="
+    assert int8.report["fp16_weights"]  # the pooler feeds the classifier: in the program, halved
+
+
 def _zero_half(model: torch.nn.Module) -> None:
     """Zero the second key/value group of every Llama attention (its kv head, the query heads
     reading it, their output columns) and every odd MLP neuron: they contribute nothing."""

@@ -138,10 +138,11 @@ def test_sensitivity_finds_the_layer_int8_breaks(outlier_mlp) -> None:
 
 
 def test_budget_passes_over_a_costly_layer_for_cheaper_ones() -> None:
-    layers = {"big": LayerSensitivity(10.0, 0.6), "small": LayerSensitivity(12.0, 0.1),
-              "fine": LayerSensitivity(90.0, 0.1)}
+    layers = {"big": LayerSensitivity(10.0, 0.4), "small": LayerSensitivity(12.0, 0.1),
+              "fine": LayerSensitivity(90.0, 0.1), "early": LayerSensitivity(11.0, 0.01, traffic_share=0.4)}
+    assert layers["early"].cost == 0.4  # few multiply-adds, much data moved: costly in float
     assert keep_most_sensitive(layers, 0.3) == ["small"]
-    assert keep_most_sensitive(layers, 1.0) == ["big", "small"]  # "fine" would cost speed for nothing
+    assert keep_most_sensitive(layers, 1.0) == ["big", "early", "small"]  # "fine": speed for nothing
 
 
 def test_sensitivity_mode_keeps_the_worst_layer_float_in_the_program(outlier_mlp) -> None:
@@ -179,4 +180,4 @@ def test_quantize_cli_equalizes_and_keeps_sensitive_layers(tmp_path: Path, capsy
     assert "channels" in quantization["equalization"]["skipped"]["6"]  # 8 channels flattened into 512
     sensitivity = quantization["sensitivity"]
     assert set(sensitivity["layers"]) == {"0", "3", "6"} and sensitivity["budget"] == 0.5
-    assert sensitivity["float_macs_share"] <= 0.5
+    assert sensitivity["float_macs_share"] <= sensitivity["float_cost"] <= 0.5

@@ -30,6 +30,7 @@ from torchslim.runtime.onnx_program import (
     OrtModule,
     PackedInputs,
     export_onnx,
+    nodes_of_modules,
     optimize_onnx,
     pack_inputs,
     packable_keys,
@@ -92,10 +93,11 @@ class Quantization(TechniqueConfig):
             of consecutive layers (through ReLU/ReLU6/pooling) so that the activation between
             them fills its per-tensor int8 grid (cross-layer equalization, Nagel et al. 2019,
             balanced for per-channel weights; see `equalization`). The model computes the same.
-        sensitivity: static only: a budget, the share of the model's multiply-adds (0-1) that
-            may stay float; each layer's int8 cost is measured (the model's output SQNR with
-            only that layer's weights rounded) and the worst are kept in float, worst first,
-            while their multiply-adds fit (see `sensitivity`). Reported under "sensitivity".
+        sensitivity: static only: a budget, the share of the model (0-1) that may stay float;
+            each layer's int8 cost is measured (the model's output SQNR with only that layer's
+            weights rounded) and the worst are kept in float, worst first, while their cost fits:
+            the larger of their share of the multiply-adds and of the activation values moved
+            (see `sensitivity`). Reported under "sensitivity".
     """
 
     kind = "quantize"
@@ -179,17 +181,20 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
             raise
     transformer = _transformer_shape(model)
     keys = packable_keys(example_inputs)  # keyword inputs (Hugging Face): one packed program input
+    halves = config.fp16
     if keys is not None:
         batches = None if batches is None else [pack_inputs(b, keys) for b in batches]
         assert isinstance(example_inputs, dict)
         program = _export(PackedInputs(model, keys), pack_inputs(example_inputs, keys), transformer)
+        # the wrapper holds the model as `model`: its layers are exported as "/model/..."
+        floating, halves = (tuple(f"model.{p}" for p in floating), tuple(f"model.{p}" for p in halves))
     else:
         program = _export(model, example_inputs, transformer)
     try:
         quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
                                           per_channel=config.per_channel, calibrate=config.calibrate.value,
                                           percentile=config.percentile, transformer=transformer,
-                                          exclude=floating, fp16=config.fp16, ranges_cache=ranges)
+                                          exclude=floating, fp16=halves, ranges_cache=ranges)
     finally:
         if ranges is not None:
             shutil.rmtree(ranges.parent, ignore_errors=True)
@@ -198,6 +203,10 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         report["excluded"] = {**{name: ("kept in float by sensitivity=" if name in chosen else
                                         "kept in float by exclude=") for name in kept},
                               **{name: "kept in float16 by fp16=" for name in halved}}
+        prefix = "model." if keys is not None else ""
+        for name in report["excluded"]:  # said, where the program has no node of it
+            if not nodes_of_modules(program, (prefix + name,)):
+                report["excluded"][name] = "not in the int8 program: the exported graph does not use it"
     if sensitivity is not None:
         report["sensitivity"] = sensitivity
     if equalization is not None:
@@ -273,9 +282,10 @@ def _most_sensitive(model: nn.Module, config: Quantization, batches: list[Any], 
     layers = int8_sensitivity(folded, batches, per_channel=config.per_channel, exclude=tuple(kept))
     chosen = keep_most_sensitive(layers, config.sensitivity)
     return chosen, {"budget": config.sensitivity, "kept_float": chosen,
+                    "float_cost": round(sum(layers[n].cost for n in chosen), 4),
                     "float_macs_share": round(sum(layers[n].macs_share for n in chosen), 4),
-                    "layers": {name: {"sqnr_db": s.sqnr_db, "macs_share": s.macs_share}
-                               for name, s in layers.items()}}
+                    "layers": {name: {"sqnr_db": s.sqnr_db, "macs_share": s.macs_share,
+                                      "traffic_share": s.traffic_share} for name, s in layers.items()}}
 
 
 def _simulated_percentile(config: Quantization) -> float | None:
