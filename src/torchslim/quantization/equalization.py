@@ -29,6 +29,7 @@ rescaled, else it is put back and reported (A's output used somewhere else too, 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,10 +85,10 @@ def equalize_for_int8_(model: nn.Module, batches: list[Any], *, exclude: tuple[s
     Raises:
         ConfigError: no pair of layers the model can carry factors between.
     """
-    folded = fold_batchnorm_(model)
-    model.eval()
     if not batches:
         raise ConfigError("equalize needs calibration batches")
+    folded = fold_batchnorm_(model)
+    model.eval()
     reference = [_outputs(call_model_no_grad(model, batch)) for batch in batches]
     pairs, skipped, stats = _find_pairs(model, batches, exclude)
     check = first_samples(batches[0], CHECK_SAMPLES)
@@ -128,7 +129,11 @@ def equalize_for_int8_(model: nn.Module, batches: list[Any], *, exclude: tuple[s
             "simulated_error_ratio": round(gain, 4),
             "spread_before": _spread(reach), "spread_after": _spread(reached),
             "factor_range": [round(float(factors.min()), 4), round(float(factors.max()), 4)]}
-    if not rows:
+    if not rows and kept:  # pairs there were, none worth rescaling: said, not silent
+        warnings.warn(f"torchslim: equalize changed no layer of {type(model).__name__}: for each of its "
+                      f"{len(kept)} pair(s) no factors simulated a lower int8 error (see the report's "
+                      "'unchanged')", stacklevel=3)
+    elif not rows:
         raise ConfigError(f"equalize found no pair of layers in {type(model).__name__} to rescale "
                           f"({len(skipped)} candidate(s): "
                           f"{'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3]) or 'none'}): "
