@@ -273,3 +273,26 @@ def test_an_int8_program_keeps_every_output_of_a_dict_and_tuple_model(tmp_path: 
         assert got["map"].shape == expected["map"].shape and got["heads"][1].shape == (16,)
         for want, have in ((expected["map"], got["map"]), *zip(expected["heads"], got["heads"], strict=True)):
             assert sqnr_db(want, have) > 20
+
+
+class WithAuxLoss(torch.nn.Module):
+    """Logits and a scalar auxiliary loss: the scalar has no batch dimension to export."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.fc(x)
+        return logits, logits.pow(2).mean()
+
+
+def test_an_output_without_a_batch_dimension_keeps_the_first_tensor_and_says_so() -> None:
+    from torchslim.quantization import Quantization, quantize_model
+
+    torch.manual_seed(0)
+    model, x = WithAuxLoss().eval(), torch.randn(8, 8)
+    with pytest.warns(UserWarning, match="without a batch dimension.*first tensor only"):
+        int8 = quantize_model(model, Quantization(method="dynamic"), example_inputs=x[:2])
+    with torch.no_grad():
+        assert int8(x).shape == (8, 3)

@@ -187,17 +187,16 @@ def _output_names(model: nn.Module, example_inputs: torch.Tensor) -> tuple[list[
     except Exception:  # the exporter's own run reports it, with its message
         return ["output"], None
     layout = output_layout.describe(example)
-    if layout is None or layout == "tensor":
-        if layout is None:
-            warnings.warn(f"torchslim: {type(model).__name__} returns {type(example).__name__}; the "
-                          "program keeps its first tensor only (return tensors, or tuples, lists or "
-                          "dicts of them, to keep every output)", stacklevel=3)
+    if layout == "tensor":
         return ["output"], None
-    tensors = output_layout.leaves(example)
-    batched = [t.dim() > 0 for t in tensors]
-    if not all(batched):
-        raise UnsupportedModuleError(f"{type(model).__name__} returns a tensor without a batch dimension "
-                                     "among its outputs; return per-sample tensors (batch first)")
+    tensors = output_layout.leaves(example) if layout is not None else []
+    if layout is None or not all(t.dim() > 0 for t in tensors):
+        what = ("a tensor without a batch dimension among its outputs" if layout is not None
+                else f"{type(example).__name__}")
+        warnings.warn(f"torchslim: {type(model).__name__} returns {what}; the program keeps its first "
+                      "tensor only (return batch-first tensors, or tuples, lists or dicts of them, to "
+                      "keep every output)", stacklevel=3)
+        return ["output"], None
     return ["output"] + [f"output_{i}" for i in range(1, len(tensors))], layout
 
 
