@@ -296,3 +296,21 @@ def test_an_output_without_a_batch_dimension_keeps_the_first_tensor_and_says_so(
         int8 = quantize_model(model, Quantization(method="dynamic"), example_inputs=x[:2])
     with torch.no_grad():
         assert int8(x).shape == (8, 3)
+
+
+def test_quantizing_a_zoo_model_on_data_of_another_shape_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    (tmp_path / "data.py").write_text(textwrap.dedent('''
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+
+        def loaders():
+            x, y = torch.rand(32, 1, 20, 20), torch.randint(0, 10, (32,))
+            return {"train": DataLoader(TensorDataset(x, y), batch_size=16),
+                    "val": DataLoader(TensorDataset(x, y), batch_size=16)}
+        '''))
+    out = tmp_path / "q"
+    assert main(["quantize", "lenet5", "--method", "static", "--batches", "1", "--dataset",
+                 f"{tmp_path}/data.py:loaders", "--out", str(out)]) == 2
+    assert "(1, 20, 20) per sample but lenet5 takes (1, 28, 28)" in capsys.readouterr().err
+    assert not out.exists()

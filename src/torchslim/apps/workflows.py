@@ -357,7 +357,9 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
         learn_inputs_(model, found, seed=seed)
         calibration = [inputs for inputs, _ in found.calibration(calibration_batches, seed)]
         data, split = found.measured()
-    quantized = quantize_model(model, config, example_inputs=inputs_for(model, 2), calibration=calibration)
+    example = inputs_for(model, 2)
+    _check_data_shape(label, example, calibration)
+    quantized = quantize_model(model, config, example_inputs=example, calibration=calibration)
     out = Path(out)
     saved = artifact.save(quantized, out / "model.slim", metadata={
         "source": source, "quantization": config.to_dict(), "dataset": name,
@@ -375,6 +377,18 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                  f"quantization, run by {backend}")
     report["rows"] = rows
     return report
+
+
+def _check_data_shape(label: str, example: Any, calibration: list[Any] | None) -> None:
+    """The int8 program is built for the model's input shape: data of another shape is one clear
+    error before any work (onnxruntime would fail half-way, calibrating)."""
+    if not (calibration and isinstance(example, torch.Tensor) and isinstance(calibration[0], torch.Tensor)):
+        return
+    given, expected = tuple(calibration[0].shape[1:]), tuple(example.shape[1:])
+    if given != expected:
+        raise ConfigError(f"the dataset's inputs are {given} per sample but {label} takes {expected}: "
+                          f"its int8 program is built for that shape; give data of shape {expected} "
+                          "(resize or crop in your data factory)")
 
 
 def structured_prune_job(source: str, config: Any, *, out: str | Path, dataset: str | None = None,
