@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torchslim.errors import ConfigError
 
 __all__ = ["Calibration", "as_calibration", "batch_size_of", "call_model", "correct_predictions",
-           "first_samples", "logits_of", "move_inputs", "split_batch", "take_inputs", "take_pairs",
-           "token_cross_entropy"]
+           "first_samples", "logits_of", "move_inputs", "output_tensors", "split_batch", "take_inputs",
+           "take_pairs", "token_cross_entropy"]
 
 LABEL_KEYS = ("labels", "label")
 
@@ -82,6 +82,18 @@ def logits_of(outputs: Any) -> torch.Tensor:
             return logits_of(outputs[keys[0]])
     raise ConfigError(f"cannot read scores from a model output of type {type(outputs).__name__}; "
                       "pass a loss (and metric) that reads it")
+
+
+def output_tensors(outputs: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's outputs (a tensor, tuples, lists, dicts, a Hugging Face output),
+    detached, as float, in order: what comparing two models' outputs reads."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs.detach().float()]
+    if isinstance(outputs, dict):
+        return [t for v in outputs.values() for t in output_tensors(v)]
+    if isinstance(outputs, tuple | list):
+        return [t for v in outputs for t in output_tensors(v)]
+    return []
 
 
 def move_inputs(inputs: Any, device: Any) -> Any:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim.calibration import call_model, first_samples
+from torchslim.calibration import call_model, first_samples, output_tensors
 from torchslim.errors import ConfigError
 from torchslim.quantization.primitives import sqnr_db
 from torchslim.quantization.qat import fold_batchnorm_
@@ -53,7 +53,6 @@ SCALE_LIMITS = (1e-2, 1e2)  # no channel is moved by more than this either way
 CHECK_SAMPLES = 8  # calibration samples each pair's check runs on
 SEARCH_SAMPLES = 16  # calibration samples each pair's strength is chosen on
 STRENGTHS = (0.25, 0.5, 0.75, 1.0)  # migration strengths tried (and none: s_c = 1)
-WEIGHT_LEVELS = 127  # onnxruntime's symmetric int8 weights
 
 
 @dataclass
@@ -89,12 +88,12 @@ def equalize_for_int8_(model: nn.Module, batches: list[Any], *, exclude: tuple[s
         raise ConfigError("equalize needs calibration batches")
     folded = fold_batchnorm_(model)
     model.eval()
-    reference = [_outputs(call_model_no_grad(model, batch)) for batch in batches]
+    reference = [output_tensors(_forward(model, batch)) for batch in batches]
     pairs, skipped, stats = _find_pairs(model, batches, exclude)
     check = first_samples(batches[0], CHECK_SAMPLES)
     search = first_samples(batches[0], SEARCH_SAMPLES)
     kept: dict[str, dict[str, Any]] = {}  # pairs where no factors simulated better
-    expected = _outputs(call_model_no_grad(model, check))
+    expected = output_tensors(_forward(model, check))
     rows: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         producer = _scaled_module(model.get_submodule(pair.producer), pair.between)
@@ -111,7 +110,7 @@ def equalize_for_int8_(model: nn.Module, batches: list[Any], *, exclude: tuple[s
             continue
         saved = [t.detach().clone() for t in _tensors(producer) + _tensors(consumer)]
         _rescale_(producer, consumer, factors)
-        after = _outputs(call_model_no_grad(model, check))
+        after = output_tensors(_forward(model, check))
         if not _same(expected, after):
             for tensor, value in zip(_tensors(producer) + _tensors(consumer), saved, strict=True):
                 with torch.no_grad():
@@ -139,27 +138,16 @@ def equalize_for_int8_(model: nn.Module, batches: list[Any], *, exclude: tuple[s
                           f"{'; '.join(f'{k}: {v}' for k, v in list(skipped.items())[:3]) or 'none'}): "
                           "it needs a Conv/Linear whose output feeds another one directly or through "
                           "a ReLU, LeakyReLU or ReLU6; drop equalize")
-    result = [_outputs(call_model_no_grad(model, batch)) for batch in batches]
+    result = [output_tensors(_forward(model, batch)) for batch in batches]
     fidelity = min(sqnr_db(r, o) for rs, os in zip(reference, result, strict=True)
                    for r, o in zip(rs, os, strict=True))
     return {"pairs": rows, "unchanged": kept, "skipped": skipped, "folded_batchnorm": folded,
             "float_sqnr_db": round(fidelity, 1)}
 
 
-def call_model_no_grad(model: nn.Module, inputs: Any) -> Any:
+def _forward(model: nn.Module, inputs: Any) -> Any:
     with torch.no_grad():
         return call_model(model, inputs)
-
-
-def _outputs(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a model's output (a tensor, a tuple, a dict, a Hugging Face output)."""
-    if isinstance(value, torch.Tensor):
-        return [value.detach().float()]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _outputs(v)]
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in _outputs(v)]
-    return []
 
 
 def _same(expected: list[torch.Tensor], actual: list[torch.Tensor]) -> bool:
@@ -231,7 +219,7 @@ def _find_pairs(model: nn.Module, batches: list[Any], exclude: tuple[str, ...]
     handles += [m.register_forward_hook(on_other) for m in leaves]
     try:
         for batch in batches:
-            call_model_no_grad(model, batch)
+            _forward(model, batch)
             chains.clear()
             keep_alive.clear()
     finally:
@@ -356,7 +344,7 @@ def _best_factors(consumer: nn.Module, x: torch.Tensor, reach: torch.Tensor, pea
     """The factors among `STRENGTHS` (and none) whose int8 simulation of the consumer (its input on
     one per-tensor grid, its weight on per-channel grids) errs least on `x`: (factors, channels
     pinned by a clip, the strength, the error over the error without factors)."""
-    from torchslim.quantization.layer_reconstruction import _call, _fake_quantize, _grid
+    from torchslim.quantization.layer_reconstruction import WEIGHT_LEVELS, _call, _fake_quantize, _grid
 
     generator = torch.Generator().manual_seed(0)
     axis = x.dim() - 1 if isinstance(consumer, nn.Linear) else 1
@@ -394,7 +382,7 @@ def _input_of(model: nn.Module, layer: nn.Module, batch: Any) -> torch.Tensor | 
 
     handle = layer.register_forward_pre_hook(keep)
     try:
-        call_model_no_grad(model, batch)
+        _forward(model, batch)
     finally:
         handle.remove()
     return seen[0] if seen else None

@@ -24,14 +24,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from torchslim.calibration import call_model, first_samples
+from torchslim.calibration import call_model, first_samples, output_tensors
 from torchslim.errors import ConfigError
+from torchslim.quantization.layer_reconstruction import WEIGHT_LEVELS
 from torchslim.quantization.primitives import sqnr_db
 
 __all__ = ["LayerSensitivity", "int8_sensitivity", "keep_most_sensitive"]
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-WEIGHT_LEVELS = 127  # onnxruntime's symmetric int8 weights: [-127, 127]
 SAMPLES = 16  # calibration samples each layer is measured on
 NEGLIGIBLE = 0.01  # a layer below this share of the summed error power is never kept in float
 
@@ -50,16 +50,6 @@ class LayerSensitivity:
     def cost(self) -> float:
         """What keeping it in float costs, as a share of the model (see the module docstring)."""
         return max(self.macs_share, self.traffic_share)
-
-
-def _outputs(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value.detach().float()]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _outputs(v)]
-    if isinstance(value, tuple | list):
-        return [t for v in value for t in _outputs(v)]
-    return []
 
 
 def _rounded(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -125,7 +115,7 @@ def int8_sensitivity(model: nn.Module, batches: list[Any], *, per_channel: bool 
     model.eval()
     try:
         with torch.no_grad():
-            reference = _outputs(call_model(model, inputs))
+            reference = output_tensors(call_model(model, inputs))
         macs, traffic = _work(model, layers, inputs)
         total, moved = max(sum(macs.values()), 1), max(sum(traffic.values()), 1)
         result: dict[str, LayerSensitivity] = {}
@@ -135,7 +125,7 @@ def int8_sensitivity(model: nn.Module, batches: list[Any], *, per_channel: bool 
             try:
                 with torch.no_grad():
                     weight.copy_(_rounded(saved, per_channel))
-                    outputs = _outputs(call_model(model, inputs))
+                    outputs = output_tensors(call_model(model, inputs))
             finally:
                 with torch.no_grad():
                     weight.copy_(saved)

@@ -496,6 +496,7 @@ class OrtModule(nn.Module):
         self._session: Any = None
         self._threads = 0
         self._layout: Any = None  # the model's output structure, when it had several tensors
+        self._outputs = ["output"]  # the program outputs a call fetches
 
     def session(self) -> Any:
         threads = torch.get_num_threads()
@@ -503,6 +504,8 @@ class OrtModule(nn.Module):
             self._session = cpu_session(self.program, threads=threads, spinning=self.spin_wait)
             self._threads = threads
             self._layout = _layout_of(self._session)
+            if self._layout is not None:
+                self._outputs = [o.name for o in self._session.get_outputs()]
         return self._session
 
     def forward(self, inputs: torch.Tensor | None = None, **keywords: torch.Tensor) -> Any:
@@ -513,9 +516,8 @@ class OrtModule(nn.Module):
             raise ConfigError(f"the int8 program takes {takes}, got {type(inputs).__name__}")
         session = self.session()
         layout = self._layout
-        names = ["output"] if layout is None else [o.name for o in session.get_outputs()]
         try:
-            outputs = session.run(names, {"input": inputs.detach().cpu().numpy()})
+            outputs = session.run(self._outputs, {"input": inputs.detach().cpu().numpy()})
         except Exception as exc:  # onnxruntime raises its own types: one clean error instead
             raise ConfigError(f"onnxruntime cannot run the int8 program on an input of shape "
                               f"{tuple(inputs.shape)} and dtype {inputs.dtype} ({str(exc)[:200]}); "
