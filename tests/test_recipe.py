@@ -78,7 +78,10 @@ def test_distill_blocks_and_structural_stages_parse() -> None:
 
 
 def test_the_language_model_recipes_validate() -> None:
-    for name in ("smollm2_deep_compression", "smollm2_sparsegpt_distill"):
+    for name, first in (("smollm2_deep_compression", "sparsegpt"), ("smollm2_sparsegpt_distill", "sparsegpt"),
+                        ("smollm2_sparsegpt24_distill", "sparsegpt"), ("smollm2_wanda_distill", "wanda")):
         recipe = load_recipe(f"examples/recipes/{name}.yaml")
         assert recipe.model == "smollm2-135m" and recipe.dataset == "python-docs"
-        assert recipe.stages[0].kind == "sparsegpt" and recipe.text["sequence_length"] == 256
+        assert recipe.stages[0].kind == first and recipe.text["sequence_length"] == 256
+        if name.endswith("_distill"):
+            assert [s.kind for s in recipe.stages] == [first, "distill", "encode"]
