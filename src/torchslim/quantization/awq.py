@@ -6,8 +6,12 @@ s_j = rms(X_j)^α before round-to-nearest quantization (they get finer steps) an
 by s_j, folded into what produces that input (free at run time): the norm layer before q/k/v
 and gate/up, or, for a gated MLP's down_proj, the up_proj whose output rows feed it channel by
 channel (`torchslim.quantization.scalable_pairs` checks each such pair on real inputs). α is
-searched per group of Linears reading the same source, and then each group of weights is clipped
-to the fraction of its range that quantizes best.
+searched per group of Linears reading the same source, in steps of 0.05, in that form and in the
+second form of AWQ's code, s_j = rms(X_j)^α / w̄_j^(1-α) (w̄_j: the mean magnitude of input j's
+weights relative to their group's largest), which also shrinks the channels whose weights already
+span their group's range. The best few candidates are scored again on the clipped grids they
+would get, and each group of weights is then clipped to the fraction of its range that quantizes
+best.
 
 Both searches minimise the output error on the calibration inputs exactly, from the input
 Hessian H = 2/n XXᵀ that `torchslim.layerwise` gathers block by block: for a weight change D,
@@ -41,7 +45,8 @@ from torchslim.structure import Edit, replace_layers_
 
 __all__ = ["AWQ", "awq_"]
 
-ALPHAS = tuple(i / 10 for i in range(11))
+ALPHAS = tuple(i / 20 for i in range(21))  # AWQ's code searches 20 steps
+FINALISTS = 4  # candidates scored again on clipped grids
 
 
 @validated
@@ -83,6 +88,62 @@ def _error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     return float(((delta @ hessian) * delta).sum())
 
 
+def _group_error(delta: torch.Tensor, hessian: torch.Tensor, group_size: int) -> float:
+    """`_error` with H cut to its diagonal blocks of `group_size` inputs: what rounding each group
+    costs on its own, at a group's share of the price (used to rank candidates)."""
+    rows, columns = delta.shape
+    parts = delta.reshape(rows, columns // group_size, group_size).transpose(0, 1)  # (g, rows, k)
+    blocks = torch.stack([hessian[i:i + group_size, i:i + group_size]
+                          for i in range(0, columns, group_size)])  # (g, k, k)
+    return float((torch.bmm(parts, blocks) * parts).sum())
+
+
+def _candidates(rms: torch.Tensor, members: list[torch.Tensor], group_size: int
+                ) -> list[tuple[float, bool, torch.Tensor]]:
+    """(α, weight-aware, s) per candidate input scale: s = rms(X)^α, and AWQ's code's second
+    form s = rms(X)^α / w̄^(1-α), w̄ the mean magnitude of each input's weights relative to
+    their group's largest (it also shrinks channels whose weights are already large)."""
+    relative = []
+    for weight in members:
+        groups = weight.abs().reshape(weight.shape[0], -1, group_size)
+        relative.append((groups / groups.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(weight.shape))
+    w_bar = torch.cat(relative).mean(0).clamp(min=1e-8)
+    found = []
+    for alpha in ALPHAS:
+        for aware in (False, True):
+            if aware and alpha == 1.0:
+                continue  # the same as the plain form
+            s = rms.pow(alpha) / w_bar.pow(1 - alpha) if aware else rms.pow(alpha)
+            found.append((alpha, aware, s / (s.max() * s.min()).sqrt()))
+    return found
+
+
+def _search_scale(members: list[torch.Tensor], hessian: torch.Tensor, stats: InputStatistics,
+                  config: AWQ) -> tuple[torch.Tensor, float, bool]:
+    """The input scale of one source's readers whose codes change their outputs least: every
+    candidate ranked by the error of its round-to-nearest codes group by group, then the best
+    `FINALISTS` scored exactly (the whole H) on the grids they would get, clipped if `clip`
+    (the clipping search can reorder them). Returns (s, α, weight-aware)."""
+    rms = (stats.sq_norm / max(stats.samples, 1)).sqrt().float().clamp(min=1e-8)
+    scored = []
+    for alpha, aware, s in _candidates(rms, members, config.group_size):
+        error = sum(_group_error(_quantize(w * s, config)[0] / s - w, hessian, config.group_size)
+                    for w in members)
+        scored.append((error, alpha, aware, s))
+    scored.sort(key=lambda row: row[0])
+    best = (float("inf"), 0.0, False, torch.ones_like(rms))
+    for _, alpha, aware, s in scored[:FINALISTS]:
+        scaled_hessian = hessian / (s[:, None] * s[None, :])
+        error = 0.0
+        for w in members:
+            ratio = (best_clip(w * s, scaled_hessian, _spec(config), config.group_size)
+                     if config.clip else torch.ones(1))
+            error += _error(_quantize(w * s, config, ratio if config.clip else 1.0)[0] / s - w, hessian)
+        if error < best[0]:
+            best = (error, alpha, aware, s)
+    return best[3], best[1], best[2]
+
+
 def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = None) -> dict[str, Any]:
     """Handler of `AWQ`."""
     job = layerwise_job(model, targets, calibration, "awq", group_size=config.group_size,
@@ -97,21 +158,17 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     modules = dict(layers)
     scales: dict[str, torch.Tensor] = {}  # per source: the input scale folded into it
     chosen_alpha: dict[str, float] = {}
+    weight_aware: list[str] = []  # sources whose scale also divides by the weights' magnitude
     results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     waiting: dict[str, InputStatistics] = {}  # producers held back until their readers' scales
 
     def search_scale(source: str, stats: InputStatistics) -> None:
         assert stats.hessian is not None
         hessian = stats.hessian.float()
-        rms = (stats.sq_norm / max(stats.samples, 1)).sqrt().float().clamp(min=1e-8)
         members = [weight_of(modules[n]).detach().float() for n in groups[source]]
-        best, best_alpha, best_s = float("inf"), 0.0, torch.ones_like(rms)
-        for alpha in ALPHAS:
-            s = rms.pow(alpha)
-            s = s / (s.max() * s.min()).sqrt()
-            error = sum(_error(_quantize(w * s, config)[0] / s - w, hessian) for w in members)
-            if error < best:
-                best, best_alpha, best_s = error, alpha, s
+        best_s, best_alpha, weighted = _search_scale(members, hessian, stats, config)
+        if weighted:
+            weight_aware.append(source)
         scales[source], chosen_alpha[source] = best_s, best_alpha
         with torch.no_grad():
             if source in modules:  # a Linear: its output rows carry 1/s
@@ -160,7 +217,8 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     replaced = replace_layers_(model, [name for name, _ in layers], build)
     unscaled = {name: "clipping only: no norm layer or Linear produces its input channel by channel"
                 for name, _ in layers if name not in source_of}
-    return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "scaled_through": producers,
+    return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "weight_aware": weight_aware,
+            "scaled_through": producers,
             "unscaled": unscaled,
             "skipped": skipped, "calibration": {**run, "batches": len(batches)}}
 
