@@ -48,7 +48,9 @@ def check_unstructured_pruning(out: str, folder: Path) -> None:
 
 
 def check_structured_pruning(out: str, folder: Path) -> None:
-    assert _number(r"structured_prune: (\d+) layer\(s\) changed, 0 skipped", out) >= 6  # every conv, BN, head
+    # which groups the global ranking cuts depends on the CPU's vector width (round_to auto): 6
+    # layers with 16 fp32 lanes (AVX-512), 3 (the block's inner group) with 8 (AVX2)
+    assert _number(r"structured_prune: (\d+) layer\(s\) changed, 0 skipped", out) >= 3
     assert _number(r"\(([\d.]+)x fewer\)", out) >= 1.9
     assert _number(r"test accuracy [\d.]+% -> ([\d.]+)%", out) > 85
 

@@ -36,10 +36,13 @@ from torch.nn.utils import parametrize
 from torchslim.errors import ConfigError
 from torchslim.quantization.primitives import QuantSpec, fake_quantize, qparams_from_range, sqnr_db
 from torchslim.quantization.qat import fold_batchnorm_
+from torchslim.runtime.onnx_program import reduced_weight_range
 
 __all__ = ["ProgramGrids", "program_grids", "reconstruct_for_int8_"]
 
-WEIGHT_LEVELS = 127  # onnxruntime's symmetric int8 weights: [-127, 127], scale max|w| / 127
+# onnxruntime's symmetric int8 weights: [-127, 127], scale max|w| / 127; [-64, 64] on a CPU
+# whose int8 kernels would saturate (`reduced_weight_range`)
+WEIGHT_LEVELS = 64 if reduced_weight_range() else 127
 ACTIVATION_SPEC = QuantSpec(bits=8, symmetric=False, signed=False)  # uint8, as onnxruntime's QDQ
 STRETCH = (-0.1, 1.1)  # AdaRound's rectified sigmoid: h(V) = clip(sigmoid(V)·(ζ-γ) + γ, 0, 1)
 REGULARISATION = 0.01  # weight of the rounding regulariser (the paper's λ)
