@@ -431,7 +431,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
             extra["DefaultTensorType"] = _onnx().TensorProto.FLOAT
         if method == "dynamic":
             quantize_dynamic(str(prepared), str(target), per_channel=per_channel,
-                             reduce_range=reduced_weight_range(), weight_type=QuantType.QInt8, extra_options=extra, nodes_to_exclude=kept)
+                             reduce_range=reduced_weight_range(), weight_type=QuantType.QInt8,
+                             extra_options=extra, nodes_to_exclude=kept)
         else:
             batches = list(calibration or [])
             if not batches:
