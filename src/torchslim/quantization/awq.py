@@ -88,14 +88,22 @@ def _error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
     return float(((delta @ hessian) * delta).sum())
 
 
-def _group_error(delta: torch.Tensor, hessian: torch.Tensor, group_size: int) -> float:
-    """`_error` with H cut to its diagonal blocks of `group_size` inputs: what rounding each group
-    costs on its own, at a group's share of the price (used to rank candidates)."""
-    rows, columns = delta.shape
-    parts = delta.reshape(rows, columns // group_size, group_size).transpose(0, 1)  # (g, rows, k)
-    blocks = torch.stack([hessian[i:i + group_size, i:i + group_size]
-                          for i in range(0, columns, group_size)])  # (g, k, k)
+def _diagonal_blocks(hessian: torch.Tensor, group_size: int) -> torch.Tensor:
+    """H's diagonal blocks of `group_size` inputs, (groups, k, k)."""
+    return torch.stack([hessian[i:i + group_size, i:i + group_size]
+                        for i in range(0, hessian.shape[0], group_size)])
+
+
+def _group_error(delta: torch.Tensor, blocks: torch.Tensor) -> float:
+    """`_error` with H cut to its diagonal `blocks`: what rounding each group costs on its own,
+    at a group's share of the price (used to rank candidates)."""
+    parts = delta.reshape(delta.shape[0], blocks.shape[0], -1).transpose(0, 1)  # (groups, rows, k)
     return float((torch.bmm(parts, blocks) * parts).sum())
+
+
+def _clip_ratio(weight: torch.Tensor, hessian: torch.Tensor, config: AWQ) -> torch.Tensor | float:
+    """Per (row, group), the clipped fraction of the range `weight`'s codes take (1.0 without `clip`)."""
+    return best_clip(weight, hessian, _spec(config), config.group_size) if config.clip else 1.0
 
 
 def _candidates(rms: torch.Tensor, members: list[torch.Tensor], group_size: int
@@ -125,10 +133,10 @@ def _search_scale(members: list[torch.Tensor], hessian: torch.Tensor, stats: Inp
     `FINALISTS` scored exactly (the whole H) on the grids they would get, clipped if `clip`
     (the clipping search can reorder them). Returns (s, α, weight-aware)."""
     rms = (stats.sq_norm / max(stats.samples, 1)).sqrt().float().clamp(min=1e-8)
+    blocks = _diagonal_blocks(hessian, config.group_size)
     scored = []
     for alpha, aware, s in _candidates(rms, members, config.group_size):
-        error = sum(_group_error(_quantize(w * s, config)[0] / s - w, hessian, config.group_size)
-                    for w in members)
+        error = sum(_group_error(_quantize(w * s, config)[0] / s - w, blocks) for w in members)
         scored.append((error, alpha, aware, s))
     scored.sort(key=lambda row: row[0])
     best = (float("inf"), 0.0, False, torch.ones_like(rms))
@@ -136,9 +144,8 @@ def _search_scale(members: list[torch.Tensor], hessian: torch.Tensor, stats: Inp
         scaled_hessian = hessian / (s[:, None] * s[None, :])
         error = 0.0
         for w in members:
-            ratio = (best_clip(w * s, scaled_hessian, _spec(config), config.group_size)
-                     if config.clip else torch.ones(1))
-            error += _error(_quantize(w * s, config, ratio if config.clip else 1.0)[0] / s - w, hessian)
+            ratio = _clip_ratio(w * s, scaled_hessian, config)
+            error += _error(_quantize(w * s, config, ratio)[0] / s - w, hessian)
         if error < best[0]:
             best = (error, alpha, aware, s)
     return best[3], best[1], best[2]
@@ -194,8 +201,7 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
             s = scales[source]
             hessian = hessian / (s[:, None] * s[None, :])
         weight = weight_of(layer).detach().float()
-        ratio = best_clip(weight, hessian, _spec(config), config.group_size) if config.clip else torch.ones(1)
-        dequantized, codes, scale, zero = _quantize(weight, config, ratio if config.clip else 1.0)
+        dequantized, codes, scale, zero = _quantize(weight, config, _clip_ratio(weight, hessian, config))
         results[name] = (codes.to(code_dtype(not config.symmetric)), scale, zero)  # a byte a code
         with torch.no_grad():  # the next blocks see this layer's codes
             original_weight(layer).copy_(dequantized)

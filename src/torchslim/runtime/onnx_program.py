@@ -14,6 +14,7 @@ treat it like any model.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import inspect
 import tempfile
 from collections import Counter
@@ -356,6 +357,7 @@ def _entropy_ranges(prepared: Path, batches: list[Any], cache: Path) -> None:
     save_tensors_data(calibrator.compute_data(), cache)
 
 
+@functools.cache
 def reduced_weight_range() -> bool:
     """Whether int8 weights should span 7 bits ([-64, 64]) on this CPU: an x86 CPU without VNNI
     multiplies uint8 activations by int8 weights with an instruction (vpmaddubsw) that adds two
