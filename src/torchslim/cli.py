@@ -520,6 +520,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from torchslim.measure import measure_latency, num_threads
 
     source = _model_source(args)
+    if (Path(source) / "genai_config.json").is_file():  # `export --format genai`: its own runtime
+        import torch
+
+        from torchslim.apps.language import genai_decode_speed
+
+        threads = args.threads or torch.get_num_threads()
+        speed = genai_decode_speed(source, repeats=max(1, min(args.repeats, 5)), threads=threads)
+        result_genai = {"model": source, "backend": "onnxruntime-genai", "tokens_per_s": speed,
+                        "batch_size": 1, "threads": threads}
+        print(json.dumps(result_genai, sort_keys=True) if args.json else
+              f"{source}: greedy decoding at batch 1 in onnxruntime-genai, {threads} threads: "
+              f"{speed:.1f} tokens/s")
+        return 0
     model, _ = load_language_source(source) if not args.factory else \
         load_model_or_artifact(source, factory=args.factory)
     if is_causal_lm(model):  # language models: decoding speed, batch 1, with the cache
@@ -552,10 +565,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     from torchslim.export import export_model
 
     model, _ = load_model_or_artifact(_model_source(args), factory=args.factory)
-    result = export_model(model, args.out, format=args.format, example_inputs=inputs_for(model, 2))
+    tokenizer = args.tokenizer or (_known_tokenizer(model) if args.format == "genai" else None)
+    inputs = None if args.format == "genai" else inputs_for(model, 2)  # genai: token ids of its own
+    result = export_model(model, args.out, format=args.format, example_inputs=inputs, tokenizer=tokenizer)
     print(f"{result['format']}: {result['path']} ({result['bytes']:,} bytes), outputs match the "
           f"module (largest relative difference {result['max_relative_difference']:.2g})")
+    if "int4_nodes" in result:
+        print(f"{len(result['int4_nodes'])} matmuls run their codes on MatMulNBits")
+        for node, reason in {**result["float_matmuls"], **result["skipped"]}.items():
+            print(f"  float: {node}: {reason}")
     return 0
+
+
+def _known_tokenizer(model: Any) -> Any:
+    """The tokenizer of a language model loaded by name here, else None (--tokenizer names one)."""
+    from torchslim.models.language import tokenizer_for
+
+    try:
+        return tokenizer_for(model)
+    except ConfigError:
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -816,10 +845,14 @@ def build_parser() -> argparse.ArgumentParser:
         "checked against the module on its recorded inputs; an int8 model's ONNX program is written "
         "as is.")
     _add_model_argument(export)
-    export.add_argument("--format", default="onnx", choices=["onnx", "pt2", "hf"],
+    export.add_argument("--format", default="onnx", choices=["onnx", "pt2", "hf", "genai"],
                         help="onnx (one tensor input), pt2 (torch.export), hf (a save_pretrained "
-                             "folder; Hugging Face models)")
-    export.add_argument("--out", required=True, help="the file to write")
+                             "folder; Hugging Face models), genai (an onnxruntime-genai folder: a causal "
+                             "LM's whole decoding step, int4 codes on MatMulNBits)")
+    export.add_argument("--tokenizer", default=None,
+                        help="genai: the model's tokenizer folder (default: the tokenizer of a model "
+                             "loaded by name, e.g. smollm2-135m)")
+    export.add_argument("--out", required=True, help="the file or folder to write")
     export.set_defaults(func=cmd_export, out_is_file=True)
     for command in commands.choices.values():  # `torchslim demo --quiet` as well as `torchslim -q demo`
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,

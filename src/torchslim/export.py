@@ -1,5 +1,7 @@
 """Hand a compressed model to another runtime: an ONNX file, a `torch.export` program (.pt2),
-or (Hugging Face models) a `save_pretrained` folder that `transformers` loads directly.
+(Hugging Face models) a `save_pretrained` folder that `transformers` loads directly, or (causal
+language models) an onnxruntime-genai folder: the whole decoding step with its key/value cache
+in one program, coded layers on the int4 kernel (`torchslim.decoder_export`).
 
 Every export is checked before it is kept: the exported program is run on a batch of the
 model's recorded inputs and must give the module's outputs (float programs within 1e-4
@@ -30,6 +32,7 @@ class ExportFormat(StrEnum):
     ONNX = "onnx"
     PT2 = "pt2"  # torch.export ExportedProgram, loadable with torch.export.load
     HF = "hf"  # a save_pretrained folder (Hugging Face models)
+    GENAI = "genai"  # an onnxruntime-genai folder (causal language models)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -147,10 +150,12 @@ def _hf_folder(model: nn.Module, path: Path, inputs: Any) -> Any:
 
 
 def export_model(model: nn.Module, path: str | Path, *, format: ExportFormat | str,
-                 example_inputs: Any) -> dict[str, Any]:
+                 example_inputs: Any, tokenizer: Any = None) -> dict[str, Any]:
     """Write `model` to `path` in `format` and check the result reproduces the module.
 
-    Returns the format, the file's bytes and the largest output difference (relative).
+    Returns the format, the file's bytes and the largest output difference (relative); `genai`
+    also says which matmuls run codes and which stay float (`export_decoder`), and needs the
+    model's `tokenizer` (an object with `save_pretrained`, or its folder).
 
     Raises:
         UnsupportedModuleError: the exporter cannot capture the model.
@@ -159,8 +164,14 @@ def export_model(model: nn.Module, path: str | Path, *, format: ExportFormat | s
     try:
         chosen = ExportFormat(format)
     except ValueError:
-        raise ConfigError(f"unknown export format {format!r}; valid: onnx, pt2, hf") from None
+        raise ConfigError(f"unknown export format {format!r}; valid: {', '.join(ExportFormat)}") from None
     path = Path(path)
+    if chosen is ExportFormat.GENAI:
+        from torchslim.decoder_export import export_decoder
+
+        ids = example_inputs.get("input_ids") if isinstance(example_inputs, dict) else None
+        return export_decoder(model, path, tokenizer=tokenizer,
+                              example_ids=ids[:1] if isinstance(ids, torch.Tensor) else None)
     with torch.no_grad():
         args, kwargs = _arguments(example_inputs)
         expected = model.eval()(*args, **kwargs)

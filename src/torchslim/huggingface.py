@@ -173,12 +173,57 @@ def load_hf_folder(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
-def save_hf_folder(model: nn.Module, folder: str | Path) -> Path:
+def _forget_gguf_(model: nn.Module) -> None:
+    """A model read from a GGUF file holds its weights in float (transformers dequantizes them on
+    loading) but keeps a GGUF quantizer that refuses `save_pretrained`: drop it, the folder is float."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        setattr(model, "hf_quantizer", None)  # noqa: B010 - an attribute nn.Module does not declare
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+
+
+CODED_EDITS = {"weight_only", "weight_only_embedding", "int4_kernel", "int4_shared_input"}
+
+
+def _dequantize_(model: nn.Module) -> None:
+    """Replace every layer holding weight codes by the float layer its codes stand for; untie a
+    head whose weights then differ from the input embedding's."""
+    from torchslim.quantization.weight_only import GroupedWeightEmbedding, GroupedWeightLinear
+    from torchslim.runtime.int4_linear import Int4Linear
+    from torchslim.structure import replace_module_
+
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, GroupedWeightLinear | Int4Linear):
+                weight = module.weight() if isinstance(module, GroupedWeightLinear) \
+                    else module.dequantized_weight()
+                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+                linear.weight.copy_(weight)
+                if module.bias is not None and linear.bias is not None:
+                    linear.bias.copy_(module.bias)
+                replace_module_(model, name, linear)
+            elif isinstance(module, GroupedWeightEmbedding):
+                table = module.dequantize(module.codes, module.scales, module.zeros)
+                replace_module_(model, name, nn.Embedding.from_pretrained(table.clone(), freeze=False))
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and inputs is not None and outputs is not None \
+            and (outputs.weight is not inputs.weight):
+        config.tie_word_embeddings = False  # type: ignore[union-attr]
+
+
+def save_hf_folder(model: nn.Module, folder: str | Path, *, dequantize: bool = False) -> Path:
     """Write `model` as a `save_pretrained` folder `transformers` loads directly.
 
     GPT-2's Conv1D layers that torchslim handled as Linear go back to their own layout; a model
     whose layers were replaced by other modules (factorized, int8) is not a transformers
-    architecture any more and is refused with the alternatives.
+    architecture any more and is refused with the alternatives. With `dequantize`, layers that
+    hold weight codes (GPTQ, AWQ, round-to-nearest, the int4 kernel) are written as the float
+    weights their codes stand for, and a head whose weights no longer equal the embedding's is
+    written untied (what a converter that re-reads the codes, such as the decoder export, needs).
 
     Raises:
         ConfigError: not a Hugging Face model, or its structure no longer matches its config.
@@ -192,12 +237,16 @@ def save_hf_folder(model: nn.Module, folder: str | Path) -> Path:
     if not is_hf_model(model):
         raise ConfigError(f"{type(model).__name__} is not a Hugging Face model; export it with "
                           "--format onnx or pt2")
-    other = sorted({e.get("kind", "?") for e in edits_of(model)} - {"hf_conv1d_as_linear", "prune_channels"})
+    allowed = {"hf_conv1d_as_linear", "prune_channels"} | (CODED_EDITS if dequantize else set())
+    other = sorted({e.get("kind", "?") for e in edits_of(model)} - allowed)
     if other:
         raise ConfigError(f"the model's layers were changed by {', '.join(other)}, so it no longer "
                           "matches its transformers config; export it with --format onnx or pt2 "
                           "(or keep the .slim file, which loads with torchslim.load)")
     plain = copy.deepcopy(model)
+    _forget_gguf_(plain)
+    if dequantize:
+        _dequantize_(plain)
     restore_hf_conv1d_(plain)
     for attribute in (EDITS_ATTRIBUTE, ORIGINAL_CONFIG):
         if hasattr(plain, attribute):

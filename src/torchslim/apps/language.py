@@ -19,7 +19,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError
 
-__all__ = ["TEXT_DATASETS", "compress_language_model", "decode_speed", "is_causal_lm",
+__all__ = ["TEXT_DATASETS", "compress_language_model", "decode_speed", "genai_decode_speed", "is_causal_lm",
            "language_perplexity", "load_language_source"]
 
 TEXT_DATASETS = {"python-docs": "English prose of Python's own documentation (pydoc topics: "
@@ -108,6 +108,38 @@ def decode_speed(model: nn.Module, *, new_tokens: int = 32, prompt: int = 16, re
             generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             times.append(time.perf_counter() - start)
     return new_tokens / statistics.median(times)
+
+
+def genai_decode_speed(folder: str | Path, *, new_tokens: int = 32, prompt: int = 16, repeats: int = 3,
+                       threads: int | None = None) -> float:
+    """Greedy decoding speed at batch 1 of an onnxruntime-genai folder (`torchslim export
+    --format genai`), timed as `decode_speed` times torch: a prompt of `prompt` fixed token ids
+    read, then `new_tokens` generated, all of it in onnxruntime-genai (median tokens/s)."""
+    import statistics
+
+    import onnxruntime_genai as og
+
+    folder = Path(folder)
+    config = og.Config(str(folder))
+    if threads:
+        options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    model = og.Model(config)
+    vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
+    ids = torch.randint(0, vocab, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def generate(count: int) -> float:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt + count, min_length=prompt + count, do_sample=False)
+        start = time.perf_counter()
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return time.perf_counter() - start
+
+    generate(2)  # warm-up
+    return new_tokens / statistics.median(generate(new_tokens) for _ in range(repeats))
 
 
 def compress_language_model(source: str, config: Any, *, out: str | Path, dataset: str = "python-docs",

@@ -33,7 +33,7 @@ from torchslim.select import Select
 from torchslim.signature import example_for, signature_of
 from torchslim.structure import Edit, record_edit_, register_edit, replace_layers_, replace_module_
 
-__all__ = ["Int4Kernel", "int4_kernel_"]
+__all__ = ["Int4Kernel", "int4_kernel_", "int4_layer"]
 
 
 @validated
@@ -63,7 +63,8 @@ def _unsigned(layer: GroupedWeightLinear, bits: int) -> tuple[torch.Tensor, torc
     return codes, layer.zeros.detach()
 
 
-def _build(layer: GroupedWeightLinear) -> Int4Linear:
+def int4_layer(layer: GroupedWeightLinear) -> Int4Linear:
+    """The `Int4Linear` running `layer`'s codes: 4-bit when they fit 4 bits, else 8-bit."""
     out_features, in_features = layer.codes.shape
     bits = _width(layer)
     codes, zeros = _unsigned(layer, bits)
@@ -143,7 +144,7 @@ def int4_kernel_(model: nn.Module, config: Int4Kernel, *, targets: Select,
 
     def build(name: str, layer: nn.Module) -> tuple[nn.Module, Edit]:
         assert isinstance(layer, GroupedWeightLinear)
-        new = _build(layer)
+        new = int4_layer(layer)
         return new, {"kind": "int4_kernel", "layer": name, **({"bits": 8} if new.bits == 8 else {})}
 
     tables = {id(m.codes): n for n, m in model.named_modules() if isinstance(m, GroupedWeightEmbedding)}

@@ -23,7 +23,8 @@ from torch import nn
 
 from torchslim.runtime.onnx_program import cpu_session
 
-__all__ = ["ACCURACY_LEVEL", "Int4Linear", "SharedInput", "matmul_nbits_program", "pack_int4"]
+__all__ = ["ACCURACY_LEVEL", "Int4Linear", "SharedInput", "matmul_nbits_node", "matmul_nbits_program",
+           "pack_int4"]
 
 ACCURACY_LEVEL = 4  # activations quantized to int8 inside the kernel (its fast path)
 
@@ -44,20 +45,34 @@ def pack_int4(codes: torch.Tensor, zeros: torch.Tensor, block_size: int, bits: i
     return packed.contiguous(), (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous()
 
 
+def matmul_nbits_node(x: str, y: str, *, name: str, in_features: int, out_features: int, bits: int,
+                      block_size: int, packed: torch.Tensor, scales: torch.Tensor,
+                      zero_points: torch.Tensor) -> tuple[Any, list[Any]]:
+    """A `MatMulNBits` node `y = x Wᵀ` (W in the layout of `pack_int4`) and its three
+    initializers, named after `name`: the one way this package writes the kernel's node."""
+    from onnx import TensorProto, helper
+
+    w, s, z = f"{name}.qweight", f"{name}.scales", f"{name}.qzeros"
+    node = helper.make_node("MatMulNBits", [x, w, s, z], [y], name=name, domain="com.microsoft",
+                            K=in_features, N=out_features, bits=bits, block_size=block_size,
+                            accuracy_level=ACCURACY_LEVEL)
+    initializers = [
+        helper.make_tensor(w, TensorProto.UINT8, list(packed.shape), packed.numpy().tobytes(), raw=True),
+        helper.make_tensor(s, TensorProto.FLOAT, [scales.numel()], scales.float().numpy().tobytes(),
+                           raw=True),
+        helper.make_tensor(z, TensorProto.UINT8, [zero_points.numel()], zero_points.numpy().tobytes(),
+                           raw=True)]
+    return node, initializers
+
+
 def matmul_nbits_program(in_features: int, out_features: int, *, bits: int, block_size: int,
                          packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> bytes:
     """A one-node ONNX program `y = x Wᵀ` with W given in `MatMulNBits`' layout."""
     from onnx import TensorProto, helper
 
-    node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft",
-                            K=in_features, N=out_features, bits=bits, block_size=block_size,
-                            accuracy_level=ACCURACY_LEVEL)
-    initializers = [
-        helper.make_tensor("w", TensorProto.UINT8, list(packed.shape), packed.numpy().tobytes(), raw=True),
-        helper.make_tensor("s", TensorProto.FLOAT, [scales.numel()], scales.float().numpy().tobytes(),
-                           raw=True),
-        helper.make_tensor("z", TensorProto.UINT8, [zero_points.numel()], zero_points.numpy().tobytes(),
-                           raw=True)]
+    node, initializers = matmul_nbits_node("x", "y", name="int4_linear", in_features=in_features,
+                                           out_features=out_features, bits=bits, block_size=block_size,
+                                           packed=packed, scales=scales, zero_points=zero_points)
     graph = helper.make_graph([node], "int4_linear",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, in_features])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, out_features])],
@@ -121,6 +136,19 @@ class Int4Linear(nn.Module):
 
     def session(self) -> Any:
         return self._session.get(self._program)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W (out, in) in float, `(code - zero point) * scale` per block: what the kernel computes with."""
+        blocks = self.in_features // self.block_size
+        if self.bits == 4:
+            codes = torch.stack([self.packed & 15, self.packed >> 4], -1)
+            codes = codes.reshape(self.out_features, blocks, -1)
+            zeros = torch.stack([self.zero_points & 15, self.zero_points >> 4], -1)
+            zeros = zeros.reshape(self.out_features, -1)[:, :blocks]
+        else:
+            codes, zeros = self.packed, self.zero_points
+        weight = (codes.float() - zeros.float()[..., None]) * self.scales[..., None]
+        return weight.reshape(self.out_features, self.in_features)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
