@@ -13,8 +13,10 @@ from torch import nn
 
 from torchslim import apply_, artifact
 from torchslim.cli import main
+from torchslim.data.text import evaluation_text, tokenize_text
 from torchslim.errors import ConfigError, UnsupportedModuleError
 from torchslim.export import export_model
+from torchslim.measure import perplexity
 from torchslim.quantization import GPTQ, Int4Kernel, WeightOnly
 
 transformers = pytest.importorskip("transformers")
@@ -37,7 +39,7 @@ def llama(vocab: int = VOCAB, tied: bool = True) -> nn.Module:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=tied)
+                                      vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -128,6 +130,13 @@ def test_cli_exports_an_artifact_and_benches_the_folder(tmp_path: Path, capsys: 
     assert main(["bench", str(tmp_path / "decoder"), "--json", "--threads", "1", "--repeats", "1"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["backend"] == "onnxruntime-genai" and row["tokens_per_s"] > 0 and row["threads"] == 1
+    assert main(["evaluate", str(tmp_path / "decoder"), "--dataset", "python-docs", "--max-tokens", "1024",
+                 "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    tokens = tokenize_text(tokenizer(), evaluation_text())
+    module = perplexity(model, tokens, max_tokens=1024)  # the codes in float, in torch
+    assert scored["tokens"] == module["tokens"] == 1022
+    assert abs(scored["perplexity"] / module["perplexity"] - 1) < 0.05  # the kernel's int8 activations
 
 
 def test_bad_input_is_refused_before_any_work(tmp_path: Path) -> None:

@@ -481,10 +481,16 @@ def _evaluate_language_model(source: str, args: argparse.Namespace) -> int:
     from torchslim.apps.language import language_perplexity, load_language_source
     from torchslim.measure import count_params
 
-    model, _ = load_language_source(source)
-    total, nonzero = count_params(model)
-    result = {"model": source, "dataset": args.dataset, "params": total, "nonzero_params": nonzero,
-              **language_perplexity(model, args.dataset, max_tokens=args.max_tokens or None)}
+    if (Path(source) / "genai_config.json").is_file():  # `export --format genai`: its program
+        from torchslim.apps.language import genai_perplexity
+
+        result = {"model": source, "dataset": args.dataset,
+                  **genai_perplexity(source, args.dataset, max_tokens=args.max_tokens or None)}
+    else:
+        model, _ = load_language_source(source)
+        total, nonzero = count_params(model)
+        result = {"model": source, "dataset": args.dataset, "params": total, "nonzero_params": nonzero,
+                  **language_perplexity(model, args.dataset, max_tokens=args.max_tokens or None)}
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -501,6 +507,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.dataset in TEXT_DATASETS:
         return _evaluate_language_model(source, args)
+    if (Path(source) / "genai_config.json").is_file():
+        raise ConfigError(f"{source} is an exported decoder: evaluate it on a text dataset "
+                          f"({', '.join(TEXT_DATASETS)})")
     data = _dataset(args.dataset)
     model, path = load_model_or_artifact(source, factory=args.factory)
     result = measure_model(model, path=path, data=data, split=args.split,

@@ -33,7 +33,7 @@ from torch import nn
 
 from torchslim.errors import ConfigError, UnsupportedModuleError
 
-__all__ = ["export_decoder"]
+__all__ = ["DecoderProgram", "export_decoder"]
 
 # The builder's float program must give the float model's logits (1e-4 of their scale). With
 # codes on MatMulNBits, the kernel quantizes its activations to int8 per block, so float
@@ -182,32 +182,49 @@ def _substitute_(program: Any, coded: dict[str, Any]) -> tuple[dict[str, list[st
     return replaced, left
 
 
+class DecoderProgram(nn.Module):
+    """An exported decoder (`export --format genai` folder) run by a plain onnxruntime session on
+    whole sequences from an empty key/value cache: `input_ids` (B, T) -> logits (B, T, vocab).
+    What the export checks and what perplexity scores; decoding token by token is
+    onnxruntime-genai's job (`genai_decode_speed`)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        import json
+
+        import onnxruntime as ort
+
+        super().__init__()
+        folder = Path(folder)
+        self.decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.session = ort.InferenceSession(str(folder / self.decoder["filename"]),
+                                            providers=["CPUExecutionProvider"])
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> torch.Tensor:
+        import numpy as np
+
+        ids = input_ids.numpy().astype(np.int64)
+        batch, length = ids.shape
+        feeds: dict[str, Any] = {}
+        for item in self.session.get_inputs():
+            if item.name == "input_ids":
+                feeds[item.name] = ids
+            elif item.name == "attention_mask":
+                feeds[item.name] = np.ones((batch, length), dtype=np.int64)
+            elif item.name == "position_ids":
+                feeds[item.name] = np.tile(np.arange(length, dtype=np.int64), (batch, 1))
+            elif item.name.startswith("past_key_values"):
+                feeds[item.name] = np.zeros((batch, self.decoder["num_key_value_heads"], 0,
+                                             self.decoder["head_size"]), dtype=np.float32)
+            else:
+                raise UnsupportedModuleError(f"the exported decoder has an input {item.name!r} that "
+                                             "torchslim does not know how to feed")
+        (logits,) = self.session.run(["logits"], feeds)
+        return torch.from_numpy(logits)
+
+
 def _program_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the exported program for `ids` (1, T) from an empty key/value cache, run by a
-    plain onnxruntime session (no genai runtime in the check)."""
-    import json
-
-    import numpy as np
-    import onnxruntime as ort
-
-    decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-    session = ort.InferenceSession(str(folder / decoder["filename"]), providers=["CPUExecutionProvider"])
-    feeds: dict[str, Any] = {}
-    for item in session.get_inputs():
-        if item.name == "input_ids":
-            feeds[item.name] = ids.numpy().astype(np.int64)
-        elif item.name == "attention_mask":
-            feeds[item.name] = np.ones(ids.shape, dtype=np.int64)
-        elif item.name == "position_ids":
-            feeds[item.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
-        elif item.name.startswith("past_key_values"):
-            feeds[item.name] = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]),
-                                        dtype=np.float32)
-        else:
-            raise UnsupportedModuleError(f"the exported decoder has an input {item.name!r} this check "
-                                         "does not know how to feed")
-    (logits,) = session.run(["logits"], feeds)
-    return torch.from_numpy(logits)
+    """Logits of the exported program for `ids` (1, T), no genai runtime in the check."""
+    return DecoderProgram(folder)(ids)
 
 
 def _float_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:

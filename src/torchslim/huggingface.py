@@ -173,16 +173,23 @@ def load_hf_folder(folder: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _is_gguf(settings: Any) -> bool:
+    if isinstance(settings, dict):
+        method = settings.get("quant_method")
+    else:
+        method = getattr(settings, "quant_method", None)
+    return str(getattr(method, "value", method)) == "gguf"
+
+
 def _forget_gguf_(model: nn.Module) -> None:
     """A model read from a GGUF file holds its weights in float (transformers dequantizes them on
-    loading) but keeps a GGUF quantizer that refuses `save_pretrained`: drop it, the folder is float."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+    loading) but keeps a GGUF quantizer, and its config a GGUF `quantization_config` (also after a
+    round trip through an artifact), which `save_pretrained` and converters refuse: drop both."""
+    if _is_gguf(getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)):
         setattr(model, "hf_quantizer", None)  # noqa: B010 - an attribute nn.Module does not declare
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
+    config = getattr(model, "config", None)
+    if config is not None and _is_gguf(getattr(config, "quantization_config", None)):
+        delattr(config, "quantization_config")
 
 
 CODED_EDITS = {"weight_only", "weight_only_embedding", "int4_kernel", "int4_shared_input"}

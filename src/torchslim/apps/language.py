@@ -19,7 +19,8 @@ from torch import nn
 
 from torchslim.errors import ConfigError
 
-__all__ = ["TEXT_DATASETS", "compress_language_model", "decode_speed", "genai_decode_speed", "is_causal_lm",
+__all__ = ["TEXT_DATASETS", "compress_language_model", "decode_speed", "genai_decode_speed",
+           "genai_perplexity", "is_causal_lm",
            "language_perplexity", "load_language_source"]
 
 TEXT_DATASETS = {"python-docs": "English prose of Python's own documentation (pydoc topics: "
@@ -108,6 +109,27 @@ def decode_speed(model: nn.Module, *, new_tokens: int = 32, prompt: int = 16, re
             generate(input_ids=ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             times.append(time.perf_counter() - start)
     return new_tokens / statistics.median(times)
+
+
+def genai_perplexity(folder: str | Path, dataset: str, *, max_tokens: int | None = None,
+                     window: int = 512) -> dict[str, Any]:
+    """Perplexity of an `export --format genai` folder (its program, run by onnxruntime) on the
+    dataset's evaluation split, tokenized by the tokenizer saved in the folder."""
+    from transformers import AutoTokenizer
+
+    from torchslim.data.text import evaluation_text, python_docs_source, tokenize_text
+    from torchslim.decoder_export import DecoderProgram
+    from torchslim.measure import perplexity
+
+    if dataset not in TEXT_DATASETS:
+        raise ConfigError(f"unknown text dataset {dataset!r}; valid: {', '.join(TEXT_DATASETS)}")
+    context = int(json.loads((Path(folder) / "genai_config.json").read_text())["model"]["context_length"])
+    if context < window:
+        raise ConfigError(f"the exported decoder takes {context} tokens at most, fewer than the perplexity "
+                          f"window of {window}; export a model whose max_position_embeddings is >= {window}")
+    tokens = tokenize_text(AutoTokenizer.from_pretrained(str(folder)), evaluation_text())
+    return {**perplexity(DecoderProgram(folder), tokens, window=window, max_tokens=max_tokens),
+            "text": python_docs_source(), "backend": "onnxruntime-genai"}
 
 
 def genai_decode_speed(folder: str | Path, *, new_tokens: int = 32, prompt: int = 16, repeats: int = 3,
