@@ -98,7 +98,8 @@ def test_gptq_codes_run_on_matmul_nbits_in_the_exported_decoder(tmp_path: Path) 
 
 def test_the_kernel_layers_and_an_8_bit_head_of_a_qwen2_model_with_biases(tmp_path: Path) -> None:
     """Qwen2's q/k/v have biases (MatMul then Add in the program); the tied head and embedding as
-    one table of 8-bit codes: the head runs on the 8-bit kernel, the table is looked up in float."""
+    one table of 8-bit codes: the head runs on the 8-bit kernel, the table is looked up from the
+    same codes (GatherBlockQuantized): no float copy of it in the folder."""
     torch.manual_seed(0)
     config = transformers.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
@@ -108,12 +109,16 @@ def test_the_kernel_layers_and_an_8_bit_head_of_a_qwen2_model_with_biases(tmp_pa
     apply_(model, Int4Kernel(), calibration=calibration())
     result = export_model(model, tmp_path / "qwen", format="genai", tokenizer=tokenizer(),
                           example_inputs={"input_ids": ids()})
-    assert result["float_matmuls"] == {} and len(result["int4_nodes"]) == 11
+    assert result["float_matmuls"] == {} and result["skipped"] == {} and len(result["int4_nodes"]) == 12
     assert result["int4_nodes"]["/lm_head/MatMul"] == ["lm_head"]
+    assert ["model.embed_tokens"] in result["int4_nodes"].values()  # looked up from its codes
     program = __import__("onnx").load(str(tmp_path / "qwen" / "model.onnx"), load_external_data=False)
     bits = {node.name: next(a.i for a in node.attribute if a.name == "bits")
-            for node in program.graph.node if node.op_type == "MatMulNBits"}
+            for node in program.graph.node if node.op_type in ("MatMulNBits", "GatherBlockQuantized")}
     assert bits["/lm_head/MatMul"] == 8 and sorted(set(bits.values())) == [4, 8]
+    assert sum(v == 8 for v in bits.values()) == 2  # the head and the table
+    float_tables = [i for i in program.graph.initializer if list(i.dims) == [VOCAB, 128] and i.data_type == 1]
+    assert not float_tables  # only the table's codes are in the folder
     assert len(greedy_genai(tmp_path / "qwen", ids(4), 5)) == 5
 
 

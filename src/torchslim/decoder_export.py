@@ -57,16 +57,23 @@ def _require_builder() -> None:
 
 
 def _coded_layers(model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
-    """{name: Int4Linear} of every layer whose codes the kernel can run, and {name: reason} of
+    """{name: Int4Linear} of every layer whose codes the kernel can run (and {name:
+    GroupedWeightEmbedding} of every coded table the lookup op can read), and {name: reason} of
     coded layers it cannot (left in float)."""
     from torchslim.quantization.int4_kernel import int4_layer
-    from torchslim.quantization.weight_only import GroupedWeightLinear
+    from torchslim.quantization.weight_only import GroupedWeightEmbedding, GroupedWeightLinear
     from torchslim.runtime.int4_linear import Int4Linear
 
     coded: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, Int4Linear):
+        if isinstance(module, GroupedWeightEmbedding):
+            size = module.group_size
+            if size < 16 or size & (size - 1):
+                skipped[name] = f"written in float: group size {size} is not a power of two >= 16"
+            else:
+                coded[name] = module
+        elif isinstance(module, Int4Linear):
             coded[name] = module
         elif isinstance(module, GroupedWeightLinear):
             size = module.group_size
@@ -101,7 +108,8 @@ def _build_float_program(model: nn.Module, tokenizer: Any, work: Path) -> Path:
 def _row_index(coded: dict[str, Any]) -> tuple[dict[bytes, list[str]], dict[str, Any]]:
     """Each coded layer's float weight (out, in) as numpy, and an index from its first row's
     bytes to the layers starting with that row."""
-    weights = {name: layer.dequantized_weight().numpy() for name, layer in coded.items()}
+    weights = {name: layer.dequantized_weight().numpy() for name, layer in coded.items()
+               if hasattr(layer, "dequantized_weight")}
     index: dict[bytes, list[str]] = {}
     for name, weight in weights.items():
         index.setdefault(weight[0].tobytes(), []).append(name)
@@ -127,9 +135,50 @@ def _split(rows: Any, index: dict[bytes, list[str]], weights: dict[str, Any]) ->
     return names
 
 
+def _coded_table(node: Any, initializers: dict[str, Any], coded: dict[str, Any]) -> str | None:
+    """The coded table a Gather node looks up, found by its float values; None if none."""
+    from onnx import numpy_helper
+
+    from torchslim.quantization.weight_only import GroupedWeightEmbedding
+
+    table = initializers.get(node.input[0]) if node.op_type == "Gather" else None
+    if table is None or len(table.dims) != 2 or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+        return None
+    for name, module in coded.items():
+        if isinstance(module, GroupedWeightEmbedding) and tuple(module.codes.shape) == tuple(table.dims):
+            values = module.dequantize(module.codes, module.scales, module.zeros).detach().numpy()
+            if (values == numpy_helper.to_array(table)).all():
+                return name
+    return None
+
+
+def _gather_node(node: Any, table: Any) -> tuple[Any, list[Any]]:
+    """A `GatherBlockQuantized` node looking up `table`'s codes where `node` looked up floats."""
+    from onnx import TensorProto, helper
+
+    from torchslim.quantization.int4_kernel import kernel_codes
+
+    bits, packed, zero_points = kernel_codes(table)
+    rows = table.codes.shape[0]
+    data = packed.reshape(rows, -1)
+    name = node.name or "gather_block_quantized"
+    d, s, z = f"{name}.qdata", f"{name}.scales", f"{name}.qzeros"
+    new = helper.make_node("GatherBlockQuantized", [d, node.input[1], s, z], list(node.output), name=name,
+                           domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                           block_size=table.group_size, bits=bits)
+    scales = table.scales.detach().float()
+    tensors = [
+        helper.make_tensor(d, TensorProto.UINT8, list(data.shape), data.numpy().tobytes(), raw=True),
+        helper.make_tensor(s, TensorProto.FLOAT, list(scales.shape), scales.numpy().tobytes(), raw=True),
+        helper.make_tensor(z, TensorProto.UINT8, list(zero_points.shape), zero_points.numpy().tobytes(),
+                           raw=True)]
+    return new, tensors
+
+
 def _substitute_(program: Any, coded: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, str]]:
     """Replace in place every MatMul whose weight is stacked coded layers by a MatMulNBits node
-    on their codes. Returns {node: layers} replaced and {node: reason} left in float."""
+    on their codes, and every Gather of a coded table by a GatherBlockQuantized node on its
+    codes. Returns {node: layers or table} replaced and {node: reason} left in float."""
     from onnx import numpy_helper
 
     from torchslim.runtime.int4_linear import matmul_nbits_node
@@ -145,6 +194,17 @@ def _substitute_(program: Any, coded: dict[str, Any]) -> tuple[dict[str, list[st
     left: dict[str, str] = {}
     nodes = []
     for node in graph.node:
+        table = _coded_table(node, initializers, coded)
+        if table is not None:
+            new, tensors = _gather_node(node, coded[table])
+            nodes.append(new)
+            graph.initializer.extend(tensors)
+            weight = initializers[node.input[0]]
+            uses[weight.name] -= 1
+            if uses[weight.name] == 0:
+                graph.initializer.remove(weight)
+            replaced[node.name] = [table]
+            continue
         is_matmul = node.op_type == "MatMul" and len(node.input) == 2
         weight = initializers.get(node.input[1]) if is_matmul else None
         if weight is None or len(weight.dims) != 2:
@@ -308,6 +368,9 @@ def export_decoder(model: nn.Module, path: str | Path, *, tokenizer: Any,
                     "width equals the vocabulary size is taken for the output head by the builder")
             program = onnx.load(str(built / PROGRAM))
             replaced, left = _substitute_(program, coded) if coded else ({}, {})
+            found = {name for names in replaced.values() for name in names}
+            skipped.update({name: "written in float: no matmul or lookup of the builder's program reads "
+                                  "exactly these weights" for name in coded if name not in found})
             onnx.save_model(program, str(staging / PROGRAM), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=f"{PROGRAM}.data", size_threshold=1024)
             del program

@@ -26,14 +26,14 @@ from torch import nn
 
 from torchslim.calibration import call_model
 from torchslim.config import TechniqueConfig, validated
-from torchslim.quantization.weight_only import GroupedWeightEmbedding, GroupedWeightLinear
+from torchslim.quantization.weight_only import GroupedCodes, GroupedWeightEmbedding, GroupedWeightLinear
 from torchslim.registry import register_technique
 from torchslim.runtime.int4_linear import Int4Linear, SharedInput, pack_int4
 from torchslim.select import Select
 from torchslim.signature import example_for, signature_of
 from torchslim.structure import Edit, record_edit_, register_edit, replace_layers_, replace_module_
 
-__all__ = ["Int4Kernel", "int4_kernel_", "int4_layer"]
+__all__ = ["Int4Kernel", "int4_kernel_", "int4_layer", "kernel_codes"]
 
 
 @validated
@@ -46,7 +46,7 @@ class Int4Kernel(TechniqueConfig):
     converts = True
 
 
-def _width(layer: GroupedWeightLinear) -> int:
+def _width(layer: GroupedCodes) -> int:
     """4 if the layer's codes fit 4 bits, else 8 (every weight-only code fits a byte)."""
     codes = layer.codes.detach()
     low, high = int(codes.min()), int(codes.max())
@@ -54,7 +54,7 @@ def _width(layer: GroupedWeightLinear) -> int:
     return 4 if (low >= -8 and high <= 7 if signed else high <= 15) else 8
 
 
-def _unsigned(layer: GroupedWeightLinear, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _unsigned(layer: GroupedCodes, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, zero points) in [0, 2^bits - 1]: signed symmetric codes shifted by 2^(bits-1)."""
     codes = layer.codes.detach().long()
     if layer.zeros is None:  # signed symmetric codes: shift to unsigned, zero point 2^(bits-1)
@@ -63,14 +63,22 @@ def _unsigned(layer: GroupedWeightLinear, bits: int) -> tuple[torch.Tensor, torc
     return codes, layer.zeros.detach()
 
 
+def kernel_codes(layer: GroupedCodes) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(bits, packed codes, packed zero points) of a coded layer or table in the layout of
+    onnxruntime's `MatMulNBits` and `GatherBlockQuantized` (`pack_int4`): 4-bit when the codes
+    fit 4 bits, else 8-bit."""
+    bits = _width(layer)
+    codes, zeros = _unsigned(layer, bits)
+    packed, zero_points = pack_int4(codes, zeros.round().long(), layer.group_size, bits)
+    return bits, packed, zero_points
+
+
 def int4_layer(layer: GroupedWeightLinear) -> Int4Linear:
     """The `Int4Linear` running `layer`'s codes: 4-bit when they fit 4 bits, else 8-bit."""
     out_features, in_features = layer.codes.shape
-    bits = _width(layer)
-    codes, zeros = _unsigned(layer, bits)
+    bits, packed, zero_points = kernel_codes(layer)
     new = Int4Linear(in_features, out_features, block_size=layer.group_size, bias=layer.bias is not None,
                      bits=bits)
-    packed, zero_points = pack_int4(codes, zeros.round().long(), layer.group_size, bits)
     with torch.no_grad():
         new.packed.copy_(packed)
         new.zero_points.copy_(zero_points)
