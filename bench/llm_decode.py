@@ -107,7 +107,8 @@ def _genai_rows(models: dict[str, torch.nn.Module], args: argparse.Namespace) ->
         target = folder / names[name].replace(" ", "_").replace("(", "").replace(")", "")
         result = export_model(model, target, format="genai", tokenizer=tokenizer_for(model),
                               example_inputs={"input_ids": torch.randint(0, 49152, (1, 8))})
-        print(f"{names[name]}: {len(result['int4_nodes'])} MatMulNBits nodes, float: "
+        print(f"{names[name]}: {len(result['int4_nodes'])} nodes on codes (MatMulNBits, "
+              f"GatherBlockQuantized), float: "
               f"{sorted(result['float_matmuls']) or 'none'}, {result['bytes']:,} bytes, "
               f"logits within {result['max_relative_difference']:.2g}")
         paths[names[name]] = target
