@@ -821,7 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate", help="accuracy, params, bytes and FLOPs of a model",
-        description="Measure an artifact (or a registered model's shipped weights).")
+        description="Measure an artifact (or a registered model's shipped weights); a language model, "
+        "or a folder written by `export --format genai`, on a text dataset: perplexity.")
     _add_model_argument(evaluate)
     evaluate.add_argument("--dataset", metavar="DATASET",
                           help=f"dataset for accuracy: {', '.join(DATASET_NAMES)}, or FILE.py:FUNCTION "
@@ -836,7 +837,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="latency and throughput of a model",
                                 description="Time the forward pass on the model's own input "
-                                "shape: warm-up, repeated runs, median and p90.")
+                                "shape: warm-up, repeated runs, median and p90. A language model (or a "
+                                "folder written by `export --format genai`, decoded by onnxruntime-genai): "
+                                "greedy decoding at batch 1, tokens/s.")
     _add_model_argument(bench)
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--threads", type=int, help="intra-op threads (default: all)")
