@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import ConfigError, UnsupportedModuleError
+from torchslim.progress import ProgressLines
 
 __all__ = ["DecoderProgram", "export_decoder"]
 
@@ -67,20 +68,14 @@ def _coded_layers(model: nn.Module) -> tuple[dict[str, Any], dict[str, str]]:
     coded: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
-        if isinstance(module, GroupedWeightEmbedding):
-            size = module.group_size
-            if size < 16 or size & (size - 1):
-                skipped[name] = f"written in float: group size {size} is not a power of two >= 16"
-            else:
-                coded[name] = module
-        elif isinstance(module, Int4Linear):
+        if isinstance(module, Int4Linear):
             coded[name] = module
-        elif isinstance(module, GroupedWeightLinear):
+        elif isinstance(module, GroupedWeightLinear | GroupedWeightEmbedding):
             size = module.group_size
             if size < 16 or size & (size - 1):
                 skipped[name] = f"written in float: group size {size} is not a power of two >= 16"
             else:
-                coded[name] = int4_layer(module)
+                coded[name] = int4_layer(module) if isinstance(module, GroupedWeightLinear) else module
     return coded, skipped
 
 
@@ -355,9 +350,11 @@ def export_decoder(model: nn.Module, path: str | Path, *, tokenizer: Any,
         torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0))
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    progress = ProgressLines("genai export step", 4)  # about a minute for a 135M-parameter model
     try:
         with tempfile.TemporaryDirectory() as work:
             built = _build_float_program(model, tokenizer, Path(work))
+            progress.update(1, "float program built by onnxruntime-genai's builder")
             reference = _float_logits(Path(work) / "hf", ids)
             builder_difference, _ = _relative(reference, _program_logits(built, ids))
             if builder_difference > FLOAT_TOLERANCE:
@@ -366,6 +363,7 @@ def export_decoder(model: nn.Module, path: str | Path, *, tokenizer: Any,
                     f"{type(model).__name__} in float (largest relative logit difference "
                     f"{builder_difference:.3g}); nothing was written. Known cause: a layer whose output "
                     "width equals the vocabulary size is taken for the output head by the builder")
+            progress.update(2, f"float program checked ({builder_difference:.2g})")
             program = onnx.load(str(built / PROGRAM))
             replaced, left = _substitute_(program, coded) if coded else ({}, {})
             found = {name for names in replaced.values() for name in names}
@@ -377,6 +375,7 @@ def export_decoder(model: nn.Module, path: str | Path, *, tokenizer: Any,
             for item in built.iterdir():
                 if item.name not in (PROGRAM, f"{PROGRAM}.data"):
                     shutil.copy2(item, staging / item.name)
+        progress.update(3, f"{len(replaced)} nodes on codes, {len(left)} matmuls float")
         with torch.no_grad():
             expected = model.eval()(input_ids=ids).logits.float()
         difference, mean = _relative(expected, _program_logits(staging, ids))
@@ -386,6 +385,7 @@ def export_decoder(model: nn.Module, path: str | Path, *, tokenizer: Any,
                               f"difference: largest {difference:.3g}, mean {mean:.3g}; limits {limits[0]:g}, "
                               f"{limits[1]:g}); nothing was written")
         staging.rename(path)
+        progress.update(4, f"checked against the module ({difference:.2g}) and written")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"format": "genai", "path": str(path), "bytes": _bytes_of(path),
