@@ -479,9 +479,10 @@ def cmd_auto(args: argparse.Namespace) -> int:
 
 def _evaluate_language_model(source: str, args: argparse.Namespace) -> int:
     from torchslim.apps.language import language_perplexity, load_language_source
+    from torchslim.decoder_export import is_genai_folder
     from torchslim.measure import count_params
 
-    if (Path(source) / "genai_config.json").is_file():  # `export --format genai`: its program
+    if is_genai_folder(source):  # `export --format genai`: its program
         from torchslim.apps.language import genai_perplexity
 
         result = {"model": source, "dataset": args.dataset,
@@ -507,7 +508,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.dataset in TEXT_DATASETS:
         return _evaluate_language_model(source, args)
-    if (Path(source) / "genai_config.json").is_file():
+    from torchslim.decoder_export import is_genai_folder
+
+    if is_genai_folder(source):
         raise ConfigError(f"{source} is an exported decoder: evaluate it on a text dataset "
                           f"({', '.join(TEXT_DATASETS)})")
     data = _dataset(args.dataset)
@@ -529,7 +532,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from torchslim.measure import measure_latency, num_threads
 
     source = _model_source(args)
-    if (Path(source) / "genai_config.json").is_file():  # `export --format genai`: its own runtime
+    from torchslim.decoder_export import is_genai_folder
+
+    if is_genai_folder(source):  # `export --format genai`: its own runtime
         import torch
 
         from torchslim.apps.language import genai_decode_speed

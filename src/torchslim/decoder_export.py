@@ -34,7 +34,7 @@ from torch import nn
 from torchslim.errors import ConfigError, UnsupportedModuleError
 from torchslim.progress import ProgressLines
 
-__all__ = ["DecoderProgram", "export_decoder"]
+__all__ = ["DecoderProgram", "export_decoder", "genai_config", "is_genai_folder"]
 
 # The builder's float program must give the float model's logits (1e-4 of their scale). With
 # codes on MatMulNBits, the kernel quantizes its activations to int8 per block, so float
@@ -46,6 +46,19 @@ FLOAT_TOLERANCE = 1e-4
 CODED_TOLERANCE = 0.1  # largest difference, relative to the logits' scale
 CODED_MEAN_TOLERANCE = 0.02  # mean difference, relative to the logits' scale
 PROGRAM = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
+
+
+def is_genai_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder written by `export --format genai`."""
+    return (Path(path) / GENAI_CONFIG).is_file()
+
+
+def genai_config(folder: str | Path) -> dict[str, Any]:
+    """The `model` section of an exported folder's onnxruntime-genai config."""
+    import json
+
+    return dict(json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"])
 
 
 def _require_builder() -> None:
@@ -244,14 +257,11 @@ class DecoderProgram(nn.Module):
     onnxruntime-genai's job (`genai_decode_speed`)."""
 
     def __init__(self, folder: str | Path) -> None:
-        import json
-
         import onnxruntime as ort
 
         super().__init__()
-        folder = Path(folder)
-        self.decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
-        self.session = ort.InferenceSession(str(folder / self.decoder["filename"]),
+        self.decoder = genai_config(folder)["decoder"]
+        self.session = ort.InferenceSession(str(Path(folder) / self.decoder["filename"]),
                                             providers=["CPUExecutionProvider"])
 
     def forward(self, input_ids: torch.Tensor, **_: Any) -> torch.Tensor:
@@ -275,11 +285,6 @@ class DecoderProgram(nn.Module):
                                              "torchslim does not know how to feed")
         (logits,) = self.session.run(["logits"], feeds)
         return torch.from_numpy(logits)
-
-
-def _program_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
-    """Logits of the exported program for `ids` (1, T), no genai runtime in the check."""
-    return DecoderProgram(folder)(ids)
 
 
 def _float_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -356,7 +361,7 @@ def export_decoder(model: nn.Module, path: str | Path, *, tokenizer: Any,
             built = _build_float_program(model, tokenizer, Path(work))
             progress.update(1, "float program built by onnxruntime-genai's builder")
             reference = _float_logits(Path(work) / "hf", ids)
-            builder_difference, _ = _relative(reference, _program_logits(built, ids))
+            builder_difference, _ = _relative(reference, DecoderProgram(built)(ids))
             if builder_difference > FLOAT_TOLERANCE:
                 raise UnsupportedModuleError(
                     f"onnxruntime-genai's builder wrote a program that computes something else than "
@@ -378,7 +383,7 @@ def export_decoder(model: nn.Module, path: str | Path, *, tokenizer: Any,
         progress.update(3, f"{len(replaced)} nodes on codes, {len(left)} matmuls float")
         with torch.no_grad():
             expected = model.eval()(input_ids=ids).logits.float()
-        difference, mean = _relative(expected, _program_logits(staging, ids))
+        difference, mean = _relative(expected, DecoderProgram(staging)(ids))
         limits = (CODED_TOLERANCE, CODED_MEAN_TOLERANCE) if replaced else (FLOAT_TOLERANCE, FLOAT_TOLERANCE)
         if difference > limits[0] or mean > limits[1]:
             raise ConfigError(f"the genai export computes something else than the module (relative logit "

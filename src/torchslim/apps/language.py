@@ -118,12 +118,12 @@ def genai_perplexity(folder: str | Path, dataset: str, *, max_tokens: int | None
     from transformers import AutoTokenizer
 
     from torchslim.data.text import evaluation_text, python_docs_source, tokenize_text
-    from torchslim.decoder_export import DecoderProgram
+    from torchslim.decoder_export import DecoderProgram, genai_config
     from torchslim.measure import perplexity
 
     if dataset not in TEXT_DATASETS:
         raise ConfigError(f"unknown text dataset {dataset!r}; valid: {', '.join(TEXT_DATASETS)}")
-    context = int(json.loads((Path(folder) / "genai_config.json").read_text())["model"]["context_length"])
+    context = int(genai_config(folder)["context_length"])
     if context < window:
         raise ConfigError(f"the exported decoder takes {context} tokens at most, fewer than the perplexity "
                           f"window of {window}; export a model whose max_position_embeddings is >= {window}")
@@ -141,13 +141,14 @@ def genai_decode_speed(folder: str | Path, *, new_tokens: int = 32, prompt: int 
 
     import onnxruntime_genai as og
 
-    folder = Path(folder)
+    from torchslim.decoder_export import genai_config
+
     config = og.Config(str(folder))
     if threads:
         options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     model = og.Model(config)
-    vocab = int(json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"])
+    vocab = int(genai_config(folder)["vocab_size"])
     ids = torch.randint(0, vocab, (prompt,), generator=torch.Generator().manual_seed(0)).tolist()
 
     def generate(count: int) -> float:
