@@ -369,3 +369,24 @@ def test_after_gptq_a_weight_only_stage_codes_only_the_tied_table(tmp_path: Path
     reloaded = artifact.load(artifact.save(model, tmp_path / "m.slim", encoding=artifact.Encoding()))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_whole_model_calibration_forwards_drop_each_batchs_logits() -> None:
+    """GPTQ on a layer outside the repeated blocks (the head) calibrates by whole-model
+    forwards: a list of their outputs would hold every batch's logits at once, for SmolLM2
+    403 MB a batch of 8 x 256 tokens, more than its Linears' weights."""
+    import weakref
+
+    model = llama()
+    alive: list[int] = []  # at each call, how many earlier batches' logits are still held
+    logits: list[weakref.ref[torch.Tensor]] = []
+
+    def watch(_m: nn.Module, _args: object, out: torch.Tensor) -> None:
+        alive.append(sum(ref() is not None for ref in logits))
+        logits.append(weakref.ref(out))
+
+    model.lm_head.register_forward_hook(watch)
+    changes = apply_(model, GPTQ(bits=4, group_size=32), calibration=calibration(),
+                     targets=Select(names=("lm_head",)))
+    assert "lm_head" in changes["replaced"]
+    assert len(alive) == len(calibration()) and alive == [0] * len(alive)

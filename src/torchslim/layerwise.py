@@ -146,6 +146,11 @@ def _run_block(block: nn.Module, hidden: list[torch.Tensor], rest: list[tuple[An
             for h, args, extra in zip(hidden, rest, kwargs, strict=True)]
 
 
+def _run_model(model: nn.Module, batches: list[Any]) -> None:
+    for inputs in batches:  # each output dropped at once: a model's logits can outweigh it
+        call_model(model, inputs)
+
+
 @torch.no_grad()
 def _gather(layers: list[tuple[str, nn.Linear]], run: Callable[[], Any], *,
             hessian: bool) -> dict[str, InputStatistics]:
@@ -186,7 +191,7 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
     try:
         stack = repeated_blocks(model)
         if stack is None:
-            stats = _gather(layers, lambda: [call_model(model, b) for b in batches], hessian=hessian)
+            stats = _gather(layers, partial(_run_model, model, batches), hessian=hessian)
             for name, layer in layers:
                 compress(name, layer, stats[name])
             return {"blocks": 0, "seconds": time.perf_counter() - start}
@@ -210,7 +215,7 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
         outside = [name for name, _ in layers if not name.startswith(f"{prefix}.")]
         if outside:  # e.g. lm_head: calibrated on the compressed stack's final activations
             stats = _gather([(n, dict(layers)[n]) for n in outside],
-                            lambda: [call_model(model, b) for b in batches], hessian=hessian)
+                            partial(_run_model, model, batches), hessian=hessian)
             for name in outside:
                 compress(name, dict(layers)[name], stats[name])
         return {"blocks": len(blocks), "seconds": time.perf_counter() - start}
