@@ -31,6 +31,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
+from torchslim.calibration import first_samples
 from torchslim.config import TechniqueConfig, validated
 from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_job
 from torchslim.parametrized import original_weight, weight_of
@@ -156,8 +157,12 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     job = layerwise_job(model, targets, calibration, "awq", group_size=config.group_size,
                        replaces=True)
     layers, skipped, batches = job.layers, job.skipped, job.batches
-    _, norms = observe_inputs(model, layers, batches)
-    producers = scalable_pairs(model, layers, batches[0], [n for n, _ in layers if n not in norms])
+    # which norm or Linear produces a Linear's input is the model's structure, not the data's:
+    # one sequence shows it, where every batch's whole-model forward (logits included) cost
+    # SmolLM2 more memory than its weights
+    probe = first_samples(batches[0], 1)
+    _, norms = observe_inputs(model, layers, [probe])
+    producers = scalable_pairs(model, layers, probe, [n for n, _ in layers if n not in norms])
     groups: dict[str, list[str]] = {}  # a scale's source (a norm, or a Linear) -> its readers
     for name, source in {**norms, **producers}.items():
         groups.setdefault(source, []).append(name)
