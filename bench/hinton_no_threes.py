@@ -1,13 +1,13 @@
 """Hinton et al. 2015, MNIST: a student that never sees a 3 still learns 3s from soft targets.
 
 The 784-800-800-10 student is distilled (T = 20) from the recipe's teacher
-(`examples/recipes/hinton_mnist_distill.yaml` writes it to runs/hinton-teacher/model.slim) on a
+(`examples/recipes/hinton_mnist_distill.yaml` writes it to runs/hinton-lenet5-teacher/model.slim) on a
 transfer set with every 3 removed. Its errors on the test 3s are counted before and after
 raising the bias of class 3, the paper's fix for the class's missing prior; the bias is chosen
 on the validation split (which keeps its 3s), never on the test set. Paper: 206 errors, 133 of
 them on the 1010 threes; with the bias raised by 3.5, 109 errors, 14 on threes.
 
-`python bench/hinton_no_threes.py [--teacher runs/hinton-teacher/model.slim] [--epochs 20]`
+`python bench/hinton_no_threes.py [--teacher runs/hinton-lenet5-teacher/model.slim] [--epochs 20]`
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def errors(scores: torch.Tensor, labels: torch.Tensor, shift: float, digit: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default="runs/hinton-teacher/model.slim")
+    parser.add_argument("--teacher", default="runs/hinton-lenet5-teacher/model.slim")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=20.0)
     parser.add_argument("--alpha", type=float, default=0.5)

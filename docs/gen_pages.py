@@ -364,7 +364,7 @@ def recipes_page() -> str:
             "teacher again. The stage's summary in the report "
             "records whether the teacher was trained or reused, and its validation and test accuracy. "
             "[`examples/recipes/hinton_mnist_distill.yaml`](techniques/distillation.md#hintons-mnist-"
-            "experiment) trains Hinton et al.'s MNIST teacher this way:", "",
+            "experiment) trains the teacher of Hinton et al.'s MNIST experiment this way:", "",
             "```yaml",
             "  - distill:",
             "      epochs: 40",
@@ -372,9 +372,9 @@ def recipes_page() -> str:
             "      distill:",
             "        temperature: 20",
             "        teacher:",
-            "          model: mlp-1200-1200",
-            "          path: runs/hinton-teacher/model.slim",
-            "          train: {epochs: 50, lr: 0.05, shift: 2}",
+            "          model: lenet5",
+            "          path: runs/hinton-lenet5-teacher/model.slim",
+            "          train: {epochs: 30, lr: 0.05, momentum: 0.9, shift: 2}",
             "```", "",
             key_table(keys_of(TrainedTeacher)), "",
             "## `targets:`", "",

@@ -87,7 +87,7 @@ def test_the_student_sees_the_teachers_outputs_on_the_same_shifted_batch() -> No
     assert value == pytest.approx(0, abs=1e-6)
 
 
-def test_the_shipped_hinton_recipe_trains_the_papers_teacher_then_distils_at_t20() -> None:
+def test_the_shipped_hinton_recipe_trains_its_teacher_then_distils_the_papers_student_at_t20() -> None:
     from torchslim.apps.recipe import load_recipe
     from torchslim.distillation import TrainedTeacher
 
@@ -98,5 +98,5 @@ def test_the_shipped_hinton_recipe_trains_the_papers_teacher_then_distils_at_t20
     assert stage.kind == "distill" and stage.config.train.shift == 2
     distill = stage.config.distill
     assert distill.temperature == 20
-    assert isinstance(distill.teacher, TrainedTeacher) and distill.teacher.model == "mlp-1200-1200"
+    assert isinstance(distill.teacher, TrainedTeacher) and distill.teacher.model == "lenet5"
     assert distill.teacher.train is not None and distill.teacher.train["shift"] == 2
