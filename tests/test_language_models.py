@@ -390,3 +390,30 @@ def test_whole_model_calibration_forwards_drop_each_batchs_logits() -> None:
                      targets=Select(names=("lm_head",)))
     assert "lm_head" in changes["replaced"]
     assert len(alive) == len(calibration()) and alive == [0] * len(alive)
+
+
+class NormThenShuffle(nn.Module):
+    """A user's block whose Linear reads its norm's output shuffled across channels, through
+    a tensor that takes over the id of the norm's freed output: rescaling the norm by
+    channel would change what the Linear computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        g = h.flip(-1)
+        del h  # CPython hands the freed tensor object's address (its id) to the next one
+        g = g + 0.0
+        return self.fc(g)
+
+
+def test_a_linear_is_smoothed_through_a_norm_only_when_it_reads_that_very_output() -> None:
+    from torchslim.quantization import SmoothQuant
+
+    torch.manual_seed(0)
+    changes = apply_(NormThenShuffle(), SmoothQuant(alpha=0.5), calibration=[torch.randn(4, 16)])
+    assert changes["smoothed"] == {}
+    assert "not the output of a norm" in changes["unsmoothed"]["fc"]

@@ -17,6 +17,7 @@ row, int8 activations per token, `torch._int_mm`).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -64,19 +65,22 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
              ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Per-input-channel max |x| of each Linear, and the norm whose output each Linear reads."""
     maxima: dict[str, torch.Tensor] = {}
-    produced: dict[int, str] = {}  # id of a norm's output tensor -> the norm's name
+    # id of a norm's output tensor -> (the norm's name, a weak reference to that output): an id
+    # alone is reused by a later tensor once the output is freed, which then passed for the norm's
+    produced: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
     fed_by: dict[str, set[str | None]] = {name: set() for name, _ in layers}
     handles = []
     for name, module in model.named_modules():
         if _is_norm(module):
             handles.append(module.register_forward_hook(
-                lambda _m, _a, out, n=name: produced.__setitem__(id(out), n)))
+                lambda _m, _a, out, n=name: produced.__setitem__(id(out), (n, weakref.ref(out)))))
     for name, layer in layers:
         def record(_m: nn.Module, args: tuple[Any, ...], n: str = name) -> None:
             x = args[0]
             peak = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
             maxima[n] = torch.maximum(maxima[n], peak) if n in maxima else peak
-            fed_by[n].add(produced.get(id(x)))
+            source, output = produced.get(id(x), (None, None))
+            fed_by[n].add(source if output is not None and output() is x else None)
         handles.append(layer.register_forward_pre_hook(record))
     was_training = model.training
     model.eval()
