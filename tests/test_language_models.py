@@ -417,3 +417,41 @@ def test_a_linear_is_smoothed_through_a_norm_only_when_it_reads_that_very_output
     changes = apply_(NormThenShuffle(), SmoothQuant(alpha=0.5), calibration=[torch.randn(4, 16)])
     assert changes["smoothed"] == {}
     assert "not the output of a norm" in changes["unsmoothed"]["fc"]
+
+
+def test_smoothquant_observes_each_batch_without_computing_the_logits() -> None:
+    """The forward stops after the last observed Linear: the excluded head's logits (for
+    SmolLM2 403 MB a batch of 8 x 256 tokens) are computed once, for one probe sequence."""
+    from torchslim.quantization import SmoothQuant
+
+    model = llama()
+    heads: list[int] = []
+    model.lm_head.register_forward_hook(lambda _m, args, _out: heads.append(args[0].shape[0]))
+    apply_(model, SmoothQuant(alpha=0.5), calibration=calibration(), targets=Select(exclude=("lm_head",)))
+    assert heads == [1]
+
+
+class SharedLinear(nn.Module):
+    """A user's model that calls one Linear twice: the second call's inputs are 10x larger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(10 * self.fc(self.norm(x))))
+
+
+def test_observation_runs_every_forward_to_the_end_when_a_linear_is_called_twice() -> None:
+    from torchslim.quantization.smoothquant import observe_inputs
+
+    torch.manual_seed(0)
+    model = SharedLinear().eval()
+    x = torch.randn(8, 16)
+    seen: list[torch.Tensor] = []
+    model.fc.register_forward_pre_hook(lambda _m, args: seen.append(args[0].abs().amax(0)))
+    maxima, _ = observe_inputs(model, [("fc", model.fc), ("head", model.head)], [x, x])
+    assert "head" in maxima
+    assert torch.equal(maxima["fc"], torch.stack(seen).amax(0))

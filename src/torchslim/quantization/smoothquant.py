@@ -25,7 +25,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from torchslim.calibration import call_model
+from torchslim.calibration import call_model, first_samples
 from torchslim.config import TechniqueConfig, validated
 from torchslim.layerwise import layerwise_job
 from torchslim.parametrized import original_weight
@@ -60,15 +60,26 @@ def _is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Norm") and isinstance(weight, torch.Tensor) and weight.dim() == 1
 
 
+class _SeenAll(Exception):
+    """Every observed Linear has run: the rest of the forward (a language model's head and its
+    logits, often larger than the model) is not needed."""
+
+
 @torch.no_grad()
 def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batches: list[Any]
              ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Per-input-channel max |x| of each Linear, and the norm whose output each Linear reads."""
+    """Per-input-channel max |x| of each Linear, and the norm whose output each Linear reads.
+
+    One sequence of the first batch runs first and shows the structure; when it calls every
+    Linear exactly once, each batch's forward stops after the last of them.
+    """
     maxima: dict[str, torch.Tensor] = {}
     # id of a norm's output tensor -> (the norm's name, a weak reference to that output): an id
     # alone is reused by a later tensor once the output is freed, which then passed for the norm's
     produced: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
     fed_by: dict[str, set[str | None]] = {name: set() for name, _ in layers}
+    calls: dict[str, int] = {}
+    stop_when_all_seen = False
     handles = []
     for name, module in model.named_modules():
         if _is_norm(module):
@@ -81,13 +92,22 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
             maxima[n] = torch.maximum(maxima[n], peak) if n in maxima else peak
             source, output = produced.get(id(x), (None, None))
             fed_by[n].add(source if output is not None and output() is x else None)
+            calls[n] = calls.get(n, 0) + 1
+            if stop_when_all_seen and len(calls) == len(layers):
+                raise _SeenAll
         handles.append(layer.register_forward_pre_hook(record))
     was_training = model.training
     model.eval()
     try:
-        for inputs in batches:
+        for index, inputs in enumerate([first_samples(batches[0], 1), *batches]):
             produced.clear()
-            call_model(model, inputs)
+            calls.clear()
+            try:
+                call_model(model, inputs)
+            except _SeenAll:
+                continue
+            if index == 0:  # layers called in a loop or not at all: every forward runs to its end
+                stop_when_all_seen = len(calls) == len(layers) and set(calls.values()) == {1}
     finally:
         model.train(was_training)
         for handle in handles:
