@@ -13,6 +13,9 @@ the whole model: the same statistics, without the sequential refresh.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,6 +149,27 @@ def _run_block(block: nn.Module, hidden: list[torch.Tensor], rest: list[tuple[An
             for h, args, extra in zip(hidden, rest, kwargs, strict=True)]
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim`; elsewhere a no-op).
+
+    Each block frees its Hessians and activations while the codes of its layers stay, scattered
+    through the heap: without this, the freed pages between them stay counted in the process's
+    memory, block after block."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl)
+        return None
+
+
 def _run_model(model: nn.Module, batches: list[Any]) -> None:
     for inputs in batches:  # each output dropped at once: a model's logits can outweigh it
         call_model(model, inputs)
@@ -209,8 +233,10 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
                                 hessian=hessian)
                 for name, layer in mine:
                     compress(name, layer, stats[name])
+                    _return_freed_memory()
             # the compressed block's outputs feed the next one
             hidden = _run_block(block, hidden, rest, inputs.kwargs)
+            _return_freed_memory()
             lines.update(index + 1, f"{len(mine)} layers")
         outside = [name for name, _ in layers if not name.startswith(f"{prefix}.")]
         if outside:  # e.g. lm_head: calibrated on the compressed stack's final activations
