@@ -18,6 +18,7 @@ row, int8 activations per token, `torch._int_mm`).
 from __future__ import annotations
 
 import weakref
+from functools import partial
 from typing import Any
 
 import torch
@@ -81,10 +82,14 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
     calls: dict[str, int] = {}
     stop_when_all_seen = False
     handles = []
+
+    def norm_output(_m: nn.Module, _args: tuple[Any, ...], out: Any, n: str) -> None:
+        if isinstance(out, torch.Tensor):  # a norm returning more than its output scales nothing
+            produced[id(out)] = (n, weakref.ref(out))
+
     for name, module in model.named_modules():
         if _is_norm(module):
-            handles.append(module.register_forward_hook(
-                lambda _m, _a, out, n=name: produced.__setitem__(id(out), (n, weakref.ref(out)))))
+            handles.append(module.register_forward_hook(partial(norm_output, n=name)))
     for name, layer in layers:
         def record(_m: nn.Module, args: tuple[Any, ...], n: str = name) -> None:
             x = args[0]
