@@ -14,7 +14,8 @@ Pairs compared (peer / torchslim):
 - torchao `Int8WeightOnlyConfig()` (int8 per row) / torchslim round-to-nearest int8 g64;
 - llmcompressor `oneshot` with `GPTQModifier` (int4 g64 symmetric, no act-order: torchslim's
   `GPTQ` defaults), `SparseGPTModifier` and `WandaPruningModifier` (50% unstructured) /
-  torchslim `GPTQ`, `SparseGPT`, `Wanda`;
+  torchslim `GPTQ`, `SparseGPT`, `Wanda`; `AWQModifier` (int4 g64 asymmetric, its Llama mappings,
+  both of its scale forms searched) / torchslim `AWQ`;
 - onnxruntime `MatMulNBitsQuantizer` (4 bits, block 64, symmetric, round-to-nearest) on a
   `torch.onnx.export` (dynamo, needs onnxscript; the TorchScript exporter stops at `aten::diff`)
   of the model without key/value cache / torchslim RTN int4 g64.
@@ -69,7 +70,7 @@ from torchslim.data.text import token_windows
 from torchslim.measure import perplexity
 from torchslim.models.language import load_language_model, tokenizer_for
 from torchslim.pruning import SparseGPT, Wanda
-from torchslim.quantization import GPTQ, Int4Kernel, WeightOnly
+from torchslim.quantization import AWQ, GPTQ, Int4Kernel, WeightOnly
 from torchslim.select import Select
 
 NOT_LM_HEAD = Select(exclude=("lm_head",))
@@ -203,6 +204,21 @@ def llmcompressor_gptq(model: nn.Module, ctx: Context) -> nn.Module:
     return llmcompressor_oneshot(model, ctx, modifier)
 
 
+def llmcompressor_awq(model: nn.Module, ctx: Context) -> nn.Module:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    # it pins its cached activations for faster copies to a GPU, which needs one: here they stay
+    IntermediatesCache.pin_memory = lambda *_args, **_kwargs: None  # type: ignore[method-assign]
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=4, type="int", symmetric=False, strategy="group", group_size=64))
+    # its Llama mappings (norms -> q/k/v and gate/up, v -> o, up -> down), both scale forms searched
+    modifier = AWQModifier(config_groups={"group_0": scheme}, ignore=[LM_HEAD], duo_scaling="both")
+    return llmcompressor_oneshot(model, ctx, modifier)
+
+
 def llmcompressor_sparsegpt(model: nn.Module, ctx: Context) -> nn.Module:
     from llmcompressor.modifiers.pruning import SparseGPTModifier
 
@@ -289,6 +305,10 @@ METHODS: dict[str, tuple[str, tuple[str, ...], Callable[[nn.Module, Context], nn
                  "MatMulNBitsQuantizer 4 bit block 64 sym (RTN)"),
     "llmcompressor-gptq4": ("llmcompressor", ("llmcompressor", "compressed_tensors"), llmcompressor_gptq,
                             False, "GPTQModifier int4 g64 sym, no act-order"),
+    "torchslim-awq4": ("torchslim", (), torchslim_method(AWQ(bits=4, group_size=64)), False,
+                       "int4 g64 AWQ asym"),
+    "llmcompressor-awq4": ("llmcompressor", ("llmcompressor", "compressed_tensors"), llmcompressor_awq,
+                           False, "AWQModifier int4 g64 asym"),
     "torchslim-int8": ("torchslim", (), torchslim_method(WeightOnly(bits=8, group_size=64)), False,
                        "int8 g64 RTN sym"),
     "torchao-int8": ("torchao", ("torchao",), torchao_int8, True, "Int8WeightOnlyConfig (per row)"),
