@@ -26,7 +26,7 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from torchslim.calibration import call_model, first_samples
+from torchslim.calibration import batch_size_of, call_model, first_samples
 from torchslim.config import TechniqueConfig, validated
 from torchslim.layerwise import layerwise_job
 from torchslim.parametrized import original_weight
@@ -71,8 +71,9 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
              ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Per-input-channel max |x| of each Linear, and the norm whose output each Linear reads.
 
-    One sequence of the first batch runs first and shows the structure; when it calls every
-    Linear exactly once, each batch's forward stops after the last of them.
+    One sequence of the first batch runs first (the batch itself when it holds one) and shows
+    the structure; when it calls every Linear exactly once, each batch's forward stops after the
+    last of them.
     """
     maxima: dict[str, torch.Tensor] = {}
     # id of a norm's output tensor -> (the norm's name, a weak reference to that output): an id
@@ -104,7 +105,8 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
     was_training = model.training
     model.eval()
     try:
-        for index, inputs in enumerate([first_samples(batches[0], 1), *batches]):
+        single = batch_size_of(batches[0]) == 1  # the first batch is its own probe
+        for index, inputs in enumerate(batches if single else [first_samples(batches[0], 1), *batches]):
             produced.clear()
             calls.clear()
             try:
