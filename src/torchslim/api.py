@@ -7,7 +7,6 @@ A handler that fails leaves the model exactly as it was.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import warnings
 from collections.abc import Iterable
@@ -25,6 +24,7 @@ from torchslim.parametrized import foreign_parametrized, weight_parametrizations
 from torchslim.registry import handler_for
 from torchslim.select import Select, unselectable_weight_layers
 from torchslim.signature import record_signature_
+from torchslim.snapshot import ModelSnapshot
 
 __all__ = ["apply_", "finalize_", "parametrized_layers"]
 
@@ -64,20 +64,22 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
         calibration = take_pairs(calibration, getattr(config, "calibration_batches", None) or 64)
     if example_inputs is not None:
         record_signature_(model, example_inputs)  # kept by `save`: benchmarks and export need it
-    snapshot = copy.deepcopy(model)
-    try:
-        _linearize_selected(model, config, targets)
-        takes_inputs = "example_inputs" in inspect.signature(handler).parameters
-        extra = {"example_inputs": example_inputs} if takes_inputs and example_inputs is not None else {}
-        result = handler(model, config, targets=targets or Select(), calibration=calibration, **extra)
-    except BaseException:
-        model.__dict__.clear()
-        model.__dict__.update(snapshot.__dict__)
-        model.__class__ = snapshot.__class__
-        raise
+    with ModelSnapshot(model) as before:  # its tensors wait on disk: the model's memory is not doubled
+        try:
+            _linearize_selected(model, config, targets)
+            takes_inputs = "example_inputs" in inspect.signature(handler).parameters
+            extra = {"example_inputs": example_inputs} if takes_inputs and example_inputs is not None else {}
+            result = handler(model, config, targets=targets or Select(), calibration=calibration, **extra)
+        except BaseException:
+            model.__dict__.clear()  # the failed state goes before the old one is read back
+            restored = before.restore()
+            model.__dict__.update(restored.__dict__)
+            model.__class__ = restored.__class__
+            raise
+        changed = observed_changes(before.structure, model, materialize=before.materialize)
     kind = str(getattr(config, "kind", type(config).__name__))
     why_unchanged = result.pop("why_unchanged", None)
-    changes = Changes(technique=kind, **result, changed=observed_changes(snapshot, model))
+    changes = Changes(technique=kind, **result, changed=changed)
     if default_targets and getattr(config, "selects_layers", False):
         _name_unhandled_layers(model, changes, kind)
     if foreign:

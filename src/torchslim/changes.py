@@ -8,6 +8,7 @@ without its name and reason in the result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,11 +85,13 @@ def _tensor_changes(before: nn.Module, after: nn.Module) -> list[str]:
     return found
 
 
-def observed_changes(before: nn.Module, after: nn.Module) -> dict[str, str]:
+def observed_changes(before: nn.Module, after: nn.Module, *,
+                     materialize: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, str]:
     """Layer name -> what changed between two states of one model (`""` is the model itself).
 
     A replaced or removed module is reported once, not its children; a parametrized weight
-    (mask, codebook) is reported by the parametrization's class.
+    (mask, codebook) is reported by the parametrization's class. `materialize` gives a module
+    of `before` its tensors' values when `before` holds only their shapes (`ModelSnapshot`).
     """
     old, new = dict(before.named_modules()), dict(after.named_modules())
     changed: dict[str, str] = {}
@@ -106,6 +109,8 @@ def observed_changes(before: nn.Module, after: nn.Module) -> dict[str, str]:
             covered.append(name)
             continue
         what = []
+        if materialize is not None:
+            module = materialize(module)
         if is_hf_conv1d(module) and _base_type(now) is nn.Linear:  # the same layer, weight transposed
             what.append("Conv1D as Linear")
             module = as_linear(module)
