@@ -4,6 +4,8 @@ parametrizations, dtypes and parameter attributes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -102,3 +104,13 @@ def test_changes_are_still_observed_per_layer_through_the_snapshot() -> None:
     changes = apply_(model, WeightPruning(sparsity=0.5))
     assert set(changes.changed) == {"0", "2"}
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_no_room_for_the_rollback_copy_is_one_clear_error_before_any_work(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "gone"))  # nothing can be written there
+    model = nn.Sequential(nn.Linear(8, 8))
+    before = model[0].weight.detach().clone()
+    with pytest.raises(OSError, match="TMPDIR"):
+        apply_(model, WeightPruning(sparsity=0.5))
+    assert torch.equal(model[0].weight, before) and not parametrize.is_parametrized(model[0])

@@ -35,20 +35,26 @@ class ModelSnapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="torchslim-snapshot-")  # noqa: SIM115 (closed by close())
         self._places: dict[int, tuple[int, torch.device]] = {}  # id(meta twin) -> (offset, device)
+        spilled = _spillable_tensors(model)
         memo: dict[int, Any] = {}
         offset = 0
         try:
-            for tensor in _spillable_tensors(model):
+            self._file: IO[bytes] = tempfile.TemporaryFile(prefix="torchslim-snapshot-")  # noqa: SIM115 (close())
+        except OSError as error:
+            raise _no_room(spilled, error) from error
+        try:
+            for tensor in spilled:
                 twin = _meta_twin(tensor)
                 memo[id(tensor)] = twin
                 self._places[id(twin)] = (offset, tensor.device)
                 offset += _write(self._file, tensor)
             self._file.flush()
             self.structure: nn.Module = copy.deepcopy(model, memo)
-        except BaseException:
+        except BaseException as error:
             self._file.close()
+            if isinstance(error, OSError):  # a full temporary folder: say which, before any work
+                raise _no_room(spilled, error) from error
             raise
 
     def __enter__(self) -> ModelSnapshot:
@@ -97,6 +103,12 @@ class ModelSnapshot:
                 if tensor is not None and id(tensor) in self._places and id(tensor) not in memo:
                     memo[id(tensor)] = self.value(tensor)
         return copy.deepcopy(self.structure, memo)
+
+
+def _no_room(spilled: list[torch.Tensor], error: OSError) -> OSError:
+    size = sum(t.numel() * t.element_size() for t in spilled) / 2**20
+    return OSError(f"torchslim: could not write the model's rollback copy ({size:,.1f} MB) to "
+                   f"{tempfile.gettempdir()}: {error}. Set TMPDIR to a folder with room for it")
 
 
 def _state_tensors(model: nn.Module) -> dict[int, torch.Tensor]:

@@ -28,6 +28,7 @@ from torch import nn
 
 from torchslim.calibration import batch_size_of, call_model, first_samples
 from torchslim.config import TechniqueConfig, validated
+from torchslim.heap import return_freed_memory
 from torchslim.layerwise import layerwise_job
 from torchslim.parametrized import original_weight
 from torchslim.quantization.torch_int8 import quantize_linears_int8_
@@ -113,6 +114,8 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
                 call_model(model, inputs)
             except _SeenAll:
                 continue
+            finally:
+                return_freed_memory()  # each forward's activations: see `torchslim.heap`
             if index == 0:  # layers called in a loop or not at all: every forward runs to its end
                 stop_when_all_seen = len(calls) == len(layers) and set(calls.values()) == {1}
     finally:
@@ -150,6 +153,7 @@ def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
                 original_weight(modules[name]).mul_(scale[None, :].to(original_weight(modules[name]).dtype))
     unsmoothed = {name: "int8 without smoothing: its input is not the output of a norm layer"
                   for name, _ in layers if name not in norms}
+    return_freed_memory()
     replaced = quantize_linears_int8_(model, targets=Select(names=tuple(n for n, _ in layers)))
     return {**replaced, "smoothed": {norm: names for norm, names in groups.items()},
             "unsmoothed": unsmoothed, "skipped": skipped, "alpha": config.alpha}
