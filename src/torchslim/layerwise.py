@@ -24,7 +24,7 @@ from torch import nn
 
 from torchslim.calibration import call_model
 from torchslim.errors import ConfigError
-from torchslim.heap import return_freed_memory
+from torchslim.heap import return_freed_memory, returning_memory_after
 from torchslim.parametrized import original_weight
 from torchslim.progress import ProgressLines
 from torchslim.select import Select
@@ -158,9 +158,11 @@ def _advance(block: nn.Module, hidden: list[torch.Tensor], rest: list[tuple[Any,
 
 
 def _run_model(model: nn.Module, batches: list[Any]) -> None:
-    for inputs in batches:  # each output dropped at once: a model's logits can outweigh it
-        call_model(model, inputs)
-        return_freed_memory()
+    stack = repeated_blocks(model)
+    with returning_memory_after(stack[1] if stack else []):  # see `torchslim.heap`
+        for inputs in batches:  # each output dropped at once: a model's logits can outweigh it
+            call_model(model, inputs)
+            return_freed_memory()
 
 
 @torch.no_grad()

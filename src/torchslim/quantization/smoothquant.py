@@ -28,8 +28,8 @@ from torch import nn
 
 from torchslim.calibration import batch_size_of, call_model, first_samples
 from torchslim.config import TechniqueConfig, validated
-from torchslim.heap import return_freed_memory
-from torchslim.layerwise import layerwise_job
+from torchslim.heap import return_freed_memory, returning_memory_after
+from torchslim.layerwise import layerwise_job, repeated_blocks
 from torchslim.parametrized import original_weight
 from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.registry import register_technique
@@ -105,19 +105,21 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
         handles.append(layer.register_forward_pre_hook(record))
     was_training = model.training
     model.eval()
-    try:
-        single = batch_size_of(batches[0]) == 1  # the first batch is its own probe
-        for index, inputs in enumerate(batches if single else [first_samples(batches[0], 1), *batches]):
-            produced.clear()
-            calls.clear()
-            try:
-                call_model(model, inputs)
-            except _SeenAll:
-                continue
-            finally:
-                return_freed_memory()  # each forward's activations: see `torchslim.heap`
-            if index == 0:  # layers called in a loop or not at all: every forward runs to its end
-                stop_when_all_seen = len(calls) == len(layers) and set(calls.values()) == {1}
+    stack = repeated_blocks(model)
+    try:  # freed pages go back after each block and each forward: see `torchslim.heap`
+        with returning_memory_after(stack[1] if stack else []):
+            single = batch_size_of(batches[0]) == 1  # the first batch is its own probe
+            for index, inputs in enumerate(batches if single else [first_samples(batches[0], 1), *batches]):
+                produced.clear()
+                calls.clear()
+                try:
+                    call_model(model, inputs)
+                except _SeenAll:
+                    continue
+                finally:
+                    return_freed_memory()
+                if index == 0:  # layers called in a loop or not at all: every forward runs to its end
+                    stop_when_all_seen = len(calls) == len(layers) and set(calls.values()) == {1}
     finally:
         model.train(was_training)
         for handle in handles:
