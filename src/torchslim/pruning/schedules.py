@@ -78,7 +78,7 @@ class GradualPruning(Callback):
             # per-layer finals follow the same ramp, scaled to their own end point
             per_layer = {name: value * target / final for name, value in self.config.per_layer.items()}
             # The handler, not apply_: targets were resolved in on_fit_start, and apply_'s
-            # rollback snapshot would deep-copy the model at every pruning step.
+            # rollback snapshot would write the model to a temporary file at every pruning step.
             prune_weights_(trainer.model, replace(self.config, sparsity=target, per_layer=per_layer),
                            targets=self.targets)
             self.current = target
