@@ -5,8 +5,8 @@ the threshold rises to the largest block freed so far (up to 32 MB), so once a m
 large tensors are freed, the activations of every later forward pass come from the heap too.
 They are freed, yet the process keeps the pages: measured on SmolLM2-135M, SmoothQuant's
 observation of one batch of 8 x 256 tokens left 770 MB more in the process (12 MB with a fixed
-threshold), and four batches peaked at 888 MB, 187 MB when trimmed after each transformer block
-(1.5 s of trimming for 120 block calls). Trimming after each step hands those pages back, so the
+threshold), and four batches peaked at 888 MB, 133 MB when trimmed after each transformer block
+(1.5 s of trimming, ~150 block calls). Trimming after each step hands those pages back, so the
 memory a technique needs is what it holds, not what it once touched.
 """
 
