@@ -13,6 +13,7 @@ the whole model: the same statistics, without the sequential refresh.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ from torchslim.progress import ProgressLines
 from torchslim.select import Select
 from torchslim.structure import own_forward
 
-__all__ = ["InputStatistics", "LayerwiseJob", "compress_layerwise", "inverse_hessian_factor", "layerwise_job",
-           "linear_layers_for_llm", "repeated_blocks"]
+__all__ = ["InputStatistics", "LayerwiseJob", "compress_layerwise", "inverse_hessian_factor",
+           "layerwise_job", "linear_layers_for_llm", "repeated_blocks", "returning_memory_per_block"]
 
 
 
@@ -157,9 +158,15 @@ def _advance(block: nn.Module, hidden: list[torch.Tensor], rest: list[tuple[Any,
         hidden[index] = _first_tensor(block(hidden[index], *args, **extra))
 
 
-def _run_model(model: nn.Module, batches: list[Any]) -> None:
+def returning_memory_per_block(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Within it, each call of one of the model's repeated blocks ends by handing freed heap
+    pages back (`torchslim.heap`): a whole-model forward holds one block's activations."""
     stack = repeated_blocks(model)
-    with returning_memory_after(stack[1] if stack else []):  # see `torchslim.heap`
+    return returning_memory_after(stack[1] if stack else [])
+
+
+def _run_model(model: nn.Module, batches: list[Any]) -> None:
+    with returning_memory_per_block(model):
         for inputs in batches:  # each output dropped at once: a model's logits can outweigh it
             call_model(model, inputs)
             return_freed_memory()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections import Counter
 from typing import IO, Any
 
 import torch
@@ -35,7 +36,8 @@ class ModelSnapshot:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._places: dict[int, tuple[int, torch.device]] = {}  # id(meta twin) -> (offset, device)
+        # id(meta twin) -> (the twin, its offset in the file, its device)
+        self._places: dict[int, tuple[torch.Tensor, int, torch.device]] = {}
         spilled = _spillable_tensors(model)
         memo: dict[int, Any] = {}
         offset = 0
@@ -47,7 +49,7 @@ class ModelSnapshot:
             for tensor in spilled:
                 twin = _meta_twin(tensor)
                 memo[id(tensor)] = twin
-                self._places[id(twin)] = (offset, tensor.device)
+                self._places[id(twin)] = (twin, offset, tensor.device)
                 offset += _write(self._file, tensor)
             self._file.flush()
             self.structure: nn.Module = copy.deepcopy(model, memo)
@@ -71,7 +73,7 @@ class ModelSnapshot:
         place = self._places.get(id(twin))
         if place is None:
             return twin
-        offset, device = place
+        _, offset, device = place
         tensor = torch.empty(twin.shape, dtype=twin.dtype)
         nbytes = tensor.numel() * tensor.element_size()
         if nbytes:
@@ -97,11 +99,7 @@ class ModelSnapshot:
 
     def restore(self) -> nn.Module:
         """A new model equal to the one the snapshot was taken of (tensors, structure, attributes)."""
-        memo: dict[int, Any] = {}
-        for module in self.structure.modules():
-            for tensor in (*module._parameters.values(), *module._buffers.values()):
-                if tensor is not None and id(tensor) in self._places and id(tensor) not in memo:
-                    memo[id(tensor)] = self.value(tensor)
+        memo = {key: self.value(twin) for key, (twin, _, _) in self._places.items()}
         return copy.deepcopy(self.structure, memo)
 
 
@@ -124,23 +122,15 @@ def _state_tensors(model: nn.Module) -> dict[int, torch.Tensor]:
 def _spillable_tensors(model: nn.Module) -> list[torch.Tensor]:
     """The state tensors written to the file: plain dense tensors owning their whole storage
     alone, so that reading them back separately keeps every aliasing the model had."""
-    tensors = list(_state_tensors(model).values())
-    owners: dict[tuple[str, int], int] = {}
-    for tensor in tensors:
-        if tensor.layout == torch.strided and not tensor.is_quantized and tensor.device.type != "meta":
-            key = (str(tensor.device), tensor.untyped_storage().data_ptr())
-            owners[key] = owners.get(key, 0) + 1
-    spillable = []
-    for tensor in tensors:
-        if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.layout != torch.strided:
-            continue
-        if tensor.is_quantized or tensor.device.type == "meta" or not tensor.is_contiguous():
-            continue
-        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-            continue
-        if owners[(str(tensor.device), tensor.untyped_storage().data_ptr())] == 1:
-            spillable.append(tensor)
-    return spillable
+    stored = [t for t in _state_tensors(model).values()
+              if t.layout == torch.strided and not t.is_quantized and t.device.type != "meta"]
+    owners = Counter(_storage_of(t) for t in stored)
+    return [t for t in stored if type(t) in (torch.Tensor, nn.Parameter) and t.is_contiguous()
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size() and owners[_storage_of(t)] == 1]
+
+
+def _storage_of(tensor: torch.Tensor) -> tuple[str, int]:
+    return str(tensor.device), tensor.untyped_storage().data_ptr()
 
 
 def _meta_twin(tensor: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,8 @@ from torch import nn
 
 from torchslim.calibration import batch_size_of, call_model, first_samples
 from torchslim.config import TechniqueConfig, validated
-from torchslim.heap import return_freed_memory, returning_memory_after
-from torchslim.layerwise import layerwise_job, repeated_blocks
+from torchslim.heap import return_freed_memory
+from torchslim.layerwise import layerwise_job, returning_memory_per_block
 from torchslim.parametrized import original_weight
 from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.registry import register_technique
@@ -105,9 +105,8 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
         handles.append(layer.register_forward_pre_hook(record))
     was_training = model.training
     model.eval()
-    stack = repeated_blocks(model)
     try:  # freed pages go back after each block and each forward: see `torchslim.heap`
-        with returning_memory_after(stack[1] if stack else []):
+        with returning_memory_per_block(model):
             single = batch_size_of(batches[0]) == 1  # the first batch is its own probe
             for index, inputs in enumerate(batches if single else [first_samples(batches[0], 1), *batches]):
                 produced.clear()
@@ -155,7 +154,7 @@ def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
                 original_weight(modules[name]).mul_(scale[None, :].to(original_weight(modules[name]).dtype))
     unsmoothed = {name: "int8 without smoothing: its input is not the output of a norm layer"
                   for name, _ in layers if name not in norms}
-    return_freed_memory()
+    return_freed_memory()  # the observation's and smoothing's pages, before the int8 copies are made
     replaced = quantize_linears_int8_(model, targets=Select(names=tuple(n for n, _ in layers)))
     return {**replaced, "smoothed": {norm: names for norm, names in groups.items()},
             "unsmoothed": unsmoothed, "skipped": skipped, "alpha": config.alpha}
