@@ -71,6 +71,19 @@ def test_probe_accuracy_separates_separable_features_and_not_noise() -> None:
     assert probe_accuracy(torch.randn(200, 8, generator=generator), labels) < 0.7
 
 
+
+def test_probe_accuracy_repeats_average_over_different_splits() -> None:
+    from torchslim.measure import probe_accuracy
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(120) % 3
+    features = torch.randn(120, 6, generator=generator) + 0.8 * labels[:, None].float()
+    splits = [probe_accuracy(features, labels, seed=s) for s in range(3)]
+    assert len(set(splits)) > 1  # the split moves the result: what repeats average out
+    assert probe_accuracy(features, labels, repeats=3) == pytest.approx(sum(splits) / 3)
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        probe_accuracy(features, labels, repeats=0)
+
 def test_flops_count_recurrent_and_attention_layers() -> None:
     from torchslim.measure import count_flops
 
