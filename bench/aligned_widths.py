@@ -6,9 +6,13 @@ such as 11 or 25 does the MACs of 16 and 32. `ChannelPruning(target="macs")` rou
 to the vector width by default (`round_to="auto"`); this prints, for the default and for exact
 widths (`round_to=1`), the MAC ratio, the measured speedup (eager torch, interleaved with the
 unpruned model: median over rounds of the paired per-round ratio, with min-max) and their
-quotient, the share of the MAC cut that became speed (goal: >= 0.85).
+quotient, the share of the MAC cut that became speed (goal: >= 0.85). Each model is timed in
+eager PyTorch and, with `--runtime onnxruntime` or `both` (the default), as the fp32 onnxruntime
+program a user deploys (BatchNorm folded into the convolutions, activations fused), where the
+convolutions are a larger part of the time than in eager, which also runs BatchNorm, ReLU and the
+residual adds one by one.
 
-    python bench/aligned_widths.py [--threads 2] [--rounds 7] [--json]
+    python bench/aligned_widths.py [--threads 2] [--rounds 7] [--runtime eager|onnxruntime|both] [--json]
 
 Models: resnet-small (random weights: the widths, not the accuracy, are measured here; batch
 1, 32 and 64 at 28x28) and the pretrained MobileNetV2 (batch 1 and 32 at 224x224), MACs cut 2x
@@ -52,10 +56,18 @@ def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         apply_(model, ChannelPruning(ratio=ratio, target="macs", round_to=round_to), example_inputs=probe)
         variants[label] = model.eval()
         widths[label] = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    runtimes = ("eager", "onnxruntime") if args.runtime == "both" else (args.runtime,)
+    programs: dict[str, list[nn.Module]] = {}
+    if "onnxruntime" in runtimes:
+        from torchslim.quantization.ptq import float_program
+
+        programs["onnxruntime"] = [float_program(m, probe) for m in (base, *variants.values())]
+        for program in programs["onnxruntime"]:  # sessions taking turns: idle pools must sleep
+            program.spin_wait = False
     rows = []
-    for batch_size in batches:
+    for runtime, batch_size in ((r, b) for r in runtimes for b in batches):
         x = example_inputs(spec_of(base), batch_size)
-        models = [base, *variants.values()]
+        models = programs.get(runtime, [base, *variants.values()])
         with torch.no_grad():
             timed = time_interleaved(models, [x] * len(models), rounds=args.rounds, repeats=4,
                                      threads=args.threads)
@@ -64,7 +76,8 @@ def measure(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                                             strict=True)]
             mac_ratio = count_flops(base, x[:1]) / count_flops(model, x[:1])
             speedup = statistics.median(paired)
-            rows.append({"model": name, "variant": label, "batch": batch_size, "threads": args.threads,
+            rows.append({"model": name, "runtime": runtime, "variant": label, "batch": batch_size,
+                         "threads": args.threads,
                          "mac_ratio": round(mac_ratio, 3), "speedup": round(speedup, 3),
                          "speedup_spread": [round(min(paired), 3), round(max(paired), 3)],
                          "share_of_mac_cut": round(speedup / mac_ratio, 3),
@@ -79,6 +92,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--models", default=",".join(CASES))
+    parser.add_argument("--runtime", choices=("eager", "onnxruntime", "both"), default="both")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -88,7 +102,7 @@ def main() -> int:
         for row in measure(name, args):
             low, high = row["speedup_spread"]
             print(json.dumps(row) if args.json else
-                  f"{row['model']:13s} b={row['batch']:<3d} {row['variant']:27s} "
+                  f"{row['model']:13s} {row['runtime']:11s} b={row['batch']:<3d} {row['variant']:27s} "
                   f"MACs /{row['mac_ratio']:.2f}  speedup {row['speedup']:.2f}x [{low:.2f}-{high:.2f}]"
                   f"  share {row['share_of_mac_cut']:.2f}{'  (noisy)' if row['noisy'] else ''}"
                   f"  widths {row['widths']}", flush=True)

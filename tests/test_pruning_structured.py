@@ -188,6 +188,36 @@ def test_mac_target_keeps_vector_aligned_widths_by_default_and_channels_keep_the
     assert (unaligned.a.out_channels, unaligned.b.out_channels) != aligned_widths
 
 
+
+class OddWidths(nn.Module):
+    """A user's CNN whose widths are not multiples of the CPU's vector (1.5 and 2.5 vectors)."""
+
+    def __init__(self, lanes: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3 * lanes // 2, 3, padding=1)
+        self.b = nn.Conv2d(3 * lanes // 2, 5 * lanes // 2, 3, padding=1)
+        self.c = nn.Conv2d(5 * lanes // 2, 3 * lanes // 2, 3, padding=1)
+        self.head = nn.Linear(3 * lanes // 2, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
+def test_aligned_widths_step_down_to_a_multiple_from_an_odd_full_width(ratio):
+    from torchslim.pruning.structured import vector_lanes
+
+    lanes = vector_lanes()
+    model = OddWidths(lanes)
+    sizes = {name: layer.out_channels for name, layer in model.named_children() if name != "head"}
+    result = apply_(model, ChannelPruning(ratio=ratio, target="macs"), example_inputs=IMAGE)
+    assert result["macs_after"] <= (1 - ratio) * result["macs_before"]
+    for name, size in sizes.items():  # 24 -> 16 with 16 lanes, never 24 - 16 = 8
+        width = getattr(model, name).out_channels
+        assert width == size or width % lanes == 0, (name, size, width)
+    assert any(getattr(model, name).out_channels < size for name, size in sizes.items())
+
 def test_targets_exclude_protects_a_group():
     model = ConcatBranches()
     apply_(model, ChannelPruning(ratio=0.5), targets=Select(exclude=("left",)), example_inputs=IMAGE)
