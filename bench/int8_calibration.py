@@ -9,7 +9,12 @@ the biases differ). The last rows add bias correction and AdaRound (`--bias-corr
 `--adaround`) to the best range choice; with them, `simulated_sqnr_db` is what the torch
 simulation the weights were fitted in predicts on the calibration crops.
 
-    python bench/int8_calibration.py [--json] [--only NAME ...] [--latency]
+    python bench/int8_calibration.py [--json] [--only NAME ...] [--latency] [--activation-errors]
+
+`--activation-errors` asks where the activations' rounding costs: in a torch simulation of the
+p99.99 program, each Conv/Linear input is put on the uint8 grid that program gives it (weights
+and everything else float), all at once and then one at a time, and the output SQNR is printed
+for all, for the worst few alone, and the share of the summed error power those few carry.
 
 Rows with `sensitivity` keep their most int8-sensitive layers in float: a different program,
 so `--latency` times it against the plain p99.99 program (interleaved, batch 1 and 32).
@@ -19,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,6 +71,8 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--only", nargs="+", choices=list(CHOICES), metavar="NAME",
                         help=f"rows to run (default all): {', '.join(CHOICES)}")
+    parser.add_argument("--activation-errors", action="store_true",
+                        help="only simulate the p99.99 program's activation grids, all and each alone")
     parser.add_argument("--latency", action="store_true",
                         help="rows whose program keeps layers in float (sensitivity): time it against "
                              "the plain p99.99 program, interleaved, at batch 1 and 32")
@@ -74,6 +83,8 @@ def main() -> int:
     evaluation = photo_crops(64, seed=1)
     with torch.no_grad():
         reference = model(evaluation)
+    if args.activation_errors:
+        return activation_errors(model, calibration, evaluation, reference)
     baseline = None
     for name, options in CHOICES.items():
         if args.only and name not in args.only:
@@ -109,6 +120,44 @@ def main() -> int:
               + (f"  float: {', '.join(row['kept_float'])}" if "kept_float" in row else "")
               + (f"  latency vs plain int8: {row['latency_ratio']}" if "latency_ratio" in row else ""),
               flush=True)
+    return 0
+
+
+def activation_errors(model: torch.nn.Module, calibration: list[torch.Tensor],
+                      evaluation: torch.Tensor, reference: torch.Tensor, worst: int = 8) -> int:
+    """Print the output SQNR with the p99.99 program's activation grids on every Conv/Linear
+    input (weights float), and with each input alone on its grid, worst first."""
+    from torchslim.quantization.layer_reconstruction import ACTIVATION_SPEC, program_grids
+    from torchslim.quantization.primitives import fake_quantize
+
+    int8 = quantize_model(model, Quantization(method="static", **CHOICES["percentile 99.99"]),
+                          example_inputs=evaluation[:2], calibration=calibration)
+    grids = program_grids(int8.program).inputs
+    layers = {name: m for name, m in model.named_modules() if name in grids}
+
+    def simulated(names: list[str]) -> float:
+        def on_grid(name: str) -> Any:
+            scale, zero = grids[name]
+            return lambda _, args: (fake_quantize(args[0], torch.tensor(scale), torch.tensor(float(zero)),
+                                                  ACTIVATION_SPEC), *args[1:])
+        handles = [layers[n].register_forward_pre_hook(on_grid(n)) for n in names]
+        try:
+            with torch.no_grad():
+                return sqnr_db(reference, model(evaluation))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    every = simulated(list(layers))
+    alone = sorted((simulated([name]), name) for name in layers)
+    power = sum(10 ** (-db / 10) for db, _ in alone)
+    print(f"{len(layers)} Conv/Linear inputs on the program's grids, weights float: {every:.2f} dB "
+          f"(the sum of each alone's error power: {-10 * math.log10(power):.2f} dB)")
+    for db, name in alone[:worst]:
+        print(f"  {name:28s} alone {db:6.2f} dB  ({10 ** (-db / 10) / power:5.1%} of the error power)")
+    share = sum(10 ** (-db / 10) for db, _ in alone[:worst]) / power
+    print(f"the {worst} worst carry {share:.0%} of it; all but them on their grids: "
+          f"{simulated([name for _, name in alone[worst:]]):.2f} dB")
     return 0
 
 
