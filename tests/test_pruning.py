@@ -100,6 +100,27 @@ def test_masks_are_reversible_until_finalized_and_pruning_only_adds_zeros() -> N
     assert not torch.signbit(layer[0].weight[layer[0].weight == 0]).any()  # +0.0, never -0.0
 
 
+
+class ScaledLinear(nn.Linear):
+    """A user's Linear subclass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_finalizing_a_copy_leaves_the_masked_original_working() -> None:
+    import copy
+
+    model = nn.Sequential(ScaledLinear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    apply_(model, WeightPruning(sparsity=0.5))
+    frozen = finalize_(copy.deepcopy(model))  # e.g. to save a copy while the original trains on
+    assert not hasattr(frozen[0], "parametrizations") and type(frozen[0]) is ScaledLinear
+    assert hasattr(model[0], "parametrizations") and sparsity_of(model[0]) == 0.5
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), frozen(x))  # the original still has its (masked) weights
+    finalize_(model)
+    assert type(model[0]) is ScaledLinear and type(model[2]) is nn.Linear
+
 def test_pruned_weights_stay_zero_through_fine_tuning(digits) -> None:
     model = TinyMLP()
     apply_(model, WeightPruning(sparsity=0.75))

@@ -97,3 +97,56 @@ def test_layers_left_out_of_qat_stay_in_float_after_conversion() -> None:
     int8 = convert_qat(model, example_inputs=x[:2], calibration=[x])
     report = int8.report
     assert report["qat"] and "2" in report["excluded"] and "0" not in report["excluded"]
+
+
+class ScaledConv(nn.Conv2d):
+    """A user's Conv2d subclass with its own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.5
+
+
+class UserNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ScaledConv(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = torch.relu(self.body(torch.relu(self.stem(x))))
+        return {"logits": self.head(features.mean((2, 3)))}
+
+
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_conversion_keeps_the_input_grids_qat_trained_with(learn_scale: bool) -> None:
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization.layer_reconstruction import program_grids
+    from torchslim.quantization.primitives import qparams_from_range
+    from torchslim.quantization.qat import ACTIVATION_SPEC
+
+    torch.manual_seed(0)
+    model = UserNet()
+    prepare_qat_(model, learn_scale=learn_scale)
+    x = torch.randn(16, 3, 8, 8)
+    model.train()
+    model(x)  # the ranges start from what the layers see
+    body = model.body.input_quantizer
+    with torch.no_grad():  # as if training had learned a grid clipping half of the range
+        body.max_val.mul_(0.5)
+        body.log_scale.sub_(0.5)
+    model.eval()
+    int8 = convert_qat(model, example_inputs=x[:2], calibration=[x * 3])  # data of a wider range
+    grids = program_grids(int8.program).inputs
+    for name in ("stem", "body", "head"):
+        quantizer = model.get_submodule(name).input_quantizer
+        scale, zero = qparams_from_range(quantizer.min_val, quantizer.max_val, ACTIVATION_SPEC)
+        if learn_scale:
+            scale = quantizer.log_scale.detach().exp()
+        assert grids[name][0] == pytest.approx(float(scale), rel=1e-4), name
+        assert grids[name][1] == int(zero), name
+    assert model.body.weight.shape == (8, 8, 3, 3)  # the QAT model itself still has its weights
+    plain = strip_qat_(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        reference, quantized = plain(x)["logits"], int8(x)["logits"]
+    assert torch.nn.functional.cosine_similarity(quantized.flatten(), reference.flatten(), dim=0) > 0.9

@@ -20,7 +20,11 @@ from torchslim.calibration import take_pairs
 from torchslim.changes import Changes, observed_changes
 from torchslim.errors import NothingChangedWarning
 from torchslim.linear_layers import hf_conv1d_layers, is_hf_conv1d, linearize_
-from torchslim.parametrized import foreign_parametrized, weight_parametrizations
+from torchslim.parametrized import (
+    foreign_parametrized,
+    remove_weight_parametrizations,
+    weight_parametrizations,
+)
 from torchslim.registry import handler_for
 from torchslim.select import Select, unselectable_weight_layers
 from torchslim.signature import record_signature_
@@ -131,5 +135,5 @@ def finalize_(model: nn.Module) -> nn.Module:
         8
     """
     for _, module in parametrized_layers(model):
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        remove_weight_parametrizations(module, leave_parametrized=True)
     return model

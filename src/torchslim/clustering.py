@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError
-from torchslim.parametrized import original_weight, weight_of
+from torchslim.parametrized import original_weight, remove_weight_parametrizations, weight_of
 from torchslim.registry import register_technique
 from torchslim.select import Select
 
@@ -128,7 +128,7 @@ def share_weights_(model: nn.Module, config: WeightSharing, *, targets: Select,
     summary: dict[str, Any] = {}
     for name, module in layers:
         if parametrize.is_parametrized(module, "weight"):  # bake masks in: zeros stay pruned
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            remove_weight_parametrizations(module, leave_parametrized=True)
         weight = weight_of(module).detach()
         keep = weight != 0
         bits = config.per_layer.get(name, config.bits)

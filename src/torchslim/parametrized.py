@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["foreign_parametrized", "original_weight", "weight_of", "weight_parametrizations"]
+__all__ = ["foreign_parametrized", "original_weight", "remove_weight_parametrizations", "weight_of",
+           "weight_parametrizations"]
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
@@ -22,6 +23,18 @@ def weight_parametrizations(module: nn.Module) -> list[nn.Module]:
     if not parametrize.is_parametrized(module, "weight"):
         return []
     return list(module.parametrizations["weight"])  # type: ignore[index]
+
+
+def remove_weight_parametrizations(module: nn.Module, *, leave_parametrized: bool) -> None:
+    """Take the parametrizations off `module.weight` (torch's `remove_parametrizations`) without
+    breaking its copies: torch deletes the weight property from the module's class, and a module
+    copied with `copy.deepcopy` shares that class with the module it was copied from, which then
+    has no `weight` left. So the module first gets a class of its own, of the same name and
+    contents; torch then puts the plain class back when no parametrization is left."""
+    cls = type(module)
+    own = {key: value for key, value in vars(cls).items() if key not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, own)
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=leave_parametrized)
 
 
 def original_weight(module: nn.Module) -> torch.Tensor:

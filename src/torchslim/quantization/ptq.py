@@ -136,7 +136,8 @@ class Quantization(TechniqueConfig):
 
 
 def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: torch.Tensor,
-                   calibration: Iterable[Any] | None = None) -> nn.Module:
+                   calibration: Iterable[Any] | None = None,
+                   input_ranges: dict[str, tuple[float, float]] | None = None) -> nn.Module:
     """An int8 model computing what `model` computes: an `OrtModule` (onnxruntime backend) or
     a copy of `model` with `Int8DynamicLinear` layers (torch backend).
 
@@ -146,6 +147,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         example_inputs: one input batch (shapes and dtypes for export).
         calibration: a `Calibration` or any iterable of batches (tensors, `(x, y)` pairs, a
             DataLoader); static only; at most `config.calibration_batches` are read.
+        input_ranges: static, onnxruntime: module name -> (min, max) of its input, used in
+            place of the calibrated range (`convert_qat` passes the ranges QAT trained with).
 
     Raises:
         ConfigError: static without calibration data, or nothing quantizable.
@@ -194,7 +197,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         quantized, report = quantize_onnx(program, method=config.method.value, calibration=batches,
                                           per_channel=config.per_channel, calibrate=config.calibrate.value,
                                           percentile=config.percentile, transformer=transformer,
-                                          exclude=floating, fp16=halves, ranges_cache=ranges)
+                                          exclude=floating, fp16=halves, ranges_cache=ranges,
+                                          input_ranges=_prefixed(input_ranges, "model." if keys else ""))
     finally:
         if ranges is not None:
             shutil.rmtree(ranges.parent, ignore_errors=True)
@@ -225,6 +229,11 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
                 f"{type(model).__module__}.{type(model).__qualname__}")
     record_signature_(result, example_inputs)
     return result.eval()
+
+
+def _prefixed(ranges: dict[str, tuple[float, float]] | None, prefix: str
+              ) -> dict[str, tuple[float, float]] | None:
+    return None if ranges is None else {prefix + name: value for name, value in ranges.items()}
 
 
 def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], kept: list[str],

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from torchslim.errors import ConfigError
+from torchslim.parametrized import remove_weight_parametrizations
 from torchslim.quantization.primitives import QuantSpec, fake_quantize, qparams_from_range
 from torchslim.select import Select
 from torchslim.structure import Edit, record_edit_, register_edit, replace_module_
@@ -82,6 +83,18 @@ class InputQuantizer(nn.Module):
             learned = self.log_scale.exp()
             scale = learned * grad_scale + (learned - learned * grad_scale).detach()
         return fake_quantize(x, scale, zero.float().detach(), ACTIVATION_SPEC)
+
+
+def _trained_range(quantizer: InputQuantizer) -> tuple[float, float] | None:
+    """The (min, max) whose uint8 grid is the one `quantizer` applies (its tracked range, or with
+    `learn_scale` the learned step around its zero point); None before it has seen data."""
+    if not bool(quantizer.initialised):
+        return None
+    scale, zero = qparams_from_range(quantizer.min_val, quantizer.max_val, ACTIVATION_SPEC)
+    if quantizer.learn_scale:
+        scale = quantizer.log_scale.detach().exp()
+    low = float((ACTIVATION_SPEC.qmin - zero) * scale)
+    return low, low + float(scale) * (ACTIVATION_SPEC.qmax - ACTIVATION_SPEC.qmin)
 
 
 def _input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -162,7 +175,7 @@ def strip_qat_(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if hasattr(module, "input_quantizer"):
             if parametrize.is_parametrized(module, "weight"):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+                remove_weight_parametrizations(module, leave_parametrized=False)
             del module.input_quantizer
             for key, hook in list(module._forward_pre_hooks.items()):
                 if hook is _input_hook:
@@ -172,7 +185,11 @@ def strip_qat_(model: nn.Module) -> nn.Module:
 
 def convert_qat(model: nn.Module, *, example_inputs: torch.Tensor,
                 calibration: Iterable[torch.Tensor]) -> nn.Module:
-    """The QAT-trained model as the same int8 onnxruntime program PTQ makes (a new module)."""
+    """The QAT-trained model as the same int8 onnxruntime program PTQ makes (a new module).
+
+    Each prepared layer's input keeps the uint8 grid it was trained on (its tracked or learned
+    range); the other activations the program quantizes (sums, outputs) are calibrated on
+    `calibration`, as in PTQ."""
     import copy
 
     from torchslim.quantization.ptq import Quantization, QuantMethod, quantize_model
@@ -183,9 +200,12 @@ def convert_qat(model: nn.Module, *, example_inputs: torch.Tensor,
                      if name and isinstance(layer, nn.Linear | nn.Conv2d)
                      and not hasattr(layer, "input_quantizer")
                      and not any(hasattr(m, "input_quantizer") for m in layer.modules() if m is not layer))
+    trained = {name: _trained_range(layer.get_submodule("input_quantizer"))
+               for name, layer in model.named_modules() if hasattr(layer, "input_quantizer")}
     plain = strip_qat_(copy.deepcopy(model)).eval()
     result = quantize_model(plain, Quantization(method=QuantMethod.STATIC, exclude=left_out),
-                            example_inputs=example_inputs, calibration=calibration)
+                            example_inputs=example_inputs, calibration=calibration,
+                            input_ranges={n: r for n, r in trained.items() if r is not None})
     report: dict[str, Any] = getattr(result, "report")  # noqa: B009 - set by quantize_model
     report["qat"] = True
     return result

@@ -357,6 +357,30 @@ def _entropy_ranges(prepared: Path, batches: list[Any], cache: Path) -> None:
     save_tensors_data(calibrator.compute_data(), cache)
 
 
+def _set_input_ranges(program: bytes, cache: Path, ranges: dict[str, tuple[float, float]]) -> None:
+    """Write `ranges` (module name -> (min, max) of its Conv/Gemm/MatMul's input) into the
+    calibration cache `cache` in place of the measured ranges of those tensors.
+
+    Raises:
+        ConfigError: a module has no such node in the program, or its input has no range there.
+    """
+    from onnxruntime.quantization.calibrate import TensorData, load_tensors_data, save_tensors_data
+
+    inputs: dict[str, str] = {}
+    for node in _onnx().load_from_string(program).graph.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            inputs.setdefault(module_of_node(node.name), node.input[0])
+    measured = load_tensors_data(cache)
+    missing = sorted(name for name in ranges if inputs.get(name) not in measured)
+    if missing:
+        raise ConfigError(f"no quantized Conv/Gemm/MatMul input found for {missing[:5]} in the exported "
+                          "program, so their trained input ranges cannot be used")
+    for name, (low, high) in ranges.items():
+        measured[inputs[name]] = TensorData(lowest=np.array(min(low, 0.0), dtype=np.float32),
+                                            highest=np.array(max(high, 0.0), dtype=np.float32))
+    save_tensors_data(measured, cache)
+
+
 @functools.cache
 def reduced_weight_range() -> bool:
     """Whether int8 weights should span 7 bits ([-64, 64]) on this CPU: an x86 CPU without VNNI
@@ -381,7 +405,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                   exclude: tuple[str, ...] = (),
                   fp16: tuple[str, ...] = (),
                   percentile: float | None = None,
-                  ranges_cache: Path | None = None) -> tuple[bytes, dict[str, Any]]:
+                  ranges_cache: Path | None = None,
+                  input_ranges: dict[str, tuple[float, float]] | None = None) -> tuple[bytes, dict[str, Any]]:
     """Quantize an ONNX program with onnxruntime; returns (program, report).
 
     Args:
@@ -400,6 +425,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         fp16: module names (globs) whose nodes stay float with their weights stored as float16.
         ranges_cache: static: a file for the activation ranges; measured and written there if
             it does not exist, else read from it (two programs of one model on the same grids).
+        input_ranges: static: module name -> (min, max) of the input of its Conv/Gemm/MatMul,
+            used instead of the calibrated range (the ranges a QAT model was trained with).
 
     Raises:
         ConfigError: static without calibration data, unknown method, or a result in which no
@@ -444,13 +471,22 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
             if calibrate == "entropy" and (cache is None or not cache.exists()):
                 cache = cache or Path(folder) / "ranges.json"
                 _entropy_ranges(prepared, batches, cache)
-            quantize_static(str(prepared), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
-                            per_channel=per_channel, activation_type=QuantType.QUInt8,
-                            nodes_to_exclude=kept, reduce_range=reduced_weight_range(),
-                            weight_type=QuantType.QInt8, calibrate_method=methods[calibrate],
-                            calibration_cache_path=cache,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                                           "CalibPercentile": percentile or DEFAULT_PERCENTILE, **extra})
+
+            def convert(ranges_file: Path | None) -> None:
+                quantize_static(str(prepared), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
+                                per_channel=per_channel, activation_type=QuantType.QUInt8,
+                                nodes_to_exclude=kept, reduce_range=reduced_weight_range(),
+                                weight_type=QuantType.QInt8, calibrate_method=methods[calibrate],
+                                calibration_cache_path=ranges_file,
+                                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                               "CalibPercentile": percentile or DEFAULT_PERCENTILE, **extra})
+
+            if input_ranges:  # measure every range first, then put the given ones in their place
+                cache = cache or Path(folder) / "ranges.json"
+                if not cache.exists():
+                    convert(cache)
+                _set_input_ranges(prepared.read_bytes(), cache, input_ranges)
+            convert(cache)
         result, halved = weights_to_fp16(target.read_bytes(), fp16)
     report = quantized_ops(result)
     if fp16:
