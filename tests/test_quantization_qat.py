@@ -145,8 +145,34 @@ def test_conversion_keeps_the_input_grids_qat_trained_with(learn_scale: bool) ->
             scale = quantizer.log_scale.detach().exp()
         assert grids[name][0] == pytest.approx(float(scale), rel=1e-4), name
         assert grids[name][1] == int(zero), name
+    assert int8.report["input_ranges"] == {"applied": 3, "not_applied": {}}
     assert model.body.weight.shape == (8, 8, 3, 3)  # the QAT model itself still has its weights
     plain = strip_qat_(copy.deepcopy(model)).eval()
     with torch.no_grad():
         reference, quantized = plain(x)["logits"], int8(x)["logits"]
     assert torch.nn.functional.cosine_similarity(quantized.flatten(), reference.flatten(), dim=0) > 0.9
+
+
+
+def test_a_trained_layer_the_forward_never_calls_is_named_not_applied() -> None:
+    pytest.importorskip("onnxruntime")
+
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(8, 16), nn.Linear(16, 4)
+            self.spare = nn.Linear(4, 4)  # a user's leftover layer: prepared, never called
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = torch.relu(self.first(x))
+            return self.second(hidden), hidden
+
+    torch.manual_seed(0)
+    model = WithSpare()
+    prepare_qat_(model)
+    x = torch.randn(32, 8)
+    model(x)
+    model.spare.input_quantizer(torch.randn(2, 4))  # it has a trained range, but no node
+    int8 = convert_qat(model.eval(), example_inputs=x[:2], calibration=[x])
+    assert int8.report["input_ranges"]["applied"] == 2
+    assert "calibrated instead" in int8.report["input_ranges"]["not_applied"]["spare"]

@@ -357,13 +357,10 @@ def _entropy_ranges(prepared: Path, batches: list[Any], cache: Path) -> None:
     save_tensors_data(calibrator.compute_data(), cache)
 
 
-def _set_input_ranges(program: bytes, cache: Path, ranges: dict[str, tuple[float, float]]) -> None:
+def _set_input_ranges(program: bytes, cache: Path, ranges: dict[str, tuple[float, float]]) -> list[str]:
     """Write `ranges` (module name -> (min, max) of its Conv/Gemm/MatMul's input) into the
-    calibration cache `cache` in place of the measured ranges of those tensors.
-
-    Raises:
-        ConfigError: a module has no such node in the program, or its input has no range there.
-    """
+    calibration cache `cache` in place of the measured ranges of those tensors; returns the
+    modules with no such quantized input in `program` (left as measured)."""
     from onnxruntime.quantization.calibrate import TensorData, load_tensors_data, save_tensors_data
 
     inputs: dict[str, str] = {}
@@ -372,13 +369,12 @@ def _set_input_ranges(program: bytes, cache: Path, ranges: dict[str, tuple[float
             inputs.setdefault(module_of_node(node.name), node.input[0])
     measured = load_tensors_data(cache)
     missing = sorted(name for name in ranges if inputs.get(name) not in measured)
-    if missing:
-        raise ConfigError(f"no quantized Conv/Gemm/MatMul input found for {missing[:5]} in the exported "
-                          "program, so their trained input ranges cannot be used")
     for name, (low, high) in ranges.items():
-        measured[inputs[name]] = TensorData(lowest=np.array(min(low, 0.0), dtype=np.float32),
-                                            highest=np.array(max(high, 0.0), dtype=np.float32))
+        if name not in missing:
+            measured[inputs[name]] = TensorData(lowest=np.array(min(low, 0.0), dtype=np.float32),
+                                                highest=np.array(max(high, 0.0), dtype=np.float32))
     save_tensors_data(measured, cache)
+    return missing
 
 
 @functools.cache
@@ -426,7 +422,9 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         ranges_cache: static: a file for the activation ranges; measured and written there if
             it does not exist, else read from it (two programs of one model on the same grids).
         input_ranges: static: module name -> (min, max) of the input of its Conv/Gemm/MatMul,
-            used instead of the calibrated range (the ranges a QAT model was trained with).
+            used instead of the calibrated range (the ranges a QAT model was trained with). The
+            report's `input_ranges` counts those applied and names the modules without such an
+            input in the program (calibrated as usual).
 
     Raises:
         ConfigError: static without calibration data, unknown method, or a result in which no
@@ -454,6 +452,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         kept = nodes_of_modules(prepared.read_bytes(), exclude + fp16)  # named after pre-processing
         kept += [f"{name}_MatMul" for name in kept]  # the quantizer splits a Gemm into MatMul + Add
         extra: dict[str, Any] = {}
+        given: dict[str, Any] | None = None  # what became of `input_ranges`
         if transformer is not None:
             fuse_transformer(prepared, heads=transformer[0], hidden=transformer[1])
             # Fused ops come from the com.microsoft domain, which shape inference cannot type.
@@ -485,12 +484,17 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                 cache = cache or Path(folder) / "ranges.json"
                 if not cache.exists():
                     convert(cache)
-                _set_input_ranges(prepared.read_bytes(), cache, input_ranges)
+                unused = _set_input_ranges(prepared.read_bytes(), cache, input_ranges)
+                given = {"applied": len(input_ranges) - len(unused),
+                         "not_applied": dict.fromkeys(unused, "no quantized Conv/Gemm/MatMul input of "
+                                                      "it in the program: calibrated instead")}
             convert(cache)
         result, halved = weights_to_fp16(target.read_bytes(), fp16)
     report = quantized_ops(result)
     if fp16:
         report["fp16_weights"] = halved
+    if given is not None:
+        report["input_ranges"] = given
     if not report["int8_ops"]:
         raise ConfigError(f"{method} quantization left every op in float ({report['float_ops'][:5]}); "
                           "the model has no layer with an int8 kernel for this method (dynamic "
