@@ -179,6 +179,27 @@ def test_layers_kept_in_float_are_float_in_the_program_of_a_keyword_input_model(
     assert int8.report["fp16_weights"]  # the pooler feeds the classifier: in the program, halved
 
 
+
+def test_given_input_ranges_reach_the_program_of_a_keyword_input_model() -> None:
+    """Static int8 of a Hugging Face model with the input range of one layer given (as QAT's
+    conversion gives them): the program quantizes that input on that grid, the rest calibrated."""
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, quantize_model
+    from torchslim.quantization.layer_reconstruction import program_grids
+
+    model = bert()
+    batch = {"input_ids": torch.randint(0, 100, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    layer = "bert.encoder.layer.0.intermediate.dense"
+    int8 = quantize_model(model, Quantization(method="static"), example_inputs=batch, calibration=[batch],
+                          input_ranges={layer: (-1.0, 3.0), "bert.no.such.layer": (0.0, 1.0)})
+    assert int8.report["input_ranges"]["applied"] == 1
+    assert list(int8.report["input_ranges"]["not_applied"]) == ["bert.no.such.layer"]
+    grids = program_grids(int8.program).inputs
+    scale, zero = grids[f"model.{layer}"]
+    assert scale == pytest.approx(4.0 / 255, rel=1e-5) and zero == 64
+    other = grids["model.bert.encoder.layer.1.intermediate.dense"]
+    assert other[0] != pytest.approx(4.0 / 255, rel=1e-3)  # calibrated, not given
+
 def _zero_half(model: torch.nn.Module) -> None:
     """Zero the second key/value group of every Llama attention (its kv head, the query heads
     reading it, their output columns) and every odd MLP neuron: they contribute nothing."""

@@ -202,6 +202,9 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     finally:
         if ranges is not None:
             shutil.rmtree(ranges.parent, ignore_errors=True)
+    if keys is not None and "input_ranges" in report:  # the user's names, not the wrapper's
+        missed = report["input_ranges"]["not_applied"].items()
+        report["input_ranges"]["not_applied"] = {name.removeprefix("model."): why for name, why in missed}
     if kept or halved:
         chosen = set(sensitivity["kept_float"]) if sensitivity else set()
         report["excluded"] = {**{name: ("kept in float by sensitivity=" if name in chosen else
