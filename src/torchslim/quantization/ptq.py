@@ -184,13 +184,14 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
             raise
     transformer = _transformer_shape(model)
     keys = packable_keys(example_inputs)  # keyword inputs (Hugging Face): one packed program input
-    halves = config.fp16
+    halves, given = config.fp16, input_ranges
     if keys is not None:
         batches = None if batches is None else [pack_inputs(b, keys) for b in batches]
         assert isinstance(example_inputs, dict)
         program = _export(PackedInputs(model, keys), pack_inputs(example_inputs, keys), transformer)
         # the wrapper holds the model as `model`: its layers are exported as "/model/..."
         floating, halves = (tuple(f"model.{p}" for p in floating), tuple(f"model.{p}" for p in halves))
+        given = None if input_ranges is None else {f"model.{n}": r for n, r in input_ranges.items()}
     else:
         program = _export(model, example_inputs, transformer)
     try:
@@ -198,7 +199,7 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
                                           per_channel=config.per_channel, calibrate=config.calibrate.value,
                                           percentile=config.percentile, transformer=transformer,
                                           exclude=floating, fp16=halves, ranges_cache=ranges,
-                                          input_ranges=_prefixed(input_ranges, "model." if keys else ""))
+                                          input_ranges=given)
     finally:
         if ranges is not None:
             shutil.rmtree(ranges.parent, ignore_errors=True)
@@ -232,11 +233,6 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
                 f"{type(model).__module__}.{type(model).__qualname__}")
     record_signature_(result, example_inputs)
     return result.eval()
-
-
-def _prefixed(ranges: dict[str, tuple[float, float]] | None, prefix: str
-              ) -> dict[str, tuple[float, float]] | None:
-    return None if ranges is None else {prefix + name: value for name, value in ranges.items()}
 
 
 def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], kept: list[str],

@@ -84,17 +84,16 @@ class InputQuantizer(nn.Module):
             scale = learned * grad_scale + (learned - learned * grad_scale).detach()
         return fake_quantize(x, scale, zero.float().detach(), ACTIVATION_SPEC)
 
-
-def _trained_range(quantizer: InputQuantizer) -> tuple[float, float] | None:
-    """The (min, max) whose uint8 grid is the one `quantizer` applies (its tracked range, or with
-    `learn_scale` the learned step around its zero point); None before it has seen data."""
-    if not bool(quantizer.initialised):
-        return None
-    scale, zero = qparams_from_range(quantizer.min_val, quantizer.max_val, ACTIVATION_SPEC)
-    if quantizer.learn_scale:
-        scale = quantizer.log_scale.detach().exp()
-    low = float((ACTIVATION_SPEC.qmin - zero) * scale)
-    return low, low + float(scale) * (ACTIVATION_SPEC.qmax - ACTIVATION_SPEC.qmin)
+    def trained_range(self) -> tuple[float, float] | None:
+        """The (min, max) whose uint8 grid is the one applied in eval (the tracked range, or with
+        `learn_scale` the learned step around its zero point); None before any data was seen."""
+        if not bool(self.initialised):
+            return None
+        scale, zero = qparams_from_range(self.min_val, self.max_val, ACTIVATION_SPEC)
+        if self.learn_scale:
+            scale = self.log_scale.detach().exp()
+        low = float((ACTIVATION_SPEC.qmin - zero) * scale)
+        return low, low + float(scale) * (ACTIVATION_SPEC.qmax - ACTIVATION_SPEC.qmin)
 
 
 def _input_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -200,7 +199,7 @@ def convert_qat(model: nn.Module, *, example_inputs: torch.Tensor,
                      if name and isinstance(layer, nn.Linear | nn.Conv2d)
                      and not hasattr(layer, "input_quantizer")
                      and not any(hasattr(m, "input_quantizer") for m in layer.modules() if m is not layer))
-    trained = {name: _trained_range(layer.get_submodule("input_quantizer"))
+    trained = {name: layer.get_submodule("input_quantizer").trained_range()
                for name, layer in model.named_modules() if hasattr(layer, "input_quantizer")}
     plain = strip_qat_(copy.deepcopy(model)).eval()
     result = quantize_model(plain, Quantization(method=QuantMethod.STATIC, exclude=left_out),

@@ -338,21 +338,28 @@ ENTROPY_BINS = 2048  # histogram bins searched for the KL-optimal clipping thres
 ENTROPY_LEVELS = 128  # quantized bins each candidate range is compressed to
 
 
-def _entropy_ranges(prepared: Path, batches: list[Any], cache: Path) -> None:
-    """KL-divergence (entropy) activation ranges, written where `quantize_static` reads them.
+def _measured_ranges(prepared: Path, batches: list[Any], cache: Path, calibrate: str,
+                     percentile: float | None) -> None:
+    """The activation ranges `quantize_static` would measure, written where it reads them (so
+    they can be changed first: `_set_input_ranges`).
 
-    onnxruntime's `quantize_static(calibrate_method=Entropy)` builds its calibrator with 128
-    histogram bins and 128 quantized bins, which leaves a single candidate threshold (the whole
-    range): minmax under another name. The calibrator itself takes the bin counts, so it is run
-    here with 2048 bins and its ranges handed over as a calibration cache.
+    For `entropy` the calibrator is also given its bin counts: onnxruntime's
+    `quantize_static(calibrate_method=Entropy)` builds it with 128 histogram bins and 128
+    quantized bins, which leaves a single candidate threshold (the whole range): minmax under
+    another name. Here it searches 2048 bins, as TensorRT does.
     """
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
 
+    choices: dict[str, tuple[Any, dict[str, Any]]] = {
+        "minmax": (CalibrationMethod.MinMax, {}),
+        "percentile": (CalibrationMethod.Percentile, {"percentile": percentile or DEFAULT_PERCENTILE}),
+        "entropy": (CalibrationMethod.Entropy, {"num_bins": ENTROPY_BINS,
+                                                "num_quantized_bins": ENTROPY_LEVELS}),
+    }
+    method, options = choices[calibrate]
     augmented = cache.with_name("augmented.onnx")
     calibrator = create_calibrator(prepared, None, augmented_model_path=str(augmented),
-                                   calibrate_method=CalibrationMethod.Entropy,
-                                   extra_options={"num_bins": ENTROPY_BINS,
-                                                  "num_quantized_bins": ENTROPY_LEVELS})
+                                   calibrate_method=method, extra_options=options)
     calibrator.collect_data(_Reader(batches))
     save_tensors_data(calibrator.compute_data(), cache)
 
@@ -467,28 +474,22 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                 raise ConfigError("static quantization needs calibration data (activation ranges "
                                   "are measured on it); pass --calibration DATASET or batches")
             cache = ranges_cache
-            if calibrate == "entropy" and (cache is None or not cache.exists()):
+            if (calibrate == "entropy" or input_ranges) and (cache is None or not cache.exists()):
                 cache = cache or Path(folder) / "ranges.json"
-                _entropy_ranges(prepared, batches, cache)
-
-            def convert(ranges_file: Path | None) -> None:
-                quantize_static(str(prepared), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
-                                per_channel=per_channel, activation_type=QuantType.QUInt8,
-                                nodes_to_exclude=kept, reduce_range=reduced_weight_range(),
-                                weight_type=QuantType.QInt8, calibrate_method=methods[calibrate],
-                                calibration_cache_path=ranges_file,
-                                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
-                                               "CalibPercentile": percentile or DEFAULT_PERCENTILE, **extra})
-
-            if input_ranges:  # measure every range first, then put the given ones in their place
-                cache = cache or Path(folder) / "ranges.json"
-                if not cache.exists():
-                    convert(cache)
+                _measured_ranges(prepared, batches, cache, calibrate, percentile)
+            if input_ranges:  # the measured ranges, with the given ones in their place
+                assert cache is not None  # measured above
                 unused = _set_input_ranges(prepared.read_bytes(), cache, input_ranges)
                 given = {"applied": len(input_ranges) - len(unused),
                          "not_applied": dict.fromkeys(unused, "no quantized Conv/Gemm/MatMul input of "
                                                       "it in the program: calibrated instead")}
-            convert(cache)
+            quantize_static(str(prepared), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            nodes_to_exclude=kept, reduce_range=reduced_weight_range(),
+                            weight_type=QuantType.QInt8, calibrate_method=methods[calibrate],
+                            calibration_cache_path=cache,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True,
+                                           "CalibPercentile": percentile or DEFAULT_PERCENTILE, **extra})
         result, halved = weights_to_fp16(target.read_bytes(), fp16)
     report = quantized_ops(result)
     if fp16:
