@@ -200,6 +200,28 @@ def test_given_input_ranges_reach_the_program_of_a_keyword_input_model() -> None
     other = grids["model.bert.encoder.layer.1.intermediate.dense"]
     assert other[0] != pytest.approx(4.0 / 255, rel=1e-3)  # calibrated, not given
 
+
+def test_range_search_on_a_keyword_input_model_reaches_its_program() -> None:
+    """`range_search` runs the model on keyword inputs and reads its (dict) output's gradients;
+    the ranges it finds are the program's grids."""
+    pytest.importorskip("onnxruntime")
+    from torchslim.quantization import Quantization, quantize_model
+    from torchslim.quantization.layer_reconstruction import program_grids
+
+    model = bert()
+    batch = {"input_ids": torch.randint(0, 100, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    int8 = quantize_model(model, Quantization(method="static", range_search=True), example_inputs=batch,
+                          calibration=[batch])
+    searched = int8.report["range_search"]["layers"]
+    assert "bert.encoder.layer.0.intermediate.dense" in searched
+    assert not int8.report["range_search"]["skipped"]
+    assert int8.report["input_ranges"]["applied"] >= 4  # every FFN layer at least
+    low, high = searched["bert.encoder.layer.1.output.dense"]["range"]
+    scale, _ = program_grids(int8.program).inputs["model.bert.encoder.layer.1.output.dense"]
+    assert scale == pytest.approx((high - min(low, 0.0)) / 255, rel=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def _zero_half(model: torch.nn.Module) -> None:
     """Zero the second key/value group of every Llama attention (its kv head, the query heads
     reading it, their output columns) and every odd MLP neuron: they contribute nothing."""

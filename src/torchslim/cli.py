@@ -357,6 +357,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     static_only = [flag for flag, used in (("--adaround", args.adaround),
                                            ("--bias-correction", args.bias_correction),
                                            ("--equalize", args.equalize),
+                                           ("--range-search", args.range_search),
                                            ("--sensitivity", args.sensitivity is not None)) if used]
     if static_only and args.method != "static":
         raise ConfigError(f"{', '.join(static_only)}: options of --method static (they fit the model "
@@ -409,6 +410,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                           exclude=tuple(args.exclude), fp16=tuple(args.fp16),
                           adaround=args.adaround, bias_correction=args.bias_correction,
                           adaround_iterations=args.adaround_iterations, equalize=args.equalize,
+                          range_search=args.range_search,
                           sensitivity=args.sensitivity)
     _print_table(report)
     quant = report["quantization"]
@@ -727,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="static: rescale the channels between consecutive layers so that each "
                                "activation fills its int8 grid (cross-layer equalization); the model "
                                "computes the same")
+    quantize.add_argument("--range-search", action="store_true",
+                          help="static: choose each Conv/Linear input's int8 range by its error weighted "
+                               "by how much the model's output moves with it (output gradients on the "
+                               "calibration data), in place of the calibrated range")
     quantize.add_argument("--sensitivity", type=float, metavar="BUDGET",
                           help="static: measure each layer's int8 cost and keep the worst in float "
                                "while their multiply-adds fit BUDGET, a share of the model's (e.g. 0.05)")

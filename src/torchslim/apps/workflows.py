@@ -318,6 +318,7 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
                  exclude: tuple[str, ...] = (), fp16: tuple[str, ...] = (),
                  adaround: bool = False, bias_correction: bool = False,
                  adaround_iterations: int = 300, equalize: bool = False,
+                 range_search: bool = False,
                  sensitivity: float | None = None) -> dict[str, Any]:
     """Quantize any model or artifact to int8, save `out/model.slim`, measure both; the report.
 
@@ -336,7 +337,8 @@ def quantize_job(source: str, *, method: str, out: str | Path, dataset: str | No
         "percentile": percentile,
         "calibration_batches": calibration_batches, "backend": backend, "exclude": list(exclude),
         "fp16": list(fp16), "adaround": adaround, "bias_correction": bias_correction,
-        "adaround_iterations": adaround_iterations, "equalize": equalize, "sensitivity": sensitivity})
+        "adaround_iterations": adaround_iterations, "equalize": equalize, "range_search": range_search,
+        "sensitivity": sensitivity})
     model, path = load_model_or_artifact(source, factory=factory)
     spec = getattr(model, SPEC_ATTRIBUTE, None)
     label = spec.name if isinstance(spec, ModelSpec) else type(model).__name__

@@ -93,6 +93,10 @@ class Quantization(TechniqueConfig):
             of consecutive layers (through ReLU/ReLU6/pooling) so that the activation between
             them fills its per-tensor int8 grid (cross-layer equalization, Nagel et al. 2019,
             balanced for per-channel weights; see `equalization`). The model computes the same.
+        range_search: static only: each Conv/Linear input's int8 range minimises its rounding
+            and clipping error weighted by how much the model's output moves with each value
+            (estimated from output gradients on the calibration data; see `range_search`), in
+            place of the calibrated range. Reported under "range_search".
         sensitivity: static only: a budget, the share of the model (0-1) that may stay float;
             each layer's int8 cost is measured (the model's output SQNR with only that layer's
             weights rounded) and the worst are kept in float, worst first, while their cost fits:
@@ -116,6 +120,7 @@ class Quantization(TechniqueConfig):
     bias_correction: bool = False
     adaround_iterations: int = Field(default=300, ge=1)
     equalize: bool = False
+    range_search: bool = False
     sensitivity: float | None = Field(default=None, gt=0, le=1)
 
     def __post_init__(self) -> None:
@@ -125,10 +130,10 @@ class Quantization(TechniqueConfig):
         if self.percentile is not None and self.calibrate != Calibrate.PERCENTILE:
             raise ConfigError(f"percentile={self.percentile} is used by calibrate='percentile' only "
                               f"(calibrate={self.calibrate.value!r}); set calibrate='percentile' or drop it")
-        if ((self.adaround or self.bias_correction or self.equalize or self.sensitivity is not None)
-                and self.method != QuantMethod.STATIC):
-            raise ConfigError("equalize, sensitivity, adaround and bias_correction fit the model to "
-                              "calibrated int8 activations: they need method='static', not "
+        if ((self.adaround or self.bias_correction or self.equalize or self.range_search
+                or self.sensitivity is not None) and self.method != QuantMethod.STATIC):
+            raise ConfigError("equalize, range_search, sensitivity, adaround and bias_correction fit "
+                              "the model to calibrated int8 activations: they need method='static', not "
                               f"{self.method.value!r}")
         if self.backend == Backend.TORCH and self.method != QuantMethod.DYNAMIC:
             raise ConfigError("backend torch runs dynamic int8 only; use backend onnxruntime for "
@@ -167,9 +172,14 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     batches = None
     if config.method == QuantMethod.STATIC:
         batches = take_inputs(calibration, config.calibration_batches)
-    reconstruction, ranges, equalization, sensitivity = None, None, None, None
+    reconstruction, ranges, equalization, sensitivity, searched = None, None, None, None, None
     if batches and config.equalize:
         model, equalization = _equalized(model, batches, kept + halved)
+    if batches and config.range_search:
+        from torchslim.quantization.range_search import output_aware_ranges
+
+        found, searched = output_aware_ranges(model, batches)
+        input_ranges = {**found, **(input_ranges or {})}  # ranges the caller gives win
     floating = config.exclude  # module names and globs the program keeps in float
     if batches and config.sensitivity is not None:
         sensitive, sensitivity = _most_sensitive(model, config, batches, kept + halved)
@@ -178,7 +188,7 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         ranges = Path(tempfile.mkdtemp(prefix="torchslim-ranges-")) / "ranges.json"
         try:
             model, reconstruction = _reconstructed(model, config, batches, kept + halved, floating,
-                                                   example_inputs, ranges)
+                                                   example_inputs, ranges, input_ranges)
         except BaseException:
             shutil.rmtree(ranges.parent, ignore_errors=True)
             raise
@@ -217,6 +227,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
                 report["excluded"][name] = "not in the int8 program: the exported graph does not use it"
     if sensitivity is not None:
         report["sensitivity"] = sensitivity
+    if searched is not None:
+        report["range_search"] = searched
     if equalization is not None:
         report["equalization"] = equalization
     if reconstruction is not None:
@@ -236,7 +248,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
 
 
 def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], kept: list[str],
-                   floating: tuple[str, ...], example_inputs: Any, ranges: Path
+                   floating: tuple[str, ...], example_inputs: Any, ranges: Path,
+                   input_ranges: dict[str, tuple[float, float]] | None = None
                    ) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of `model` with AdaRound weights and/or corrected biases, and its report.
 
@@ -257,7 +270,7 @@ def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], k
     plain, _ = quantize_onnx(program, method=config.method.value, calibration=batches,
                              per_channel=config.per_channel, calibrate=config.calibrate.value,
                              percentile=config.percentile, exclude=floating, fp16=config.fp16,
-                             ranges_cache=ranges)
+                             ranges_cache=ranges, input_ranges=input_ranges)
     clone = copy.deepcopy(model)
     report = reconstruct_for_int8_(clone, torch.cat(batches), adaround=config.adaround,
                                    bias_correction=config.bias_correction,
