@@ -1,9 +1,13 @@
 """Output-aware activation ranges for static int8 (`range_search`), on a user-style module."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from torchslim.cli import main
 from torchslim.errors import ConfigError
 from torchslim.quantization import Quantization, quantize_model, sqnr_db
 from torchslim.quantization.range_search import output_aware_ranges
@@ -104,3 +108,20 @@ def test_range_search_names_a_layer_the_calibration_never_calls() -> None:
 def test_range_search_is_an_option_of_static_quantization() -> None:
     with pytest.raises(ConfigError, match="range_search"):
         Quantization(method="dynamic", range_search=True)
+
+
+def test_quantize_cli_searches_ranges_and_reports_them(tmp_path: Path, capsys) -> None:
+    (tmp_path / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef model():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(8 * 64, 10)).eval()\n")
+    source, out = str(tmp_path / "net.py:model"), tmp_path / "q"
+    dynamic = ["quantize", "--model", source, "--method", "dynamic", "--range-search", "--out", str(out)]
+    assert main(dynamic) == 2
+    assert "--range-search: options of --method static" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["quantize", "--model", source, "--method", "static", "--calibration", "digits",
+                 "--batches", "1", "--range-search", "--threads", "1", "--out", str(out)]) == 0
+    quantization = json.loads((out / "report.json").read_text())["quantization"]
+    assert set(quantization["range_search"]["layers"]) == {"0", "3"}
+    assert quantization["input_ranges"] == {"applied": 2, "not_applied": {}}
