@@ -10,6 +10,7 @@ from torch import nn
 from torchslim.cli import main
 from torchslim.errors import ConfigError
 from torchslim.quantization import Quantization, quantize_model, sqnr_db
+from torchslim.quantization.layer_reconstruction import program_grids
 from torchslim.quantization.range_search import output_aware_ranges
 
 
@@ -61,11 +62,11 @@ def _sqnr(model: nn.Module, int8: nn.Module, images: torch.Tensor) -> float:
 def test_range_search_clips_what_the_output_ignores_and_int8_gains(outlier_net: nn.Module) -> None:
     calibration, evaluation = list(_images(0).split(8)), _images(1)
     before = {k: v.clone() for k, v in outlier_net.state_dict().items()}
-    ranges, report = output_aware_ranges(outlier_net, calibration)
+    ranges, outputs, report = output_aware_ranges(outlier_net, calibration)
     # the model is left as it was: no weight changed, no gradient left behind
     assert all(torch.equal(before[k], v) for k, v in outlier_net.state_dict().items())
     assert all(p.grad is None for p in outlier_net.parameters())
-    assert set(ranges) == {"stem", "mix", "head"} and not report["skipped"]
+    assert set(ranges) == set(outputs) == {"stem", "mix", "head"} and not report["skipped"]
     observed_high = report["layers"]["mix"]["observed"][1]
     assert observed_high > 250  # the rare channel is there ...
     assert ranges["mix"][1] < 0.2 * observed_high  # ... and clipped
@@ -78,6 +79,13 @@ def test_range_search_clips_what_the_output_ignores_and_int8_gains(outlier_net: 
     assert searched.report["input_ranges"] == {"applied": 3, "not_applied": {}}
     assert searched.report["range_search"]["layers"]["mix"]["range"][1] == pytest.approx(ranges["mix"][1])
     assert _sqnr(outlier_net, searched, evaluation) > _sqnr(outlier_net, plain, evaluation) + 6
+    # the stem's output goes through a ReLU: its range is the mix layer's input; mix's output is
+    # quantized as it is (into the pooling), on its searched grid
+    kept = searched.report["output_ranges"]["not_applied"]
+    assert "activation" in kept["stem"] and "mix" not in kept
+    scale, _ = program_grids(searched.program).outputs["mix"]
+    low, high = outputs["mix"]
+    assert scale == pytest.approx((max(high, 0.0) - min(low, 0.0)) / 255, rel=1e-4)
 
 
 def test_range_search_with_adaround_fits_the_weights_on_the_searched_grids(outlier_net: nn.Module) -> None:
@@ -100,9 +108,29 @@ def test_range_search_names_a_layer_the_calibration_never_calls() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.used(x)
 
-    ranges, report = output_aware_ranges(Unused(), [torch.randn(8, 4)])
-    assert set(ranges) == {"used"}
-    assert "not called" in report["skipped"]["spare"]
+    ranges, outputs, report = output_aware_ranges(Unused(), [torch.randn(8, 4)])
+    assert set(ranges) == set(outputs) == {"used"}
+    assert "not called" in report["skipped"]["spare"] and "not called" in report["skipped"]["spare (output)"]
+
+
+class ConvThenNorm(nn.Module):
+    """A conv whose BatchNorm torch.fx cannot fold (the forward branches on a tensor's value)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        if float(y.detach().mean()) > 1e9:  # data-dependent control flow: not traceable
+            y = y * 0
+        return self.head(y.mean((2, 3)))
+
+
+def test_an_output_that_feeds_an_unfolded_batchnorm_is_not_searched() -> None:
+    _, outputs, report = output_aware_ranges(ConvThenNorm().eval(), [torch.randn(4, 3, 8, 8)])
+    assert "conv" not in outputs and "BatchNorm" in report["skipped"]["conv (output)"]
+    assert "head" in outputs
 
 
 def test_range_search_is_an_option_of_static_quantization() -> None:

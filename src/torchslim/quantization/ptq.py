@@ -173,12 +173,13 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     if config.method == QuantMethod.STATIC:
         batches = take_inputs(calibration, config.calibration_batches)
     reconstruction, ranges, equalization, sensitivity, searched = None, None, None, None, None
+    output_ranges: dict[str, tuple[float, float]] | None = None
     if batches and config.equalize:
         model, equalization = _equalized(model, batches, kept + halved)
     if batches and config.range_search:
         from torchslim.quantization.range_search import output_aware_ranges
 
-        found, searched = output_aware_ranges(model, batches)
+        found, output_ranges, searched = output_aware_ranges(model, batches)
         input_ranges = {**found, **(input_ranges or {})}  # ranges the caller gives win
     floating = config.exclude  # module names and globs the program keeps in float
     if batches and config.sensitivity is not None:
@@ -188,7 +189,7 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         ranges = Path(tempfile.mkdtemp(prefix="torchslim-ranges-")) / "ranges.json"
         try:
             model, reconstruction = _reconstructed(model, config, batches, kept + halved, floating,
-                                                   example_inputs, ranges, input_ranges)
+                                                   example_inputs, ranges, input_ranges, output_ranges)
         except BaseException:
             shutil.rmtree(ranges.parent, ignore_errors=True)
             raise
@@ -202,6 +203,7 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
         # the wrapper holds the model as `model`: its layers are exported as "/model/..."
         floating, halves = (tuple(f"model.{p}" for p in floating), tuple(f"model.{p}" for p in halves))
         given = None if input_ranges is None else {f"model.{n}": r for n, r in input_ranges.items()}
+        output_ranges = None if output_ranges is None else {f"model.{n}": r for n, r in output_ranges.items()}
     else:
         program = _export(model, example_inputs, transformer)
     try:
@@ -209,13 +211,14 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
                                           per_channel=config.per_channel, calibrate=config.calibrate.value,
                                           percentile=config.percentile, transformer=transformer,
                                           exclude=floating, fp16=halves, ranges_cache=ranges,
-                                          input_ranges=given)
+                                          input_ranges=given, output_ranges=output_ranges)
     finally:
         if ranges is not None:
             shutil.rmtree(ranges.parent, ignore_errors=True)
-    if keys is not None and "input_ranges" in report:  # the user's names, not the wrapper's
-        missed = report["input_ranges"]["not_applied"].items()
-        report["input_ranges"]["not_applied"] = {name.removeprefix("model."): why for name, why in missed}
+    for key in ("input_ranges", "output_ranges"):
+        if keys is not None and key in report:  # the user's names, not the wrapper's
+            missed = report[key]["not_applied"].items()
+            report[key]["not_applied"] = {name.removeprefix("model."): why for name, why in missed}
     if kept or halved:
         chosen = set(sensitivity["kept_float"]) if sensitivity else set()
         report["excluded"] = {**{name: ("kept in float by sensitivity=" if name in chosen else
@@ -249,7 +252,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
 
 def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], kept: list[str],
                    floating: tuple[str, ...], example_inputs: Any, ranges: Path,
-                   input_ranges: dict[str, tuple[float, float]] | None = None
+                   input_ranges: dict[str, tuple[float, float]] | None = None,
+                   output_ranges: dict[str, tuple[float, float]] | None = None
                    ) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of `model` with AdaRound weights and/or corrected biases, and its report.
 
@@ -270,7 +274,7 @@ def _reconstructed(model: nn.Module, config: Quantization, batches: list[Any], k
     plain, _ = quantize_onnx(program, method=config.method.value, calibration=batches,
                              per_channel=config.per_channel, calibrate=config.calibrate.value,
                              percentile=config.percentile, exclude=floating, fp16=config.fp16,
-                             ranges_cache=ranges, input_ranges=input_ranges)
+                             ranges_cache=ranges, input_ranges=input_ranges, output_ranges=output_ranges)
     clone = copy.deepcopy(model)
     report = reconstruct_for_int8_(clone, torch.cat(batches), adaround=config.adaround,
                                    bias_correction=config.bias_correction,

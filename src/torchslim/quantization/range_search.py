@@ -39,85 +39,123 @@ ROUNDS = 3  # alternating low / high searches for inputs with negative values
 LEVELS = 255  # uint8 activations, as onnxruntime's QDQ program
 
 
-def output_aware_ranges(model: nn.Module, batches: list[Any], *, exclude: tuple[str, ...] = (),
-                        seed: int = 0) -> tuple[dict[str, tuple[float, float]], dict[str, Any]]:
-    """Per Conv/Linear (module name): the (min, max) of its input's int8 grid, and a report.
+Ranges = dict[str, tuple[float, float]]
+
+
+def output_aware_ranges(model: nn.Module, batches: list[Any], *, seed: int = 0
+                        ) -> tuple[Ranges, Ranges, dict[str, Any]]:
+    """Per Conv/Linear (module name): the (min, max) of its input's int8 grid and of its
+    output's, and a report.
 
     Args:
         model: the float model (left unchanged; gradients are computed, not applied).
         batches: calibration inputs (tensors or dicts of keyword inputs).
-        exclude: module names kept in float (their inputs are still searched: their int8
-            neighbours quantize them).
         seed: seeds the random projections and the sampled values.
 
-    The report maps each layer to its searched range, the observed one, and the weighted error
-    of the searched range against the whole observed range; layers not called by the model on
-    the calibration data, or whose input the output does not depend on, are named under
-    "skipped" with the reason.
+    Outputs are searched on a copy with each BatchNorm that follows a conv folded into it, as
+    the int8 program computes them; an output that still feeds a BatchNorm (one torch.fx could
+    not fold) is not searched. The int8 conversion uses an output's range only where that
+    output is quantized as it is (into a residual sum, say), not where an activation reads it.
+
+    The report maps each layer to its searched input range ("range"), the observed one, the
+    weighted error of the searched range against the whole observed range, and its
+    "output_range"; inputs and outputs not searched are named under "skipped" with the reason
+    (a layer not called on the calibration data, an input the outputs do not depend on).
     """
-    del exclude  # the activations around a float layer stay int8
-    layers: dict[str, nn.Module] = {name: m for name, m in model.named_modules() if isinstance(m, LAYERS)}
+    import copy
+
+    from torchslim.quantization.qat import fold_batchnorm_
+
+    folded = copy.deepcopy(model).eval()
+    fold_batchnorm_(folded)
+    layers: dict[str, nn.Module] = {name: m for name, m in folded.named_modules() if isinstance(m, LAYERS)}
     generator = torch.Generator().manual_seed(seed)
-    values: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    weights: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            _sample_batch(model, layers, batch, generator, values, weights)
-    finally:
-        model.train(was_training)
-    ranges: dict[str, tuple[float, float]] = {}
+    samples: dict[tuple[str, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    into_batchnorm: set[str] = set()
+    for batch in batches:
+        _sample_batch(folded, layers, batch, generator, samples, into_batchnorm)
+    inputs: Ranges = {}
+    outputs: Ranges = {}
     report: dict[str, Any] = {"layers": {}, "skipped": {}}
     for name in layers:
-        if not values[name]:
-            report["skipped"][name] = ("not called on the calibration data: its input keeps the "
-                                       "calibrated range")
-            continue
-        x, w = torch.cat(values[name]), torch.cat(weights[name])
-        if float(w.sum()) == 0.0:
-            report["skipped"][name] = ("the outputs do not depend on its input on the calibration data: "
-                                       "its input keeps the calibrated range")
-            continue
-        low, high = float(x.min()), float(x.max())
-        best, error = _search(x, w, min(low, 0.0), max(high, 0.0))
-        whole = _weighted_error(x, w, min(low, 0.0), max(high, 0.0))
-        ranges[name] = best
-        report["layers"][name] = {"range": [round(best[0], 6), round(best[1], 6)],
-                                  "observed": [round(low, 6), round(high, 6)],
-                                  "error_vs_observed_range": round(error / whole, 4) if whole > 0 else 1.0}
-    return ranges, report
+        for side in ("input", "output"):
+            values, weights = samples.get((name, side), ([], []))
+            key = name if side == "input" else f"{name} (output)"
+            if side == "output" and name in into_batchnorm:
+                report["skipped"][key] = "feeds a BatchNorm that could not be folded: calibrated range"
+                continue
+            if not values:
+                report["skipped"][key] = (f"not called on the calibration data: its {side} keeps the "
+                                          "calibrated range")
+                continue
+            x, w = torch.cat(values), torch.cat(weights)
+            if float(w.sum()) == 0.0:
+                report["skipped"][key] = (f"the model's outputs do not depend on its {side} on the "
+                                          "calibration data: calibrated range")
+                continue
+            low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+            best, error = _search(x, w, low, high)
+            entry = report["layers"].setdefault(name, {})
+            if side == "input":
+                inputs[name] = best
+                whole = _weighted_error(x, w, low, high)
+                entry.update({"range": [round(best[0], 6), round(best[1], 6)],
+                              "observed": [round(float(x.min()), 6), round(float(x.max()), 6)],
+                              "error_vs_observed_range": round(error / whole, 4) if whole > 0 else 1.0})
+            else:
+                outputs[name] = best
+                entry["output_range"] = [round(best[0], 6), round(best[1], 6)]
+    return inputs, outputs, report
 
 
 def _sample_batch(model: nn.Module, layers: dict[str, nn.Module], batch: Any, generator: torch.Generator,
-                  values: dict[str, list[torch.Tensor]], weights: dict[str, list[torch.Tensor]]) -> None:
-    """Run one batch; for each layer, keep a sample of its input values and their JᵀJ diagonal."""
-    seen: dict[str, torch.Tensor] = {}
+                  samples: dict[tuple[str, str], tuple[list[torch.Tensor], list[torch.Tensor]]],
+                  into_batchnorm: set[str]) -> None:
+    """Run one batch; for each layer's input and output, keep a sample of its values and their
+    JᵀJ diagonal; note the layers whose output a BatchNorm reads."""
+    seen: dict[tuple[str, str], torch.Tensor] = {}
+    produced: dict[int, str] = {}  # id of the tensor a layer hands on -> the layer
 
-    def capture(name: str) -> Any:
+    def before(name: str) -> Any:
         def hook(_: nn.Module, args: tuple[Any, ...]) -> Any:
             if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
                 return None
             x = args[0]
             if not x.requires_grad:  # the model's raw input: start the graph here
                 x = x.detach().requires_grad_(True)
-            if name not in seen:  # a layer called twice: its first input stands for it
-                seen[name] = x
+            seen.setdefault((name, "input"), x)  # a layer called twice: its first call stands for it
             return (x, *args[1:])
         return hook
 
-    handles = [layer.register_forward_pre_hook(capture(name)) for name, layer in layers.items()]
+    def after(name: str) -> Any:
+        def hook(_: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+                return None
+            seen.setdefault((name, "output"), output)
+            handed = output * 1  # what follows may work in place: the captured values stay as they are
+            produced[id(handed)] = name
+            return handed
+        return hook
+
+    def batchnorm_reads(_: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and id(args[0]) in produced:
+            into_batchnorm.add(produced[id(args[0])])
+
+    handles = [layer.register_forward_pre_hook(before(name)) for name, layer in layers.items()]
+    handles += [layer.register_forward_hook(after(name)) for name, layer in layers.items()]
+    handles += [m.register_forward_pre_hook(batchnorm_reads) for m in model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
         with torch.enable_grad():
             outputs = _float_outputs(call_model(model, batch))
             if not seen or not outputs:
                 return
-            names = list(seen)
-            squares = [torch.zeros_like(seen[n]) for n in names]
+            keys = list(seen)
+            squares = [torch.zeros_like(seen[k]) for k in keys]
             for p in range(PROJECTIONS):
                 projected = [(t * torch.randn(t.shape, generator=generator).to(t)).sum() for t in outputs]
                 total = torch.stack(projected).sum()
-                grads = torch.autograd.grad(total, [seen[n] for n in names], allow_unused=True,
+                grads = torch.autograd.grad(total, [seen[k] for k in keys], allow_unused=True,
                                             retain_graph=p < PROJECTIONS - 1)
                 for square, grad in zip(squares, grads, strict=True):
                     if grad is not None:
@@ -125,11 +163,12 @@ def _sample_batch(model: nn.Module, layers: dict[str, nn.Module], batch: Any, ge
     finally:
         for handle in handles:
             handle.remove()
-    for name, square in zip(names, squares, strict=True):
-        x = seen[name].detach().reshape(-1)
+    for key, square in zip(keys, squares, strict=True):
+        x = seen[key].detach().reshape(-1)
         picked = torch.randperm(x.numel(), generator=generator)[:SAMPLES_PER_BATCH]
-        values[name].append(x[picked].float())
-        weights[name].append(square.reshape(-1)[picked].float())
+        values, weights = samples.setdefault(key, ([], []))
+        values.append(x[picked].float())
+        weights.append(square.reshape(-1)[picked].float())
 
 
 def _float_outputs(outputs: Any) -> list[torch.Tensor]:

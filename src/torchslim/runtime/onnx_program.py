@@ -341,7 +341,7 @@ ENTROPY_LEVELS = 128  # quantized bins each candidate range is compressed to
 def _measured_ranges(prepared: Path, batches: list[Any], cache: Path, calibrate: str,
                      percentile: float | None) -> None:
     """The activation ranges `quantize_static` would measure, written where it reads them (so
-    they can be changed first: `_set_input_ranges`).
+    they can be changed first: `_set_ranges`).
 
     For `entropy` the calibrator is also given its bin counts: onnxruntime's
     `quantize_static(calibrate_method=Entropy)` builds it with 128 histogram bins and 128
@@ -364,24 +364,59 @@ def _measured_ranges(prepared: Path, batches: list[Any], cache: Path, calibrate:
     save_tensors_data(calibrator.compute_data(), cache)
 
 
-def _set_input_ranges(program: bytes, cache: Path, ranges: dict[str, tuple[float, float]]) -> list[str]:
-    """Write `ranges` (module name -> (min, max) of its Conv/Gemm/MatMul's input) into the
-    calibration cache `cache` in place of the measured ranges of those tensors; returns the
-    modules with no such quantized input in `program` (left as measured)."""
+ACTIVATION_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
+                            "Gelu", "FastGelu", "BiasGelu", "Elu", "Selu", "Softplus", "PRelu"})
+
+
+def _set_ranges(program: bytes, cache: Path, inputs_given: dict[str, tuple[float, float]],
+                outputs_given: dict[str, tuple[float, float]]) -> tuple[list[str], dict[str, Any]]:
+    """Write the given ranges (module name -> (min, max) of its Conv/Gemm/MatMul's input, or
+    output) into the calibration cache `cache` in place of the measured ranges of those tensors.
+
+    Returns the modules of `inputs_given` with no such quantized input in `program` (left as
+    measured), and what became of `outputs_given`: the count applied and, per module not
+    applied, why (an activation reads the output first, it is a given input, or it is not
+    quantized)."""
     from onnxruntime.quantization.calibrate import TensorData, load_tensors_data, save_tensors_data
 
     inputs: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    matmuls: set[str] = set()
+    readers: dict[str, list[str]] = {}
     for node in _onnx().load_from_string(program).graph.node:
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(node.op_type)
         if node.op_type in ("Conv", "Gemm", "MatMul"):
             inputs.setdefault(module_of_node(node.name), node.input[0])
+            outputs.setdefault(module_of_node(node.name), node.output[0])
+            if node.op_type == "MatMul":
+                matmuls.add(node.output[0])
     measured = load_tensors_data(cache)
-    missing = sorted(name for name in ranges if inputs.get(name) not in measured)
-    for name, (low, high) in ranges.items():
+
+    def put(tensor: str, low: float, high: float) -> None:
+        measured[tensor] = TensorData(lowest=np.array(min(low, 0.0), dtype=np.float32),
+                                      highest=np.array(max(high, 0.0), dtype=np.float32))
+
+    missing = sorted(name for name in inputs_given if inputs.get(name) not in measured)
+    for name, (low, high) in inputs_given.items():
         if name not in missing:
-            measured[inputs[name]] = TensorData(lowest=np.array(min(low, 0.0), dtype=np.float32),
-                                                highest=np.array(max(high, 0.0), dtype=np.float32))
+            put(inputs[name], low, high)
+    given_inputs = {inputs[name] for name in inputs_given if name not in missing}
+    kept: dict[str, str] = {}
+    for name, (low, high) in outputs_given.items():
+        tensor = outputs.get(name)
+        if tensor is None or tensor not in measured:
+            kept[name] = "no quantized Conv/Gemm/MatMul output of it in the program: calibrated instead"
+        elif tensor in matmuls:
+            kept[name] = "a MatMul's output comes before the bias is added: calibrated instead"
+        elif tensor in given_inputs:
+            kept[name] = "its output is the next layer's input: that layer's range stands"
+        elif ACTIVATION_OPS.intersection(readers.get(tensor, [])):
+            kept[name] = "an activation reads its output first: the next layer's input range stands"
+        else:
+            put(tensor, low, high)
     save_tensors_data(measured, cache)
-    return missing
+    return missing, {"applied": len(outputs_given) - len(kept), "not_applied": kept}
 
 
 @functools.cache
@@ -409,7 +444,9 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                   fp16: tuple[str, ...] = (),
                   percentile: float | None = None,
                   ranges_cache: Path | None = None,
-                  input_ranges: dict[str, tuple[float, float]] | None = None) -> tuple[bytes, dict[str, Any]]:
+                  input_ranges: dict[str, tuple[float, float]] | None = None,
+                  output_ranges: dict[str, tuple[float, float]] | None = None
+                  ) -> tuple[bytes, dict[str, Any]]:
     """Quantize an ONNX program with onnxruntime; returns (program, report).
 
     Args:
@@ -432,6 +469,10 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
             used instead of the calibrated range (the ranges a QAT model was trained with). The
             report's `input_ranges` counts those applied and names the modules without such an
             input in the program (calibrated as usual).
+        output_ranges: static: module name -> (min, max) of the output of its Conv/Gemm/MatMul,
+            used where that output is quantized as it is (e.g. into a residual sum); not where
+            an activation reads it first (its range is the next layer's input) or where it is
+            itself a given input. Reported under `output_ranges`.
 
     Raises:
         ConfigError: static without calibration data, unknown method, or a result in which no
@@ -460,6 +501,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         kept += [f"{name}_MatMul" for name in kept]  # the quantizer splits a Gemm into MatMul + Add
         extra: dict[str, Any] = {}
         given: dict[str, Any] | None = None  # what became of `input_ranges`
+        outputs: dict[str, Any] | None = None  # and of `output_ranges`
         if transformer is not None:
             fuse_transformer(prepared, heads=transformer[0], hidden=transformer[1])
             # Fused ops come from the com.microsoft domain, which shape inference cannot type.
@@ -474,15 +516,18 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                 raise ConfigError("static quantization needs calibration data (activation ranges "
                                   "are measured on it); pass --calibration DATASET or batches")
             cache = ranges_cache
-            if (calibrate == "entropy" or input_ranges) and (cache is None or not cache.exists()):
+            given_any = bool(input_ranges or output_ranges)
+            if (calibrate == "entropy" or given_any) and (cache is None or not cache.exists()):
                 cache = cache or Path(folder) / "ranges.json"
                 _measured_ranges(prepared, batches, cache, calibrate, percentile)
-            if input_ranges:  # the measured ranges, with the given ones in their place
+            if input_ranges or output_ranges:  # the measured ranges, with the given ones in their place
                 assert cache is not None  # measured above
-                unused = _set_input_ranges(prepared.read_bytes(), cache, input_ranges)
-                given = {"applied": len(input_ranges) - len(unused),
-                         "not_applied": dict.fromkeys(unused, "no quantized Conv/Gemm/MatMul input of "
-                                                      "it in the program: calibrated instead")}
+                unused, outputs = _set_ranges(prepared.read_bytes(), cache, input_ranges or {},
+                                              output_ranges or {})
+                if input_ranges:
+                    given = {"applied": len(input_ranges) - len(unused),
+                             "not_applied": dict.fromkeys(unused, "no quantized Conv/Gemm/MatMul input of "
+                                                          "it in the program: calibrated instead")}
             quantize_static(str(prepared), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
                             nodes_to_exclude=kept, reduce_range=reduced_weight_range(),
@@ -496,6 +541,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
         report["fp16_weights"] = halved
     if given is not None:
         report["input_ranges"] = given
+    if output_ranges:
+        report["output_ranges"] = outputs
     if not report["int8_ops"]:
         raise ConfigError(f"{method} quantization left every op in float ({report['float_ops'][:5]}); "
                           "the model has no layer with an int8 kernel for this method (dynamic "
