@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from torchslim.calibration import call_model
+from torchslim.quantization.layer_reconstruction import ACTIVATION_SPEC
+from torchslim.quantization.primitives import dequantize, qparams_from_range, quantize
 
 __all__ = ["output_aware_ranges"]
 
@@ -37,7 +39,6 @@ SAMPLES_PER_BATCH = 1 << 16  # values of each input kept per batch for the searc
 SHRINK = 0.97  # each candidate range end is the previous one times this
 CANDIDATES = 120  # ends tried per side: down to 0.97^119 = 2.7% of the observed extreme
 ROUNDS = 3  # alternating low / high searches for inputs with negative values
-LEVELS = 255  # uint8 activations, as onnxruntime's QDQ program
 
 
 Ranges = dict[str, tuple[float, float]]
@@ -184,10 +185,9 @@ def _float_outputs(outputs: Any) -> list[torch.Tensor]:
 
 
 def _weighted_error(x: torch.Tensor, w: torch.Tensor, low: float, high: float) -> float:
-    """sum w·(q(x) - x)² on the uint8 grid spanning [low, high] (zero exactly representable)."""
-    scale = max(high - low, 1e-12) / LEVELS
-    zero = round(-low / scale)
-    q = (torch.clamp(torch.round(x / scale) + zero, 0, LEVELS) - zero) * scale
+    """sum w·(q(x) - x)² on the program's uint8 grid spanning [low, high]."""
+    scale, zero = qparams_from_range(torch.tensor(low), torch.tensor(high), ACTIVATION_SPEC)
+    q = dequantize(quantize(x, scale, zero, ACTIVATION_SPEC), scale, zero, ACTIVATION_SPEC)
     return float((w * (q - x).pow(2)).sum())
 
 

@@ -369,14 +369,13 @@ ACTIVATION_OPS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid
 
 
 def _set_ranges(program: bytes, cache: Path, inputs_given: dict[str, tuple[float, float]],
-                outputs_given: dict[str, tuple[float, float]]) -> tuple[list[str], dict[str, Any]]:
+                outputs_given: dict[str, tuple[float, float]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write the given ranges (module name -> (min, max) of its Conv/Gemm/MatMul's input, or
     output) into the calibration cache `cache` in place of the measured ranges of those tensors.
 
-    Returns the modules of `inputs_given` with no such quantized input in `program` (left as
-    measured), and what became of `outputs_given`: the count applied and, per module not
-    applied, why (an activation reads the output first, it is a given input, or it is not
-    quantized)."""
+    Returns what became of each: the count applied and, per module not applied, why (no such
+    quantized tensor in `program`; for an output, also: an activation reads it first, it is a
+    given input, or it comes before a MatMul's bias)."""
     from onnxruntime.quantization.calibrate import TensorData, load_tensors_data, save_tensors_data
 
     inputs: dict[str, str] = {}
@@ -397,7 +396,8 @@ def _set_ranges(program: bytes, cache: Path, inputs_given: dict[str, tuple[float
         measured[tensor] = TensorData(lowest=np.array(min(low, 0.0), dtype=np.float32),
                                       highest=np.array(max(high, 0.0), dtype=np.float32))
 
-    missing = sorted(name for name in inputs_given if inputs.get(name) not in measured)
+    missing = {name: "no quantized Conv/Gemm/MatMul input of it in the program: calibrated instead"
+               for name in sorted(inputs_given) if inputs.get(name) not in measured}
     for name, (low, high) in inputs_given.items():
         if name not in missing:
             put(inputs[name], low, high)
@@ -416,7 +416,8 @@ def _set_ranges(program: bytes, cache: Path, inputs_given: dict[str, tuple[float
         else:
             put(tensor, low, high)
     save_tensors_data(measured, cache)
-    return missing, {"applied": len(outputs_given) - len(kept), "not_applied": kept}
+    return ({"applied": len(inputs_given) - len(missing), "not_applied": missing},
+            {"applied": len(outputs_given) - len(kept), "not_applied": kept})
 
 
 @functools.cache
@@ -522,12 +523,8 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
                 _measured_ranges(prepared, batches, cache, calibrate, percentile)
             if input_ranges or output_ranges:  # the measured ranges, with the given ones in their place
                 assert cache is not None  # measured above
-                unused, outputs = _set_ranges(prepared.read_bytes(), cache, input_ranges or {},
-                                              output_ranges or {})
-                if input_ranges:
-                    given = {"applied": len(input_ranges) - len(unused),
-                             "not_applied": dict.fromkeys(unused, "no quantized Conv/Gemm/MatMul input of "
-                                                          "it in the program: calibrated instead")}
+                given, outputs = _set_ranges(prepared.read_bytes(), cache, input_ranges or {},
+                                             output_ranges or {})
             quantize_static(str(prepared), str(target), _Reader(batches), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
                             nodes_to_exclude=kept, reduce_range=reduced_weight_range(),
@@ -539,7 +536,7 @@ def quantize_onnx(program: bytes, *, method: str, calibration: Iterable[torch.Te
     report = quantized_ops(result)
     if fp16:
         report["fp16_weights"] = halved
-    if given is not None:
+    if input_ranges:
         report["input_ranges"] = given
     if output_ranges:
         report["output_ranges"] = outputs
