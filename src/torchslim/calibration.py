@@ -63,6 +63,18 @@ def call_model(model: Any, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
+def call_uncached(model: Any, inputs: Any) -> Any:
+    """`call_model`, telling a Hugging Face model (one whose config has `use_cache`) not to build
+    a key-value cache: a calibration pass only reads activations, and a block or attention layer
+    run again on inputs captured from it must not find the first run's keys in the cache (its
+    attention would then read twice as many keys as there are tokens)."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is None:
+        return call_model(model, inputs)
+    if isinstance(inputs, dict):
+        return model(**{**inputs, "use_cache": False})
+    return model(input_ids=inputs, use_cache=False)
+
+
 def logits_of(outputs: Any) -> torch.Tensor:
     """The scores a classification loss or accuracy reads from a model's outputs: the tensor
     itself, the first of a tuple/list, or `logits` (else the first value) of a dict-like output.

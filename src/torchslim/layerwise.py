@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.calibration import call_model
+from torchslim.calibration import call_uncached
 from torchslim.errors import ConfigError
 from torchslim.heap import return_freed_memory, returning_memory_after
 from torchslim.parametrized import original_weight
@@ -109,10 +109,9 @@ def _block_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> _Bl
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for inputs in batches:
-            extra = {"use_cache": False} if _takes_use_cache(model) else {}
             try:
                 with torch.no_grad():
-                    call_model(model, inputs if not extra else _with(inputs, extra))
+                    call_uncached(model, inputs)
             except _Captured:
                 continue
             raise ConfigError("the model's forward never reached its first block; calibration "
@@ -120,16 +119,6 @@ def _block_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> _Bl
     finally:
         handle.remove()
     return captured
-
-
-def _takes_use_cache(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "use_cache", None) is not None
-
-
-def _with(inputs: Any, extra: dict[str, Any]) -> Any:
-    if isinstance(inputs, dict):
-        return {**inputs, **extra}
-    return {"input_ids": inputs, **extra}
 
 
 def _first_tensor(output: Any) -> torch.Tensor:
@@ -168,7 +157,7 @@ def returning_memory_per_block(model: nn.Module) -> contextlib.AbstractContextMa
 def _run_model(model: nn.Module, batches: list[Any]) -> None:
     with returning_memory_per_block(model):
         for inputs in batches:  # each output dropped at once: a model's logits can outweigh it
-            call_model(model, inputs)
+            call_uncached(model, inputs)
             return_freed_memory()
 
 

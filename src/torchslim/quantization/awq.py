@@ -37,7 +37,13 @@ from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_j
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.group_clipping import best_clip, quantize_groups
 from torchslim.quantization.primitives import QuantSpec
-from torchslim.quantization.scalable_pairs import divide_rows_, scalable_pairs
+from torchslim.quantization.scalable_pairs import (
+    divide_norm_,
+    divide_rows_,
+    readers_of,
+    scalable_norms,
+    scalable_pairs,
+)
 from torchslim.quantization.smoothquant import observe_inputs
 from torchslim.quantization.weight_only import code_dtype, grid, grouped_linear
 from torchslim.registry import register_technique
@@ -162,12 +168,16 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     # SmolLM2 more memory than its weights
     probe = first_samples(batches[0], 1)
     _, norms = observe_inputs(model, layers, [probe])
+    modules = dict(layers)
+    forms, refused = scalable_norms(model, readers_of(norms), modules, probe)
+    unscaled = {name: f"clipping only: its input comes from {norm}, but {refused[norm]}"
+                for name, norm in norms.items() if norm in refused}
+    norms = {name: norm for name, norm in norms.items() if norm in forms}
     producers = scalable_pairs(model, layers, probe, [n for n, _ in layers if n not in norms])
     groups: dict[str, list[str]] = {}  # a scale's source (a norm, or a Linear) -> its readers
     for name, source in {**norms, **producers}.items():
         groups.setdefault(source, []).append(name)
     source_of = {name: source for source, names in groups.items() for name in names}
-    modules = dict(layers)
     scales: dict[str, torch.Tensor] = {}  # per source: the input scale folded into it
     chosen_alpha: dict[str, float] = {}
     weight_aware: list[str] = []  # sources whose scale also divides by the weights' magnitude
@@ -186,10 +196,7 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
             if source in modules:  # a Linear: its output rows carry 1/s
                 divide_rows_(modules[source], best_s)
             else:  # a norm layer: its weight (and bias) carry 1/s
-                norm = model.get_submodule(source)
-                for tensor in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
-                    if isinstance(tensor, torch.Tensor):
-                        tensor.div_(best_s.to(tensor.dtype))
+                divide_norm_(model.get_submodule(source), best_s, forms[source])
             for n in groups[source]:
                 original_weight(modules[n]).mul_(best_s[None, :].to(original_weight(modules[n]).dtype))
 
@@ -226,8 +233,8 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
             "asymmetric": not config.symmetric}
 
     replaced = replace_layers_(model, [name for name, _ in layers], build)
-    unscaled = {name: "clipping only: no norm layer or Linear produces its input channel by channel"
-                for name, _ in layers if name not in source_of}
+    unscaled |= {name: "clipping only: no norm layer or Linear produces its input channel by channel"
+                 for name, _ in layers if name not in source_of and name not in unscaled}
     return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "weight_aware": weight_aware,
             "scaled_through": producers,
             "unscaled": unscaled,

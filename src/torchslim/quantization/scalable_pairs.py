@@ -10,6 +10,12 @@ Rather than trust layer names, each candidate (a sibling Linear of the consumer'
 before it, whose output width is the consumer's input width) is tried on real inputs: the module
 is run with the pair rescaled by random factors, and the pair counts only if the module's output
 stays the same.
+
+A norm layer is trusted no more than a name: `scalable_norms` first finds how the norm's output
+follows its weight (y = n(x)·w + b, or Gemma's y = n(x)·(1 + w)), then rescales every norm with
+its readers at once and runs the whole model; a norm whose output something else also reads (the
+residual of a post-norm block, a layer left out of the targets) changes the output, and is left
+unscaled, with the reason.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.calibration import call_model
+from torchslim.calibration import call_uncached, output_tensors
 from torchslim.parametrized import original_weight
 
-__all__ = ["divide_rows_", "scalable_pairs"]
+__all__ = ["divide_norm_", "divide_rows_", "readers_of", "scalable_norms", "scalable_pairs"]
+
+WEIGHT, OFFSET = "weight", "offset"  # y = n(x)·w + b, and Gemma's y = n(x)·(1 + w)
 
 
 def _parent(name: str) -> str:
@@ -72,7 +80,7 @@ def scalable_pairs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batch:
         handles.append(model.get_submodule(name).register_forward_pre_hook(keep, with_kwargs=True))
     try:
         with torch.no_grad():
-            call_model(model, batch)
+            call_uncached(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -101,3 +109,125 @@ def scalable_pairs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batch:
                     pairs[consumer] = producer
                     break
     return pairs
+
+
+def divide_norm_(norm: nn.Module, s: torch.Tensor, form: str) -> None:
+    """Divide output channel j of a norm layer by s_j, in its `form` (see `norm_form`)."""
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    assert isinstance(weight, torch.Tensor)
+    with torch.no_grad():
+        if form == OFFSET:  # (1 + w') = (1 + w) / s
+            weight.copy_((1 + weight.float()) / s.float() - 1)
+        else:
+            weight.div_(s.to(weight.dtype))
+        if isinstance(bias, torch.Tensor):
+            bias.div_(s.to(bias.dtype))
+
+
+def _norm_tensors(norm: nn.Module) -> list[torch.Tensor]:
+    return [t for t in (getattr(norm, "weight", None), getattr(norm, "bias", None))
+            if isinstance(t, torch.Tensor)]
+
+
+def norm_form(norm: nn.Module) -> str | None:
+    """How a norm's output follows its weight, tried on random inputs: `"weight"` when dividing
+    weight (and bias) by s divides the output by s, `"offset"` when the layer multiplies by
+    (1 + weight) (Gemma's RMSNorm), None when neither holds."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, weight.numel(), generator=generator).to(weight.dtype)
+    s = torch.rand(weight.numel(), generator=generator) * 1.5 + 0.5
+    saved = [t.clone() for t in _norm_tensors(norm)]
+    try:
+        with torch.no_grad():
+            before = norm(x)
+            if not isinstance(before, torch.Tensor):
+                return None
+            for form in (WEIGHT, OFFSET):
+                divide_norm_(norm, s, form)
+                after = norm(x)
+                for tensor, value in zip(_norm_tensors(norm), saved, strict=True):
+                    tensor.copy_(value)
+                if torch.allclose(after.float() * s, before.float(), rtol=1e-3,
+                                  atol=1e-5 * float(before.abs().max()) + 1e-12):
+                    return form
+    except (RuntimeError, TypeError, ValueError):  # a norm that does not take (rows, width)
+        return None
+    return None
+
+
+def _relative_change(after: list[torch.Tensor], before: list[torch.Tensor]) -> float:
+    if len(after) != len(before):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(after, before, strict=True):
+        if a.shape != b.shape:
+            return float("inf")
+        if b.is_floating_point():
+            worst = max(worst, float((a - b).norm() / (b.norm() + 1e-12)))
+    return worst
+
+
+def scalable_norms(model: nn.Module, readers: dict[str, list[str]], modules: dict[str, nn.Linear],
+                   batch: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """({norm: form}, {norm: why not}) for the norms whose output channels can carry the input
+    scales of their `readers` (Linears' names, in `modules`; see the module docstring): the
+    model's output on `batch` must not change when every such norm is divided by random factors
+    and its readers' columns multiplied by them."""
+    forms, refused = {}, {}
+    for name in readers:
+        form = norm_form(model.get_submodule(name))
+        if form is None:
+            refused[name] = ("its output does not follow its weight as y = n(x)·w or y = n(x)·(1 + w), "
+                             "so no scale can be folded into it")
+        else:
+            forms[name] = form
+    if not forms:
+        return forms, refused
+    generator = torch.Generator().manual_seed(0)
+    factors = {name: torch.rand(modules[readers[name][0]].in_features, generator=generator) * 1.5 + 0.5
+               for name in forms}
+    was_training = model.training
+    model.eval()
+
+    def output_after(names: list[str]) -> float:
+        tensors = [t for n in names for t in _norm_tensors(model.get_submodule(n))
+                   + [original_weight(modules[r]) for r in readers[n]]]
+        saved = [(t, t.clone()) for t in tensors]
+        try:
+            with torch.no_grad():
+                for n in names:
+                    divide_norm_(model.get_submodule(n), factors[n], forms[n])
+                    for reader in readers[n]:
+                        weight = original_weight(modules[reader])
+                        weight.mul_(factors[n][None, :].to(weight.dtype))
+                return _relative_change(output_tensors(call_uncached(model, batch)), reference)
+        finally:
+            with torch.no_grad():
+                for tensor, value in saved:
+                    tensor.copy_(value)  # exactly as they were
+
+    try:
+        with torch.no_grad():
+            reference = output_tensors(call_uncached(model, batch))
+        if output_after(list(forms)) > 1e-3:  # some norm is read elsewhere: find which, one by one
+            for name in list(forms):
+                if output_after([name]) > 1e-3:
+                    del forms[name]
+                    refused[name] = ("scaling it changes the model's output: something besides "
+                                     f"{', '.join(readers[name])} reads it "
+                                     "(the residual of a post-norm block, or a layer outside the targets)")
+    finally:
+        model.train(was_training)
+    return forms, refused
+
+
+
+def readers_of(sources: dict[str, str]) -> dict[str, list[str]]:
+    """{source: [readers]} from {reader: source}, readers in their order."""
+    groups: dict[str, list[str]] = {}
+    for reader, source in sources.items():
+        groups.setdefault(source, []).append(reader)
+    return groups

@@ -10,9 +10,12 @@ RMSNorm weight and bias), so it costs nothing at run time.
 
 Pairs are found by observation, not by architecture tables: during one calibration pass, a
 Linear whose input *is* the output tensor of a norm layer (its class name ends in `Norm`, with a
-1-D weight) is smoothed through that norm; every other Linear is quantized unsmoothed, and named
-with the reason. All selected Linears then run as `Int8DynamicLinear` (int8 weights per output
-row, int8 activations per token, `torch._int_mm`).
+1-D weight) is smoothed through that norm, once the whole model's output is seen not to change
+when that norm and its readers are rescaled (`scalable_norms`: Gemma's (1 + w) norms are folded in
+their own form; a post-norm block's LayerNorm, whose output is also the residual, is refused);
+every other Linear is quantized unsmoothed, and named with the reason. All selected Linears then
+run as `Int8DynamicLinear` (int8 weights per output row, int8 activations per token,
+`torch._int_mm`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 from torch import nn
 
-from torchslim.calibration import batch_size_of, call_model, first_samples
+from torchslim.calibration import batch_size_of, call_uncached, first_samples
 from torchslim.config import TechniqueConfig, validated
 from torchslim.heap import return_freed_memory
 from torchslim.layerwise import layerwise_job, returning_memory_per_block
 from torchslim.parametrized import original_weight
+from torchslim.quantization.scalable_pairs import divide_norm_, readers_of, scalable_norms
 from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.registry import register_technique
 from torchslim.select import Select
@@ -112,7 +116,7 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
                 produced.clear()
                 calls.clear()
                 try:
-                    call_model(model, inputs)
+                    call_uncached(model, inputs)
                 except _SeenAll:
                     continue
                 finally:
@@ -134,10 +138,12 @@ def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
     job = layerwise_job(model, targets, calibration, "smoothquant", replaces=True)
     layers, skipped, batches = job.layers, job.skipped, job.batches
     maxima, norms = observe_inputs(model, layers, batches)
-    groups: dict[str, list[str]] = {}
-    for name, norm_name in norms.items():
-        groups.setdefault(norm_name, []).append(name)
     modules = dict(layers)
+    forms, refused = scalable_norms(model, readers_of(norms), modules, first_samples(batches[0], 1))
+    unsmoothed = {name: f"int8 without smoothing: its input comes from {norm}, but {refused[norm]}"
+                  for name, norm in norms.items() if norm in refused}
+    norms = {name: norm for name, norm in norms.items() if norm in forms}
+    groups = readers_of(norms)
     with torch.no_grad():
         for norm_name, names in groups.items():
             norm = model.get_submodule(norm_name)
@@ -145,15 +151,11 @@ def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
             weight_max = torch.stack([original_weight(modules[n]).abs().amax(0) for n in names]
                                      ).amax(0).float().clamp(min=1e-5)
             scale = (activation.pow(config.alpha) / weight_max.pow(1 - config.alpha)).clamp(min=1e-5)
-            norm_weight: Any = norm.weight
-            norm_weight.div_(scale.to(norm_weight.dtype))
-            bias = getattr(norm, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                bias.div_(scale.to(bias.dtype))
+            divide_norm_(norm, scale, forms[norm_name])
             for name in names:
                 original_weight(modules[name]).mul_(scale[None, :].to(original_weight(modules[name]).dtype))
-    unsmoothed = {name: "int8 without smoothing: its input is not the output of a norm layer"
-                  for name, _ in layers if name not in norms}
+    unsmoothed |= {name: "int8 without smoothing: its input is not the output of a norm layer"
+                   for name, _ in layers if name not in norms and name not in unsmoothed}
     return_freed_memory()  # the observation's and smoothing's pages, before the int8 copies are made
     replaced = quantize_linears_int8_(model, targets=Select(names=tuple(n for n, _ in layers)))
     return {**replaced, "smoothed": {norm: names for norm, names in groups.items()},

@@ -1,0 +1,122 @@
+"""The one-shot language-model methods on Hugging Face architectures we did not write, built from
+configs: scales are folded only where the model's function survives it (Gemma's (1 + w) norms
+in their own form, a post-norm block's LayerNorm not at all), and a model with a KV cache is
+observed without one."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim import apply_
+from torchslim.quantization import AWQ, SmoothQuant, WeightOnly
+from torchslim.quantization.torch_int8 import quantize_linears_int8_
+from torchslim.select import Select
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             vocab_size=VOCAB)
+
+
+def build(arch: str) -> nn.Module:
+    configs: dict[str, Any] = {
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM,
+                  dict(num_key_value_heads=2, head_dim=16)),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+                   dict(num_key_value_heads=2, head_dim=16)),
+        "opt": (transformers.OPTConfig, transformers.OPTForCausalLM,
+                dict(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64)),
+        "opt-post-norm": (transformers.OPTConfig, transformers.OPTForCausalLM,
+                          dict(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64,
+                               do_layer_norm_before=False)),
+        "gpt-neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM,
+                     dict(max_position_embeddings=64)),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+                 dict(num_key_value_heads=2, pad_token_id=0)),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(num_key_value_heads=2)),
+    }
+    config_class, model_class, extra = configs[arch]
+    torch.manual_seed(0)
+    model = model_class(config_class(**SMALL, **extra)).eval()
+    if arch.startswith("gemma"):  # trained Gemma norms are not zero: (1 + w) then differs from w
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if name.endswith("norm") and hasattr(module, "weight"):
+                    module.weight.uniform_(-0.5, 1.5)
+    return model
+
+
+def calibration() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, VOCAB, (4, 32), generator=generator) for _ in range(2)]
+
+
+IDS = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
+
+
+def error(model: nn.Module, dense: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(input_ids=IDS).logits - dense).pow(2).mean() / dense.var())
+
+
+def dense_logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+NOT_HEAD = Select(exclude=("lm_head",))
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "opt", "opt-post-norm", "gpt-neox", "phi3"])
+def test_awq_and_smoothquant_keep_the_function_of_every_architecture(arch: str) -> None:
+    """At 8 bits, AWQ and SmoothQuant must be as close to the dense model as their plain
+    baselines: a scale folded where it changes the model (Gemma's norm as if it were y = n(x)·w,
+    a post-norm LayerNorm whose output is also the residual) makes them 10-10,000x worse."""
+    model = build(arch)
+    dense = dense_logits(model)
+    rtn, awq, plain, smooth = (copy.deepcopy(model) for _ in range(4))
+    apply_(rtn, WeightOnly(bits=8, group_size=32, symmetric=False), targets=NOT_HEAD)
+    awq_changes = apply_(awq, AWQ(bits=8, group_size=32), calibration=calibration(), targets=NOT_HEAD)
+    quantize_linears_int8_(plain, targets=Select(names=tuple(
+        n for n, m in plain.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")))
+    smooth_changes = apply_(smooth, SmoothQuant(alpha=0.5), calibration=calibration(), targets=NOT_HEAD)
+    assert awq_changes["alpha"] and awq_changes.changed
+    assert error(awq, dense) < 3 * error(rtn, dense) + 1e-7
+    assert error(smooth, dense) < 3 * error(plain, dense) + 1e-7
+    if arch.startswith("gemma"):  # folded in (1 + w) form rather than refused
+        assert len(smooth_changes["smoothed"]) == 4
+
+
+def test_a_post_norm_layernorm_is_left_unscaled_with_the_reason() -> None:
+    changes = apply_(build("opt-post-norm"), SmoothQuant(alpha=0.5), calibration=calibration(),
+                     targets=NOT_HEAD)
+    assert not changes["smoothed"]
+    reason = changes["unsmoothed"]["model.decoder.layers.1.self_attn.q_proj"]  # its input is the residual
+    assert "model.decoder.layers.0.final_layer_norm" in reason and "post-norm" in reason
+
+
+def test_a_norm_read_by_a_layer_outside_the_targets_is_not_scaled() -> None:
+    """k_proj is excluded, so it would read the norm's rescaled output uncompensated."""
+    model = build("llama")
+    dense = dense_logits(model)
+    changes = apply_(model, SmoothQuant(alpha=0.5), calibration=calibration(),
+                     targets=Select(exclude=("lm_head", "*.k_proj")))
+    assert "model.layers.0.input_layernorm" not in changes["smoothed"]
+    assert "model.layers.0.post_attention_layernorm" in changes["smoothed"]
+    assert "reads it" in changes["unsmoothed"]["model.layers.0.self_attn.q_proj"]
+    assert error(model, dense) < 1e-3
+
+
+def test_attention_pairs_are_found_in_a_model_that_builds_a_kv_cache() -> None:
+    """OPT's v_proj -> out_proj pair (full multi-head attention) is checked by running the
+    attention again on its captured inputs, which must not hold the first run's cache."""
+    changes = apply_(build("opt"), AWQ(bits=4, group_size=32), calibration=calibration(),
+                     targets=NOT_HEAD)
+    assert changes["scaled_through"]["model.decoder.layers.0.self_attn.out_proj"] == \
+        "model.decoder.layers.0.self_attn.v_proj"
