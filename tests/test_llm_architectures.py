@@ -120,3 +120,60 @@ def test_attention_pairs_are_found_in_a_model_that_builds_a_kv_cache() -> None:
                      targets=NOT_HEAD)
     assert changes["scaled_through"]["model.decoder.layers.0.self_attn.out_proj"] == \
         "model.decoder.layers.0.self_attn.v_proj"
+
+
+def test_falcons_linear_subclass_restating_the_linear_forward_is_compressed() -> None:
+    """FalconLinear overrides forward with x @ W.T + b: the same function, found by running it."""
+    from torchslim.quantization import GPTQ
+
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       vocab_size=VOCAB)
+    model = transformers.FalconForCausalLM(config).eval()
+    dense = dense_logits(model)
+    changes = apply_(model, GPTQ(bits=4, group_size=32), calibration=calibration(), targets=NOT_HEAD)
+    assert "transformer.h.0.self_attention.query_key_value" in changes.changed
+    assert not changes["skipped"]
+    assert 0 < error(model, dense) < 0.05
+
+
+class ScaledOutput(nn.Linear):
+    """A user's Linear whose forward adds something: it must be left, with the reason."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+class RestatedLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_only_a_linear_subclass_whose_forward_adds_something_is_left() -> None:
+    model = nn.Sequential(RestatedLinear(32, 32), nn.ReLU(), ScaledOutput(32, 32))
+    changes = apply_(model, WeightOnly(bits=4, group_size=32))
+    assert "0" in changes.changed
+    assert "ScaledOutput replaces Linear's forward" in changes["skipped"]["2"]
+
+
+@pytest.mark.parametrize("method", ["gptq", "wanda"])
+def test_fused_expert_weights_of_a_mixture_of_experts_model_are_named_as_left_in_float(method: str) -> None:
+    """Qwen3-MoE holds its experts as 3-D parameters, not Linears: GPTQ (or Wanda) compresses the
+    attention and says, per layer, that the experts (most of a real MoE's weights) and the router
+    stay; the masks Wanda's parametrizations hold are not mistaken for such weights."""
+    from torchslim.pruning import Wanda
+    from torchslim.quantization import GPTQ
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**{**SMALL, "intermediate_size": 128}, moe_intermediate_size=32,
+                                         num_experts=4, num_experts_per_tok=2, num_key_value_heads=2,
+                                         head_dim=16)
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    with pytest.warns(UserWarning, match="mlp.experts \\(Qwen3MoeExperts\\)"):
+        changes = apply_(model, GPTQ(bits=4, group_size=32) if method == "gptq" else Wanda(sparsity=0.5),
+                         calibration=calibration(), targets=NOT_HEAD)
+    assert "model.layers.1.self_attn.o_proj" in changes.changed
+    reason = changes["skipped"]["model.layers.1.mlp.experts"]
+    assert "gate_up_proj 4x64x64" in reason and "left unchanged" in reason
+    assert "model.layers.1.mlp.gate" in changes["skipped"]
+    assert not any(".parametrizations." in name for name in changes["skipped"])

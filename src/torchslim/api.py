@@ -59,7 +59,6 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
             is left unchanged.
     """
     handler = handler_for(config)
-    default_targets = targets is None
     foreign = foreign_parametrized(model) if getattr(config, "selects_layers", False) else {}
     if foreign:  # the model's own parametrizations (weight_norm): never selected, named below
         chosen = targets or Select()
@@ -84,8 +83,9 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
     kind = str(getattr(config, "kind", type(config).__name__))
     why_unchanged = result.pop("why_unchanged", None)
     changes = Changes(technique=kind, **result, changed=changed)
-    if default_targets and getattr(config, "selects_layers", False):
-        _name_unhandled_layers(model, changes, kind)
+    everything = targets is None or not (targets.names or targets.patterns)  # less any exclusions
+    if everything and getattr(config, "selects_layers", False):
+        _name_unhandled_layers(model, changes, kind, () if targets is None else targets.exclude)
     if foreign:
         changes["skipped"] = {**foreign, **changes.get("skipped", {})}
     if not changes.changed:
@@ -106,10 +106,10 @@ def _linearize_selected(model: nn.Module, config: object, targets: Select | None
         linearize_(model)
 
 
-def _name_unhandled_layers(model: nn.Module, result: Changes, kind: str) -> None:
-    """No silent skips: weight layers of types the default selection cannot pick are listed
-    under `skipped` with the reason, and named in a warning."""
-    left = unselectable_weight_layers(model)
+def _name_unhandled_layers(model: nn.Module, result: Changes, kind: str, exclude: tuple[str, ...]) -> None:
+    """No silent skips: weight layers of types the default selection (less what the user
+    excluded) cannot pick are listed under `skipped` with the reason, and named in a warning."""
+    left = unselectable_weight_layers(model, exclude)
     if left:
         result["skipped"] = {**left, **result.get("skipped", {})}
         names = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in list(left)[:6])

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from torchslim.errors import ConfigError, SelectionError
 from torchslim.linear_layers import is_hf_conv1d
@@ -98,18 +99,30 @@ class Select:
         return [(name, layers[name]) for name in chosen]
 
 
-def unselectable_weight_layers(model: nn.Module) -> dict[str, str]:
-    """Layers holding a weight matrix or kernel of a type no selector names (Hugging Face's GPT-2
-    `Conv1D`, a module with a raw `weight` Parameter), with the reason they were left alone.
+def unselectable_weight_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """Modules holding a weight matrix or kernel of a type no selector names, with the reason they
+    were left alone: a module with a raw `weight` Parameter, or one that holds its weights as
+    parameters of its own (a mixture-of-experts layer's fused `gate_up_proj` / `down_proj`
+    tensors in Hugging Face's models, a router's matrix), except the names or patterns in
+    `exclude`.
 
     Embedding and normalisation layers are left out: keeping them is the convention.
     """
     kept = (*LAYER_TYPES.values(), nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
     found = {}
     for name, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if (name and isinstance(weight, nn.Parameter) and weight.dim() >= 2 and not isinstance(module, kept)
-                and not is_hf_conv1d(module)):
+        matrices = {key: tuple(value.shape) for key, value in module._parameters.items()
+                    if isinstance(value, nn.Parameter) and value.dim() >= 2 and value.is_floating_point()}
+        if (not name or not matrices or isinstance(module, (*kept, parametrize.ParametrizationList))
+                or is_hf_conv1d(module)
+                or any(name == e or fnmatch.fnmatch(name, e) for e in exclude)):
+            continue
+        if list(matrices) == ["weight"]:
             found[name] = (f"{type(module).__name__} is not a layer type this technique handles "
                            f"({', '.join(LAYER_TYPES)}); it is left unchanged")
+        elif not type(module).__module__.startswith("torchslim."):  # ours: a compressed layer's scales
+            tensors = ", ".join(f"{key} {'x'.join(map(str, shape))}" for key, shape in matrices.items())
+            found[name] = (f"{type(module).__name__} holds its weights as parameters ({tensors}), not as "
+                           f"layers of a type this technique handles ({', '.join(LAYER_TYPES)}); they "
+                           "are left unchanged")
     return found

@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 import torchslim
@@ -79,14 +80,48 @@ def replace_layers_(model: nn.Module, names: list[str],
 def own_forward(module: nn.Module) -> str | None:
     """Why `module` cannot be replaced by a torch-layer equivalent, if it cannot: its class
     extends a torch layer (`nn.Linear`, `nn.Embedding`, ...) with a forward of its own (a scaled
-    embedding, a Linear with a built-in activation), which a replacement would silently drop."""
+    embedding, a Linear with a built-in activation), which a replacement would silently drop.
+
+    A forward that only restates the base one (Falcon's `FalconLinear` computes x @ Wᵀ + b) is
+    found out by running both on random inputs, small and large: equal outputs, nothing to drop."""
     cls = type(module)
     base = next((k for k in cls.__mro__ if k.__module__.startswith("torch.nn.") and k is not nn.Module),
                 None)  # the torch layer it extends; None for a module of its own (ours, a user's)
-    if base not in (None, cls) and getattr(cls, "forward", None) is not getattr(base, "forward", None):
+    if (base not in (None, cls) and getattr(cls, "forward", None) is not getattr(base, "forward", None)
+            and not _same_forward(module, base)):
         return (f"its class {cls.__name__} replaces {base.__name__}'s forward; a replacement would "
                 "drop what it adds, so it is left as it is (exclude it, or give it the base forward)")
     return None
+
+
+def _same_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether `module`'s own forward gives what `base.forward` gives, on random inputs."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(module, nn.Linear):
+        probes = [torch.randn(3, module.in_features, generator=generator).to(weight.dtype)]
+        probes.append(100 * probes[0])
+    elif isinstance(module, nn.Embedding):
+        probes = [torch.randint(0, module.num_embeddings, (2, 5), generator=generator)]
+    else:
+        return False
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            for x in probes:
+                own, reference = module(x), base.forward(module, x)
+                tolerance = 1e-5 * float(reference.abs().max())
+                if not (isinstance(own, torch.Tensor) and own.shape == reference.shape
+                        and torch.allclose(own, reference, rtol=1e-4, atol=tolerance)):
+                    return False
+    except Exception:  # a forward that fails on a plain input is not the base's
+        return False
+    finally:
+        module.train(was_training)
+    return True
 
 
 def read_in_place(model: nn.Module, name: str) -> str | None:
