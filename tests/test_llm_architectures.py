@@ -6,6 +6,7 @@ observed without one."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any
 
 import pytest
@@ -177,3 +178,33 @@ def test_fused_expert_weights_of_a_mixture_of_experts_model_are_named_as_left_in
     assert "gate_up_proj 4x64x64" in reason and "left unchanged" in reason
     assert "model.layers.1.mlp.gate" in changes["skipped"]
     assert not any(".parametrizations." in name for name in changes["skipped"])
+
+
+def test_blocks_with_their_own_attention_mask_are_calibrated_on_their_own_inputs() -> None:
+    """Gemma 2 alternates sliding-window and full attention, each block given its own mask: the
+    statistics gathered block by block must be those of the model's own forward (with the first
+    block's mask reused, the full-attention block's o_proj inputs were 89% off)."""
+    from torchslim.layerwise import compress_layerwise
+
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=16, sliding_window=8)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    batches = calibration()
+    sequential: dict[str, torch.Tensor] = {}
+    compress_layerwise(model, layers, batches, lambda name, _layer, stats: sequential.update(
+        {name: stats.sq_norm.clone()}), hessian=False, label="check")
+    whole: dict[str, torch.Tensor] = {}
+
+    def add(_module: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
+        whole[name] = whole.get(name, 0) + args[0].flatten(0, -2).double().pow(2).sum(0)
+
+    handles = [layer.register_forward_pre_hook(partial(add, name=name)) for name, layer in layers]
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    for name, _ in layers:
+        assert torch.allclose(sequential[name], whole[name], rtol=1e-4), name

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchslim.calibration import call_uncached
+from torchslim.calibration import call_uncached, first_samples
 from torchslim.errors import ConfigError
 from torchslim.heap import return_freed_memory, returning_memory_after
 from torchslim.parametrized import original_weight
@@ -94,30 +94,86 @@ class _Captured(Exception):
 
 @dataclass
 class _BlockInputs:
-    args: list[tuple[Any, ...]] = field(default_factory=list)
-    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    """What the blocks are called with, per calibration batch: the first block's positional
+    inputs (the hidden states first), and the rest of the inputs (positional after the hidden
+    states, and keyword) for each kind of block. Blocks of one model can take different inputs:
+    Gemma 2 and 3 alternate sliding-window and full attention, each with its own mask (and
+    Gemma 3 its own rotary embeddings), so `kind[i]` names the first block whose inputs block i
+    shares."""
+
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    rest: dict[int, list[tuple[Any, ...]]] = field(default_factory=dict)
+    kwargs: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    kind: list[int] = field(default_factory=list)
 
 
-def _block_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> _BlockInputs:
-    captured = _BlockInputs()
+_PLAIN = (int, float, str, bool, type(None))
 
-    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.args.append(args)
-        captured.kwargs.append(kwargs)
-        raise _Captured
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+def _same(a: Any, b: Any) -> bool:
+    """Whether two blocks' inputs are the same (equal tensors, equal plain values, the same object)."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, _PLAIN) and isinstance(b, _PLAIN):
+        return a == b
+    return False
+
+
+def _rest_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block's inputs without its hidden states (the first positional input, or `hidden_states`)."""
+    if args:
+        return args[1:], kwargs
+    return (), {k: v for k, v in kwargs.items() if k != "hidden_states"}
+
+
+def _capture(model: nn.Module, blocks: nn.ModuleList, heads: list[int], inputs: Any
+             ) -> dict[int, tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The (args, kwargs) of each block in `heads` for one batch; the forward stops at the last."""
+    captured: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+    last = max(heads)
+
+    def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], index: int) -> None:
+        captured[index] = (args, kwargs)
+        if index == last:
+            raise _Captured
+
+    handles = [blocks[i].register_forward_pre_hook(partial(hook, index=i), with_kwargs=True) for i in heads]
     try:
-        for inputs in batches:
-            try:
-                with torch.no_grad():
-                    call_uncached(model, inputs)
-            except _Captured:
-                continue
-            raise ConfigError("the model's forward never reached its first block; calibration "
-                              "needs the blocks on the path from the inputs")
+        with torch.no_grad():
+            call_uncached(model, inputs)
+    except _Captured:
+        return captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    raise ConfigError("the model's forward never reached its blocks; calibration needs the blocks "
+                      "on the path from the inputs")
+
+
+def _block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[Any]) -> _BlockInputs:
+    """Each batch's inputs to the first block, and to the first block of each other kind (found
+    on one sequence, where every block's inputs are compared); the forward stops there."""
+    probe = _capture(model, blocks, list(range(len(blocks))), first_samples(batches[0], 1))
+    rests = [_rest_of(*probe[i]) for i in range(len(blocks))]
+    kind: list[int] = []
+    for index, rest in enumerate(rests):
+        kind.append(next(j for j in [*dict.fromkeys(kind), index] if _same(rests[j], rest)))
+    heads = sorted(set(kind))
+    captured = _BlockInputs(kind=kind, rest={j: [] for j in heads}, kwargs={j: [] for j in heads})
+    for inputs in batches:
+        seen = _capture(model, blocks, heads, inputs)
+        args, kwargs = seen[0]
+        captured.hidden.append(args[0] if args else kwargs["hidden_states"])
+        for j in heads:
+            rest, extra = _rest_of(*seen[j])
+            captured.rest[j].append(rest)
+            captured.kwargs[j].append(extra)
     return captured
 
 
@@ -207,22 +263,19 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
             return {"blocks": 0, "seconds": time.perf_counter() - start}
         prefix, blocks = stack
         lines = ProgressLines(f"{label} block", len(blocks))
-        inputs = _block_inputs(model, blocks[0], batches)
-        hidden = [args[0] if args else kwargs.pop("hidden_states")
-                  for args, kwargs in zip(inputs.args, inputs.kwargs, strict=True)]
-        rest = [args[1:] for args in inputs.args]
-        inputs.args.clear()  # the hidden states live in `hidden` alone, replaced block by block
+        inputs = _block_inputs(model, blocks, batches)
+        hidden = inputs.hidden  # replaced block by block
         for index, block in enumerate(blocks):
             where = f"{prefix}.{index}." if prefix else f"{index}."
             mine = [(name, layer) for name, layer in layers if name.startswith(where)]
+            rest, kwargs = inputs.rest[inputs.kind[index]], inputs.kwargs[inputs.kind[index]]
             if mine:
-                stats = _gather(mine, partial(_run_block, block, hidden, rest, inputs.kwargs),
-                                hessian=hessian)
+                stats = _gather(mine, partial(_run_block, block, hidden, rest, kwargs), hessian=hessian)
                 for name, layer in mine:
                     compress(name, layer, stats[name])
                     return_freed_memory()
             # the compressed block's outputs feed the next one
-            _advance(block, hidden, rest, inputs.kwargs)
+            _advance(block, hidden, rest, kwargs)
             return_freed_memory()
             lines.update(index + 1, f"{len(mine)} layers")
         outside = [name for name, _ in layers if not name.startswith(f"{prefix}.")]
