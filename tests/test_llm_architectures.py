@@ -208,3 +208,22 @@ def test_blocks_with_their_own_attention_mask_are_calibrated_on_their_own_inputs
         handle.remove()
     for name, _ in layers:
         assert torch.allclose(sequential[name], whole[name], rtol=1e-4), name
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "smoothquant"])
+def test_a_layer_whose_weight_its_parent_reads_is_named_not_counted_as_replaced(method: str) -> None:
+    """Bloom's attention reads `self.dense.weight` itself, so `dense` cannot become a module
+    without one: it is listed under skipped (its weights rounded in place, stored in float)."""
+    from torchslim.quantization import GPTQ
+
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4,
+                                                                   vocab_size=VOCAB)).eval()
+    config = {"gptq": GPTQ(bits=4, group_size=32), "awq": AWQ(bits=4, group_size=32),
+              "smoothquant": SmoothQuant(alpha=0.5)}[method]
+    changes = apply_(model, config, calibration=calibration(), targets=NOT_HEAD)
+    name = "transformer.h.0.self_attention.dense"
+    assert name not in changes["replaced"] and "read by BloomAttention.forward" in changes["skipped"][name]
+    assert "transformer.h.0.self_attention.query_key_value" in changes["replaced"]
+    if method != "smoothquant":
+        assert "rounded to the 4-bit grid" in changes["skipped"][name]

@@ -318,6 +318,15 @@ def linear_layers_for_llm(model: nn.Module, targets: Select, technique: str, *, 
     return layers, skipped
 
 
+def rounded_in_float(replaced: dict[str, Any], bits: int) -> dict[str, str]:
+    """The layers `replace_layers_` could not swap for their codes (a parent reads their weight
+    tensor itself, as Bloom's attention does), with the reason: their weights hold the rounded
+    values, still stored in float."""
+    return {name: f"{reason.removesuffix('; it is left as it is')}: it stays a float layer, its weights "
+                  f"rounded to the {bits}-bit grid in place (no smaller, no faster)"
+            for name, reason in replaced["skipped"].items()}
+
+
 @dataclass
 class LayerwiseJob:
     """What a layer-wise method works on: the Linears it compresses, the selected layers it leaves

@@ -33,7 +33,7 @@ from torch import nn
 
 from torchslim.calibration import first_samples
 from torchslim.config import TechniqueConfig, validated
-from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_job
+from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_job, rounded_in_float
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.group_clipping import best_clip, quantize_groups
 from torchslim.quantization.primitives import QuantSpec
@@ -238,7 +238,8 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "weight_aware": weight_aware,
             "scaled_through": producers,
             "unscaled": unscaled,
-            "skipped": skipped, "calibration": {**run, "batches": len(batches)}}
+            "skipped": {**skipped, **rounded_in_float(replaced, config.bits)},
+            "calibration": {**run, "batches": len(batches)}}
 
 
 register_technique(AWQ, awq_)

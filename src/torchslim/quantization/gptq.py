@@ -33,7 +33,13 @@ from pydantic.dataclasses import dataclass
 from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
-from torchslim.layerwise import InputStatistics, compress_layerwise, inverse_hessian_factor, layerwise_job
+from torchslim.layerwise import (
+    InputStatistics,
+    compress_layerwise,
+    inverse_hessian_factor,
+    layerwise_job,
+    rounded_in_float,
+)
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.group_clipping import best_clip
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range
@@ -170,7 +176,8 @@ def gptq_(model: nn.Module, config: GPTQ, *, targets: Select, calibration: Any =
             "asymmetric": not config.symmetric}
 
     replaced = replace_layers_(model, [name for name, _ in layers], build)
-    return {"bits": config.bits, **replaced, "skipped": skipped,
+    return {"bits": config.bits, **replaced,
+            "skipped": {**skipped, **rounded_in_float(replaced, config.bits)},
             "calibration": {**run, "batches": len(batches)}}
 
 

@@ -159,7 +159,7 @@ def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
     return_freed_memory()  # the observation's and smoothing's pages, before the int8 copies are made
     replaced = quantize_linears_int8_(model, targets=Select(names=tuple(n for n, _ in layers)))
     return {**replaced, "smoothed": {norm: names for norm, names in groups.items()},
-            "unsmoothed": unsmoothed, "skipped": skipped, "alpha": config.alpha}
+            "unsmoothed": unsmoothed, "skipped": {**skipped, **replaced["skipped"]}, "alpha": config.alpha}
 
 
 register_technique(SmoothQuant, smoothquant_)
