@@ -227,3 +227,17 @@ def test_a_layer_whose_weight_its_parent_reads_is_named_not_counted_as_replaced(
     assert "transformer.h.0.self_attention.query_key_value" in changes["replaced"]
     if method != "smoothquant":
         assert "rounded to the 4-bit grid" in changes["skipped"][name]
+
+
+def test_structured_pruning_of_a_model_fx_cannot_evaluate_fails_at_once_with_the_reason() -> None:
+    """Phi-3's fused qkv_proj is no block torchslim recognises, so the model is traced; the
+    shape it iterates over evaluated to another traced value, and each len() evaluated again
+    (minutes and gigabytes, then a crash). Now a GraphError says which value."""
+    from torchslim.errors import GraphError
+    from torchslim.pruning import ChannelPruning
+
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**SMALL, num_key_value_heads=2,
+                                                                 pad_token_id=0)).eval()
+    with pytest.raises(GraphError, match="cannot be evaluated on the example inputs"):
+        apply_(model, ChannelPruning(ratio=0.5), example_inputs={"input_ids": IDS})

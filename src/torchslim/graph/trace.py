@@ -96,6 +96,13 @@ class _Tracer(torch.fx.Tracer):
         if reads is not None:
             raise torch.fx.proxy.TraceError(
                 f"the forward branches on the values of {reads}, not only on shapes")
+        value = self._evaluate(proxy)
+        if isinstance(value, torch.fx.Proxy):  # len() of it would evaluate again, without end
+            raise torch.fx.proxy.TraceError(
+                f"{proxy.node.name} cannot be evaluated on the example inputs while tracing")
+        return value
+
+    def _evaluate(self, proxy: torch.fx.Proxy) -> Any:
         graph = torch.fx.Graph()
         env: dict[torch.fx.Node, torch.fx.Node] = {}
         graph.graph_copy(self.graph, env)
@@ -217,8 +224,8 @@ def _symbolic(model: nn.Module, inputs: tuple[Any, ...]) -> torch.fx.GraphModule
             cls.forward = unwrapped
         graph = _Tracer(inputs).trace(model, concrete_args=_concrete_args(model, len(inputs)) or None)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... on dynamic code
-        raise GraphError(f"cannot trace {type(model).__name__} with torch.fx: {exc}. Make the layer "
-                         "whose forward branches on tensor values a leaf with "
+        raise GraphError(f"cannot trace {type(model).__name__} with torch.fx: {exc or type(exc).__name__}. "
+                         "Make the layer whose forward branches on tensor values a leaf with "
                          "register_channel_rule(ThatLayer, rule)") from exc
     finally:
         if unwrapped is not decorated:
