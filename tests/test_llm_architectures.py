@@ -241,3 +241,28 @@ def test_structured_pruning_of_a_model_fx_cannot_evaluate_fails_at_once_with_the
                                                                  pad_token_id=0)).eval()
     with pytest.raises(GraphError, match="cannot be evaluated on the example inputs"):
         apply_(model, ChannelPruning(ratio=0.5), example_inputs={"input_ids": IDS})
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "gpt-neox"])
+def test_structured_pruning_cuts_the_mlp_neurons_where_heads_cannot_go(arch: str) -> None:
+    """OLMo 2 normalises q and k across all heads at once (q_norm over 64 values), GPT-NeoX
+    interleaves its heads in one fused projection: their MLP neurons are cut, the heads kept,
+    and OLMo 2's reason is named (before, OLMo 2's k/v rows were cut alone and the model broke;
+    GPT-NeoX could not be traced at all)."""
+    from torchslim.pruning import ChannelPruning
+
+    torch.manual_seed(0)
+    if arch == "olmo2":
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**SMALL, num_key_value_heads=2))
+        mlp, attention = "model.layers.1.mlp", "model.layers.1.self_attn"
+    else:
+        model = build("gpt-neox")
+        mlp, attention = "gpt_neox.layers.1.mlp", "gpt_neox.layers.1.attention"
+    model.eval()
+    changes = apply_(model, ChannelPruning(ratio=0.5), example_inputs={"input_ids": IDS})
+    down = model.get_submodule(f"{mlp}.{'down_proj' if arch == 'olmo2' else 'dense_4h_to_h'}")
+    assert down.in_features == 64 and not any(name.startswith(attention) for name in changes["sizes"])
+    if arch == "olmo2":
+        assert any("q_norm" in reason and "heads are kept" in reason for reason in changes["excluded"])
+    with torch.no_grad():
+        assert model(input_ids=IDS).logits.shape == (2, 32, VOCAB)

@@ -9,7 +9,9 @@ heads that read it, so the grouping stays consistent) and the neurons of an MLP 
 its up and gate projections with the columns of its down projection). Blocks are recognised by
 their projections' names across families (Llama/Mistral/Qwen2/Gemma `q_proj..o_proj` +
 `gate_proj/up_proj/down_proj`, OPT/BART/GPT-Neo/Phi `out_proj|dense` + `fc1/fc2`, GPT-2's
-packed `c_attn` + `c_fc/c_proj`, BERT/RoBERTa/ELECTRA/ViT `query/key/value` + `intermediate`).
+packed `c_attn` + `c_fc/c_proj`, GPT-NeoX/Falcon/Bloom MLPs `dense_h_to_4h/dense_4h_to_h` (their
+fused, per-head interleaved `query_key_value` is kept), BERT/RoBERTa/ELECTRA/ViT
+`query/key/value` + `intermediate`).
 After a cut, `refresh_counts_` sets each block's head counts from its projections' shapes, and
 the config where the model is pruned alike everywhere (so `save_pretrained` folders reload).
 """
@@ -100,7 +102,7 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[MLPBlock]]
                                              dim, packed=True))
         for ins, out in ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("c_fc",), "c_proj"),
                          (("lin1",), "lin2"), (("wi_0", "wi_1"), "wo"), (("wi",), "wo"),
-                         (("ffn",), "ffn_output")):
+                         (("ffn",), "ffn_output"), (("dense_h_to_4h",), "dense_4h_to_h")):
             if all(_linear(module, c) for c in (*ins, out)):
                 mlps.append(MLPBlock(name, tuple(_join(name, c) for c in ins), _join(name, out)))
                 break
@@ -131,8 +133,14 @@ def _couple_attention(graph: Coupling, model: nn.Module, block: AttentionBlock) 
         v_rows = graph.atoms(block.v, "out", v_layer.out_features)
     columns = graph.atoms(block.out, "in", out_layer.in_features)
     heads, kv_heads = width // d, len(k_rows) // d
+    everything = [Space(0, rows) for rows in (q_rows, k_rows, v_rows, columns)]
     if heads == 0 or kv_heads == 0 or heads % kv_heads or len(columns) != width:
-        graph.block(Space(0, q_rows), f"{block.name}: heads of {d} do not tile its projections")
+        graph.block(everything, f"{block.name}: heads of {d} do not tile its projections")
+        return
+    across = _norms_across_heads(model, block, {width, len(k_rows)})
+    if across:  # OLMo 2: an RMSNorm over all of q's heads at once; fewer heads change its statistics
+        graph.block(everything, f"{block.name}: {', '.join(across)} normalise across all heads, "
+                    "so the heads are kept")
         return
     per_group = heads // kv_heads  # query heads reading one key/value head: they go together
     graph.couple(Space(0, q_rows), columns)  # output-projection column i reads q/v row i's head
@@ -141,6 +149,18 @@ def _couple_attention(graph: Coupling, model: nn.Module, block: AttentionBlock) 
         unit = np.concatenate([q_rows[g * per_group * d:(g + 1) * per_group * d],
                                k_rows[g * d:(g + 1) * d], v_rows[g * d:(g + 1) * d]])
         graph.couple(Space(0, unit[1:]), np.repeat(unit[0], len(unit) - 1))
+
+
+def _norms_across_heads(model: nn.Module, block: AttentionBlock, widths: set[int]) -> list[str]:
+    """The attention's own norm layers whose weight spans a whole projection (several heads)."""
+    module = model.get_submodule(block.name)
+    found = []
+    for child, layer in module.named_children():
+        weight = getattr(layer, "weight", None)
+        if not isinstance(layer, nn.Linear) and isinstance(weight, nn.Parameter) and weight.dim() == 1 \
+                and weight.numel() in widths and weight.numel() != block.head_dim:
+            found.append(_join(block.name, child))
+    return found
 
 
 class HeadParametersRule(ChannelRule):
