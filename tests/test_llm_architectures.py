@@ -230,39 +230,57 @@ def test_a_layer_whose_weight_its_parent_reads_is_named_not_counted_as_replaced(
 
 
 def test_structured_pruning_of_a_model_fx_cannot_evaluate_fails_at_once_with_the_reason() -> None:
-    """Phi-3's fused qkv_proj is no block torchslim recognises, so the model is traced; the
-    shape it iterates over evaluated to another traced value, and each len() evaluated again
-    (minutes and gigabytes, then a crash). Now a GraphError says which value."""
+    """A user's model around Phi-3's decoder layer is traced with fx; the attention iterates over
+    a shape whose evaluation gave back another traced value, and each len() evaluated again
+    (minutes and gigabytes, then the OS killed it). Now a GraphError says which value."""
+    from transformers.models.phi3 import modeling_phi3
+
     from torchslim.errors import GraphError
     from torchslim.pruning import ChannelPruning
 
+    config = transformers.Phi3Config(**{**SMALL, "num_hidden_layers": 1}, num_key_value_heads=2,
+                                     pad_token_id=0)
+
+    class UserLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 64)
+            self.rotary = modeling_phi3.Phi3RotaryEmbedding(config)
+            self.layer = modeling_phi3.Phi3DecoderLayer(config, 0)
+            self.head = nn.Linear(64, VOCAB)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            hidden = self.embed(ids)
+            positions = torch.arange(ids.shape[1]).unsqueeze(0)
+            out = self.layer(hidden, position_embeddings=self.rotary(hidden, positions), attention_mask=None)
+            return self.head(out[0] if isinstance(out, tuple) else out)
+
     torch.manual_seed(0)
-    model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**SMALL, num_key_value_heads=2,
-                                                                 pad_token_id=0)).eval()
     with pytest.raises(GraphError, match="cannot be evaluated on the example inputs"):
-        apply_(model, ChannelPruning(ratio=0.5), example_inputs={"input_ids": IDS})
+        apply_(UserLM().eval(), ChannelPruning(ratio=0.5), example_inputs=IDS)
 
 
-@pytest.mark.parametrize("arch", ["olmo2", "gpt-neox"])
+@pytest.mark.parametrize("arch", ["olmo2", "gpt-neox", "phi3"])
 def test_structured_pruning_cuts_the_mlp_neurons_where_heads_cannot_go(arch: str) -> None:
-    """OLMo 2 normalises q and k across all heads at once (q_norm over 64 values), GPT-NeoX
-    interleaves its heads in one fused projection: their MLP neurons are cut, the heads kept,
-    and OLMo 2's reason is named (before, OLMo 2's k/v rows were cut alone and the model broke;
-    GPT-NeoX could not be traced at all)."""
+    """OLMo 2 normalises q and k across all heads at once (q_norm over 64 values); GPT-NeoX and
+    Phi-3 hold q, k and v in one projection (Phi-3 also gate and up, as two halves): their MLP
+    neurons are cut, the heads kept, and the reason named (before, OLMo 2's k/v rows were cut
+    alone and the model broke; GPT-NeoX could not be traced; Phi-3 ran out of memory)."""
     from torchslim.pruning import ChannelPruning
 
     torch.manual_seed(0)
     if arch == "olmo2":
         model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**SMALL, num_key_value_heads=2))
-        mlp, attention = "model.layers.1.mlp", "model.layers.1.self_attn"
+        mlp, attention, why = "model.layers.1.mlp", "model.layers.1.self_attn", "q_norm"
     else:
-        model = build("gpt-neox")
-        mlp, attention = "gpt_neox.layers.1.mlp", "gpt_neox.layers.1.attention"
+        model = build(arch)
+        mlp, attention = {"gpt-neox": ("gpt_neox.layers.1.mlp", "gpt_neox.layers.1.attention"),
+                          "phi3": ("model.layers.1.mlp", "model.layers.1.self_attn")}[arch]
+        why = "q, k and v in one projection"
     model.eval()
     changes = apply_(model, ChannelPruning(ratio=0.5), example_inputs={"input_ids": IDS})
-    down = model.get_submodule(f"{mlp}.{'down_proj' if arch == 'olmo2' else 'dense_4h_to_h'}")
+    down = model.get_submodule(f"{mlp}.{'dense_4h_to_h' if arch == 'gpt-neox' else 'down_proj'}")
     assert down.in_features == 64 and not any(name.startswith(attention) for name in changes["sizes"])
-    if arch == "olmo2":
-        assert any("q_norm" in reason and "heads are kept" in reason for reason in changes["excluded"])
+    assert any(why in reason and "heads are kept" in reason for reason in changes["excluded"])
     with torch.no_grad():
         assert model(input_ids=IDS).logits.shape == (2, 32, VOCAB)

@@ -9,8 +9,9 @@ heads that read it, so the grouping stays consistent) and the neurons of an MLP 
 its up and gate projections with the columns of its down projection). Blocks are recognised by
 their projections' names across families (Llama/Mistral/Qwen2/Gemma `q_proj..o_proj` +
 `gate_proj/up_proj/down_proj`, OPT/BART/GPT-Neo/Phi `out_proj|dense` + `fc1/fc2`, GPT-2's
-packed `c_attn` + `c_fc/c_proj`, GPT-NeoX/Falcon/Bloom MLPs `dense_h_to_4h/dense_4h_to_h` (their
-fused, per-head interleaved `query_key_value` is kept), BERT/RoBERTa/ELECTRA/ViT
+packed `c_attn` + `c_fc/c_proj`, GPT-NeoX/Falcon/Bloom MLPs `dense_h_to_4h/dense_4h_to_h` and
+Phi-3's fused `gate_up_proj` + `down_proj` (a fused `query_key_value` / `qkv_proj` keeps its heads,
+named with the reason), BERT/RoBERTa/ELECTRA/ViT
 `query/key/value` + `intermediate`).
 After a cut, `refresh_counts_` sets each block's head counts from its projections' shapes, and
 the config where the model is pruned alike everywhere (so `save_pretrained` folders reload).
@@ -52,6 +53,9 @@ class MLPBlock:
     name: str
     ins: tuple[str, ...]
     out: str
+    halves: bool = False  # Phi-3: one projection holds the gate rows, then the up rows
+
+FUSED_QKV = ("qkv_proj", "query_key_value", "Wqkv")  # q, k and v in one projection, kept whole
 
 
 def _linear(module: nn.Module, child: str) -> nn.Linear | None:
@@ -100,6 +104,9 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[MLPBlock]]
         elif dim and _linear(module, "c_attn") and _linear(module, "c_proj"):
             attentions.append(AttentionBlock(name, _join(name, "c_attn"), "", "", _join(name, "c_proj"),
                                              dim, packed=True))
+        fused, down = _linear(module, "gate_up_proj"), _linear(module, "down_proj")
+        if fused is not None and down is not None and fused.out_features == 2 * down.in_features:
+            mlps.append(MLPBlock(name, (_join(name, "gate_up_proj"),), _join(name, "down_proj"), halves=True))
         for ins, out in ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("c_fc",), "c_proj"),
                          (("lin1",), "lin2"), (("wi_0", "wi_1"), "wo"), (("wi",), "wo"),
                          (("ffn",), "ffn_output"), (("dense_h_to_4h",), "dense_4h_to_h")):
@@ -198,6 +205,11 @@ def _couple_mlp(graph: Coupling, model: nn.Module, block: MLPBlock) -> None:
     for name in block.ins:
         layer = model.get_submodule(name)
         assert isinstance(layer, nn.Linear)
+        if block.halves:  # neuron i is row i of the gate half and row i of the up half
+            rows = graph.atoms(name, "out", layer.out_features)
+            for half in (rows[:len(columns)], rows[len(columns):]):
+                graph.couple(Space(0, half), columns)
+            continue
         if layer.out_features != out_layer.in_features:
             graph.block(Space(0, columns), f"{block.name}: {name} and {block.out} disagree on the width")
             return
@@ -223,6 +235,12 @@ class TransformersRule(ChannelRule):
             _couple_attention(prefixed, module, block)
         for mlp in mlps:
             _couple_mlp(prefixed, module, mlp)
+        recognised = {block.name for block in attentions}
+        for child, layer in module.named_modules():
+            parent, _, last = child.rpartition(".")
+            if last in FUSED_QKV and isinstance(layer, nn.Linear) and parent not in recognised:
+                prefixed.block(Space(0, prefixed.atoms(child, "out", layer.out_features)),
+                               f"{child}: q, k and v in one projection (its heads are kept)")
         return None
 
 
