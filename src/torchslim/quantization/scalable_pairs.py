@@ -170,6 +170,20 @@ def _relative_change(after: list[torch.Tensor], before: list[torch.Tensor]) -> f
     return worst
 
 
+class _HeadReached(Exception):
+    """The forward reached the output head: what it reads is the model's output for the check."""
+
+
+def _output_head(model: nn.Module, readers: set[str], modules: dict[str, nn.Linear]) -> nn.Module | None:
+    """A Hugging Face model's output head (`get_output_embeddings`), unless it reads a scaled norm
+    itself (then its input changes by design, and only the logits can be compared)."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Module) or any(modules[r] is head for r in readers):
+        return None
+    return head
+
+
 def scalable_norms(model: nn.Module, readers: dict[str, list[str]], modules: dict[str, nn.Linear],
                    batch: Any) -> tuple[dict[str, str], dict[str, str]]:
     """({norm: form}, {norm: why not}) for the norms whose output channels can carry the input
@@ -203,15 +217,37 @@ def scalable_norms(model: nn.Module, readers: dict[str, list[str]], modules: dic
                     for reader in readers[n]:
                         weight = original_weight(modules[reader])
                         weight.mul_(factors[n][None, :].to(weight.dtype))
-                return _relative_change(output_tensors(call_uncached(model, batch)), reference)
+                return _relative_change(outputs(), reference)
         finally:
             with torch.no_grad():
                 for tensor, value in saved:
                     tensor.copy_(value)  # exactly as they were
 
+    head = _output_head(model, {r for n in forms for r in readers[n]}, modules)
+
+    def outputs() -> list[torch.Tensor]:
+        """The model's outputs on `batch`; for a language model, the hidden states its output head
+        reads (a sequence's logits can be 100 MB), the forward stopped there."""
+        if head is None:
+            return output_tensors(call_uncached(model, batch))
+        seen: list[torch.Tensor] = []
+
+        def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen.append(args[0].detach().float())
+            raise _HeadReached
+
+        handle = head.register_forward_pre_hook(stop)
+        try:
+            call_uncached(model, batch)
+        except _HeadReached:
+            pass
+        finally:
+            handle.remove()
+        return seen or output_tensors(call_uncached(model, batch))
+
     try:
         with torch.no_grad():
-            reference = output_tensors(call_uncached(model, batch))
+            reference = outputs()
         if output_after(list(forms)) > 1e-3:  # some norm is read elsewhere: find which, one by one
             for name in list(forms):
                 if output_after([name]) > 1e-3:
