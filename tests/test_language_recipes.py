@@ -133,3 +133,17 @@ def test_no_clip_is_refused_for_a_method_without_a_clipping_search(tmp_path: Pat
     error = capsys.readouterr().err
     assert "--no-clip is a gptq / awq option" in error
     assert not out.exists()
+
+
+def test_a_tokenizer_whose_ids_the_model_cannot_look_up_is_refused_before_any_work(tmp_path: Path,
+                                                                                   capsys) -> None:
+    """A user's Gemma with 1,000 embeddings naming the SmolLM2 tokenizer (49,152 ids): a clear
+    error, not an IndexError from inside the first calibration forward."""
+    (tmp_path / "tiny_gemma.py").write_text(FACTORY.replace("LlamaConfig", "GemmaConfig").replace(
+        "LlamaForCausalLM", "GemmaForCausalLM").replace("vocab_size=49152", "vocab_size=1000, head_dim=16"))
+    out = tmp_path / "out"
+    assert main(["quantize", "--model", str(tmp_path / "tiny_gemma.py:model"), "--method", "awq",
+                 "--bits", "4", "--group-size", "32", "--dataset", "python-docs", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "embedding table has 1000 rows" in error and "config.torchslim_tokenizer" in error
+    assert not out.exists()

@@ -53,8 +53,26 @@ def text_tokens(dataset: str, model: nn.Module) -> tuple[torch.Tensor, torch.Ten
         raise ConfigError(f"{type(model).__name__} is not a causal language model; perplexity and "
                           "one-shot LM compression need one (e.g. smollm2-135m)")
     tokenizer = tokenizer_for(model)
-    return (tokenize_text(tokenizer, calibration_text()), tokenize_text(tokenizer, evaluation_text()),
-            python_docs_source())
+    calibration = tokenize_text(tokenizer, calibration_text())
+    evaluation = tokenize_text(tokenizer, evaluation_text())
+    _check_vocabulary(model, max(int(calibration.max()), int(evaluation.max())))
+    return calibration, evaluation, python_docs_source()
+
+
+def _check_vocabulary(model: nn.Module, largest_id: int) -> None:
+    """A tokenizer whose ids the model's embedding table cannot look up (a model naming another
+    model's tokenizer) fails here, before any work, rather than deep inside the first forward."""
+    getter = getattr(model, "get_input_embeddings", None)
+    table = getter() if callable(getter) else None
+    rows = getattr(table, "num_embeddings", None)
+    if isinstance(rows, int) and largest_id >= rows:
+        from torchslim.models.language import TOKENIZER_KEY
+
+        name = getattr(model.config, TOKENIZER_KEY, None)
+        raise ConfigError(f"the {name} tokenizer gives token ids up to {largest_id}, but "
+                          f"{type(model).__name__}'s embedding table has {rows} rows: name the tokenizer the "
+                          f"model was trained with (config.{TOKENIZER_KEY}), or give the model a vocabulary "
+                          f"of at least {largest_id + 1}")
 
 
 def language_perplexity(model: nn.Module, dataset: str, *, max_tokens: int | None = None,
