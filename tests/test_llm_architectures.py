@@ -284,3 +284,18 @@ def test_structured_pruning_cuts_the_mlp_neurons_where_heads_cannot_go(arch: str
     assert any(why in reason and "heads are kept" in reason for reason in changes["excluded"])
     with torch.no_grad():
         assert model(input_ids=IDS).logits.shape == (2, 32, VOCAB)
+
+
+def test_embedding_like_parameters_are_not_listed_as_left_weights() -> None:
+    """A ViT's cls_token and position embeddings, a Swin's position-bias table: embeddings,
+    kept by convention, not weights a technique left behind."""
+    from torchslim.pruning import WeightPruning
+
+    torch.manual_seed(0)
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8)).eval()
+    swin = transformers.SwinForImageClassification(transformers.SwinConfig(
+        embed_dim=16, depths=[1], num_heads=[2], image_size=32, patch_size=4, window_size=4)).eval()
+    for model in (vit, swin):
+        assert not apply_(model, WeightPruning(sparsity=0.5)).get("skipped")

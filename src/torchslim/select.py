@@ -99,6 +99,9 @@ class Select:
         return [(name, layers[name]) for name in chosen]
 
 
+EMBEDDING_WORDS = ("embed", "position", "token", "pos_")  # a ViT's cls_token, a Swin position-bias table
+
+
 def unselectable_weight_layers(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, str]:
     """Modules holding a weight matrix or kernel of a type no selector names, with the reason they
     were left alone: a module with a raw `weight` Parameter, or one that holds its weights as
@@ -106,7 +109,9 @@ def unselectable_weight_layers(model: nn.Module, exclude: tuple[str, ...] = ()) 
     tensors in Hugging Face's models, a router's matrix), except the names or patterns in
     `exclude`.
 
-    Embedding and normalisation layers are left out: keeping them is the convention.
+    Embedding and normalisation layers are left out, and so are parameters named as embeddings,
+    tokens or positions: keeping them is the convention. A module of ours (a compressed layer's
+    scales) is not listed.
     """
     kept = (*LAYER_TYPES.values(), nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
     found = {}
@@ -120,8 +125,11 @@ def unselectable_weight_layers(model: nn.Module, exclude: tuple[str, ...] = ()) 
         if list(matrices) == ["weight"]:
             found[name] = (f"{type(module).__name__} is not a layer type this technique handles "
                            f"({', '.join(LAYER_TYPES)}); it is left unchanged")
-        elif not type(module).__module__.startswith("torchslim."):  # ours: a compressed layer's scales
-            tensors = ", ".join(f"{key} {'x'.join(map(str, shape))}" for key, shape in matrices.items())
+            continue
+        weights = {key: shape for key, shape in matrices.items()
+                   if not any(word in key.lower() for word in EMBEDDING_WORDS)}
+        if weights and not type(module).__module__.startswith("torchslim."):
+            tensors = ", ".join(f"{key} {'x'.join(map(str, shape))}" for key, shape in weights.items())
             found[name] = (f"{type(module).__name__} holds its weights as parameters ({tensors}), not as "
                            f"layers of a type this technique handles ({', '.join(LAYER_TYPES)}); they "
                            "are left unchanged")
