@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchslim.calibration import batch_size_of, call_model, logits_of, move_inputs, split_batch
+from torchslim.calibration import (
+    batch_size_of,
+    call_model,
+    call_uncached,
+    logits_of,
+    move_inputs,
+    split_batch,
+)
 from torchslim.errors import ConfigError
 
 __all__ = [
@@ -345,11 +352,8 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, *, window: int = 512, bat
         with torch.inference_mode():
             for start in range(0, count, batch_size):
                 ids = windows[start:start + batch_size]
-                inputs: dict[str, Any] = {"input_ids": ids}
-                if getattr(getattr(model, "config", None), "use_cache", None) is not None:
-                    inputs["use_cache"] = False  # one pass per window: no cache to build
-                try:
-                    logits = logits_of(call_model(model, inputs))
+                try:  # one pass per window: no cache to build
+                    logits = logits_of(call_uncached(model, {"input_ids": ids}))
                 except TypeError as exc:  # forward takes no input_ids keyword
                     raise ConfigError(f"{type(model).__name__} cannot be called with input_ids "
                                       f"({exc}); perplexity needs a causal language model") from exc

@@ -55,6 +55,7 @@ class MLPBlock:
     out: str
     halves: bool = False  # Phi-3: one projection holds the gate rows, then the up rows
 
+
 FUSED_QKV = ("qkv_proj", "query_key_value", "Wqkv")  # q, k and v in one projection, kept whole
 
 

@@ -169,14 +169,10 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     probe = first_samples(batches[0], 1)
     _, norms = observe_inputs(model, layers, [probe])
     modules = dict(layers)
-    forms, refused = scalable_norms(model, readers_of(norms), modules, probe)
-    unscaled = {name: f"clipping only: its input comes from {norm}, but {refused[norm]}"
-                for name, norm in norms.items() if norm in refused}
-    norms = {name: norm for name, norm in norms.items() if norm in forms}
+    norms, forms, behind = scalable_norms(model, norms, modules, probe)
+    unscaled = {name: f"clipping only: {why}" for name, why in behind.items()}
     producers = scalable_pairs(model, layers, probe, [n for n, _ in layers if n not in norms])
-    groups: dict[str, list[str]] = {}  # a scale's source (a norm, or a Linear) -> its readers
-    for name, source in {**norms, **producers}.items():
-        groups.setdefault(source, []).append(name)
+    groups = readers_of({**norms, **producers})  # a scale's source (a norm, or a Linear) -> its readers
     source_of = {name: source for source, names in groups.items() for name in names}
     scales: dict[str, torch.Tensor] = {}  # per source: the input scale folded into it
     chosen_alpha: dict[str, float] = {}

@@ -20,6 +20,8 @@ unscaled, with the reason.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +51,18 @@ def _rescale_(producer: nn.Linear, consumer: nn.Linear, s: torch.Tensor) -> None
     divide_rows_(producer, s)
     with torch.no_grad():
         original_weight(consumer).mul_(s[None, :].to(original_weight(consumer).dtype))
+
+
+@contextlib.contextmanager
+def _restored(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Within it, `tensors` may be rescaled for a trial: they are put back exactly as they were."""
+    saved = [t.clone() for t in tensors]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, saved, strict=True):
+                tensor.copy_(value)
 
 
 def _tensors(layer: nn.Linear) -> list[torch.Tensor]:
@@ -98,12 +112,10 @@ def scalable_pairs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batch:
                 continue
             for producer in producers:
                 pair = (modules[producer], modules[consumer])
-                saved = [t.clone() for layer in pair for t in _tensors(layer)]
                 s = torch.rand(modules[consumer].in_features, generator=generator) * 1.5 + 0.5
-                _rescale_(*pair, s)
-                after = _first_tensor(module(*args, **kwargs))
-                for tensor, value in zip([t for layer in pair for t in _tensors(layer)], saved, strict=True):
-                    tensor.copy_(value)  # exactly as they were
+                with _restored([t for layer in pair for t in _tensors(layer)]):
+                    _rescale_(*pair, s)
+                    after = _first_tensor(module(*args, **kwargs))
                 if after is not None and torch.allclose(after, before, rtol=1e-3,
                                                         atol=1e-4 * float(before.abs().max())):
                     pairs[consumer] = producer
@@ -139,17 +151,15 @@ def norm_form(norm: nn.Module) -> str | None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(4, weight.numel(), generator=generator).to(weight.dtype)
     s = torch.rand(weight.numel(), generator=generator) * 1.5 + 0.5
-    saved = [t.clone() for t in _norm_tensors(norm)]
     try:
         with torch.no_grad():
             before = norm(x)
             if not isinstance(before, torch.Tensor):
                 return None
             for form in (WEIGHT, OFFSET):
-                divide_norm_(norm, s, form)
-                after = norm(x)
-                for tensor, value in zip(_norm_tensors(norm), saved, strict=True):
-                    tensor.copy_(value)
+                with _restored(_norm_tensors(norm)):
+                    divide_norm_(norm, s, form)
+                    after = norm(x)
                 if torch.allclose(after.float() * s, before.float(), rtol=1e-3,
                                   atol=1e-5 * float(before.abs().max()) + 1e-12):
                     return form
@@ -174,22 +184,48 @@ class _HeadReached(Exception):
     """The forward reached the output head: what it reads is the model's output for the check."""
 
 
-def _output_head(model: nn.Module, readers: set[str], modules: dict[str, nn.Linear]) -> nn.Module | None:
+def _output_head(model: nn.Module, readers: list[nn.Linear]) -> nn.Module | None:
     """A Hugging Face model's output head (`get_output_embeddings`), unless it reads a scaled norm
     itself (then its input changes by design, and only the logits can be compared)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
-    if not isinstance(head, nn.Module) or any(modules[r] is head for r in readers):
+    if not isinstance(head, nn.Module) or any(reader is head for reader in readers):
         return None
     return head
 
 
-def scalable_norms(model: nn.Module, readers: dict[str, list[str]], modules: dict[str, nn.Linear],
-                   batch: Any) -> tuple[dict[str, str], dict[str, str]]:
-    """({norm: form}, {norm: why not}) for the norms whose output channels can carry the input
-    scales of their `readers` (Linears' names, in `modules`; see the module docstring): the
-    model's output on `batch` must not change when every such norm is divided by random factors
-    and its readers' columns multiplied by them."""
+def _model_output(model: nn.Module, batch: Any, head: nn.Module | None) -> list[torch.Tensor]:
+    """The model's outputs on `batch`; with an output `head`, the hidden states it reads (a
+    language model's logits for one sequence can be 100 MB), the forward stopped there."""
+    if head is None:
+        return output_tensors(call_uncached(model, batch))
+    seen: list[torch.Tensor] = []
+
+    def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.append(args[0].detach().float())
+        raise _HeadReached
+
+    handle = head.register_forward_pre_hook(stop)
+    try:
+        call_uncached(model, batch)
+    except _HeadReached:
+        pass
+    finally:
+        handle.remove()
+    return seen or output_tensors(call_uncached(model, batch))
+
+
+def scalable_norms(model: nn.Module, sources: dict[str, str], modules: dict[str, nn.Linear], batch: Any
+                   ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """Which of `sources` ({Linear: the norm producing its input}, Linears in `modules`) can carry
+    their readers' input scales (see the module docstring): the model's output on `batch` must
+    not change when every such norm is divided by random factors and its readers' columns
+    multiplied by them.
+
+    Returns:
+        ({Linear: norm} kept, {norm: its form for `divide_norm_`}, {Linear: why its norm is not}).
+    """
+    readers = readers_of(sources)
     forms, refused = {}, {}
     for name in readers:
         form = norm_form(model.get_submodule(name))
@@ -198,67 +234,39 @@ def scalable_norms(model: nn.Module, readers: dict[str, list[str]], modules: dic
                              "so no scale can be folded into it")
         else:
             forms[name] = form
-    if not forms:
-        return forms, refused
     generator = torch.Generator().manual_seed(0)
     factors = {name: torch.rand(modules[readers[name][0]].in_features, generator=generator) * 1.5 + 0.5
                for name in forms}
-    was_training = model.training
-    model.eval()
+    head = _output_head(model, [modules[r] for n in forms for r in readers[n]])
 
-    def output_after(names: list[str]) -> float:
+    def change_when_scaled(names: list[str]) -> float:
         tensors = [t for n in names for t in _norm_tensors(model.get_submodule(n))
                    + [original_weight(modules[r]) for r in readers[n]]]
-        saved = [(t, t.clone()) for t in tensors]
-        try:
-            with torch.no_grad():
-                for n in names:
-                    divide_norm_(model.get_submodule(n), factors[n], forms[n])
-                    for reader in readers[n]:
-                        weight = original_weight(modules[reader])
-                        weight.mul_(factors[n][None, :].to(weight.dtype))
-                return _relative_change(outputs(), reference)
-        finally:
-            with torch.no_grad():
-                for tensor, value in saved:
-                    tensor.copy_(value)  # exactly as they were
+        with torch.no_grad(), _restored(tensors):
+            for n in names:
+                divide_norm_(model.get_submodule(n), factors[n], forms[n])
+                for reader in readers[n]:
+                    weight = original_weight(modules[reader])
+                    weight.mul_(factors[n][None, :].to(weight.dtype))
+            return _relative_change(_model_output(model, batch, head), reference)
 
-    head = _output_head(model, {r for n in forms for r in readers[n]}, modules)
-
-    def outputs() -> list[torch.Tensor]:
-        """The model's outputs on `batch`; for a language model, the hidden states its output head
-        reads (a sequence's logits can be 100 MB), the forward stopped there."""
-        if head is None:
-            return output_tensors(call_uncached(model, batch))
-        seen: list[torch.Tensor] = []
-
-        def stop(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            seen.append(args[0].detach().float())
-            raise _HeadReached
-
-        handle = head.register_forward_pre_hook(stop)
-        try:
-            call_uncached(model, batch)
-        except _HeadReached:
-            pass
-        finally:
-            handle.remove()
-        return seen or output_tensors(call_uncached(model, batch))
-
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            reference = outputs()
-        if output_after(list(forms)) > 1e-3:  # some norm is read elsewhere: find which, one by one
-            for name in list(forms):
-                if output_after([name]) > 1e-3:
-                    del forms[name]
-                    refused[name] = ("scaling it changes the model's output: something besides "
-                                     f"{', '.join(readers[name])} reads it "
-                                     "(the residual of a post-norm block, or a layer outside the targets)")
+            reference = _model_output(model, batch, head) if forms else []
+        if forms and change_when_scaled(list(forms)) > 1e-3:  # a norm is read elsewhere: which?
+            for name in [n for n in forms if change_when_scaled([n]) > 1e-3]:
+                del forms[name]
+                refused[name] = ("scaling it changes the model's output: something besides "
+                                 f"{', '.join(readers[name])} reads it "
+                                 "(the residual of a post-norm block, or a layer outside the targets)")
     finally:
         model.train(was_training)
-    return forms, refused
-
+    kept = {reader: norm for reader, norm in sources.items() if norm in forms}
+    why = {reader: f"its input comes from {norm}, but {refused[norm]}"
+           for reader, norm in sources.items() if norm in refused}
+    return kept, forms, why
 
 
 def readers_of(sources: dict[str, str]) -> dict[str, list[str]]:

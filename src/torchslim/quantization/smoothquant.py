@@ -139,10 +139,8 @@ def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
     layers, skipped, batches = job.layers, job.skipped, job.batches
     maxima, norms = observe_inputs(model, layers, batches)
     modules = dict(layers)
-    forms, refused = scalable_norms(model, readers_of(norms), modules, first_samples(batches[0], 1))
-    unsmoothed = {name: f"int8 without smoothing: its input comes from {norm}, but {refused[norm]}"
-                  for name, norm in norms.items() if norm in refused}
-    norms = {name: norm for name, norm in norms.items() if norm in forms}
+    norms, forms, behind = scalable_norms(model, norms, modules, first_samples(batches[0], 1))
+    unsmoothed = {name: f"int8 without smoothing: {why}" for name, why in behind.items()}
     groups = readers_of(norms)
     with torch.no_grad():
         for norm_name, names in groups.items():
