@@ -7,7 +7,10 @@ variance on held-out token ids, how many layers changed, and how many selected l
 with a reason. Two 8-bit rows check that AWQ's and SmoothQuant's scales keep the model's
 function: they must stay near their plain baselines (8-bit round-to-nearest, plain W8A8); a
 scale folded where it changes the model (a Gemma norm computing n(x)·(1 + w), a post-norm
-LayerNorm whose output is also the residual) shows as an error 10-100,000x larger.
+LayerNorm whose output is also the residual) shows as an error 10-100,000x larger. The
+mixture-of-experts decoders (Qwen3-MoE, Mixtral, OLMoE, GPT-OSS) hold their experts as 3-D
+tensors: every method compresses each expert as a Linear of its own, so a row's changed layers
+count 2 per expert and block.
 
     python bench/llm_architectures.py [--archs llama,gemma,...] [--methods rtn4,gptq4,...]
 """
@@ -62,6 +65,13 @@ def architectures(transformers: Any) -> dict[str, tuple[Any, Any, dict[str, Any]
         "qwen3-moe": (t.Qwen3MoeConfig, t.Qwen3MoeForCausalLM,
                       {**GQA, "head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
                        "num_experts_per_tok": 2}),
+        "mixtral": (t.MixtralConfig, t.MixtralForCausalLM,
+                    {**GQA, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2}),
+        "olmoe": (t.OlmoeConfig, t.OlmoeForCausalLM,
+                  {**GQA, "intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2}),
+        "gpt-oss": (t.GptOssConfig, t.GptOssForCausalLM,
+                    {**GQA, "intermediate_size": 32, "head_dim": 16, "num_local_experts": 4,
+                     "num_experts_per_tok": 2, "layer_types": ["sliding_attention", "full_attention"]}),
     }
 
 

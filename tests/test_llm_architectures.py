@@ -157,29 +157,6 @@ def test_only_a_linear_subclass_whose_forward_adds_something_is_left() -> None:
     assert "ScaledOutput replaces Linear's forward" in changes["skipped"]["2"]
 
 
-@pytest.mark.parametrize("method", ["gptq", "wanda"])
-def test_fused_expert_weights_of_a_mixture_of_experts_model_are_named_as_left_in_float(method: str) -> None:
-    """Qwen3-MoE holds its experts as 3-D parameters, not Linears: GPTQ (or Wanda) compresses the
-    attention and says, per layer, that the experts (most of a real MoE's weights) and the router
-    stay; the masks Wanda's parametrizations hold are not mistaken for such weights."""
-    from torchslim.pruning import Wanda
-    from torchslim.quantization import GPTQ
-
-    torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(**{**SMALL, "intermediate_size": 128}, moe_intermediate_size=32,
-                                         num_experts=4, num_experts_per_tok=2, num_key_value_heads=2,
-                                         head_dim=16)
-    model = transformers.Qwen3MoeForCausalLM(config).eval()
-    with pytest.warns(UserWarning, match="mlp.experts \\(Qwen3MoeExperts\\)"):
-        changes = apply_(model, GPTQ(bits=4, group_size=32) if method == "gptq" else Wanda(sparsity=0.5),
-                         calibration=calibration(), targets=NOT_HEAD)
-    assert "model.layers.1.self_attn.o_proj" in changes.changed
-    reason = changes["skipped"]["model.layers.1.mlp.experts"]
-    assert "gate_up_proj 4x64x64" in reason and "left unchanged" in reason
-    assert "model.layers.1.mlp.gate" in changes["skipped"]
-    assert not any(".parametrizations." in name for name in changes["skipped"])
-
-
 def test_blocks_with_their_own_attention_mask_are_calibrated_on_their_own_inputs() -> None:
     """Gemma 2 alternates sliding-window and full attention, each block given its own mask: the
     statistics gathered block by block must be those of the model's own forward (with the first

@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 from torchslim.calibration import take_pairs
 from torchslim.changes import Changes, observed_changes
 from torchslim.errors import NothingChangedWarning
+from torchslim.fused_experts import fused_experts, unfuse_experts_, unfused_names
 from torchslim.linear_layers import hf_conv1d_layers, is_hf_conv1d, linearize_
 from torchslim.parametrized import (
     foreign_parametrized,
@@ -70,6 +71,7 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
     with ModelSnapshot(model) as before:  # its tensors wait on disk: the model's memory is not doubled
         try:
             _linearize_selected(model, config, targets)
+            experts_left = _unfuse_selected_experts(model, config, targets)
             takes_inputs = "example_inputs" in inspect.signature(handler).parameters
             extra = {"example_inputs": example_inputs} if takes_inputs and example_inputs is not None else {}
             result = handler(model, config, targets=targets or Select(), calibration=calibration, **extra)
@@ -88,6 +90,8 @@ def apply_(model: nn.Module, config: object, *, targets: Select | None = None,
         _name_unhandled_layers(model, changes, kind, () if targets is None else targets.exclude)
     if foreign:
         changes["skipped"] = {**foreign, **changes.get("skipped", {})}
+    if experts_left:  # the specific reason, over the generic "holds its weights as parameters"
+        changes["skipped"] = {**changes.get("skipped", {}), **experts_left}
     if not changes.changed:
         why = why_unchanged or "; ".join(f"{k}: {v}" for k, v in changes.skipped.items()) or "no reason given"
         warnings.warn(f"torchslim: {kind} changed nothing: {why}", NothingChangedWarning, stacklevel=2)
@@ -104,6 +108,20 @@ def _linearize_selected(model: nn.Module, config: object, targets: Select | None
         linearize_(model, [name for name, layer in chosen if is_hf_conv1d(layer)])
     elif getattr(config, "structural", False):
         linearize_(model)
+
+
+def _unfuse_selected_experts(model: nn.Module, config: object, targets: Select | None) -> dict[str, str]:
+    """Mixture-of-experts modules holding their experts as 3-D tensors become one Linear per
+    expert and projection (recorded, replayed on load) when the technique picks layers and would
+    pick some of those Linears. Returns the modules left fused, with the reason."""
+    if not getattr(config, "selects_layers", False):
+        return {}
+    chosen = targets or Select()
+    if "Linear" not in chosen.types:
+        return {}
+    names = [name for name, experts in fused_experts(model, chosen.exclude).items()
+             if any(chosen.picks(layer) for layer in unfused_names(name, experts))]
+    return unfuse_experts_(model, names) if names else {}
 
 
 def _name_unhandled_layers(model: nn.Module, result: Changes, kind: str, exclude: tuple[str, ...]) -> None:

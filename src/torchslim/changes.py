@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from torchslim.fused_experts import UnfusedExperts, unfused_copy
 from torchslim.linear_layers import as_linear, is_hf_conv1d
 
 __all__ = ["Changes", "observed_changes"]
@@ -111,6 +112,12 @@ def observed_changes(before: nn.Module, after: nn.Module, *,
         what = []
         if materialize is not None:
             module = materialize(module)
+        if isinstance(now, UnfusedExperts) and not isinstance(module, UnfusedExperts):
+            # the same experts as Linears: what happened to each of them
+            inner = observed_changes(unfused_copy(module, now.layout), now)
+            changed.update({f"{name}.{key}": what for key, what in inner.items() if key})
+            covered.append(name)
+            continue
         if is_hf_conv1d(module) and _base_type(now) is nn.Linear:  # the same layer, weight transposed
             what.append("Conv1D as Linear")
             module = as_linear(module)

@@ -225,7 +225,8 @@ def _dequantize_(model: nn.Module) -> None:
 def save_hf_folder(model: nn.Module, folder: str | Path, *, dequantize: bool = False) -> Path:
     """Write `model` as a `save_pretrained` folder `transformers` loads directly.
 
-    GPT-2's Conv1D layers that torchslim handled as Linear go back to their own layout; a model
+    GPT-2's Conv1D layers that torchslim handled as Linear go back to their own layout, and so do
+    mixture-of-experts layers handled as one Linear per expert (`fused_experts`); a model
     whose layers were replaced by other modules (factorized, int8) is not a transformers
     architecture any more and is refused with the alternatives. With `dequantize`, layers that
     hold weight codes (GPTQ, AWQ, round-to-nearest, the int4 kernel) are written as the float
@@ -237,6 +238,7 @@ def save_hf_folder(model: nn.Module, folder: str | Path, *, dequantize: bool = F
     """
     import copy
 
+    from torchslim.fused_experts import fuse_experts_
     from torchslim.graph.hf_blocks import ORIGINAL_CONFIG
     from torchslim.linear_layers import restore_hf_conv1d_
     from torchslim.structure import EDITS_ATTRIBUTE, edits_of
@@ -244,7 +246,8 @@ def save_hf_folder(model: nn.Module, folder: str | Path, *, dequantize: bool = F
     if not is_hf_model(model):
         raise ConfigError(f"{type(model).__name__} is not a Hugging Face model; export it with "
                           "--format onnx or pt2")
-    allowed = {"hf_conv1d_as_linear", "prune_channels"} | (CODED_EDITS if dequantize else set())
+    allowed = {"hf_conv1d_as_linear", "prune_channels", "unfuse_experts"} | \
+        (CODED_EDITS if dequantize else set())
     other = sorted({e.get("kind", "?") for e in edits_of(model)} - allowed)
     if other:
         raise ConfigError(f"the model's layers were changed by {', '.join(other)}, so it no longer "
@@ -255,6 +258,7 @@ def save_hf_folder(model: nn.Module, folder: str | Path, *, dequantize: bool = F
     if dequantize:
         _dequantize_(plain)
     restore_hf_conv1d_(plain)
+    fuse_experts_(plain)
     for attribute in (EDITS_ATTRIBUTE, ORIGINAL_CONFIG):
         if hasattr(plain, attribute):
             delattr(plain, attribute)

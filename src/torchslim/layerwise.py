@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,7 +33,8 @@ from torchslim.select import Select
 from torchslim.structure import own_forward
 
 __all__ = ["InputStatistics", "LayerwiseJob", "compress_layerwise", "inverse_hessian_factor",
-           "layerwise_job", "linear_layers_for_llm", "repeated_blocks", "returning_memory_per_block"]
+           "layerwise_job", "linear_layers_for_llm", "repeated_blocks", "returning_memory_per_block",
+           "uncalibrated_layers"]
 
 
 
@@ -77,15 +79,16 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> torch.Ten
 
 def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The model's largest `ModuleList` of same-class blocks holding Linears (a transformer's
-    layers), with its name; None if it has none."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and \
-                len({type(block) for block in module}) == 1 and \
-                any(isinstance(m, nn.Linear) for m in module[0].modules()) and \
-                (best is None or len(module) > len(best[1])):
-            best = (name, module)
-    return best
+    layers), with its name; None if it has none. A list inside another one's blocks (a
+    mixture-of-experts layer's experts, called only for their tokens) is not one: the outer
+    list's blocks are what runs in sequence."""
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 1
+             and len({type(block) for block in module}) == 1
+             and any(isinstance(m, nn.Linear) for m in module[0].modules())]
+    outer = [(name, module) for name, module in lists
+             if not any(name.startswith(f"{other}.") for other, _ in lists if other)]
+    return max(outer, key=lambda item: len(item[1]), default=None)
 
 
 class _Captured(Exception):
@@ -246,7 +249,10 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
         label: the technique's name, for progress lines.
 
     Returns:
-        {"blocks": number of blocks calibrated one after the other (0: one pass), "seconds"}.
+        {"blocks": number of blocks calibrated one after the other (0: one pass), "seconds",
+        "uncalibrated": the layers no calibration input reached}. Those are compressed too, from
+        statistics of no samples (`samples == 0`): each method then falls back to its data-free
+        twin (see `uncalibrated_layers`).
     """
     if not batches:
         raise ConfigError(f"{label} needs calibration data: pass calibration=batches of token ids "
@@ -255,12 +261,20 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
     was_training = model.training
     model.eval()
     try:
+        unreached: list[str] = []
+
+        def compress_each(chosen: list[tuple[str, nn.Linear]], stats: dict[str, InputStatistics]) -> None:
+            for name, layer in chosen:
+                if not stats[name].samples:
+                    unreached.append(name)
+                compress(name, layer, stats[name])
+                return_freed_memory()
+
         stack = repeated_blocks(model)
         if stack is None:
             stats = _gather(layers, partial(_run_model, model, batches), hessian=hessian)
-            for name, layer in layers:
-                compress(name, layer, stats[name])
-            return {"blocks": 0, "seconds": time.perf_counter() - start}
+            compress_each(layers, stats)
+            return {"blocks": 0, "seconds": time.perf_counter() - start, "uncalibrated": unreached}
         prefix, blocks = stack
         lines = ProgressLines(f"{label} block", len(blocks))
         inputs = _block_inputs(model, blocks, batches)
@@ -270,23 +284,34 @@ def compress_layerwise(model: nn.Module, layers: list[tuple[str, nn.Linear]], ba
             mine = [(name, layer) for name, layer in layers if name.startswith(where)]
             rest, kwargs = inputs.rest[inputs.kind[index]], inputs.kwargs[inputs.kind[index]]
             if mine:
-                stats = _gather(mine, partial(_run_block, block, hidden, rest, kwargs), hessian=hessian)
-                for name, layer in mine:
-                    compress(name, layer, stats[name])
-                    return_freed_memory()
+                compress_each(mine, _gather(mine, partial(_run_block, block, hidden, rest, kwargs),
+                                            hessian=hessian))
             # the compressed block's outputs feed the next one
             _advance(block, hidden, rest, kwargs)
             return_freed_memory()
             lines.update(index + 1, f"{len(mine)} layers")
         outside = [name for name, _ in layers if not name.startswith(f"{prefix}.")]
         if outside:  # e.g. lm_head: calibrated on the compressed stack's final activations
-            stats = _gather([(n, dict(layers)[n]) for n in outside],
-                            partial(_run_model, model, batches), hessian=hessian)
-            for name in outside:
-                compress(name, dict(layers)[name], stats[name])
-        return {"blocks": len(blocks), "seconds": time.perf_counter() - start}
+            chosen = [(n, dict(layers)[n]) for n in outside]
+            compress_each(chosen, _gather(chosen, partial(_run_model, model, batches), hessian=hessian))
+        return {"blocks": len(blocks), "seconds": time.perf_counter() - start, "uncalibrated": unreached}
     finally:
         model.train(was_training)
+
+
+NO_INPUT = ("no calibration input reached it (an expert the router did not pick for these tokens, "
+            "or a layer the forward does not call)")
+
+
+def uncalibrated_layers(run: dict[str, Any], technique: str, fallback: str) -> dict[str, str]:
+    """The layers `compress_layerwise`'s `run` got no input for, each with the reason and the
+    data-free `fallback` the method used (taken out of `run`); a warning names them."""
+    names = run.pop("uncalibrated", [])
+    if names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        warnings.warn(f"torchslim: {technique}: {len(names)} layer(s) got no calibration input and were "
+                      f"{fallback}: {shown}; more calibration data reaches more of them", stacklevel=3)
+    return {name: f"{NO_INPUT}: {fallback}" for name in names}
 
 
 def linear_layers_for_llm(model: nn.Module, targets: Select, technique: str, *, replaces: bool = False

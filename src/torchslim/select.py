@@ -68,6 +68,13 @@ class Select:
         return {"names": list(self.names), "patterns": list(self.patterns),
                 "types": list(self.types), "exclude": list(self.exclude)}
 
+    def picks(self, name: str) -> bool:
+        """Whether a layer called `name`, of one of `types`, is chosen: named or matched (or no
+        names and patterns given), and not excluded."""
+        return ((not self.names and not self.patterns) or name in self.names
+                or any(fnmatch.fnmatch(name, p) for p in self.patterns)) and \
+            not any(name == e or fnmatch.fnmatch(name, e) for e in self.exclude)
+
     def resolve(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The matching `(name, module)` pairs in model order.
 
@@ -88,11 +95,7 @@ class Select:
         if problems:
             raise SelectionError(f"{', '.join(problems)} matched no {'/'.join(self.types)} layer; "
                                  f"layers are: {', '.join(layers) or 'none'}")
-        chosen = [name for name in layers
-                  if (not self.names and not self.patterns) or name in self.names
-                  or any(fnmatch.fnmatch(name, p) for p in self.patterns)]
-        chosen = [name for name in chosen
-                  if not any(name == e or fnmatch.fnmatch(name, e) for e in self.exclude)]
+        chosen = [name for name in layers if self.picks(name)]
         if not chosen:
             raise SelectionError(f"the selection {self.to_dict()} matched no layer of "
                                  f"{type(model).__name__}; layers are: {', '.join(layers) or 'none'}")

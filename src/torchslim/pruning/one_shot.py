@@ -32,7 +32,13 @@ from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError
-from torchslim.layerwise import InputStatistics, compress_layerwise, inverse_hessian_factor, layerwise_job
+from torchslim.layerwise import (
+    InputStatistics,
+    compress_layerwise,
+    inverse_hessian_factor,
+    layerwise_job,
+    uncalibrated_layers,
+)
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.pruning.unstructured import set_mask_, sparsity_of
 from torchslim.registry import register_technique
@@ -130,9 +136,12 @@ def _n_m_removed(scores: torch.Tensor, n_m: tuple[int, int]) -> torch.Tensor:
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, lowest, True).reshape(rows, cols)
 
 
-def _wanda_layer(layer: nn.Linear, stats: InputStatistics, config: Wanda) -> None:
+def _wanda_layer(layer: nn.Linear, stats: InputStatistics, config: Wanda | SparseGPT) -> None:
+    """Wanda's mask; with no calibration input, every input counts alike: magnitude pruning
+    (per output row)."""
     weight = weight_of(layer).detach()
-    scores = weight.abs().double() * stats.sq_norm.sqrt()[None, :]  # (out, in)
+    norms = stats.sq_norm.sqrt() if stats.samples else torch.ones_like(stats.sq_norm)
+    scores = weight.abs().double() * norms[None, :]  # (out, in)
     n_m = n_m_of(config.pattern)
     if n_m is not None:
         removed = _n_m_removed(scores, n_m)
@@ -146,6 +155,9 @@ def _wanda_layer(layer: nn.Linear, stats: InputStatistics, config: Wanda) -> Non
 
 def _sparsegpt_layer(layer: nn.Linear, stats: InputStatistics, config: SparseGPT) -> None:
     assert stats.hessian is not None
+    if not stats.samples:  # nothing to reconstruct against: the data-free mask
+        _wanda_layer(layer, stats, config)
+        return
     weight = original_weight(layer).detach()
     w = weight_of(layer).detach().double().clone()  # (out, in)
     h = stats.hessian.clone()
@@ -196,8 +208,10 @@ def _run(model: nn.Module, config: Wanda | SparseGPT, targets: Select, calibrati
     run = compress_layerwise(model, job.layers, job.batches,
                              lambda _n, layer, stats: one(layer, stats, config),
                              hessian=isinstance(config, SparseGPT), label=technique)
+    uncalibrated = uncalibrated_layers(run, technique, "pruned by magnitude")
     return {"sparsity": {name: round(sparsity_of(layer), 6) for name, layer in job.layers},
-            "skipped": job.skipped, "calibration": {**run, "batches": len(job.batches)}}
+            "skipped": job.skipped, **({"uncalibrated": uncalibrated} if uncalibrated else {}),
+            "calibration": {**run, "batches": len(job.batches)}}
 
 
 def wanda_(model: nn.Module, config: Wanda, *, targets: Select, calibration: Any = None) -> dict[str, Any]:

@@ -33,7 +33,13 @@ from torch import nn
 
 from torchslim.calibration import first_samples
 from torchslim.config import TechniqueConfig, validated
-from torchslim.layerwise import InputStatistics, compress_layerwise, layerwise_job, rounded_in_float
+from torchslim.layerwise import (
+    InputStatistics,
+    compress_layerwise,
+    layerwise_job,
+    rounded_in_float,
+    uncalibrated_layers,
+)
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.group_clipping import best_clip, quantize_groups
 from torchslim.quantization.primitives import QuantSpec
@@ -182,6 +188,9 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
 
     def search_scale(source: str, stats: InputStatistics) -> None:
         assert stats.hessian is not None
+        if not stats.samples:  # no input to weigh the channels by: no scale
+            scales[source], chosen_alpha[source] = torch.ones(stats.sq_norm.shape[0]), 0.0
+            return
         hessian = stats.hessian.float()
         members = [weight_of(modules[n]).detach().float() for n in groups[source]]
         best_s, best_alpha, weighted = _search_scale(members, hessian, stats, config)
@@ -204,7 +213,8 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
         source = source_of.get(name)
         if source is not None and source not in scales:
             search_scale(source, stats)
-        hessian = stats.hessian.float()
+        # with no calibration input, the grid is clipped by the weights' own error
+        hessian = stats.hessian.float() if stats.samples else torch.eye(layer.in_features)
         if source is not None:  # its input is now X / s
             s = scales[source]
             hessian = hessian / (s[:, None] * s[None, :])
@@ -231,7 +241,10 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     replaced = replace_layers_(model, [name for name, _ in layers], build)
     unscaled |= {name: "clipping only: no norm layer or Linear produces its input channel by channel"
                  for name, _ in layers if name not in source_of and name not in unscaled}
+    uncalibrated = uncalibrated_layers(run, "awq", "rounded to nearest, unscaled, its grid clipped by the "
+                                       "weights' own error")
     return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "weight_aware": weight_aware,
+            **({"uncalibrated": uncalibrated} if uncalibrated else {}),
             "scaled_through": producers,
             "unscaled": unscaled,
             "skipped": {**skipped, **rounded_in_float(replaced, config.bits)},

@@ -39,11 +39,12 @@ from torchslim.layerwise import (
     inverse_hessian_factor,
     layerwise_job,
     rounded_in_float,
+    uncalibrated_layers,
 )
 from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.group_clipping import best_clip
 from torchslim.quantization.primitives import QuantSpec, qparams_from_range
-from torchslim.quantization.weight_only import code_dtype, grid, grouped_linear
+from torchslim.quantization.weight_only import code_dtype, grid, grouped_linear, rtn_codes
 from torchslim.registry import register_technique
 from torchslim.select import Select
 from torchslim.structure import Edit, replace_layers_
@@ -159,7 +160,12 @@ def gptq_(model: nn.Module, config: GPTQ, *, targets: Select, calibration: Any =
 
     def quantize_layer(name: str, layer: nn.Linear, stats: InputStatistics) -> None:
         assert stats.hessian is not None
-        results[name] = gptq_codes(weight_of(layer), stats.hessian, config)
+        if stats.samples:
+            results[name] = gptq_codes(weight_of(layer), stats.hessian, config)
+        else:  # nothing to correct the rounding against
+            codes, scales, zeros = rtn_codes(weight_of(layer), config.bits, config.group_size,
+                                             config.symmetric)
+            results[name] = codes.to(code_dtype(not config.symmetric)), scales, zeros
         codes, scales, zeros = results[name]
         with torch.no_grad():  # the layer computes with its codes from here on (next blocks)
             dequantized = (codes.reshape(codes.shape[0], -1, config.group_size).float()
@@ -176,8 +182,10 @@ def gptq_(model: nn.Module, config: GPTQ, *, targets: Select, calibration: Any =
             "asymmetric": not config.symmetric}
 
     replaced = replace_layers_(model, [name for name, _ in layers], build)
+    uncalibrated = uncalibrated_layers(run, "gptq", "rounded to nearest")
     return {"bits": config.bits, **replaced,
             "skipped": {**skipped, **rounded_in_float(replaced, config.bits)},
+            **({"uncalibrated": uncalibrated} if uncalibrated else {}),
             "calibration": {**run, "batches": len(batches)}}
 
 

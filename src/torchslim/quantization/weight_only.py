@@ -37,7 +37,7 @@ from torchslim.structure import (
     replace_module_,
 )
 
-__all__ = ["GroupedWeightEmbedding", "GroupedWeightLinear", "WeightOnly", "weight_only_"]
+__all__ = ["GroupedWeightEmbedding", "GroupedWeightLinear", "WeightOnly", "rtn_codes", "weight_only_"]
 
 
 @validated
@@ -169,14 +169,22 @@ def grouped_linear(layer: nn.Linear, codes: torch.Tensor, scales: torch.Tensor,
     return new
 
 
+def rtn_codes(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest (codes, scales, zero points) of a (rows, width) matrix on the grouped
+    grid (the zero points are 0 on a symmetric grid)."""
+    spec = grid(bits, group_size, symmetric)
+    weight = weight.detach().float()
+    scale, zero = qparams_from_range(*tensor_range(weight, spec), spec)  # (rows, G)
+    return quantize(weight, scale, zero, spec), scale, zero
+
+
 def _rtn_codes(weight: torch.Tensor, config: WeightOnly, bits: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest (codes, scales, zero points or None) of a (rows, width) matrix, with
     `bits` (None: the config's) per code."""
-    spec = grid(bits or config.bits, config.group_size, config.symmetric)
-    weight = weight.detach().float()
-    scale, zero = qparams_from_range(*tensor_range(weight, spec), spec)  # (rows, G)
-    return quantize(weight, scale, zero, spec), scale, None if config.symmetric else zero
+    codes, scale, zero = rtn_codes(weight, bits or config.bits, config.group_size, config.symmetric)
+    return codes, scale, None if config.symmetric else zero
 
 
 def _grouped(layer: nn.Linear, config: WeightOnly) -> GroupedWeightLinear:
