@@ -248,3 +248,39 @@ def test_a_pruned_moe_exports_as_a_transformers_folder(tmp_path: Path) -> None:
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert torch.allclose(logits(reloaded), pruned, atol=1e-4)
     assert abs(float((reloaded.model.layers[0].mlp.experts.gate_up_proj == 0).float().mean()) - 0.5) < 0.01
+
+
+MOE_FACTORY = '''
+import torch
+import transformers
+
+
+def model():
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                         vocab_size=49152, tie_word_embeddings=True)
+    config.torchslim_tokenizer = "smollm2-135m"
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+'''
+
+
+def test_the_cli_quantizes_a_users_moe_onto_the_int4_kernel(tmp_path: Path) -> None:
+    import json
+
+    from torchslim.cli import main
+
+    (tmp_path / "tiny_moe.py").write_text(MOE_FACTORY)
+    factory, out = str(tmp_path / "tiny_moe.py:model"), tmp_path / "out"
+    assert main(["quantize", "--model", factory, "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--int4-kernel", "--dataset", "python-docs", "--calibration-sequences", "4",
+                 "--sequence-length", "64", "--eval-tokens", "512", "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["changed"] == 2 * 4 + 2 * 2 * 8  # attention + blocks x projections x experts
+    assert "model.layers.0.mlp.gate" in report["skipped"]
+    namespace: dict[str, Any] = {}
+    exec(MOE_FACTORY, namespace)
+    loaded = load(out / "model.slim", model=namespace["model"]())
+    assert type(loaded.get_submodule("model.layers.1.mlp.experts.down.7")).__name__ == "Int4Linear"
+    assert report["perplexity_after"] > 1
