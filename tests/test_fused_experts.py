@@ -284,3 +284,73 @@ def test_the_cli_quantizes_a_users_moe_onto_the_int4_kernel(tmp_path: Path) -> N
     loaded = load(out / "model.slim", model=namespace["model"]())
     assert type(loaded.get_submodule("model.layers.1.mlp.experts.down.7")).__name__ == "Int4Linear"
     assert report["perplexity_after"] > 1
+
+
+def _kill_half_of_each_experts_neurons_(model: nn.Module, arch: str) -> None:
+    """Zero every even neuron of every expert (its gate and up rows, its down column): pruning
+    half the neurons by magnitude must then remove exactly these, leaving the logits as they were."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            first, down = layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj
+            if arch == "gpt-oss":  # (experts, width, 2·inner) with gate and up interleaved
+                dead = torch.arange(0, down.shape[1], 2)
+                first[:, :, 2 * dead] = 0
+                first[:, :, 2 * dead + 1] = 0
+                down[:, dead, :] = 0
+            else:  # (experts, 2·inner, width): [gate; up]
+                inner = down.shape[2]
+                dead = torch.arange(0, inner, 2)
+                first[:, dead, :] = 0
+                first[:, inner + dead, :] = 0
+                down[:, :, dead] = 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3-moe", "gpt-oss"])
+def test_structured_pruning_removes_each_experts_neurons(arch: str, tmp_path: Path) -> None:
+    """Each expert's neuron i is its gate and up rows ([gate; up] halves, or GPT-OSS's
+    interleaved pairs) with its down column: removing the dead half leaves the logits exact, the
+    config names the new width, and the folder `transformers` reloads gives the same logits."""
+    from torchslim.huggingface import save_hf_folder
+    from torchslim.pruning import ChannelPruning
+
+    model = build(arch)
+    _kill_half_of_each_experts_neurons_(model, arch)
+    dense = logits(model)
+    apply_(model, ChannelPruning(ratio=0.5, importance="l1"), targets=Select(patterns=("*.experts.*",)),
+           example_inputs={"input_ids": IDS})
+    experts = model.get_submodule("model.layers.1.mlp.experts")
+    assert isinstance(experts, UnfusedExperts)
+    assert [tuple(experts.first[e].weight.shape) for e in range(4)] == [(32, 64)] * 4
+    assert torch.allclose(logits(model), dense, atol=1e-5)
+    width = "moe_intermediate_size" if arch == "qwen3-moe" else "intermediate_size"
+    assert getattr(model.config, width) == 16
+    save_hf_folder(model, tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert torch.allclose(logits(reloaded), dense, atol=1e-5)
+
+
+def test_structured_pruning_of_gpt_oss_takes_each_heads_attention_sink_with_it() -> None:
+    """GPT-OSS learns one attention-sink logit per query head: pruning heads used to fail
+    ("the pruned model no longer runs"); the sinks now go with their heads."""
+    from torchslim.pruning import ChannelPruning
+
+    model = build("gpt-oss")
+    apply_(model, ChannelPruning(ratio=0.5), example_inputs={"input_ids": IDS})
+    attention = model.get_submodule("model.layers.0.self_attn")
+    assert attention.sinks.shape[0] == attention.q_proj.out_features // 16 == 2
+
+
+class _NeighbourGate(nn.Module):
+    """A gate that mixes neighbouring rows: its neurons are not row pairs."""
+
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor:
+        return h[..., :-1] * h[..., 1:]
+
+
+def test_a_gate_that_does_not_pair_rows_keeps_its_neurons() -> None:
+    from torchslim.fused_experts import _Layout
+
+    source = _NeighbourGate()
+    source.gate_up_proj = nn.Parameter(torch.randn(2, 8, 4))
+    source.down_proj = nn.Parameter(torch.randn(2, 4, 7))
+    assert UnfusedExperts(source, _Layout("gate_up_proj", False)).neuron_layout() is None

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchslim.errors import ConfigError
 from torchslim.structure import Edit, _forward_source, record_edit_, register_edit, replace_module_
 
 __all__ = ["UnfusedExperts", "fuse_experts_", "fused_experts", "unfuse_experts_", "unfused_copy",
@@ -111,6 +112,31 @@ class UnfusedExperts(nn.Module):
             out.index_add_(0, token, (h * top_k_weights[token, position, None]).to(out.dtype))
         return out
 
+    def neuron_layout(self) -> str | None:
+        """How the first projection's rows make the gate's outputs (the experts' neurons), found
+        by perturbing one row's output at a time: `"plain"` (row i is neuron i, ungated),
+        `"halves"` (rows i and inner + i: [gate; up]), `"pairs"` (rows 2i and 2i + 1: gate and up
+        interleaved, GPT-OSS), or None when it is none of these (its neurons cannot be pruned)."""
+        first = self.first[0]
+        assert isinstance(first, nn.Module)
+        width = int(getattr(first, "out_features", 0))
+        if width == 0:
+            return None
+        generator = torch.Generator().manual_seed(0)
+        base = torch.rand(1, width, generator=generator) + 0.5  # inside any clamp of the gate
+        perturbed = base + 0.25 * torch.eye(width)
+        with torch.no_grad():
+            try:
+                reads = (self._gate(perturbed) - self._gate(base)).abs().t() > 0  # (neurons, rows)
+            except Exception:  # a gate that fails on plain rows: no layout to prune by
+                return None
+        neurons = reads.shape[0]
+        expected = {"plain": [[j] for j in range(neurons)],
+                    "halves": [[j, neurons + j] for j in range(neurons)],
+                    "pairs": [[2 * j, 2 * j + 1] for j in range(neurons)]}
+        found = [torch.nonzero(row).flatten().tolist() for row in reads]
+        return next((name for name, rows in expected.items() if rows == found), None)
+
     def fused(self) -> tuple[dict[str, torch.Tensor], nn.Module]:
         """The 3-D tensors as the source module held them, and that module (without them)."""
         tensors = {}
@@ -120,6 +146,10 @@ class UnfusedExperts(nn.Module):
                 kinds = sorted({type(layer).__name__ for layer in layers} - {"Linear"})
                 raise TypeError(f"experts held as {', '.join(kinds)} cannot be fused back into 3-D "
                                 "tensors; dequantize them to Linears first")
+            if len({tuple(layer.weight.shape) for layer in linears}) > 1:
+                raise ConfigError("experts pruned to different widths cannot be stored as one 3-D "
+                                  "tensor; prune with scope uniform, or keep the .slim file (it loads "
+                                  "with torchslim.load)")
             weights = torch.stack([layer.weight.detach() for layer in linears])
             tensors[key] = weights.transpose(1, 2) if self.layout.transposed else weights
             biases = [layer.bias.detach() for layer in linears if layer.bias is not None]

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from torchslim.fused_experts import UnfusedExperts
 from torchslim.graph.axes import Axis, ParamSlice
 from torchslim.graph.rules import ChannelRule, Coupling, Space, register_channel_rule, rule_for
 
@@ -53,7 +54,9 @@ class MLPBlock:
     name: str
     ins: tuple[str, ...]
     out: str
-    halves: bool = False  # Phi-3: one projection holds the gate rows, then the up rows
+    rows: str = "plain"  # neuron i is row i of each of `ins`; "halves": rows i and width + i of
+    # one projection ([gate; up]: Phi-3, most MoE experts); "pairs": rows 2i and 2i + 1 (GPT-OSS)
+    expert: bool = False  # one expert of a mixture-of-experts layer (`UnfusedExperts`)
 
 
 FUSED_QKV = ("qkv_proj", "query_key_value", "Wqkv")  # q, k and v in one projection, kept whole
@@ -107,7 +110,13 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[MLPBlock]]
                                              dim, packed=True))
         fused, down = _linear(module, "gate_up_proj"), _linear(module, "down_proj")
         if fused is not None and down is not None and fused.out_features == 2 * down.in_features:
-            mlps.append(MLPBlock(name, (_join(name, "gate_up_proj"),), _join(name, "down_proj"), halves=True))
+            mlps.append(MLPBlock(name, (_join(name, "gate_up_proj"),), _join(name, "down_proj"),
+                                 rows="halves"))
+        if isinstance(module, UnfusedExperts):
+            layout = module.neuron_layout()
+            mlps += [MLPBlock(_join(name, f"first.{e}"), (_join(name, f"first.{e}"),),
+                              _join(name, f"down.{e}"), rows=layout or "unknown", expert=True)
+                     for e in range(module.num_experts)]
         for ins, out in ((("gate_proj", "up_proj"), "down_proj"), (("fc1",), "fc2"), (("c_fc",), "c_proj"),
                          (("lin1",), "lin2"), (("wi_0", "wi_1"), "wo"), (("wi",), "wo"),
                          (("ffn",), "ffn_output"), (("dense_h_to_4h",), "dense_4h_to_h")):
@@ -205,11 +214,17 @@ def _couple_mlp(graph: Coupling, model: nn.Module, block: MLPBlock) -> None:
     columns = graph.atoms(block.out, "in", out_layer.in_features)
     for name in block.ins:
         layer = model.get_submodule(name)
-        assert isinstance(layer, nn.Linear)
-        if block.halves:  # neuron i is row i of the gate half and row i of the up half
+        if not isinstance(layer, nn.Linear) or block.rows == "unknown":
+            graph.block(Space(0, columns), f"{block.name}: its gate does not pair the rows of {name} "
+                        "neuron by neuron (plain, [gate; up] halves or interleaved pairs), so its neurons "
+                        "are kept")
+            return
+        if block.rows in ("halves", "pairs"):  # neuron i: row i of each half, or rows 2i and 2i + 1
             rows = graph.atoms(name, "out", layer.out_features)
-            for half in (rows[:len(columns)], rows[len(columns):]):
-                graph.couple(Space(0, half), columns)
+            parts = (rows[:len(columns)], rows[len(columns):]) if block.rows == "halves" else (rows[0::2],
+                                                                                             rows[1::2])
+            for part in parts:
+                graph.couple(Space(0, part), columns)
             continue
         if layer.out_features != out_layer.in_features:
             graph.block(Space(0, columns), f"{block.name}: {name} and {block.out} disagree on the width")
@@ -273,7 +288,9 @@ def refresh_counts_(model: nn.Module) -> None:
     import copy
 
     attentions, mlps = find_blocks(model)
-    heads_seen, kv_seen, widths = set(), set(), set()
+    heads_seen: set[int] = set()
+    kv_seen: set[int] = set()
+    widths: set[int] = set()
     for block in attentions:
         module = model.get_submodule(block.name)
         q = model.get_submodule(block.q)
@@ -293,10 +310,11 @@ def refresh_counts_(model: nn.Module) -> None:
         _set_first(module, ("num_key_value_groups",), max(heads // max(kv, 1), 1))
         heads_seen.add(heads)
         kv_seen.add(kv)
+    expert_widths: set[int] = set()
     for mlp in mlps:
         out = model.get_submodule(mlp.out)
         assert isinstance(out, nn.Linear)
-        widths.add(out.in_features)
+        (expert_widths if mlp.expert else widths).add(out.in_features)
     config = getattr(model, "config", None)
     if config is None or not (attentions or mlps):
         return
@@ -307,7 +325,11 @@ def refresh_counts_(model: nn.Module) -> None:
     if len(kv_seen) == 1 and isinstance(getattr(config, "num_key_value_heads", None), int):
         config.num_key_value_heads = kv_seen.pop()
     if len(widths) == 1:
-        _set_config(config, ("intermediate_size", "n_inner", "ffn_dim", "d_ff"), widths.pop())
+        _set_config(config, ("intermediate_size", "n_inner", "ffn_dim", "d_ff"), next(iter(widths)))
+    # Qwen3-MoE and DeepSeek name the experts' width apart; Mixtral and GPT-OSS call it intermediate_size
+    named = "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
+    if len(expert_widths) == 1 and (named == "moe_intermediate_size" or not widths):
+        _set_config(config, (named,), next(iter(expert_widths)))
 
 
 def _set_config(config: Any, names: tuple[str, ...], value: int) -> None:
@@ -319,6 +341,9 @@ def _set_config(config: Any, names: tuple[str, ...], value: int) -> None:
 
 
 register_channel_rule("transformers.modeling_utils.PreTrainedModel", TransformersRule())
+# GPT-OSS's attention sinks: one learned logit per query head
+register_channel_rule("transformers.models.gpt_oss.modeling_gpt_oss.GptOssAttention", HeadParametersRule(
+    (ParamSlice("sinks", 0),)))
 # transformers 5 keeps Swin's relative-position bias table in a child of the attention module
 register_channel_rule("transformers.models.swin.modeling_swin.SwinAttention", HeadParametersRule(
     (ParamSlice("relative_position_bias.relative_position_bias_table", 1),)))

@@ -28,7 +28,9 @@ from torch import nn
 
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, GraphError, SelectionError
+from torchslim.fused_experts import fused_experts, unfuse_experts_
 from torchslim.graph import ChannelGraph, Group, cut_axis_, refresh_counts_, rule_for, trace_channels
+from torchslim.graph.hf_blocks import TransformersRule
 from torchslim.graph.trace import OUTPUT_KEEPS_SIZE, run_example
 from torchslim.pruning.importance import Importance, unit_scores
 from torchslim.registry import register_technique
@@ -393,6 +395,9 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
                     calibration: Any = None, example_inputs: Any = None) -> dict[str, Any]:
     """Handler of `ChannelPruning` (use `apply_`): trace, score, choose, cut, check, record."""
     inputs = _example(model, example_inputs, calibration)
+    fused = fused_experts(model) if isinstance(rule_for(model), TransformersRule) else {}
+    experts_kept = {name: f"{why}; its neurons are kept" for name, why in
+                    unfuse_experts_(model, list(fused)).items()} if fused else {}
     graph = trace_channels(model, inputs, strict=config.strict)
     eligible = _eligible(graph, targets)
     _check(graph, config, eligible)
@@ -429,6 +434,7 @@ def prune_channels_(model: nn.Module, config: ChannelPruning, *, targets: Select
             "params_before": params_before, "params_after": sum(p.numel() for p in model.parameters()),
             "macs_before": macs_before, "macs_after": _macs(model, inputs),
             "round_to": _rounding_used(graph, config, eligible),
+            **({"skipped": experts_kept} if experts_kept else {}),
             **({"why_unchanged": why_unchanged} if why_unchanged else {})}
 
 
