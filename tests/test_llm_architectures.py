@@ -263,6 +263,21 @@ def test_structured_pruning_cuts_the_mlp_neurons_where_heads_cannot_go(arch: str
         assert model(input_ids=IDS).logits.shape == (2, 32, VOCAB)
 
 
+def test_an_attention_whose_projections_cannot_be_paired_into_heads_is_named() -> None:
+    """T5's attention (q, k, v, o, with a position bias shared by all layers) and DeepSeek's latent
+    attention kept their heads without a word; the MLP neurons are cut and the attention named."""
+    from torchslim.pruning import ChannelPruning
+
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)).eval()
+    changes = apply_(model, ChannelPruning(ratio=0.5),
+                     example_inputs={"input_ids": IDS, "decoder_input_ids": IDS})
+    assert model.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo").in_features == 64
+    named = "encoder.block.0.layer.0.SelfAttention: T5Attention's projections (q, k, v, o)"
+    assert any(reason.startswith(named) and "heads are kept" in reason for reason in changes["excluded"])
+
+
 def test_embedding_like_parameters_are_not_listed_as_left_weights() -> None:
     """A ViT's cls_token and position embeddings, a Swin's position-bias table: embeddings,
     kept by convention, not weights a technique left behind."""

@@ -252,12 +252,35 @@ class TransformersRule(ChannelRule):
         for mlp in mlps:
             _couple_mlp(prefixed, module, mlp)
         recognised = {block.name for block in attentions}
+        fused = set()
         for child, layer in module.named_modules():
             parent, _, last = child.rpartition(".")
             if last in FUSED_QKV and isinstance(layer, nn.Linear) and parent not in recognised:
+                fused.add(parent)
                 prefixed.block(Space(0, prefixed.atoms(child, "out", layer.out_features)),
                                f"{child}: q, k and v in one projection (its heads are kept)")
+        for child, projections in _unrecognised_attentions(module, recognised | fused).items():
+            layers = {p: module.get_submodule(_join(child, p)) for p in projections}
+            prefixed.block([Space(0, prefixed.atoms(_join(child, p), "out", layer.out_features))
+                            for p, layer in layers.items() if isinstance(layer, nn.Linear)],
+                           f"{child}: {type(module.get_submodule(child)).__name__}'s projections "
+                           f"({', '.join(projections)}) are not a layout whose heads torchslim can pair "
+                           "(q/k/v + output projections), so its heads are kept")
         return None
+
+
+def _unrecognised_attentions(model: nn.Module, known: set[str]) -> dict[str, list[str]]:
+    """Attention modules (by class name) holding Linears of their own that no recognised block
+    covers (DeepSeek's latent attention, T5's q/k/v/o), with those Linears: named, not passed over."""
+    found = {}
+    for name, module in model.named_modules():
+        if "Attention" not in type(module).__name__ or any(
+                name == k or name.startswith(f"{k}.") or k.startswith(f"{name}.") for k in known):
+            continue
+        linears = [child for child, layer in module.named_children() if isinstance(layer, nn.Linear)]
+        if linears:
+            found[name] = linears
+    return found
 
 
 class _Prefixed:
