@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
-from torchslim import apply_
+from torchslim import apply_, load, save
 from torchslim.quantization import AWQ, SmoothQuant, WeightOnly
 from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.select import Select
@@ -41,6 +42,8 @@ def build(arch: str) -> nn.Module:
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
                  dict(num_key_value_heads=2, pad_token_id=0)),
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(num_key_value_heads=2)),
+        "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM, {}),
+        "bloom": (transformers.BloomConfig, transformers.BloomForCausalLM, {}),
     }
     config_class, model_class, extra = configs[arch]
     torch.manual_seed(0)
@@ -237,30 +240,80 @@ def test_structured_pruning_of_a_model_fx_cannot_evaluate_fails_at_once_with_the
         apply_(UserLM().eval(), ChannelPruning(ratio=0.5), example_inputs=IDS)
 
 
-@pytest.mark.parametrize("arch", ["olmo2", "gpt-neox", "phi3"])
+@pytest.mark.parametrize("arch", ["olmo2", "falcon", "bloom"])
 def test_structured_pruning_cuts_the_mlp_neurons_where_heads_cannot_go(arch: str) -> None:
-    """OLMo 2 normalises q and k across all heads at once (q_norm over 64 values); GPT-NeoX and
-    Phi-3 hold q, k and v in one projection (Phi-3 also gate and up, as two halves): their MLP
-    neurons are cut, the heads kept, and the reason named (before, OLMo 2's k/v rows were cut
-    alone and the model broke; GPT-NeoX could not be traced; Phi-3 ran out of memory)."""
+    """OLMo 2 normalises q and k across all heads at once (q_norm over 64 values); Falcon and
+    Bloom hold q, k and v in one projection whose heads their attention splits its own way
+    (Bloom's ALiBi slopes follow the head count): their MLP neurons are cut, the heads kept, and
+    the reason named (before, OLMo 2's k/v rows were cut alone and the model broke)."""
     from torchslim.pruning import ChannelPruning
 
     torch.manual_seed(0)
     if arch == "olmo2":
         model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**SMALL, num_key_value_heads=2))
-        mlp, attention, why = "model.layers.1.mlp", "model.layers.1.self_attn", "q_norm"
+        mlp, attention, why, down_name, inner = "model.layers.1.mlp", "model.layers.1.self_attn", "q_norm", \
+            "down_proj", 128
     else:
         model = build(arch)
-        mlp, attention = {"gpt-neox": ("gpt_neox.layers.1.mlp", "gpt_neox.layers.1.attention"),
-                          "phi3": ("model.layers.1.mlp", "model.layers.1.self_attn")}[arch]
-        why = "q, k and v in one projection"
+        mlp, attention = "transformer.h.1.mlp", "transformer.h.1.self_attention"
+        why, down_name, inner = "q, k and v in one projection", "dense_4h_to_h", 256
     model.eval()
     changes = apply_(model, ChannelPruning(ratio=0.5), example_inputs={"input_ids": IDS})
-    down = model.get_submodule(f"{mlp}.{'dense_4h_to_h' if arch == 'gpt-neox' else 'down_proj'}")
-    assert down.in_features == 64 and not any(name.startswith(attention) for name in changes["sizes"])
+    down = model.get_submodule(f"{mlp}.{down_name}")
+    assert down.in_features == inner // 2 and not any(name.startswith(attention) for name in changes["sizes"])
     assert any(why in reason and "heads are kept" in reason for reason in changes["excluded"])
     with torch.no_grad():
         assert model(input_ids=IDS).logits.shape == (2, 32, VOCAB)
+
+
+def _kill_heads_(model: nn.Module, arch: str) -> None:
+    """Zero the q/k/v rows and output columns of half the heads: Phi-3's second key/value group
+    (query heads 2 and 3 with key/value head 1, in [q; k; v] order), GPT-NeoX's heads 1 and 3
+    (each head's q, k and v rows next to each other)."""
+    d = 16
+    with torch.no_grad():
+        if arch == "phi3":
+            for layer in model.model.layers:
+                qkv, out = layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight
+                qkv[2 * d:4 * d] = 0
+                qkv[4 * d + d:4 * d + 2 * d] = 0
+                qkv[6 * d + d:6 * d + 2 * d] = 0
+                out[:, 2 * d:4 * d] = 0
+            return
+        for layer in model.gpt_neox.layers:
+            qkv, bias, out = (layer.attention.query_key_value.weight, layer.attention.query_key_value.bias,
+                              layer.attention.dense.weight)
+            for head in (1, 3):
+                qkv[head * 3 * d:(head + 1) * 3 * d] = 0
+                bias[head * 3 * d:(head + 1) * 3 * d] = 0
+                out[:, head * d:(head + 1) * d] = 0
+
+
+@pytest.mark.parametrize("arch", ["phi3", "gpt-neox"])
+def test_heads_of_a_fused_qkv_projection_are_pruned_exactly(arch: str, tmp_path: Path) -> None:
+    """Phi-3's qkv_proj holds [q heads; k heads; v heads] (grouped-query), GPT-NeoX's
+    query_key_value each head's q, k and v in turn: with half the heads zeroed, pruning half by
+    magnitude removes exactly those (the logits do not move), the model generates, reloads from
+    its file, and Phi-3's folder (its config given head_dim) reloads in transformers."""
+    from torchslim.huggingface import save_hf_folder
+    from torchslim.pruning import ChannelPruning
+
+    model = build(arch)
+    _kill_heads_(model, arch)
+    dense = dense_logits(model)
+    attention = "*.self_attn.*" if arch == "phi3" else "*.attention.*"
+    changes = apply_(model, ChannelPruning(ratio=0.5, importance="l1"), targets=Select(patterns=(attention,)),
+                     example_inputs={"input_ids": IDS})
+    assert not any("one projection" in reason for reason in changes["excluded"])
+    assert model.config.num_attention_heads == 2
+    assert torch.allclose(dense_logits(model), dense, atol=1e-5)
+    assert model.generate(IDS[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
+    save(model, tmp_path / "m.slim")
+    assert torch.equal(dense_logits(load(tmp_path / "m.slim")), dense_logits(model))
+    if arch == "phi3":
+        save_hf_folder(model, tmp_path / "hf")
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        assert torch.allclose(dense_logits(reloaded), dense, atol=1e-5)
 
 
 def test_an_attention_whose_projections_cannot_be_paired_into_heads_is_named() -> None:

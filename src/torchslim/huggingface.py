@@ -269,8 +269,8 @@ def save_hf_folder(model: nn.Module, folder: str | Path, *, dequantize: bool = F
     if differ:
         raise ConfigError(f"{differ[0]} and {len(differ) - 1} more tensors differ from what the "
                           "transformers config can describe: layers pruned to different sizes, or heads "
-                          "removed from an architecture whose head size is hidden_size / "
-                          "num_attention_heads (BERT, GPT-2, OPT; Llama-style configs name head_dim); "
+                          "removed from an architecture whose head size is hidden_size / num_attention_heads "
+                          "(BERT, GPT-2, OPT, GPT-NeoX; Llama-style configs name head_dim); "
                           "prune every layer alike (scope uniform, no per_layer), or only MLP neurons, "
                           "or export with --format onnx / pt2 (the .slim file loads with torchslim.load)")
     folder = Path(folder)

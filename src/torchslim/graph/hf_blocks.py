@@ -9,10 +9,11 @@ heads that read it, so the grouping stays consistent) and the neurons of an MLP 
 its up and gate projections with the columns of its down projection). Blocks are recognised by
 their projections' names across families (Llama/Mistral/Qwen2/Gemma `q_proj..o_proj` +
 `gate_proj/up_proj/down_proj`, OPT/BART/GPT-Neo/Phi `out_proj|dense` + `fc1/fc2`, GPT-2's
-packed `c_attn` + `c_fc/c_proj`, GPT-NeoX/Falcon/Bloom MLPs `dense_h_to_4h/dense_4h_to_h` and
-Phi-3's fused `gate_up_proj` + `down_proj` (a fused `query_key_value` / `qkv_proj` keeps its heads,
-named with the reason), BERT/RoBERTa/ELECTRA/ViT
-`query/key/value` + `intermediate`).
+packed `c_attn` + `c_fc/c_proj`, Phi-3's fused `qkv_proj` ([q; k; v] heads) and `gate_up_proj`,
+GPT-NeoX's `query_key_value` (each head's q, k, v in turn), GPT-NeoX/Falcon/Bloom MLPs
+`dense_h_to_4h/dense_4h_to_h` (Falcon's and Bloom's fused `query_key_value` keeps its heads, named
+with the reason), BERT/RoBERTa/ELECTRA/ViT `query/key/value` + `intermediate`, and each expert of
+a mixture-of-experts layer once unfused (`torchslim.fused_experts`)).
 After a cut, `refresh_counts_` sets each block's head counts from its projections' shapes, and
 the config where the model is pruned alike everywhere (so `save_pretrained` folders reload).
 """
@@ -44,7 +45,9 @@ class AttentionBlock:
     v: str
     out: str
     head_dim: int
-    packed: bool = False  # GPT-2: q, k and v are thirds of one projection (`q` names it)
+    packed: str = ""  # q, k and v in one projection (`q` names it): "thirds" (GPT-2: [q; k; v]),
+    # "qkv" (Phi-3: [q heads; k heads; v heads], grouped-query), "per_head" (GPT-NeoX: [q_h; k_h; v_h]
+    # for each head h in turn)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,15 @@ def find_blocks(model: nn.Module) -> tuple[list[AttentionBlock], list[MLPBlock]]
                     _join(parent_name, "output.dense"), dim))
         elif dim and _linear(module, "c_attn") and _linear(module, "c_proj"):
             attentions.append(AttentionBlock(name, _join(name, "c_attn"), "", "", _join(name, "c_proj"),
-                                             dim, packed=True))
+                                             dim, packed="thirds"))
+        elif dim and _linear(module, "qkv_proj") and _linear(module, "o_proj") and \
+                isinstance(getattr(module, "num_key_value_heads", None), int):  # Phi-3
+            attentions.append(AttentionBlock(name, _join(name, "qkv_proj"), "", "", _join(name, "o_proj"),
+                                             dim, packed="qkv"))
+        elif type(module).__name__ == "GPTNeoXAttention" and _linear(module, "query_key_value") \
+                and _linear(module, "dense") and isinstance(size := getattr(module, "head_size", None), int):
+            attentions.append(AttentionBlock(name, _join(name, "query_key_value"), "", "",
+                                             _join(name, "dense"), size, packed="per_head"))
         fused, down = _linear(module, "gate_up_proj"), _linear(module, "down_proj")
         if fused is not None and down is not None and fused.out_features == 2 * down.in_features:
             mlps.append(MLPBlock(name, (_join(name, "gate_up_proj"),), _join(name, "down_proj"),
@@ -137,10 +148,15 @@ def _couple_attention(graph: Coupling, model: nn.Module, block: AttentionBlock) 
     assert isinstance(q_layer, nn.Linear)
     out_layer = model.get_submodule(block.out)
     assert isinstance(out_layer, nn.Linear)
-    if block.packed:  # [q | k | v] thirds of one projection: head h is the same slice of each
-        width = q_layer.out_features // 3
+    if block.packed:
+        width = out_layer.in_features  # the query heads' rows
         rows = graph.atoms(block.q, "out", q_layer.out_features)
-        q_rows, k_rows, v_rows = rows[:width], rows[width:2 * width], rows[2 * width:]
+        if block.packed == "per_head":  # [q_h; k_h; v_h] for each head h
+            per_head = rows.reshape(-1, 3, d) if len(rows) % (3 * d) == 0 else rows[:0].reshape(0, 3, d)
+            q_rows, k_rows, v_rows = (per_head[:, i].reshape(-1) for i in range(3))
+        else:  # [q; k; v]: thirds (GPT-2), or q's heads then k's and v's fewer ones (Phi-3)
+            kv_width = (len(rows) - width) // 2
+            q_rows, k_rows, v_rows = rows[:width], rows[width:width + kv_width], rows[width + kv_width:]
     else:
         k_layer, v_layer = model.get_submodule(block.k), model.get_submodule(block.v)
         assert isinstance(k_layer, nn.Linear) and isinstance(v_layer, nn.Linear)
@@ -151,7 +167,7 @@ def _couple_attention(graph: Coupling, model: nn.Module, block: AttentionBlock) 
     columns = graph.atoms(block.out, "in", out_layer.in_features)
     heads, kv_heads = width // d, len(k_rows) // d
     everything = [Space(0, rows) for rows in (q_rows, k_rows, v_rows, columns)]
-    if heads == 0 or kv_heads == 0 or heads % kv_heads or len(columns) != width:
+    if heads == 0 or kv_heads == 0 or heads % kv_heads or len(columns) != width or len(v_rows) != len(k_rows):
         graph.block(everything, f"{block.name}: heads of {d} do not tile its projections")
         return
     across = _norms_across_heads(model, block, {width, len(k_rows)})
@@ -319,7 +335,10 @@ def refresh_counts_(model: nn.Module) -> None:
         q = model.get_submodule(block.q)
         assert isinstance(q, nn.Linear)
         if block.packed:
-            heads = kv = q.out_features // 3 // block.head_dim
+            out = model.get_submodule(block.out)
+            assert isinstance(out, nn.Linear)
+            heads = out.in_features // block.head_dim
+            kv = (q.out_features // block.head_dim - heads) // 2
             _set_first(module, ("split_size",), heads * block.head_dim)
         else:
             k = model.get_submodule(block.k)
@@ -344,7 +363,13 @@ def refresh_counts_(model: nn.Module) -> None:
     if not hasattr(model, ORIGINAL_CONFIG):
         setattr(model, ORIGINAL_CONFIG, copy.deepcopy(config))
     if len(heads_seen) == 1:
-        _set_config(config, ("num_attention_heads", "n_head", "n_heads"), heads_seen.pop())
+        heads = heads_seen.pop()
+        _set_config(config, ("num_attention_heads", "n_head", "n_heads"), heads)
+        dims = {block.head_dim for block in attentions}
+        hidden = getattr(config, "hidden_size", None)
+        if not hasattr(config, "head_dim") and len(dims) == 1 and isinstance(hidden, int) \
+                and hidden // heads != next(iter(dims)):  # Phi-3 reads head_dim, else hidden / heads
+            config.head_dim = next(iter(dims))
     if len(kv_seen) == 1 and isinstance(getattr(config, "num_key_value_heads", None), int):
         config.num_key_value_heads = kv_seen.pop()
     if len(widths) == 1:
