@@ -354,3 +354,21 @@ def test_a_gate_that_does_not_pair_rows_keeps_its_neurons() -> None:
     source.gate_up_proj = nn.Parameter(torch.randn(2, 8, 4))
     source.down_proj = nn.Parameter(torch.randn(2, 4, 7))
     assert UnfusedExperts(source, _Layout("gate_up_proj", False)).neuron_layout() is None
+
+
+def test_torch_int8_runs_every_expert_on_the_int8_kernel_and_names_the_router() -> None:
+    """The torch backend of dynamic int8 swapped nn.Linear layers only: the experts stayed float
+    and `float_ops` did not say so."""
+    from torchslim.quantization import Quantization
+    from torchslim.quantization.ptq import quantize_model
+
+    model = build("qwen3-moe")
+    dense = logits(model)
+    int8 = quantize_model(model, Quantization(method="dynamic", backend="torch"),
+                          example_inputs={"input_ids": IDS})
+    assert type(int8.get_submodule("model.layers.1.mlp.experts.down.3")).__name__ == "Int8DynamicLinear"
+    report = int8.report
+    assert report["int8_ops"]["Int8DynamicLinear (torch._int_mm)"] == 8 + 16 + 1  # attention, experts, head
+    assert any(op.startswith("model.layers.0.mlp.gate: Qwen3MoeTopKRouter") for op in report["float_ops"])
+    assert type(model.get_submodule("model.layers.0.mlp.experts")).__name__ == "Qwen3MoeExperts"
+    assert error(int8, dense) < 0.01

@@ -26,6 +26,7 @@ from torch import nn
 from torchslim.calibration import first_samples, take_inputs
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, SelectionError
+from torchslim.fused_experts import fused_experts, unfuse_experts_
 from torchslim.runtime.onnx_program import (
     OrtModule,
     PackedInputs,
@@ -36,6 +37,7 @@ from torchslim.runtime.onnx_program import (
     packable_keys,
     quantize_onnx,
 )
+from torchslim.select import unselectable_weight_layers
 from torchslim.signature import record_signature_
 
 __all__ = ["Backend", "Calibrate", "QuantMethod", "Quantization", "float_program", "quantize_model"]
@@ -394,6 +396,7 @@ def _torch_dynamic(model: nn.Module, config: Quantization) -> nn.Module:
     from torchslim.quantization.torch_int8 import quantize_linears_int8_
 
     result = copy.deepcopy(model).eval()
+    fused = unfuse_experts_(result, list(fused_experts(result)))  # each expert an int8 Linear too
     try:
         replaced = quantize_linears_int8_(result)["replaced"]
     except SelectionError:
@@ -402,8 +405,11 @@ def _torch_dynamic(model: nn.Module, config: Quantization) -> nn.Module:
         raise ConfigError(f"{type(model).__name__} has no Linear layer: the torch backend has "
                           "nothing to run in int8; use backend onnxruntime (Linear and Conv)")
     # Weight-bearing layers this backend has no int8 kernel for: named, never silently float.
-    left = [f"{type(m).__name__} {n}" for n, m in result.named_modules()
-            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear | nn.RNNBase)]
+    float_layers = {n: m for n, m in result.named_modules()
+                    if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear | nn.RNNBase)}
+    left = [f"{type(m).__name__} {n}" for n, m in float_layers.items()]
+    left += [f"{n}: {why}" for n, why in {**unselectable_weight_layers(result), **fused}.items()
+             if n not in float_layers]  # a router's matrix, experts left fused
     setattr(result, "report", {  # noqa: B010 - a plain attribute on the module
         "backend": "torch", "method": "dynamic", "config": config.to_dict(),
         "int8_ops": {"Int8DynamicLinear (torch._int_mm)": len(replaced)}, "float_ops": left})
