@@ -20,6 +20,7 @@ from torch import nn
 
 from torchslim.calibration import logits_of
 from torchslim.errors import ConfigError, UnsupportedModuleError
+from torchslim.fused_experts import traceable_experts
 from torchslim.runtime.onnx_program import KeywordCall
 from torchslim.safefile import write_atomic
 
@@ -83,11 +84,13 @@ def _onnx_keywords(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[b
     with tempfile.TemporaryDirectory() as folder:
         target = Path(folder) / "model.onnx"
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), traceable_experts(model):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(_Keywords(model, keys).eval(), tuple(inputs.values()), str(target),
                                   input_names=keys, output_names=["logits"], opset_version=17, dynamo=False,
                                   dynamic_axes={**axes, "logits": {0: "batch"}})
+        except UnsupportedModuleError:  # ours, already naming the problem and the fix
+            raise
         except Exception as exc:  # the exporter raises many types: name it
             raise UnsupportedModuleError(f"{type(model).__name__} cannot be exported to ONNX "
                                          f"({type(exc).__name__}: {str(exc)[:300]})") from exc

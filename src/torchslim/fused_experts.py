@@ -16,18 +16,20 @@ recorded edit, replayed when a file is loaded, like `linear_layers`' Conv1D swap
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchslim.errors import ConfigError
+from torchslim.errors import ConfigError, UnsupportedModuleError
 from torchslim.structure import Edit, _forward_source, record_edit_, register_edit, replace_module_
 
-__all__ = ["UnfusedExperts", "fuse_experts_", "fused_experts", "unfuse_experts_", "unfused_copy",
-           "unfused_names"]
+__all__ = ["UnfusedExperts", "fuse_experts_", "fused_experts", "traceable_experts", "unfuse_experts_",
+           "unfused_copy", "unfused_names"]
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,9 @@ class UnfusedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
-        for e in torch.unique(top_k_index).tolist():
+        # traced (the ONNX exporter), every expert is written: a program must route any input
+        hit = range(self.num_experts) if torch.jit.is_tracing() else torch.unique(top_k_index).tolist()
+        for e in hit:
             if not 0 <= e < self.num_experts:  # Hugging Face's index for "no expert"
                 continue
             position, token = torch.where((top_k_index == e).t())  # Hugging Face's order of sums
@@ -235,6 +239,30 @@ def fused_experts(model: nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, 
     their number of experts, except those `exclude` names (exactly or by pattern)."""
     return {name: int(_matrices(module)["down_proj"].shape[0]) for name, module in model.named_modules()
             if name and _layouts(module) and not any(name == e or fnmatch.fnmatch(name, e) for e in exclude)}
+
+
+@contextlib.contextmanager
+def traceable_experts(model: nn.Module) -> Iterator[None]:
+    """Within the block, `model`'s fused experts modules are `UnfusedExperts` (put back after):
+    traced, a routed loop writes every expert into the program, which then routes any input as
+    the model does. Tracing Hugging Face's own experts fails (grouped_mm) or, in its eager loop,
+    writes only the experts the example input reached. An experts module that cannot be unfused
+    raises `UnsupportedModuleError`."""
+    names = list(fused_experts(model))
+    swapped = {}
+    try:
+        for name in names:
+            unfused, why = _unfused(model, name)
+            if unfused is None:
+                raise UnsupportedModuleError(
+                    f"{name} routes tokens to experts by value and cannot be traced as one Linear per "
+                    f"expert ({why}); an ONNX trace would fix the example input's routing. Keep the "
+                    ".slim file (it runs in torch), or use int8 with backend torch")
+            swapped[name] = replace_module_(model, name, unfused)
+        yield
+    finally:
+        for name, original in swapped.items():
+            replace_module_(model, name, original)
 
 
 def unfused_names(name: str, experts: int) -> list[str]:

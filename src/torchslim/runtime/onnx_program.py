@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import ConfigError, UnsupportedModuleError
+from torchslim.fused_experts import traceable_experts
 
 __all__ = [
     "KeywordCall",
@@ -158,11 +159,13 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor) -> bytes:
 
         # Grad mode stays on: under no_grad, nn.MultiheadAttention takes its fused fast path,
         # which the exporter cannot write (the exporter itself records no gradients).
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), traceable_experts(model):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(model, (example_inputs,), str(target), input_names=["input"],
                               output_names=names, opset_version=17, dynamo=False,
                               dynamic_axes={"input": dynamic, **{n: {0: "batch"} for n in names}})
+    except UnsupportedModuleError:  # ours, already naming the problem and the fix
+        raise
     except Exception as exc:  # the exporter raises many types; name it and stop here
         raise UnsupportedModuleError(f"{type(model).__name__} cannot be exported to ONNX "
                                      f"({type(exc).__name__}: {str(exc)[:300]}); int8 execution "
