@@ -10,7 +10,10 @@ scale folded where it changes the model (a Gemma norm computing n(x)·(1 + w), a
 LayerNorm whose output is also the residual) shows as an error 10-100,000x larger. The
 mixture-of-experts decoders (Qwen3-MoE, Mixtral, OLMoE, GPT-OSS) hold their experts as 3-D
 tensors: every method compresses each expert as a Linear of its own, so a row's changed layers
-count 2 per expert and block.
+count 2 per expert and block. The last column, `prune`, is structured pruning at ratio 0.5
+(attention heads and MLP or expert neurons): the parameters kept, and how many attentions or
+MLPs were named as kept whole (a fused q/k/v projection torchslim cannot split, norms across
+heads).
 
     python bench/llm_architectures.py [--archs llama,gemma,...] [--methods rtn4,gptq4,...]
 """
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from torchslim import apply_
-from torchslim.pruning import SparseGPT, Wanda
+from torchslim.pruning import ChannelPruning, SparseGPT, Wanda
 from torchslim.quantization import AWQ, GPTQ, SmoothQuant, WeightOnly
 from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.select import Select
@@ -97,6 +100,7 @@ METHODS = {
     "smoothquant": (lambda: SmoothQuant(alpha=0.5), True),
     "wanda": (lambda: Wanda(sparsity=0.5), True),
     "sparsegpt": (lambda: SparseGPT(sparsity=0.5), True),
+    "prune": (lambda: ChannelPruning(ratio=0.5), False),  # structured: heads and MLP / expert neurons
 }
 
 
@@ -131,6 +135,13 @@ def main() -> int:
                                   if isinstance(m, nn.Linear) and n != "lm_head")
                     result: Any = quantize_linears_int8_(model, targets=Select(names=names))
                     changed, left = len(result["replaced"]), len(result["skipped"])
+                elif method == "prune":  # the parameters kept, and the attentions / MLPs named as kept
+                    before = sum(p.numel() for p in model.parameters())
+                    result = apply_(model, make(), example_inputs={"input_ids": held_out})
+                    kept = sum(p.numel() for p in model.parameters()) / before
+                    named = [r for r in result.get("excluded", []) if "hidden size" not in r]
+                    cells.append(f"prune {kept:.2f}x params ({len(named)} named)")
+                    continue
                 else:
                     result = apply_(model, make(), calibration=calibration if calibrated else None,
                                     targets=not_head)
