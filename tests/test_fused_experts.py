@@ -16,7 +16,7 @@ from torchslim import apply_, finalize_, load, save
 from torchslim.fused_experts import UnfusedExperts, fused_experts, unfuse_experts_
 from torchslim.layerwise import repeated_blocks
 from torchslim.pruning import SparseGPT, Wanda
-from torchslim.quantization import AWQ, GPTQ, Int4Kernel, WeightOnly
+from torchslim.quantization import AWQ, GPTQ, Int4Kernel, SmoothQuant, WeightOnly
 from torchslim.select import Select
 
 transformers = pytest.importorskip("transformers")
@@ -144,13 +144,44 @@ def test_experts_no_calibration_token_reached_are_rounded_not_zeroed() -> None:
         assert abs(float((weight == 0).float().mean()) - 0.5) < 0.01
 
 
-def test_awq_keeps_unreached_experts_unscaled() -> None:
+def test_awq_on_too_few_calibration_rows_leaves_the_scales_out_with_the_reason() -> None:
+    """4 tokens for inputs of width 64: a scale searched on them fits the 4 rows, not the model
+    (on this model it doubled the 8-bit error); the Linears are clipped only, and say why."""
     model = build("qwen3-moe", experts=16, top_k=1)
     dense = logits(model)
     with pytest.warns(UserWarning, match="got no calibration input"):
         changes = apply_(model, AWQ(bits=8, group_size=16), calibration=calibration(1, 4), targets=NOT_HEAD)
     assert changes["uncalibrated"]
+    reason = changes["unscaled"]["model.layers.0.mlp.experts.first.3"]
+    assert "rest on 4 calibration rows for 64 inputs" in reason
     assert error(model, dense) < 0.01  # 8-bit codes everywhere: nothing broken
+
+
+@pytest.mark.parametrize("method", ["awq", "smoothquant"])
+def test_experts_are_scaled_through_their_norm_and_the_router_reads_what_it_read(method: str) -> None:
+    """The experts read the rows of post_attention_layernorm's output routed to them, and the
+    router (a raw weight matrix, left float) reads that output too: the norm takes the scales,
+    every expert's first projection and the router's columns their inverse, so the routing stays
+    exactly as it was (before, the router blocked the fold and the experts got no scale)."""
+    model = build("qwen3-moe")
+    seen: dict[str, list[torch.Tensor]] = {"dense": [], "scaled": []}
+    router = model.get_submodule("model.layers.0.mlp.gate")
+    handle = router.register_forward_hook(lambda _m, _a, out: seen[key].append(out[0].detach()))
+    key = "dense"
+    logits(model)
+    experts_only = Select(patterns=("*.experts.*",))
+    technique = AWQ(bits=4, group_size=16) if method == "awq" else SmoothQuant()
+    changes = apply_(model, technique, targets=experts_only, calibration=calibration(16, 64))
+    key = "scaled"
+    logits(model)
+    handle.remove()
+    if method == "awq":
+        assert "model.layers.0.post_attention_layernorm" in changes["alpha"]
+        assert "model.layers.0.mlp.experts.first.2" not in changes["unscaled"]
+    else:
+        smoothed = changes["smoothed"]["model.layers.0.post_attention_layernorm"]
+        assert "model.layers.0.mlp.experts.first.2" in smoothed
+    assert torch.allclose(seen["scaled"][0], seen["dense"][0], atol=1e-5)  # block 0's routing logits
 
 
 def test_selection_decides_which_experts_are_unfused() -> None:

@@ -316,7 +316,7 @@ def test_awq_scale_search_also_weighs_the_weights_magnitude() -> None:
     stats.add(x)
     config = AWQ(bits=3, group_size=8)
     hessian = stats.hessian.float()
-    s, _, weight_aware = _search_scale([weight], hessian, stats, config)
+    s, _, weight_aware = _search_scale([weight], [hessian], stats, config)
     assert weight_aware and s[::8].max() < s.median()
 
     def clipped_error(scale: torch.Tensor) -> float:
@@ -507,6 +507,6 @@ def test_observation_runs_every_forward_to_the_end_when_a_linear_is_called_twice
     x = torch.randn(8, 16)
     seen: list[torch.Tensor] = []
     model.fc.register_forward_pre_hook(lambda _m, args: seen.append(args[0].abs().amax(0)))
-    maxima, _ = observe_inputs(model, [("fc", model.fc), ("head", model.head)], [x, x])
+    maxima, _, _ = observe_inputs(model, [("fc", model.fc), ("head", model.head)], [x, x])
     assert "head" in maxima
     assert torch.equal(maxima["fc"], torch.stack(seen).amax(0))

@@ -17,7 +17,13 @@ Both searches minimise the output error on the calibration inputs exactly, from 
 Hessian H = 2/n XXᵀ that `torchslim.layerwise` gathers block by block: for a weight change D,
 the mean squared output change is tr(D H Dᵀ)/2, with no activations kept. Linears with no such
 source (o_proj: attention lies between it and v_proj) get the clipping search only, and are
-named so.
+named so; so do the readers of a source with fewer calibration rows than inputs, where a
+scale would fit those rows rather than the model.
+
+The experts of a mixture-of-experts layer (`torchslim.fused_experts`) read the rows of the norm's
+output routed to each: a candidate scale is scored on every expert with its own rows' Hessian,
+weighed by its share of the rows, and the router, a float matrix reading the same output, takes
+the inverse scales in its columns (`scalable_pairs.fold_into_norm_`), so the routing is unchanged.
 
 The result is `WeightOnly`'s `GroupedWeightLinear` (codes, scales, zero points).
 """
@@ -44,8 +50,8 @@ from torchslim.parametrized import original_weight, weight_of
 from torchslim.quantization.group_clipping import best_clip, quantize_groups
 from torchslim.quantization.primitives import QuantSpec
 from torchslim.quantization.scalable_pairs import (
-    divide_norm_,
     divide_rows_,
+    fold_into_norm_,
     readers_of,
     scalable_norms,
     scalable_pairs,
@@ -139,29 +145,62 @@ def _candidates(rms: torch.Tensor, members: list[torch.Tensor], group_size: int
     return found
 
 
-def _search_scale(members: list[torch.Tensor], hessian: torch.Tensor, stats: InputStatistics,
+def _search_scale(members: list[torch.Tensor], hessians: list[torch.Tensor], stats: InputStatistics,
                   config: AWQ) -> tuple[torch.Tensor, float, bool]:
     """The input scale of one source's readers whose codes change their outputs least: every
     candidate ranked by the error of its round-to-nearest codes group by group, then the best
     `FINALISTS` scored exactly (the whole H) on the grids they would get, clipped if `clip`
-    (the clipping search can reorder them). Returns (s, α, weight-aware)."""
+    (the clipping search can reorder them). Each member's error is weighed by its own Hessian
+    (the experts of a mixture-of-experts layer each see their routed rows); `stats` are the
+    source's output, all readers' rows together. Returns (s, α, weight-aware)."""
     rms = (stats.sq_norm / max(stats.samples, 1)).sqrt().float().clamp(min=1e-8)
-    blocks = _diagonal_blocks(hessian, config.group_size)
+    blocks = [_diagonal_blocks(hessian, config.group_size) for hessian in hessians]
     scored = []
     for alpha, aware, s in _candidates(rms, members, config.group_size):
-        error = sum(_group_error(_quantize(w * s, config)[0] / s - w, blocks) for w in members)
+        error = sum(_group_error(_quantize(w * s, config)[0] / s - w, b) for w, b in zip(members, blocks,
+                                                                                       strict=True))
         scored.append((error, alpha, aware, s))
     scored.sort(key=lambda row: row[0])
     best = (float("inf"), 0.0, False, torch.ones_like(rms))
     for _, alpha, aware, s in scored[:FINALISTS]:
-        scaled_hessian = hessian / (s[:, None] * s[None, :])
         error = 0.0
-        for w in members:
-            ratio = _clip_ratio(w * s, scaled_hessian, config)
+        for w, hessian in zip(members, hessians, strict=True):
+            ratio = _clip_ratio(w * s, hessian / (s[:, None] * s[None, :]), config)
             error += _error(_quantize(w * s, config, ratio)[0] / s - w, hessian)
         if error < best[0]:
             best = (error, alpha, aware, s)
     return best[3], best[1], best[2]
+
+
+def member_hessians(parts: dict[str, InputStatistics], names: list[str]) -> list[torch.Tensor]:
+    """Each reader's Hessian, weighed by its share of the rows (so that the errors they score add
+    up to the error over every row); one shared Hessian when the readers read one tensor. An
+    expert no calibration row reached is scored on all rows at an even share: a scale that
+    suits the others must not wreck it, for other inputs will reach it."""
+    merged = merged_statistics(list(parts.values()))
+    assert merged.hessian is not None
+    if len(parts) == len(names) and merged is next(iter(parts.values())):
+        return [merged.hessian.float()] * len(names)
+    total = max(merged.samples, 1)
+    return [parts[n].hessian.float() * (parts[n].samples / total)  # type: ignore[union-attr]
+            if n in parts and parts[n].samples else merged.hessian.float() / len(names) for n in names]
+
+
+def merged_statistics(parts: list[InputStatistics]) -> InputStatistics:
+    """The inputs of several readers of one source, as one: the readers of a norm read the same
+    tensor (the first one's statistics are all of them), the experts of a mixture-of-experts
+    layer each the rows routed to it (together, every routed row: the Hessians averaged by rows)."""
+    first = parts[0]
+    if all(p.samples == first.samples and torch.equal(p.sq_norm, first.sq_norm) for p in parts):
+        return first
+    total = sum(p.samples for p in parts)
+    assert first.hessian is not None
+    hessian = torch.zeros_like(first.hessian)
+    for part in parts:
+        if part.samples and part.hessian is not None:
+            hessian.add_(part.hessian, alpha=part.samples / total)
+    sq_norm = torch.stack([p.sq_norm for p in parts]).sum(0)
+    return InputStatistics(hessian=hessian, sq_norm=sq_norm, samples=total)
 
 
 def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = None) -> dict[str, Any]:
@@ -173,9 +212,9 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     # one sequence shows it, where every batch's whole-model forward (logits included) cost
     # SmolLM2 more memory than its weights
     probe = first_samples(batches[0], 1)
-    _, norms = observe_inputs(model, layers, [probe])
+    _, norms, float_readers = observe_inputs(model, layers, [probe])
     modules = dict(layers)
-    norms, forms, behind = scalable_norms(model, norms, modules, probe)
+    norms, forms, behind = scalable_norms(model, norms, modules, probe, float_readers)
     unscaled = {name: f"clipping only: {why}" for name, why in behind.items()}
     producers = scalable_pairs(model, layers, probe, [n for n, _ in layers if n not in norms])
     groups = readers_of({**norms, **producers})  # a scale's source (a norm, or a Linear) -> its readers
@@ -186,14 +225,17 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     results: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     waiting: dict[str, InputStatistics] = {}  # producers held back until their readers' scales
 
-    def search_scale(source: str, stats: InputStatistics) -> None:
-        assert stats.hessian is not None
-        if not stats.samples:  # no input to weigh the channels by: no scale
-            scales[source], chosen_alpha[source] = torch.ones(stats.sq_norm.shape[0]), 0.0
+    def search_scale(source: str, parts: dict[str, InputStatistics]) -> None:
+        stats = merged_statistics(list(parts.values()))
+        width = stats.sq_norm.shape[0]
+        if stats.samples < width:  # fewer rows than inputs: a scale would fit the rows, not the model
+            scales[source] = torch.ones(width)
+            too_few[source] = (f"clipping only: its input scale would rest on {stats.samples} calibration "
+                               f"rows for {width} inputs; give more calibration data")
             return
-        hessian = stats.hessian.float()
         members = [weight_of(modules[n]).detach().float() for n in groups[source]]
-        best_s, best_alpha, weighted = _search_scale(members, hessian, stats, config)
+        best_s, best_alpha, weighted = _search_scale(members, member_hessians(parts, groups[source]), stats,
+                                                     config)
         if weighted:
             weight_aware.append(source)
         scales[source], chosen_alpha[source] = best_s, best_alpha
@@ -201,18 +243,34 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
             if source in modules:  # a Linear: its output rows carry 1/s
                 divide_rows_(modules[source], best_s)
             else:  # a norm layer: its weight (and bias) carry 1/s
-                divide_norm_(model.get_submodule(source), best_s, forms[source])
+                fold_into_norm_(model, source, best_s, forms[source], float_readers.get(source, []))
             for n in groups[source]:
                 original_weight(modules[n]).mul_(best_s[None, :].to(original_weight(modules[n]).dtype))
 
+    arrived: dict[str, dict[str, tuple[nn.Linear, InputStatistics]]] = {}  # readers of an unscaled source
+    too_few: dict[str, str] = {}  # sources left unscaled for want of calibration rows
+
     def quantize_layer(name: str, layer: nn.Linear, stats: InputStatistics) -> None:
-        assert stats.hessian is not None
+        source = source_of.get(name)
+        if source is not None and source not in scales:  # its scale waits for every reader's inputs
+            arrived.setdefault(source, {})[name] = (layer, stats)
+            if len(arrived[source]) == len(groups[source]):
+                scale_and_quantize(source)
+            return
         if name in groups and name not in scales:  # a producer: quantized once its rows are scaled
             waiting[name] = stats
             return
+        quantize_reader(name, layer, stats)
+
+    def scale_and_quantize(source: str) -> None:  # in the order AWQ's code scales a block
+        readers = arrived.pop(source)
+        search_scale(source, {name: stats for name, (_, stats) in readers.items()})
+        for name, (layer, stats) in readers.items():
+            quantize_layer(name, layer, stats)
+
+    def quantize_reader(name: str, layer: nn.Linear, stats: InputStatistics) -> None:
+        assert stats.hessian is not None
         source = source_of.get(name)
-        if source is not None and source not in scales:
-            search_scale(source, stats)
         # with no calibration input, the grid is clipped by the weights' own error
         hessian = stats.hessian.float() if stats.samples else torch.eye(layer.in_features)
         if source is not None:  # its input is now X / s
@@ -227,6 +285,8 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
             quantize_layer(source, modules[source], waiting.pop(source))
 
     run = compress_layerwise(model, layers, batches, quantize_layer, hessian=True, label="awq")
+    for source in list(arrived):  # a reader never came: the scale comes from those that did
+        scale_and_quantize(source)
     for name in list(waiting):  # a producer whose reader never came: its rows stay as they are
         scales[name] = torch.ones(modules[name].out_features)
         quantize_layer(name, modules[name], waiting.pop(name))
@@ -241,6 +301,7 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     replaced = replace_layers_(model, [name for name, _ in layers], build)
     unscaled |= {name: "clipping only: no norm layer or Linear produces its input channel by channel"
                  for name, _ in layers if name not in source_of and name not in unscaled}
+    unscaled |= {name: too_few[source] for name, source in source_of.items() if source in too_few}
     uncalibrated = uncalibrated_layers(run, "awq", "rounded to nearest, unscaled, its grid clipped by the "
                                        "weights' own error")
     return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "weight_aware": weight_aware,

@@ -30,7 +30,8 @@ from torch import nn
 from torchslim.calibration import call_uncached, output_tensors
 from torchslim.parametrized import original_weight
 
-__all__ = ["divide_norm_", "divide_rows_", "readers_of", "scalable_norms", "scalable_pairs"]
+__all__ = ["divide_norm_", "divide_rows_", "fold_into_norm_", "readers_of", "scalable_norms",
+           "scalable_pairs"]
 
 WEIGHT, OFFSET = "weight", "offset"  # y = n(x)·w + b, and Gemma's y = n(x)·(1 + w)
 
@@ -136,6 +137,23 @@ def divide_norm_(norm: nn.Module, s: torch.Tensor, form: str) -> None:
             bias.div_(s.to(bias.dtype))
 
 
+def _float_weight(model: nn.Module, name: str) -> torch.Tensor:
+    weight = model.get_submodule(name)._parameters["weight"]
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def fold_into_norm_(model: nn.Module, norm: str, s: torch.Tensor, form: str,
+                    float_readers: list[str]) -> None:
+    """Divide the norm's output channel j by s_j (`divide_norm_`) and multiply column j of each
+    float reader's weight (a router's, left in float) by s_j, so that it reads what it read."""
+    divide_norm_(model.get_submodule(norm), s, form)
+    with torch.no_grad():
+        for name in float_readers:
+            weight = _float_weight(model, name)
+            weight.mul_(s[None, :].to(weight.dtype))
+
+
 def _norm_tensors(norm: nn.Module) -> list[torch.Tensor]:
     return [t for t in (getattr(norm, "weight", None), getattr(norm, "bias", None))
             if isinstance(t, torch.Tensor)]
@@ -215,12 +233,13 @@ def _model_output(model: nn.Module, batch: Any, head: nn.Module | None) -> list[
     return seen or output_tensors(call_uncached(model, batch))
 
 
-def scalable_norms(model: nn.Module, sources: dict[str, str], modules: dict[str, nn.Linear], batch: Any
+def scalable_norms(model: nn.Module, sources: dict[str, str], modules: dict[str, nn.Linear], batch: Any,
+                   float_readers: dict[str, list[str]] | None = None
                    ) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """Which of `sources` ({Linear: the norm producing its input}, Linears in `modules`) can carry
     their readers' input scales (see the module docstring): the model's output on `batch` must
     not change when every such norm is divided by random factors and its readers' columns
-    multiplied by them.
+    multiplied by them (its `float_readers`' columns too: a router that stays float).
 
     Returns:
         ({Linear: norm} kept, {norm: its form for `divide_norm_`}, {Linear: why its norm is not}).
@@ -239,12 +258,15 @@ def scalable_norms(model: nn.Module, sources: dict[str, str], modules: dict[str,
                for name in forms}
     head = _output_head(model, [modules[r] for n in forms for r in readers[n]])
 
+    floats = float_readers or {}
+
     def change_when_scaled(names: list[str]) -> float:
         tensors = [t for n in names for t in _norm_tensors(model.get_submodule(n))
-                   + [original_weight(modules[r]) for r in readers[n]]]
+                   + [original_weight(modules[r]) for r in readers[n]]
+                   + [_float_weight(model, f) for f in floats.get(n, [])]]
         with torch.no_grad(), _restored(tensors):
             for n in names:
-                divide_norm_(model.get_submodule(n), factors[n], forms[n])
+                fold_into_norm_(model, n, factors[n], forms[n], floats.get(n, []))
                 for reader in readers[n]:
                     weight = original_weight(modules[reader])
                     weight.mul_(factors[n][None, :].to(weight.dtype))

@@ -31,10 +31,11 @@ from torch import nn
 
 from torchslim.calibration import batch_size_of, call_uncached, first_samples
 from torchslim.config import TechniqueConfig, validated
+from torchslim.fused_experts import UnfusedExperts
 from torchslim.heap import return_freed_memory
 from torchslim.layerwise import layerwise_job, returning_memory_per_block
 from torchslim.parametrized import original_weight
-from torchslim.quantization.scalable_pairs import divide_norm_, readers_of, scalable_norms
+from torchslim.quantization.scalable_pairs import fold_into_norm_, readers_of, scalable_norms
 from torchslim.quantization.torch_int8 import quantize_linears_int8_
 from torchslim.registry import register_technique
 from torchslim.select import Select
@@ -71,10 +72,24 @@ class _SeenAll(Exception):
     logits, often larger than the model) is not needed."""
 
 
+def _float_reader(module: nn.Module) -> bool:
+    """A module computing x Wᵀ with a raw 2-D `weight` of its own, not a Linear (a mixture-of-
+    experts router, `Qwen3MoeTopKRouter`): it stays float, and a norm's scales can be folded
+    into its columns too."""
+    weight = module._parameters.get("weight")
+    return isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.is_floating_point() \
+        and not isinstance(module, nn.Linear | nn.Embedding) and not _is_norm(module)
+
+
 @torch.no_grad()
 def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batches: list[Any]
-             ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Per-input-channel max |x| of each Linear, and the norm whose output each Linear reads.
+             ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, list[str]]]:
+    """Per-input-channel max |x| of each Linear, the norm whose output each Linear reads, and the
+    float readers of each norm (routers: see `_float_reader`).
+
+    A Linear reads a norm when its input is the norm's output tensor. An expert's Linear
+    (`UnfusedExperts`) reads the rows routed to it: it reads the norm whose output (or a view of
+    it) its experts module was called with; so does a router called with such a view.
 
     One sequence of the first batch runs first (the batch itself when it holds one) and shows
     the structure; when it calls every Linear exactly once, each batch's forward stops after the
@@ -88,21 +103,51 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
     calls: dict[str, int] = {}
     stop_when_all_seen = False
     handles = []
+    experts = {f"{name}.first.{e}": name for name, module in model.named_modules()
+               if isinstance(module, UnfusedExperts) for e in range(module.num_experts)}
+    routed: dict[str, str | None] = {}  # experts module -> the norm its tokens came from
+    floats: dict[str, set[str | None]] = {}
 
     def norm_output(_m: nn.Module, _args: tuple[Any, ...], out: Any, n: str) -> None:
         if isinstance(out, torch.Tensor):  # a norm returning more than its output scales nothing
             produced[id(out)] = (n, weakref.ref(out))
 
+    def output_of(x: Any) -> str | None:  # the norm whose output `x` is
+        source, output = produced.get(id(x), (None, None))
+        return source if output is not None and output() is x else None
+
+    def view_of(x: Any) -> str | None:  # ... or whose output `x` reshapes (rows of channels kept)
+        if not isinstance(x, torch.Tensor) or not x.is_contiguous():
+            return None
+        for source, output in produced.values():
+            held = output()
+            if held is not None and held.is_contiguous() and held.data_ptr() == x.data_ptr() \
+                    and held.numel() == x.numel() and held.shape[-1] == x.shape[-1]:
+                return source
+        return None
+
+    def experts_input(_m: nn.Module, args: tuple[Any, ...], n: str) -> None:
+        routed[n] = view_of(args[0]) if args else None
+
+    def float_input(m: nn.Module, args: tuple[Any, ...], n: str) -> None:  # x Wᵀ reads W's columns
+        weight = m._parameters["weight"]
+        reads = bool(args) and isinstance(args[0], torch.Tensor) and weight is not None \
+            and weight.shape[1] == args[0].shape[-1]
+        floats.setdefault(n, set()).add(view_of(args[0]) if reads else None)
+
     for name, module in model.named_modules():
         if _is_norm(module):
             handles.append(module.register_forward_hook(partial(norm_output, n=name)))
+        elif isinstance(module, UnfusedExperts):
+            handles.append(module.register_forward_pre_hook(partial(experts_input, n=name)))
+        elif _float_reader(module):
+            handles.append(module.register_forward_pre_hook(partial(float_input, n=name)))
     for name, layer in layers:
         def record(_m: nn.Module, args: tuple[Any, ...], n: str = name) -> None:
             x = args[0]
             peak = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
             maxima[n] = torch.maximum(maxima[n], peak) if n in maxima else peak
-            source, output = produced.get(id(x), (None, None))
-            fed_by[n].add(source if output is not None and output() is x else None)
+            fed_by[n].add(routed.get(experts[n]) if n in experts else output_of(x))
             calls[n] = calls.get(n, 0) + 1
             if stop_when_all_seen and len(calls) == len(layers):
                 raise _SeenAll
@@ -129,7 +174,11 @@ def observe_inputs(model: nn.Module, layers: list[tuple[str, nn.Linear]], batche
             handle.remove()
     norms = {name: next(iter(sources)) for name, sources in fed_by.items()
              if len(sources) == 1 and None not in sources}
-    return maxima, {name: str(norm) for name, norm in norms.items()}
+    float_readers: dict[str, list[str]] = {}
+    for name, sources in floats.items():
+        if len(sources) == 1 and None not in sources:
+            float_readers.setdefault(str(next(iter(sources))), []).append(name)
+    return maxima, {name: str(norm) for name, norm in norms.items()}, float_readers
 
 
 def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
@@ -137,19 +186,18 @@ def smoothquant_(model: nn.Module, config: SmoothQuant, *, targets: Select,
     """Handler of `SmoothQuant`."""
     job = layerwise_job(model, targets, calibration, "smoothquant", replaces=True)
     layers, skipped, batches = job.layers, job.skipped, job.batches
-    maxima, norms = observe_inputs(model, layers, batches)
+    maxima, norms, float_readers = observe_inputs(model, layers, batches)
     modules = dict(layers)
-    norms, forms, behind = scalable_norms(model, norms, modules, first_samples(batches[0], 1))
+    norms, forms, behind = scalable_norms(model, norms, modules, first_samples(batches[0], 1), float_readers)
     unsmoothed = {name: f"int8 without smoothing: {why}" for name, why in behind.items()}
     groups = readers_of(norms)
     with torch.no_grad():
         for norm_name, names in groups.items():
-            norm = model.get_submodule(norm_name)
             activation = torch.stack([maxima[n] for n in names]).amax(0).clamp(min=1e-5)
             weight_max = torch.stack([original_weight(modules[n]).abs().amax(0) for n in names]
                                      ).amax(0).float().clamp(min=1e-5)
             scale = (activation.pow(config.alpha) / weight_max.pow(1 - config.alpha)).clamp(min=1e-5)
-            divide_norm_(norm, scale, forms[norm_name])
+            fold_into_norm_(model, norm_name, scale, forms[norm_name], float_readers.get(norm_name, []))
             for name in names:
                 original_weight(modules[name]).mul_(scale[None, :].to(original_weight(modules[name]).dtype))
     unsmoothed |= {name: "int8 without smoothing: its input is not the output of a norm layer"
