@@ -344,3 +344,30 @@ def test_embedding_like_parameters_are_not_listed_as_left_weights() -> None:
         embed_dim=16, depths=[1], num_heads=[2], image_size=32, patch_size=4, window_size=4)).eval()
     for model in (vit, swin):
         assert not apply_(model, WeightPruning(sparsity=0.5)).get("skipped")
+
+
+def test_t5s_mlp_output_layer_is_compressed_where_the_replacement_has_a_weight() -> None:
+    """T5's MLP reads `self.wo.weight` only to cast its input to that weight's dtype (guarded by
+    `isinstance(..., torch.Tensor)`): a quarter of its Linears were left float by every method. A
+    replacement with a `weight` (our compressed layers' `weight()` method) now takes its place;
+    one without (a low-rank pair) is still left, with the reason."""
+    from torchslim.lowrank import LowRank
+    from torchslim.quantization import GPTQ, Int4Kernel
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    inputs = {"input_ids": IDS, "decoder_input_ids": IDS[:, :8]}
+    with torch.no_grad():
+        dense = model(**inputs).logits
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo"
+    changes = apply_(model, GPTQ(bits=4, group_size=32), calibration=[inputs], targets=NOT_HEAD)
+    assert wo in changes.changed and wo not in changes["skipped"]
+    apply_(model, Int4Kernel(), example_inputs=inputs)
+    assert type(model.get_submodule(wo)).__name__ == "Int4Linear"
+    with torch.no_grad():
+        out = model(**inputs).logits
+    assert float((out - dense).pow(2).mean() / dense.var()) < 0.05
+    factored = transformers.T5ForConditionalGeneration(config).eval()
+    changes = apply_(factored, LowRank(param_ratio=0.5), targets=Select(names=(wo,)))
+    assert "has none" in changes["skipped"][wo]

@@ -68,11 +68,17 @@ def replace_layers_(model: nn.Module, names: list[str],
     """
     before = sum(p.numel() for p in model.parameters())
     skipped = {name: reason for name in names if (reason := read_in_place(model, name))}
-    done = [name for name in names if name not in skipped]
-    for name in done:
+    done = []
+    for name in [name for name in names if name not in skipped]:
         new, edit = build(name, model.get_submodule(name))
+        parent = _guarded_weight_read(model, name)
+        if parent is not None and not hasattr(new, "weight"):  # T5's wo: its dtype is read
+            skipped[name] = (f"{name}'s weight is read by {parent}.forward, and a {type(new).__name__} "
+                             "has none; it is left as it is")
+            continue
         replace_module_(model, name, new)
         record_edit_(model, edit)
+        done.append(name)
     return {"replaced": done, "skipped": skipped, "params_before": before,
             "params_after": sum(p.numel() for p in model.parameters())}
 
@@ -139,7 +145,8 @@ def read_in_place(model: nn.Module, name: str) -> str | None:
     if isinstance(parent, nn.MultiheadAttention):
         return (f"{name} is read as a weight by its {type(parent).__name__} (never called), so it "
                 "cannot be replaced; it is left as it is")
-    if f"self.{child}.weight" in _forward_source(type(parent)):  # type: ignore[arg-type]  # T5: wo.weight.dtype
+    source = _forward_source(type(parent))  # type: ignore[arg-type]
+    if f"self.{child}.weight" in source and not weight_dtype_only(source, child):
         return (f"{name}'s weight is read by {type(parent).__name__}.forward, so a replacement "
                 "without one would break it; it is left as it is")
     weight = getattr(model.get_submodule(name), "weight", None)
@@ -149,6 +156,24 @@ def read_in_place(model: nn.Module, name: str) -> str | None:
         return (f"{name}'s weight is tied to {tied[0]}; replacing it would untie the two and add "
                 "parameters, so it is left as it is")
     return None
+
+
+def weight_dtype_only(source: str, child: str) -> bool:
+    """Whether a parent's forward `source` reads `self.<child>.weight` only as T5's MLP does:
+    `isinstance(self.wo.weight, torch.Tensor) and ... self.wo.weight.dtype`, to cast its input
+    to the weight's dtype. A replacement then needs a `weight` attribute, of any kind (our
+    compressed layers' `weight()` gives the float matrix their codes stand for)."""
+    guard = f"isinstance(self.{child}.weight, torch.Tensor)"
+    reads = source.count(f"self.{child}.weight")
+    return guard in source and reads == source.count(guard) + source.count(f"self.{child}.weight.dtype")
+
+
+def _guarded_weight_read(model: nn.Module, name: str) -> str | None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    source = _forward_source(type(parent))  # type: ignore[arg-type]
+    return type(parent).__name__ if f"self.{child}.weight" in source and weight_dtype_only(source, child) \
+        else None
 
 
 @functools.cache

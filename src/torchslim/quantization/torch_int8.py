@@ -56,6 +56,10 @@ class Int8DynamicLinear(nn.Module):
             new.bias.data.copy_(layer.bias.detach())
         return new
 
+    def weight(self) -> torch.Tensor:
+        """W (out, in) in float: what the int8 codes stand for."""
+        return self.weight_int8.t().float() * self.weight_scale[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.reshape(-1, self.in_features)  # (N, in)

@@ -137,6 +137,10 @@ class Int4Linear(nn.Module):
     def session(self) -> Any:
         return self._session.get(self._program)
 
+    def weight(self) -> torch.Tensor:
+        """W (out, in) in float (`dequantized_weight`), as every compressed Linear of ours gives it."""
+        return self.dequantized_weight()
+
     def dequantized_weight(self) -> torch.Tensor:
         """W (out, in) in float, `(code - zero point) * scale` per block: what the kernel computes with."""
         blocks = self.in_features // self.block_size
