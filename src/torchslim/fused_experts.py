@@ -28,8 +28,8 @@ from torch import nn
 from torchslim.errors import ConfigError, UnsupportedModuleError
 from torchslim.structure import Edit, _forward_source, record_edit_, register_edit, replace_module_
 
-__all__ = ["UnfusedExperts", "fuse_experts_", "fused_experts", "traceable_experts", "unfuse_experts_",
-           "unfused_copy", "unfused_names"]
+__all__ = ["UnfusedExperts", "fuse_experts_", "fused_experts", "routers", "traceable_experts",
+           "unfuse_experts_", "unfused_copy", "unfused_names"]
 
 
 @dataclass(frozen=True)
@@ -263,6 +263,30 @@ def traceable_experts(model: nn.Module) -> Iterator[None]:
     finally:
         for name, original in swapped.items():
             replace_module_(model, name, original)
+
+
+def routers(model: nn.Module) -> list[str]:
+    """The modules choosing each token's experts: a sibling of an experts module (fused or
+    `UnfusedExperts`) whose 2-D weight has one row per expert (`Qwen3MoeTopKRouter`, a Linear
+    `gate`). int8 on them moves their logits enough to send tokens to other experts."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, UnfusedExperts):
+            experts = module.num_experts
+        elif name and _layouts(module):
+            experts = int(_matrices(module)["down_proj"].shape[0])
+        else:
+            continue
+        if not experts:
+            continue
+        parent_name, _, own = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for child, sibling in parent.named_children():
+            weight = sibling._parameters.get("weight")
+            if child != own and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+                    and weight.shape[0] == experts:
+                found.append(f"{parent_name}.{child}" if parent_name else child)
+    return found
 
 
 def unfused_names(name: str, experts: int) -> list[str]:

@@ -26,7 +26,7 @@ from torch import nn
 from torchslim.calibration import first_samples, take_inputs
 from torchslim.config import TechniqueConfig, validated
 from torchslim.errors import ConfigError, SelectionError
-from torchslim.fused_experts import fused_experts, unfuse_experts_
+from torchslim.fused_experts import fused_experts, routers, unfuse_experts_
 from torchslim.runtime.onnx_program import (
     OrtModule,
     PackedInputs,
@@ -168,7 +168,9 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
             raise ConfigError("exclude= and fp16= are supported by the onnxruntime backend; drop "
                               "backend='torch'")
         return _torch_dynamic(model, config)
-    kept = excluded_modules(model, config.exclude)
+    routing = [name for name in routers(model) if name not in excluded_modules(model, config.exclude)]
+    exclude = config.exclude + tuple(routing)  # routers stay float: int8 logits pick other experts
+    kept = excluded_modules(model, exclude)
     halved = excluded_modules(model, config.fp16)
     _warn_dynamic_convolutions(model, config, kept + halved)
     batches = None
@@ -183,7 +185,7 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
 
         found, output_ranges, searched = output_aware_ranges(model, batches)
         input_ranges = {**found, **(input_ranges or {})}  # ranges the caller gives win
-    floating = config.exclude  # module names and globs the program keeps in float
+    floating = exclude  # module names and globs the program keeps in float
     if batches and config.sensitivity is not None:
         sensitive, sensitivity = _most_sensitive(model, config, batches, kept + halved)
         kept, floating = kept + sensitive, floating + tuple(sensitive)
@@ -224,6 +226,8 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
     if kept or halved:
         chosen = set(sensitivity["kept_float"]) if sensitivity else set()
         report["excluded"] = {**{name: ("kept in float by sensitivity=" if name in chosen else
+                                        "kept in float: a mixture-of-experts router (int8 logits send "
+                                        "tokens to other experts)" if name in routing else
                                         "kept in float by exclude=") for name in kept},
                               **{name: "kept in float16 by fp16=" for name in halved}}
         prefix = "model." if keys is not None else ""
