@@ -449,3 +449,15 @@ def test_onnxruntime_int8_keeps_the_routers_in_float() -> None:
     assert "a mixture-of-experts router" in int8.report["excluded"]["model.layers.1.mlp.gate"]
     out = int8({"input_ids": IDS})
     assert float((getattr(out, "logits", out) - dense).pow(2).mean() / dense.var()) < 5e-3
+
+
+def test_the_int4_kernel_warns_when_its_sessions_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each expert's int4 layer is its own onnxruntime session (about 0.5 MB to open): a large
+    MoE would pay gigabytes, and is told so (the threshold lowered here to this small model)."""
+    from torchslim.quantization import int4_kernel
+
+    model = build("mixtral")
+    apply_(model, WeightOnly(bits=4, group_size=16), targets=NOT_HEAD)
+    monkeypatch.setattr(int4_kernel, "MANY_SESSIONS", 16)
+    with pytest.warns(UserWarning, match=r"int4_kernel made 24 layers, each its own onnxruntime session"):
+        apply_(model, Int4Kernel(), example_inputs={"input_ids": IDS})

@@ -17,6 +17,7 @@ of those, nothing is grouped and the result says why.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ from torchslim.signature import example_for, signature_of
 from torchslim.structure import Edit, record_edit_, register_edit, replace_layers_, replace_module_
 
 __all__ = ["Int4Kernel", "int4_kernel_", "int4_layer", "kernel_codes"]
+
+MANY_SESSIONS = 2000  # kernel layers above which their sessions' memory is worth a warning
 
 
 @validated
@@ -161,6 +164,11 @@ def int4_kernel_(model: nn.Module, config: Int4Kernel, *, targets: Select,
               for name, module in model.named_modules()
               if name in chosen and isinstance(module, GroupedWeightLinear) and id(module.codes) in tables}
     result: dict[str, Any] = {**replace_layers_(model, chosen, build), "skipped": skipped}
+    if len(result["replaced"]) > MANY_SESSIONS:  # a large mixture-of-experts model: one per expert
+        count = len(result["replaced"])
+        warnings.warn(f"torchslim: int4_kernel made {count} layers, each its own onnxruntime session "
+                      f"(about 0.5 MB and 3 ms to open each, {count * 0.5 / 1024:.1f} GB in all); the "
+                      "grouped codes need none", stacklevel=2)
     if copied:
         result["copied"] = copied
     inputs = _inputs_for(model, example_inputs, calibration) if result["replaced"] else None
