@@ -371,3 +371,21 @@ def test_t5s_mlp_output_layer_is_compressed_where_the_replacement_has_a_weight()
     factored = transformers.T5ForConditionalGeneration(config).eval()
     changes = apply_(factored, LowRank(param_ratio=0.5), targets=Select(names=(wo,)))
     assert "has none" in changes["skipped"][wo]
+
+
+def test_phi3_heads_pruned_unevenly_are_refused_with_the_fix_and_the_model_kept() -> None:
+    """Phi-3's attention reads its head count from the shared config: layers left with different
+    counts cannot run. A global ranking that would do that used to end in "the pruned model no
+    longer runs ... a layer or op is mapped wrongly"; now the error says why and what to do, and
+    the model is as it was."""
+    from torchslim.errors import GraphError
+    from torchslim.pruning import ChannelPruning
+
+    model = build("phi3")
+    dense = dense_logits(model)
+    with pytest.raises(GraphError, match=r"Phi3Attention reads its head count from the model's config.*"
+                                         r"scope uniform"):
+        apply_(model, ChannelPruning(ratio=0.25, scope="global", importance="l1"),
+               targets=Select(patterns=("*.self_attn.*",)), example_inputs={"input_ids": IDS})
+    assert model.config.num_attention_heads == 4
+    assert torch.equal(dense_logits(model), dense)
