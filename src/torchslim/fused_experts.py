@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from torchslim.errors import ConfigError, UnsupportedModuleError
-from torchslim.structure import Edit, _forward_source, record_edit_, register_edit, replace_module_
+from torchslim.structure import Edit, forward_source, record_edit_, register_edit, replace_module_
 
 __all__ = ["UnfusedExperts", "fuse_experts_", "fused_experts", "routers", "traceable_experts",
            "unfuse_experts_", "unfused_copy", "unfused_names"]
@@ -203,7 +203,7 @@ def _unfused(model: nn.Module, name: str) -> tuple[UnfusedExperts | None, str]:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     layout_names = {layout.first for layout in _layouts(module)} | {"down_proj"}
-    source = _forward_source(type(parent))  # type: ignore[arg-type]
+    source = forward_source(type(parent))  # type: ignore[arg-type]
     if any(f"self.{child}.{key}" in source for key in layout_names):
         return None, (f"{type(parent).__name__}.forward reads its tensors itself, so Linears in "
                       "their place would break it; left unchanged")
@@ -269,16 +269,10 @@ def routers(model: nn.Module) -> list[str]:
     """The modules choosing each token's experts: a sibling of an experts module (fused or
     `UnfusedExperts`) whose 2-D weight has one row per expert (`Qwen3MoeTopKRouter`, a Linear
     `gate`). int8 on them moves their logits enough to send tokens to other experts."""
+    counts = {**fused_experts(model), **{name: module.num_experts for name, module in model.named_modules()
+                                         if isinstance(module, UnfusedExperts)}}
     found = []
-    for name, module in model.named_modules():
-        if isinstance(module, UnfusedExperts):
-            experts = module.num_experts
-        elif name and _layouts(module):
-            experts = int(_matrices(module)["down_proj"].shape[0])
-        else:
-            continue
-        if not experts:
-            continue
+    for name, experts in counts.items():
         parent_name, _, own = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         for child, sibling in parent.named_children():

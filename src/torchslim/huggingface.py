@@ -205,8 +205,7 @@ def _dequantize_(model: nn.Module) -> None:
     with torch.no_grad():
         for name, module in list(model.named_modules()):
             if isinstance(module, GroupedWeightLinear | Int4Linear):
-                weight = module.weight() if isinstance(module, GroupedWeightLinear) \
-                    else module.dequantized_weight()
+                weight = module.weight()  # the float matrix their codes stand for
                 linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
                 linear.weight.copy_(weight)
                 if module.bias is not None and linear.bias is not None:

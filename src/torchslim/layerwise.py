@@ -303,15 +303,16 @@ NO_INPUT = ("no calibration input reached it (an expert the router did not pick 
             "or a layer the forward does not call)")
 
 
-def uncalibrated_layers(run: dict[str, Any], technique: str, fallback: str) -> dict[str, str]:
-    """The layers `compress_layerwise`'s `run` got no input for, each with the reason and the
-    data-free `fallback` the method used (taken out of `run`); a warning names them."""
+def uncalibrated_layers(run: dict[str, Any], technique: str, fallback: str) -> dict[str, dict[str, str]]:
+    """`{"uncalibrated": {layer: reason}}` for the layers `compress_layerwise`'s `run` got no
+    input for, with the data-free `fallback` the method used (taken out of `run`), or {} when
+    every layer got some; a warning names them."""
     names = run.pop("uncalibrated", [])
     if names:
         shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
         warnings.warn(f"torchslim: {technique}: {len(names)} layer(s) got no calibration input and were "
                       f"{fallback}: {shown}; more calibration data reaches more of them", stacklevel=3)
-    return {name: f"{NO_INPUT}: {fallback}" for name in names}
+    return {"uncalibrated": {name: f"{NO_INPUT}: {fallback}" for name in names}} if names else {}
 
 
 def linear_layers_for_llm(model: nn.Module, targets: Select, technique: str, *, replaces: bool = False

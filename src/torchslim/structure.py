@@ -21,8 +21,8 @@ from torch import nn
 import torchslim
 from torchslim.errors import ArtifactError, ConfigError
 
-__all__ = ["Edit", "edits_of", "own_forward", "record_edit_", "register_edit", "replace_layers_",
-           "replace_module_", "replay_edits_"]
+__all__ = ["Edit", "edits_of", "forward_source", "own_forward", "record_edit_", "register_edit",
+           "replace_layers_", "replace_module_", "replay_edits_"]
 
 EDITS_ATTRIBUTE = "torchslim_edits"
 Edit = dict[str, Any]
@@ -71,8 +71,8 @@ def replace_layers_(model: nn.Module, names: list[str],
     done = []
     for name in [name for name in names if name not in skipped]:
         new, edit = build(name, model.get_submodule(name))
-        parent = _guarded_weight_read(model, name)
-        if parent is not None and not hasattr(new, "weight"):  # T5's wo: its dtype is read
+        if _weight_read_by_parent(model, name) == "dtype" and not hasattr(new, "weight"):  # T5's wo
+            parent = type(model.get_submodule(name.rpartition(".")[0])).__name__
             skipped[name] = (f"{name}'s weight is read by {parent}.forward, and a {type(new).__name__} "
                              "has none; it is left as it is")
             continue
@@ -141,12 +141,10 @@ def read_in_place(model: nn.Module, name: str) -> str | None:
         return own
     parent_name, _, _ = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    child = name.rpartition(".")[2]
     if isinstance(parent, nn.MultiheadAttention):
         return (f"{name} is read as a weight by its {type(parent).__name__} (never called), so it "
                 "cannot be replaced; it is left as it is")
-    source = _forward_source(type(parent))  # type: ignore[arg-type]
-    if f"self.{child}.weight" in source and not weight_dtype_only(source, child):
+    if _weight_read_by_parent(model, name) == "tensor":
         return (f"{name}'s weight is read by {type(parent).__name__}.forward, so a replacement "
                 "without one would break it; it is left as it is")
     weight = getattr(model.get_submodule(name), "weight", None)
@@ -158,26 +156,25 @@ def read_in_place(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def weight_dtype_only(source: str, child: str) -> bool:
-    """Whether a parent's forward `source` reads `self.<child>.weight` only as T5's MLP does:
-    `isinstance(self.wo.weight, torch.Tensor) and ... self.wo.weight.dtype`, to cast its input
-    to the weight's dtype. A replacement then needs a `weight` attribute, of any kind (our
-    compressed layers' `weight()` gives the float matrix their codes stand for)."""
-    guard = f"isinstance(self.{child}.weight, torch.Tensor)"
-    reads = source.count(f"self.{child}.weight")
-    return guard in source and reads == source.count(guard) + source.count(f"self.{child}.weight.dtype")
-
-
-def _guarded_weight_read(model: nn.Module, name: str) -> str | None:
+def _weight_read_by_parent(model: nn.Module, name: str) -> str | None:
+    """How the forward of layer `name`'s parent reads `self.<child>.weight`: `"tensor"` (it
+    computes with it: a replacement must keep it), `"dtype"` (only as T5's MLP does,
+    `isinstance(self.wo.weight, torch.Tensor) and ... self.wo.weight.dtype`, to cast its input:
+    a replacement needs a `weight` attribute of any kind, and our compressed layers' `weight()`
+    is one), or None when it does not read it."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    source = _forward_source(type(parent))  # type: ignore[arg-type]
-    return type(parent).__name__ if f"self.{child}.weight" in source and weight_dtype_only(source, child) \
-        else None
+    source = forward_source(type(parent))  # type: ignore[arg-type]
+    reads = source.count(f"self.{child}.weight")
+    if not reads:
+        return None
+    guard = f"isinstance(self.{child}.weight, torch.Tensor)"
+    guarded = guard in source and reads == source.count(guard) + source.count(f"self.{child}.weight.dtype")
+    return "dtype" if guarded else "tensor"
 
 
 @functools.cache
-def _forward_source(cls: type) -> str:
+def forward_source(cls: type) -> str:
     """The source of a module class's forward ('' when it has none to read)."""
     try:
         return inspect.getsource(cls.forward)  # type: ignore[attr-defined]

@@ -30,7 +30,7 @@ from torchslim.errors import GraphError
 from torchslim.fused_experts import UnfusedExperts
 from torchslim.graph.axes import Axis, ParamSlice
 from torchslim.graph.rules import ChannelRule, Coupling, Space, register_channel_rule, rule_for
-from torchslim.structure import _forward_source
+from torchslim.structure import forward_source
 
 __all__ = ["AttentionBlock", "HeadParametersRule", "MLPBlock", "find_blocks", "refresh_counts_"]
 
@@ -356,7 +356,7 @@ def refresh_counts_(model: nn.Module) -> None:
         kv_seen.add(kv)
     classes: set[Any] = {type(model.get_submodule(block.name)) for block in attentions}
     shared = sorted(cls.__name__ for cls in classes
-                    if "self.config.num_attention_heads" in _forward_source(cls))
+                    if "self.config.num_attention_heads" in forward_source(cls))
     if shared and len(heads_seen) > 1:  # Phi-3: one count for every layer, read from the config
         raise GraphError(f"{', '.join(shared)} reads its head count from the model's config "
                          f"(self.config.num_attention_heads), so every layer must keep as many heads; these "

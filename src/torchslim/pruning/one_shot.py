@@ -208,9 +208,8 @@ def _run(model: nn.Module, config: Wanda | SparseGPT, targets: Select, calibrati
     run = compress_layerwise(model, job.layers, job.batches,
                              lambda _n, layer, stats: one(layer, stats, config),
                              hessian=isinstance(config, SparseGPT), label=technique)
-    uncalibrated = uncalibrated_layers(run, technique, "pruned by magnitude")
     return {"sparsity": {name: round(sparsity_of(layer), 6) for name, layer in job.layers},
-            "skipped": job.skipped, **({"uncalibrated": uncalibrated} if uncalibrated else {}),
+            "skipped": job.skipped, **uncalibrated_layers(run, technique, "pruned by magnitude"),
             "calibration": {**run, "batches": len(job.batches)}}
 
 

@@ -172,12 +172,13 @@ def _search_scale(members: list[torch.Tensor], hessians: list[torch.Tensor], sta
     return best[3], best[1], best[2]
 
 
-def member_hessians(parts: dict[str, InputStatistics], names: list[str]) -> list[torch.Tensor]:
-    """Each reader's Hessian, weighed by its share of the rows (so that the errors they score add
-    up to the error over every row); one shared Hessian when the readers read one tensor. An
-    expert no calibration row reached is scored on all rows at an even share: a scale that
-    suits the others must not wreck it, for other inputs will reach it."""
-    merged = merged_statistics(list(parts.values()))
+def member_hessians(parts: dict[str, InputStatistics], merged: InputStatistics, names: list[str]
+                    ) -> list[torch.Tensor]:
+    """Each reader's Hessian (`merged`: all of `parts` as one), weighed by its share of the rows
+    (so that the errors they score add up to the error over every row); one shared Hessian when
+    the readers read one tensor. An expert no calibration row reached is scored on all rows at
+    an even share: a scale that suits the others must not wreck it, for other inputs will reach
+    it."""
     assert merged.hessian is not None
     if len(parts) == len(names) and merged is next(iter(parts.values())):
         return [merged.hessian.float()] * len(names)
@@ -234,8 +235,8 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
                                f"rows for {width} inputs; give more calibration data")
             return
         members = [weight_of(modules[n]).detach().float() for n in groups[source]]
-        best_s, best_alpha, weighted = _search_scale(members, member_hessians(parts, groups[source]), stats,
-                                                     config)
+        best_s, best_alpha, weighted = _search_scale(members, member_hessians(parts, stats, groups[source]),
+                                                     stats, config)
         if weighted:
             weight_aware.append(source)
         scales[source], chosen_alpha[source] = best_s, best_alpha
@@ -305,7 +306,7 @@ def awq_(model: nn.Module, config: AWQ, *, targets: Select, calibration: Any = N
     uncalibrated = uncalibrated_layers(run, "awq", "rounded to nearest, unscaled, its grid clipped by the "
                                        "weights' own error")
     return {"bits": config.bits, **replaced, "alpha": chosen_alpha, "weight_aware": weight_aware,
-            **({"uncalibrated": uncalibrated} if uncalibrated else {}),
+            **uncalibrated,
             "scaled_through": producers,
             "unscaled": unscaled,
             "skipped": {**skipped, **rounded_in_float(replaced, config.bits)},

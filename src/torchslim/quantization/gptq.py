@@ -182,10 +182,9 @@ def gptq_(model: nn.Module, config: GPTQ, *, targets: Select, calibration: Any =
             "asymmetric": not config.symmetric}
 
     replaced = replace_layers_(model, [name for name, _ in layers], build)
-    uncalibrated = uncalibrated_layers(run, "gptq", "rounded to nearest")
     return {"bits": config.bits, **replaced,
             "skipped": {**skipped, **rounded_in_float(replaced, config.bits)},
-            **({"uncalibrated": uncalibrated} if uncalibrated else {}),
+            **uncalibrated_layers(run, "gptq", "rounded to nearest"),
             "calibration": {**run, "batches": len(batches)}}
 
 

@@ -168,9 +168,9 @@ def quantize_model(model: nn.Module, config: Quantization, *, example_inputs: to
             raise ConfigError("exclude= and fp16= are supported by the onnxruntime backend; drop "
                               "backend='torch'")
         return _torch_dynamic(model, config)
-    routing = [name for name in routers(model) if name not in excluded_modules(model, config.exclude)]
-    exclude = config.exclude + tuple(routing)  # routers stay float: int8 logits pick other experts
-    kept = excluded_modules(model, exclude)
+    kept = excluded_modules(model, config.exclude)
+    routing = [name for name in routers(model) if name not in kept]  # float: int8 logits pick other experts
+    exclude, kept = config.exclude + tuple(routing), kept + routing
     halved = excluded_modules(model, config.fp16)
     _warn_dynamic_convolutions(model, config, kept + halved)
     batches = None
